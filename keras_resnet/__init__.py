@@ -1,0 +1,18 @@
+"""keras_resnet: residual networks for Keras 3 (TensorFlow backend)."""
+
+__version__ = "0.1.0"
+
+from keras_resnet.backbones import ResNetBackbone
+from keras_resnet.classifier import ResNetClassifier
+from keras_resnet.layers import DropPath, ImageNormalization, ZeroPadChannels
+from keras_resnet.presets import PRESETS, list_presets
+
+__all__ = [
+    "ResNetBackbone",
+    "ResNetClassifier",
+    "DropPath",
+    "ImageNormalization",
+    "ZeroPadChannels",
+    "PRESETS",
+    "list_presets",
+]

@@ -1,0 +1,135 @@
+"""Custom layers used by keras_resnet models.
+
+Every layer here is registered with Keras serialization so that models
+containing them survive `.keras` save/load round trips, and each is built
+from plain keras ops so that it exports to SavedModel, TFLite and ONNX.
+"""
+
+import keras
+from keras import ops
+
+PACKAGE = "keras_resnet"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DropPath(keras.layers.Layer):
+    """Stochastic depth: drops the whole residual branch per sample.
+
+    During training each sample's branch is zeroed with probability `rate`
+    and the kept ones are scaled by `1 / (1 - rate)`; at inference the layer
+    is the identity (Huang et al., 2016).
+
+    Args:
+        rate: float in [0, 1), probability of dropping the branch.
+        seed: optional int seed.
+    """
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"DropPath rate must be in [0, 1), got {rate}.")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0.0:
+            return inputs
+        keep = 1.0 - self.rate
+        shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
+        noise = keras.random.uniform(shape, seed=self.seed_generator, dtype=inputs.dtype)
+        mask = ops.floor(noise + ops.cast(keep, inputs.dtype))
+        return inputs * mask / ops.cast(keep, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ZeroPadChannels(keras.layers.Layer):
+    """Zero-pads the channel axis: the parameter-free option-A shortcut.
+
+    He et al. (2015) use it in the CIFAR networks: the identity shortcut is
+    subsampled spatially and its extra channels are zeros.
+
+    Args:
+        pad: total number of zero channels to add (split evenly before and
+            after the existing channels).
+    """
+
+    def __init__(self, pad, **kwargs):
+        super().__init__(**kwargs)
+        self.pad = int(pad)
+
+    def call(self, inputs):
+        before = self.pad // 2
+        return ops.pad(inputs, [[0, 0], [0, 0], [0, 0], [before, self.pad - before]])
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (input_shape[-1] + self.pad,)
+
+    def get_config(self):
+        return {**super().get_config(), "pad": self.pad}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ImageNormalization(keras.layers.Layer):
+    """Turns raw pixel values (0-255) into the network's input range.
+
+    Lives inside task models so that users of a model, or of its exports,
+    feed raw pixels and never need to know the training preprocessing.
+    `y = (x[..., channel_order] * scale - mean) / std`.
+
+    Args:
+        mean: per-channel mean (in the scaled range), a float or a list.
+        std: per-channel standard deviation, a float or a list.
+        scale: multiplier applied first (e.g. 1/255).
+        reverse_channels: flip RGB to BGR first (keras.applications "caffe"
+            mode).
+    """
+
+    def __init__(self, mean=0.0, std=1.0, scale=1.0, reverse_channels=False, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = [float(v) for v in mean] if isinstance(mean, (list, tuple)) else float(mean)
+        self.std = [float(v) for v in std] if isinstance(std, (list, tuple)) else float(std)
+        stds = self.std if isinstance(self.std, list) else [self.std]
+        if any(s <= 0 for s in stds):
+            raise ValueError(f"ImageNormalization std must be > 0, got {self.std}.")
+        self.scale = float(scale)
+        self.reverse_channels = bool(reverse_channels)
+
+    @classmethod
+    def from_mode(cls, mode, **kwargs):
+        """keras.applications preprocessing modes: 'caffe', 'tf', 'torch'."""
+        if mode == "caffe":
+            return cls(mean=[103.939, 116.779, 123.68], std=1.0, reverse_channels=True, **kwargs)
+        if mode == "tf":
+            return cls(mean=1.0, std=1.0, scale=1.0 / 127.5, **kwargs)
+        if mode == "torch":
+            return cls(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], scale=1.0 / 255.0, **kwargs)
+        raise ValueError(f"Unknown preprocessing mode {mode!r}; allowed: 'caffe', 'tf', 'torch'.")
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.reverse_channels:
+            x = ops.flip(x, axis=-1)
+        if self.scale != 1.0:
+            x = x * self.scale
+        mean = ops.convert_to_tensor(self.mean, dtype=self.compute_dtype)
+        std = ops.convert_to_tensor(self.std, dtype=self.compute_dtype)
+        return (x - mean) / std
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "mean": self.mean,
+            "std": self.std,
+            "scale": self.scale,
+            "reverse_channels": self.reverse_channels,
+        }
