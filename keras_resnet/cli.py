@@ -1,0 +1,119 @@
+"""The `keras-resnet` command line.
+
+    keras-resnet models                      presets with params and GMACs
+    keras-resnet summary NAME                Keras summary of a preset
+    keras-resnet train CONFIG [--set k=v]    train a task recipe
+    keras-resnet evaluate CONFIG [--set k=v] evaluate a recipe's model
+
+User errors (a bad config key, a missing file, an unknown preset...) print
+one line and exit with status 2; set KERAS_RESNET_DEBUG=1 for tracebacks.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback."""
+
+
+def _cmd_models(args):
+    from rich.console import Console
+    from rich.progress import track
+    from rich.table import Table
+
+    from keras_resnet import ResNetClassifier
+    from keras_resnet.analysis import count_macs, count_trainable_params
+    from keras_resnet.presets import PRESETS
+
+    names = [n for n in PRESETS if not args.filter or args.filter in n]
+    table = Table(title="keras_resnet presets")
+    for column in ("preset", "input", "classes", "params (M)", "GMACs", "description"):
+        table.add_column(column, justify="right" if column in ("params (M)", "GMACs", "classes") else "left")
+    for name in track(names, description="building presets", transient=True, console=Console(stderr=True)):
+        cifar = name.endswith("_cifar")
+        size, classes = (32, 10) if cifar else (224, 1000)
+        model = ResNetClassifier.from_preset(name, num_classes=classes, input_shape=(size, size, 3))
+        table.add_row(
+            name,
+            f"{size}x{size}",
+            str(classes),
+            f"{count_trainable_params(model) / 1e6:.2f}",
+            f"{count_macs(model) / 1e9:.3f}",
+            PRESETS[name]["description"],
+        )
+    Console().print(table)
+
+
+def _cmd_summary(args):
+    from keras_resnet import ResNetClassifier
+
+    size = args.input_size or (32 if args.name.endswith("_cifar") else 224)
+    model = ResNetClassifier.from_preset(
+        args.name, num_classes=args.num_classes, input_shape=(size, size, args.channels)
+    )
+    model.backbone.summary(expand_nested=False)
+    model.summary()
+
+
+def _cmd_train(args):
+    from keras_resnet.training import train_from_config
+
+    train_from_config(args.config, args.set)
+
+
+def _cmd_evaluate(args):
+    from keras_resnet.training import evaluate_from_config
+
+    evaluate_from_config(args.config, args.set)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="keras-resnet", description="Residual networks for Keras 3.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the backbone presets with params and GMACs")
+    p.add_argument("--filter", default="", help="only presets whose name contains this")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("summary", help="print the Keras summary of a preset")
+    p.add_argument("name", help="preset name (see `keras-resnet models`)")
+    p.add_argument("--input-size", type=int, default=None, help="square input size (224; 32 for *_cifar)")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.set_defaults(func=_cmd_summary)
+
+    for name, func, text in (
+        ("train", _cmd_train, "train a task recipe (YAML)"),
+        ("evaluate", _cmd_evaluate, "evaluate the trained model of a recipe"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="recipe YAML, e.g. tasks/classification/fashion_mnist_resnet20.yaml")
+        p.add_argument(
+            "--set", nargs="+", default=[], metavar="KEY=VALUE",
+            help="override recipe keys; values parse as YAML (train.epochs=3 model.input_shape=[20,20,1])",
+        )
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, FileNotFoundError, PermissionError) as error:
+        if os.environ.get("KERAS_RESNET_DEBUG"):
+            raise
+        print(f"keras-resnet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

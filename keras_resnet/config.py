@@ -1,0 +1,324 @@
+"""YAML task recipes: defaults, loading, dotted overrides and validation.
+
+A recipe is a nested dict. Every leaf is described by a :class:`Field` in
+``SCHEMA`` (expected type, default, allowed values, range check); ``DEFAULTS``
+is derived from it. :func:`load_config` merges a YAML file over the defaults,
+applies ``"dotted.key=value"`` overrides and validates the result, raising a
+:class:`ConfigError` with one clear message on the first problem found.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+TASKS = ("classification",)
+DATA_SOURCES = ("fashion_mnist", "image_folder")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+MIXED_PRECISION_MODES = (False, True, "auto", "mixed_float16", "mixed_bfloat16", "float32")
+JIT_COMPILE_MODES = (False, True, "auto")
+
+
+class ConfigError(ValueError):
+    """A recipe problem: names the key, the bad value and the allowed values or fix."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """Schema of one recipe leaf.
+
+    Args:
+        types: accepted type names, any of "int", "float", "bool", "str", "list", "dict".
+            "float" also accepts ints; "int" and "float" never accept bools.
+        default: default value.
+        allowed: if set, the value must be one of these.
+        nullable: whether ``None`` is accepted (always true when the default is None).
+        check: optional ``value -> error text or None`` for ranges and shapes.
+    """
+
+    types: tuple[str, ...]
+    default: Any
+    allowed: tuple | None = None
+    nullable: bool = False
+    check: Callable[[Any], str | None] | None = None
+
+
+def _at_least(minimum: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= minimum else f"must be >= {minimum}"
+
+
+def _in_range(low: float, high: float, high_inclusive: bool) -> Callable[[Any], str | None]:
+    def check(value):
+        ok = low <= value <= high if high_inclusive else low <= value < high
+        return None if ok else f"must be in [{low}, {high}{']' if high_inclusive else ')'}"
+
+    return check
+
+
+def _check_input_shape(value: list) -> str | None:
+    if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        return "must be a list of 3 positive ints [height, width, channels]"
+    if value[2] not in (1, 3):
+        return "must have 1 or 3 channels (last entry)"
+    return None
+
+
+SCHEMA: dict[str, Any] = {
+    "task": Field(("str",), "classification", allowed=TASKS),
+    "model": {
+        "backbone": Field(("str",), "resnet20_cifar"),
+        "num_classes": Field(("int",), 10, check=_at_least(2)),
+        "input_shape": Field(("list",), [28, 28, 1], check=_check_input_shape),
+        "weights": Field(("str",), None),
+        "freeze_stages": Field(("int",), -1, check=_at_least(-1)),
+        "dropout": Field(("float",), 0.0, check=_in_range(0, 1, high_inclusive=False)),
+        "backbone_args": Field(("dict",), {}),
+    },
+    "data": {
+        "source": Field(("str",), "fashion_mnist", allowed=DATA_SOURCES),
+        "train": Field(("str",), None),
+        "val": Field(("str",), None),
+        "batch_size": Field(("int",), 128, check=_at_least(1)),
+        "cache": Field(("bool",), True),
+        "shuffle_buffer": Field(("int",), 10000, check=_at_least(1)),
+        "limit_train": Field(("int",), None, check=_at_least(1)),
+        "limit_val": Field(("int",), None, check=_at_least(1)),
+        "skip_corrupt": Field(("bool",), False),
+        "augment": {
+            "random_crop_padding": Field(("int",), 4, check=_at_least(0)),
+            "horizontal_flip": Field(("bool",), True),
+            "random_erasing": Field(("float",), 0.0, check=_in_range(0, 1, high_inclusive=True)),
+        },
+    },
+    "train": {
+        "epochs": Field(("int",), 30, check=_at_least(1)),
+        "optimizer": Field(("str",), "sgd", allowed=OPTIMIZERS),
+        "learning_rate": Field(("float",), 0.1, check=lambda v: None if v > 0 else "must be > 0"),
+        "momentum": Field(("float",), 0.9, check=_in_range(0, 1, high_inclusive=False)),
+        "nesterov": Field(("bool",), True),
+        "weight_decay": Field(("float",), 5.0e-4, check=_at_least(0)),
+        "schedule": Field(("str",), "cosine", allowed=SCHEDULES),
+        "warmup_epochs": Field(("float",), 1.0, check=_at_least(0)),
+        "label_smoothing": Field(("float",), 0.0, check=_in_range(0, 1, high_inclusive=False)),
+        "strategy": Field(("str",), "auto", allowed=STRATEGIES),
+        "mixed_precision": Field(("bool", "str"), False, allowed=MIXED_PRECISION_MODES),
+        "jit_compile": Field(("bool", "str"), False, allowed=JIT_COMPILE_MODES),
+        "seed": Field(("int",), 0),
+        "head_epochs": Field(("int",), 0, check=_at_least(0)),
+        "fine_tune_learning_rate": Field(
+            ("float",), None, check=lambda v: None if v > 0 else "must be > 0"
+        ),
+        "steps_per_epoch": Field(("int",), None, check=_at_least(1)),
+    },
+    "output_dir": Field(("str",), "runs/fashion_mnist_resnet20"),
+}
+
+_TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "list": lambda v: isinstance(v, (list, tuple)),
+    "dict": lambda v: isinstance(v, dict),
+}
+_ARTICLES = {"int": "an int", "float": "a float", "bool": "a bool", "str": "a str", "list": "a list", "dict": "a dict"}
+
+
+def _defaults_from(schema: Mapping[str, Any]) -> dict:
+    return {
+        key: _defaults_from(spec) if isinstance(spec, Mapping) else copy.deepcopy(spec.default)
+        for key, spec in schema.items()
+    }
+
+
+DEFAULTS: dict = _defaults_from(SCHEMA)
+
+
+def load_config(path_or_dict: str | os.PathLike | Mapping | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Load a recipe, merge it over DEFAULTS, apply overrides and validate it.
+
+    Args:
+        path_or_dict: path to a YAML recipe, an already-parsed dict, or None for
+            the defaults alone.
+        overrides: strings ``"dotted.key=value"``; the value is parsed with
+            ``yaml.safe_load`` (``train.epochs=3``, ``model.input_shape=[20,20,1]``,
+            ``model.weights=null``).
+
+    Returns:
+        A new plain nested dict (DEFAULTS is never mutated).
+
+    Raises:
+        ConfigError: missing or malformed file, unknown key, wrong type, value
+            outside its allowed set or range, or an override without ``=``.
+    """
+    if path_or_dict is None:
+        source, recipe = "defaults", {}
+    elif isinstance(path_or_dict, Mapping):
+        source, recipe = "recipe dict", copy.deepcopy(dict(path_or_dict))
+    else:
+        source = str(path_or_dict)
+        recipe = _read_yaml(source)
+    config = copy.deepcopy(DEFAULTS)
+    _merge_into(config, recipe, SCHEMA, source, prefix="")
+    for override in overrides:
+        _apply_override(config, override)
+    _validate(config, SCHEMA, source, prefix="")
+    return config
+
+
+def dump_config(cfg: Mapping, path: str | os.PathLike) -> None:
+    """Write a recipe dict as YAML (key order preserved), creating parent folders.
+
+    Args:
+        cfg: recipe dict, typically from :func:`load_config`.
+        path: destination ``.yaml`` file.
+    """
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as stream:
+        yaml.safe_dump(_plain(cfg), stream, sort_keys=False, default_flow_style=None)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe file not found: {path!r}; pass an existing YAML file")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            recipe = yaml.safe_load(stream)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(
+            f"{path} must contain a YAML mapping at the top level, got {type(recipe).__name__}"
+        )
+    return recipe
+
+
+def _unknown_key_error(key: str, prefix: str, schema: Mapping, source: str) -> ConfigError:
+    allowed = sorted(schema)
+    suggestion = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f"; did you mean '{prefix}{suggestion[0]}'?" if suggestion else ""
+    section = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+    return ConfigError(
+        f"unknown key '{prefix}{key}' in {source}; allowed keys {section}: {', '.join(allowed)}{hint}"
+    )
+
+
+def _merge_into(config: dict, recipe: Mapping, schema: Mapping, source: str, prefix: str) -> None:
+    for key, value in recipe.items():
+        if key not in schema:
+            raise _unknown_key_error(key, prefix, schema, source)
+        spec = schema[key]
+        if isinstance(spec, Mapping):
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"'{prefix}{key}' in {source} must be a mapping of "
+                    f"{', '.join(sorted(spec))}, got {value!r} ({type(value).__name__})"
+                )
+            _merge_into(config[key], value, spec, source, prefix=f"{prefix}{key}.")
+        else:
+            config[key] = copy.deepcopy(value)
+
+
+def _apply_override(config: dict, override: str) -> None:
+    if not isinstance(override, str) or "=" not in override:
+        raise ConfigError(
+            f"override {override!r} must look like 'dotted.key=value', e.g. 'train.epochs=3'"
+        )
+    dotted_key, raw_value = override.split("=", 1)
+    dotted_key = dotted_key.strip()
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({error})") from None
+    parts = dotted_key.split(".")
+    node, schema, prefix = config, SCHEMA, ""
+    for depth, part in enumerate(parts):
+        is_last = depth == len(parts) - 1
+        if isinstance(schema, Field):  # descending into a free-form dict (backbone_args)
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: '{prefix[:-1]}' is not a mapping")
+            if is_last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+            prefix += part + "."
+            continue
+        if part not in schema:
+            raise _unknown_key_error(part, prefix, schema, f"override {override!r}")
+        spec = schema[part]
+        if is_last:
+            if isinstance(spec, Mapping):
+                if not isinstance(value, Mapping):
+                    raise ConfigError(
+                        f"override {override!r}: '{prefix}{part}' is a section; "
+                        f"set one of its keys instead ({', '.join(sorted(spec))})"
+                    )
+                _merge_into(node[part], value, spec, f"override {override!r}", prefix=f"{prefix}{part}.")
+            else:
+                node[part] = value
+        elif isinstance(spec, Field) and "dict" not in spec.types:
+            raise ConfigError(f"override {override!r}: '{prefix}{part}' is not a section")
+        else:
+            if isinstance(spec, Field) and not isinstance(node.get(part), dict):
+                node[part] = {}
+            node, schema = node[part], spec
+        prefix += part + "."
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _validate(config: dict, schema: Mapping, source: str, prefix: str) -> None:
+    for key, spec in schema.items():
+        name = f"{prefix}{key}"
+        value = config[key]
+        if isinstance(spec, Mapping):
+            _validate(value, spec, source, prefix=f"{name}.")
+            continue
+        if value is None:
+            if spec.nullable or spec.default is None:
+                continue
+            raise ConfigError(f"'{name}' must not be null (default {spec.default!r})")
+        if not any(_TYPE_CHECKS[t](value) for t in spec.types):
+            expected = " or ".join(_ARTICLES[t] for t in spec.types)
+            if spec.default is None:
+                expected += " or null"
+            raise ConfigError(f"'{name}' must be {expected}, got {_describe(value)}")
+        if spec.allowed is not None and not any(
+            value == option and type(value) is type(option) for option in spec.allowed
+        ):
+            options = ", ".join(repr(o) if isinstance(o, str) else str(o).lower() for o in spec.allowed)
+            raise ConfigError(f"'{name}' must be one of {options}, got {_describe(value)}")
+        if isinstance(value, tuple):
+            value = config[key] = list(value)
+        if spec.check is not None:
+            problem = spec.check(value)
+            if problem:
+                raise ConfigError(f"'{name}' {problem}, got {_describe(value)}")
+        if "float" in spec.types:
+            config[key] = float(value)

@@ -1,0 +1,23 @@
+"""Input pipelines for keras_resnet tasks."""
+
+from keras_resnet.data.classification import (
+    FASHION_MNIST_CLASSES,
+    IMAGE_EXTENSIONS,
+    DataError,
+    build_classification_datasets,
+    find_fashion_mnist,
+    load_fashion_mnist,
+    read_idx_gz,
+    scan_image_folder,
+)
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "build_classification_datasets",
+    "find_fashion_mnist",
+    "load_fashion_mnist",
+    "read_idx_gz",
+    "scan_image_folder",
+]

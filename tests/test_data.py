@@ -1,0 +1,237 @@
+"""Tests for keras_resnet.data: image folders, Fashion-MNIST idx files, pipelines."""
+
+import gzip
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_resnet.config import load_config
+from keras_resnet.data import (
+    FASHION_MNIST_CLASSES,
+    DataError,
+    build_classification_datasets,
+    find_fashion_mnist,
+    load_fashion_mnist,
+    scan_image_folder,
+)
+from keras_resnet.data.classification import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_FILES
+
+CLASS_VALUES = {"cat": 40, "dog": 210}  # each class is a flat image of this brightness
+
+
+def write_image(path, value, size, mode):
+    """Write a flat image; RGB images get a slightly different value per channel."""
+    if mode == "L":
+        array = np.full(size, value, np.uint8)
+    else:
+        array = np.stack([np.full(size, value + offset, np.uint8) for offset in range(len(mode))], -1)
+        if mode == "RGBA":
+            array[..., 3] = 255
+    Image.fromarray(array, mode).save(path)
+
+
+def write_image_folder(root, images_per_class=6):
+    """Two classes with mixed formats, colour modes and sizes."""
+    formats = [("png", "RGB", (8, 8)), ("jpg", "L", (10, 12)), ("PNG", "RGBA", (9, 7)),
+               ("bmp", "RGB", (8, 8)), ("gif", "L", (6, 6)), ("jpeg", "RGB", (16, 16))]
+    for name, value in CLASS_VALUES.items():
+        (root / name).mkdir(parents=True)
+        for index in range(images_per_class):
+            extension, mode, size = formats[index % len(formats)]
+            write_image(root / name / f"{index}.{extension}", value, size, mode)
+    return root
+
+
+@pytest.fixture
+def folders(tmp_path):
+    return write_image_folder(tmp_path / "train"), write_image_folder(tmp_path / "val", images_per_class=3)
+
+
+def folder_config(train, val, *overrides):
+    return load_config(
+        {"model": {"num_classes": 2}, "data": {"source": "image_folder", "train": str(train), "val": str(val)}},
+        ["data.batch_size=4", *overrides],
+    )
+
+
+def write_idx_gz(path, array):
+    """Write a uint8 array as a gzip-compressed idx file (the MNIST format)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as stream:
+        stream.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_fashion_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "fashion"
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("test", 12)):
+        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_images"], rng.integers(0, 256, (count, 28, 28)))
+        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_labels"], np.arange(count) % 10)
+    monkeypatch.setenv("KERAS_RESNET_FASHION_MNIST_DIR", str(directory))
+    return directory
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def test_scan_image_folder_lists_classes_and_labels(folders):
+    paths, labels, class_names = scan_image_folder(folders[0], num_classes=2)
+    assert class_names == ["cat", "dog"]
+    assert len(paths) == 12 and labels == [0] * 6 + [1] * 6
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder_batches(folders, channels):
+    config = folder_config(*folders, f"model.input_shape=[8,8,{channels}]", "data.augment.random_erasing=0.5")
+    train, val, info = build_classification_datasets(config, seed=1)
+    assert info["class_names"] == ["cat", "dog"]
+    assert (info["num_train"], info["num_val"]) == (12, 6)
+    assert len(info["mean"]) == len(info["std"]) == channels
+    assert 40 < info["mean"][0] < 215
+    train_batches = list(train)
+    assert len(train_batches) == 3
+    for images, labels in train_batches:
+        assert images.shape == (4, 8, 8, channels) and images.dtype == "float32"
+        assert labels.dtype == "int32"
+        assert 0.0 <= images.numpy().min() and images.numpy().max() <= 255.0
+    val_images, val_labels = (np.concatenate(parts) for parts in zip(*[(x.numpy(), y.numpy()) for x, y in val]))
+    assert val_images.shape == (6, 8, 8, channels)
+    # Un-augmented flat images: brightness tells the class.
+    expected = np.where(val_labels == 0, CLASS_VALUES["cat"], CLASS_VALUES["dog"])
+    np.testing.assert_allclose(val_images.mean(axis=(1, 2, 3)), expected, atol=6)
+
+
+def test_image_folder_training_is_seeded(folders):
+    config = folder_config(*folders, "model.input_shape=[8,8,3]", "data.augment.random_erasing=1.0")
+    first = [x.numpy() for x, _ in build_classification_datasets(config, seed=3)[0]]
+    second = [x.numpy() for x, _ in build_classification_datasets(config, seed=3)[0]]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(second))
+    images = np.concatenate(first)
+    assert (images == 0).any()  # zero padding shows after the random crop
+    flat_or_padding = np.isclose(images[..., None], [0, 40, 41, 42, 210, 211, 212], atol=3).any(-1)
+    assert (~flat_or_padding).mean() > 0.02  # random erasing noise
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="data.train folder .*missing does not exist"):
+        scan_image_folder(tmp_path / "missing")
+
+
+def test_folder_without_class_subfolders(tmp_path):
+    with pytest.raises(DataError, match="no class subfolders"):
+        scan_image_folder(tmp_path)
+
+
+def test_class_folder_without_images(folders):
+    (folders[0] / "empty").mkdir()
+    with pytest.raises(DataError, match="empty has no images"):
+        scan_image_folder(folders[0])
+
+
+def test_corrupt_image_is_named(folders):
+    corrupt = folders[0] / "cat" / "broken.png"
+    corrupt.write_bytes(b"not an image at all")
+    with pytest.raises(DataError) as error:
+        scan_image_folder(folders[0])
+    assert str(corrupt) in str(error.value) and "data.skip_corrupt=true" in str(error.value)
+
+
+def test_skip_corrupt_drops_it_with_a_warning(folders, caplog):
+    corrupt = folders[0] / "cat" / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8 truncated")
+    with caplog.at_level(logging.WARNING):
+        paths, labels, _ = scan_image_folder(folders[0], skip_corrupt=True)
+    assert str(corrupt) not in paths and len(paths) == len(labels) == 12
+    assert "broken.jpg" in caplog.text
+
+
+def test_num_classes_mismatch(folders):
+    config = folder_config(*folders, "model.num_classes=10")
+    with pytest.raises(DataError, match=r"data.train has 2 class folders \(cat, dog\) but model.num_classes is 10"):
+        build_classification_datasets(config)
+
+
+def test_val_classes_differ(folders):
+    (folders[1] / "dog").rename(folders[1] / "bird")
+    with pytest.raises(DataError, match="data.val class folders .*missing dog.*extra bird"):
+        build_classification_datasets(folder_config(*folders))
+
+
+def test_image_folder_requires_val(folders):
+    config = folder_config(folders[0], folders[1], "data.val=null")
+    with pytest.raises(DataError, match="data.val is required"):
+        build_classification_datasets(config)
+
+
+def test_batch_size_larger_than_training_set(folders):
+    with pytest.raises(DataError, match="data.batch_size=64"):
+        build_classification_datasets(folder_config(*folders, "data.batch_size=64"))
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def test_fashion_mnist_from_env_dir(tiny_fashion_dir):
+    assert find_fashion_mnist()["train_images"] == tiny_fashion_dir / FASHION_MNIST_FILES["train_images"]
+    (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
+    assert x_train.shape == (40, 28, 28) and y_train.shape == (40,) and x_test.shape == (12, 28, 28)
+    assert x_train.dtype == np.uint8 and y_test.dtype == np.uint8
+
+
+def test_fashion_mnist_pipeline_resizes_and_repeats_channels(tiny_fashion_dir):
+    config = load_config(None, ["model.input_shape=[20,20,3]", "data.batch_size=8", "data.limit_val=5"])
+    train, val, info = build_classification_datasets(config)
+    assert info["class_names"] == list(FASHION_MNIST_CLASSES)
+    assert (info["num_train"], info["num_val"]) == (40, 5)
+    images, labels = next(iter(train))
+    assert images.shape == (8, 20, 20, 3) and labels.dtype == "int32"
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+    assert [x.shape[0] for x, _ in val] == [5]
+
+
+def test_fashion_mnist_env_dir_incomplete(tiny_fashion_dir):
+    (tiny_fashion_dir / FASHION_MNIST_FILES["test_labels"]).unlink()
+    with pytest.raises(DataError, match="KERAS_RESNET_FASHION_MNIST_DIR"):
+        load_fashion_mnist()
+
+
+@pytest.mark.parametrize("damage", ["truncated_payload", "bad_magic", "truncated_gzip"])
+def test_corrupt_idx_file_is_named(tiny_fashion_dir, damage):
+    path = tiny_fashion_dir / FASHION_MNIST_FILES["train_images"]
+    if damage == "truncated_payload":
+        write_idx_gz(path, np.zeros((40, 28, 28), np.uint8))
+        with gzip.open(path, "rb") as stream:
+            raw = stream.read()
+        with gzip.open(path, "wb") as stream:
+            stream.write(raw[:-100])
+    elif damage == "bad_magic":
+        with gzip.open(path, "wb") as stream:
+            stream.write(b"\x12\x34\x56\x78" + bytes(100))
+    else:
+        path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(DataError, match="corrupt Fashion-MNIST file .*train-images-idx3-ubyte.gz"):
+        load_fashion_mnist()
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_debian_copy(monkeypatch, tmp_path):
+    monkeypatch.delenv("KERAS_RESNET_FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # empty Keras cache: the Debian copy is used
+    assert find_fashion_mnist()["train_images"].parent == DEBIAN_FASHION_MNIST_DIR
+    config = load_config(
+        None, ["model.input_shape=[32,32,3]", "data.limit_train=64", "data.limit_val=40", "data.batch_size=32"]
+    )
+    train, val, info = build_classification_datasets(config)
+    assert (info["num_train"], info["num_val"]) == (64, 40)
+    assert 30 < info["mean"][0] < 120 and info["std"][0] > 30
+    train_batches = list(train)
+    assert [x.shape for x, _ in train_batches] == [(32, 32, 32, 3)] * 2
+    assert [x.shape[0] for x, _ in val] == [32, 8]
+    labels = np.concatenate([y.numpy() for _, y in train_batches])
+    assert len(set(labels.tolist())) > 3  # the seeded shuffle mixes classes
