@@ -1,6 +1,7 @@
 """`ResNetBackbone`: one configurable functional model for the ResNet family."""
 
 import difflib
+import sys
 
 import keras
 from keras import layers
@@ -230,6 +231,9 @@ class ResNetBackbone(keras.Model):
                 feature = x
             stage_features.append(feature)
 
+        # Keras maps functional graphs recursively; very deep nets (ResNet-1202
+        # has ~6000 layers in a chain) need a higher recursion limit.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 2000 + 40 * total_blocks))
         # Levels are named by stage (C2 is the first stage's output).
         pyramid_outputs = {f"C{index + 2}": feature for index, feature in enumerate(stage_features)}
         super().__init__(inputs=inputs, outputs=x, name=name, **kwargs)
@@ -317,7 +321,7 @@ class ResNetBackbone(keras.Model):
         unknown = [lv for lv in levels if lv not in self.pyramid_outputs]
         if unknown:
             raise ValueError(f"Unknown pyramid levels {unknown}; available: {list(self.pyramid_outputs)}.")
-        return keras.Model(self.inputs, {lv: self.pyramid_outputs[lv] for lv in levels}, name=f"{self.name}_features")
+        return keras.Model(self.input, {lv: self.pyramid_outputs[lv] for lv in levels}, name=f"{self.name}_features")
 
     def get_config(self):
         return {

@@ -4,6 +4,8 @@
     keras-resnet summary NAME                Keras summary of a preset
     keras-resnet train CONFIG [--set k=v]    train a task recipe
     keras-resnet evaluate CONFIG [--set k=v] evaluate a recipe's model
+    keras-resnet export MODEL [--format F]   export to SavedModel, TFLite or ONNX
+    keras-resnet predict MODEL IMAGE...      top-k classes of images
 
 User errors (a bad config key, a missing file, an unknown preset...) print
 one line and exit with status 2; set KERAS_RESNET_DEBUG=1 for tracebacks.
@@ -71,6 +73,56 @@ def _cmd_evaluate(args):
     evaluate_from_config(args.config, args.set)
 
 
+def _batch_size_arg(text):
+    if text == "dynamic":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'dynamic', got {text!r}")
+    return value
+
+
+def _cmd_export(args):
+    from keras_resnet.export import export_model
+
+    export_model(
+        args.model,
+        format=args.format,
+        quantize=args.quantize,
+        calibration=args.calibration,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        output=args.output,
+        parity_samples=args.parity_samples,
+        int8_min_agreement=args.int8_min_agreement,
+    )
+
+
+def _cmd_predict(args):
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from keras_resnet.predict import predict_files
+
+    results = predict_files(args.model, args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    table = Table(title=f"predictions of {args.model}")
+    for column in ("image", "rank", "class", "index", "score"):
+        table.add_column(column, justify="right" if column in ("rank", "index", "score") else "left")
+    for result in results:
+        for rank, entry in enumerate(result["top"], start=1):
+            image = result["image"] if rank == 1 else ""
+            table.add_row(image, str(rank), entry["class"], str(entry["index"]), f"{entry['score']:.4f}")
+    Console().print(table)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="keras-resnet", description="Residual networks for Keras 3.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +149,34 @@ def build_parser():
             help="override recipe keys; values parse as YAML (train.epochs=3 model.input_shape=[20,20,1])",
         )
         p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="export a trained model to SavedModel, TFLite or ONNX, checking parity")
+    p.add_argument("model", help="a .keras file or a training run output_dir")
+    p.add_argument("--format", default="saved_model", choices=("saved_model", "tflite", "onnx"))
+    p.add_argument(
+        "--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
+        help="TFLite quantization (int8: full integer, needs calibration images)",
+    )
+    p.add_argument(
+        "--calibration", default=None, metavar="RECIPE_OR_FOLDER",
+        help="recipe YAML or image folder: int8 calibration and parity images (default: the run's recipe)",
+    )
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--batch-size", type=_batch_size_arg, default=1, metavar="N|dynamic")
+    p.add_argument("--output", default=None, metavar="DIR", help="output folder (default saved_models/<name>/)")
+    p.add_argument("--parity-samples", type=int, default=100, help="images compared with the Keras model")
+    p.add_argument(
+        "--int8-min-agreement", type=float, default=0.99,
+        help="minimum int8 top-1 agreement with the Keras model",
+    )
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="top-k classes of images with a model or export")
+    p.add_argument("model", help="a .keras file, run dir, SavedModel dir, .tflite or .onnx")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 

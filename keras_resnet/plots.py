@@ -1,0 +1,85 @@
+"""PNG plots of training curves and confusion matrices (matplotlib, Agg)."""
+
+import csv
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_history_csv(path):
+    """Reads a Keras CSVLogger file into {column: [floats]}, one row per epoch.
+
+    Rows of an epoch that was run twice (a run killed and resumed) keep the
+    last occurrence, so the history has each epoch once.
+    """
+    rows = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("epoch") in (None, "", "epoch"):
+                continue
+            rows[int(row["epoch"])] = row
+    history = {}
+    for epoch in sorted(rows):
+        for key, value in rows[epoch].items():
+            try:
+                history.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                continue
+    return history
+
+
+def plot_history(history, path, title="training"):
+    """Loss, accuracy and learning-rate curves per epoch, train vs validation."""
+    epochs = [int(e) + 1 for e in history.get("epoch", [])]
+    if not epochs:
+        return None
+    panels = [("loss", "loss"), ("top1", "top-1 accuracy"), ("learning_rate", "learning rate")]
+    panels = [(k, t) for k, t in panels if k in history]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        ax.plot(epochs, history[key], marker="o", label=f"train {key}")
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], marker="o", label=f"val {key}")
+            if key == "top1":
+                best = int(np.argmax(history["val_top1"]))
+                ax.annotate(
+                    f"best {history['val_top1'][best]:.4f}",
+                    (epochs[best], history["val_top1"][best]),
+                    textcoords="offset points", xytext=(-40, -20),
+                )
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrix(matrix, class_names, path, title="confusion matrix (validation)"):
+    """Row-normalised confusion matrix with counts, true classes on rows."""
+    matrix = np.asarray(matrix)
+    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5, 0.6 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(class_names) <= 30:
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if normalised[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

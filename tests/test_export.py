@@ -1,0 +1,387 @@
+"""Tests for keras_resnet.export and keras_resnet.predict and their CLI commands.
+
+Models are tiny (one block per stage, 32x32 inputs). A module-scoped run
+dir holds a classifier trained for a few seconds on three colour classes
+(reddish / greenish / bluish noise images), with `run.json` and a
+`recipe.yaml` over image folders, as a training run writes them.
+
+What is asserted:
+* float exports (SavedModel, ONNX, TFLite fp32) pass `export_model`'s own
+  check (relative max diff <= 1e-4) and the test re-checks the figures;
+* float16 / dynamic-range TFLite: top-1 agreement 1.0 with the trained model
+  (their error is reported, not bounded, by export_model);
+* int8 TFLite on the trained model: top-1 agreement >= 0.99 on the
+  validation images (with 24 images: every one agrees), calibrated on the
+  recipe's training images;
+* every backbone family converts to all three formats with a dynamic batch;
+* `predict_files` gives the same top class for `.keras`, run dir,
+  SavedModel, TFLite and ONNX.
+"""
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from PIL import Image
+
+from keras_resnet import ImageNormalization, ResNetClassifier
+from keras_resnet import export as export_module
+from keras_resnet.cli import main
+from keras_resnet.export import (
+    ExportParityError,
+    export_model,
+    load_exported_model,
+    load_model_source,
+)
+from keras_resnet.predict import find_image_files, predict_files
+
+CLASS_COLOURS = {"blue": (30, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
+TRAIN_PER_CLASS = 16
+VAL_PER_CLASS = 8
+SIZE = 32
+
+
+def tiny_classifier(channels=3, num_classes=3, preset="resnet20_cifar", **overrides):
+    overrides.setdefault("stackwise_num_blocks", [1, 1, 1])
+    return ResNetClassifier.from_preset(
+        preset,
+        num_classes=num_classes,
+        input_shape=(SIZE, SIZE, channels),
+        preprocessing=ImageNormalization(mean=[0.5] * channels, std=[0.25] * channels, scale=1 / 255),
+        **overrides,
+    )
+
+
+def colour_images(colour, count, rng):
+    """Noisy images around one colour, with random sizes (resizing is exercised)."""
+    images = []
+    for _ in range(count):
+        height, width = rng.integers(28, 44, size=2)
+        noise = rng.normal(0, 35, size=(height, width, 3))
+        images.append(np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8))
+    return images
+
+
+def write_class_folders(root, per_class, rng):
+    for name, colour in CLASS_COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for index, image in enumerate(colour_images(colour, per_class, rng)):
+            Image.fromarray(image).save(root / name / f"{index}.png")
+
+
+def load_folder(root):
+    """(images at SIZE x SIZE, labels) of a class-folder tree, via the predict loader."""
+    from keras_resnet.predict import load_images
+
+    files, labels = [], []
+    for label, name in enumerate(sorted(CLASS_COLOURS)):
+        class_files = find_image_files(root / name)
+        files += class_files
+        labels += [label] * len(class_files)
+    return load_images(files, SIZE, SIZE, 3), np.asarray(labels)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A trained tiny classifier in a run output_dir, as training writes it."""
+    root = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    write_class_folders(root / "data" / "train", TRAIN_PER_CLASS, rng)
+    write_class_folders(root / "data" / "val", VAL_PER_CLASS, rng)
+    keras.utils.set_random_seed(0)
+    model = tiny_classifier()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    images, labels = load_folder(root / "data" / "train")
+    model.fit(images, labels, batch_size=16, epochs=8, verbose=0)
+    val_images, val_labels = load_folder(root / "data" / "val")
+    accuracy = np.mean(np.argmax(model.predict(val_images, verbose=0), -1) == val_labels)
+    assert accuracy == 1.0, f"the tiny model should learn the colour classes, got val accuracy {accuracy}"
+    output = root / "output"
+    output.mkdir()
+    model.save(output / "best_model.keras")
+    recipe = {
+        "task": "classification",
+        "model": {"backbone": "resnet20_cifar", "num_classes": 3, "input_shape": [SIZE, SIZE, 3]},
+        "data": {
+            "source": "image_folder",
+            "train": str(root / "data" / "train"),
+            "val": str(root / "data" / "val"),
+            "batch_size": 8,
+        },
+        "output_dir": str(output),
+    }
+    (output / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run_info = {
+        "task": "classification",
+        "preset": "resnet20_cifar",
+        "input_shape": [SIZE, SIZE, 3],
+        "num_classes": 3,
+        "class_names": sorted(CLASS_COLOURS),
+        "preprocessing": {"mean": [127.5] * 3, "std": [63.75] * 3},
+    }
+    (output / "run.json").write_text(json.dumps(run_info))
+    return output
+
+
+@pytest.fixture(scope="module")
+def run_exports(run_dir, tmp_path_factory):
+    """The run exported to SavedModel, ONNX and TFLite fp32 (batch 1)."""
+    output = tmp_path_factory.mktemp("exports")
+    return {
+        fmt: export_model(run_dir, format=fmt, output=output, parity_samples=24)
+        for fmt in ("saved_model", "onnx", "tflite")
+    }
+
+
+def assert_float_parity(result):
+    parity = result["parity"]
+    assert parity["passed"], parity
+    assert parity["relative_max_diff"] <= 1e-4
+    assert parity["top1_agreement"] == 1.0
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_model_source_reads_run_dir(run_dir):
+    source = load_model_source(run_dir)
+    assert source.path.endswith("best_model.keras")
+    assert source.name == "output"
+    assert source.class_names == ["blue", "green", "red"]
+    assert source.recipe_path.endswith("recipe.yaml")
+
+
+def test_load_model_source_falls_back_to_last_model(tmp_path):
+    tiny_classifier().save(tmp_path / "last_model.keras")
+    assert load_model_source(tmp_path).path.endswith("last_model.keras")
+
+
+def test_load_model_source_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model_source(tmp_path / "missing.keras")
+    with pytest.raises(ValueError, match="neither best_model.keras nor last_model.keras"):
+        load_model_source(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a Keras model"):
+        load_model_source(tmp_path / "notes.txt")
+    (tmp_path / "broken.keras").write_text("not a zip")
+    with pytest.raises(ValueError, match="cannot load Keras model"):
+        load_model_source(tmp_path / "broken.keras")
+
+
+def test_export_argument_errors(tmp_path):
+    model_file = tmp_path / "model.keras"
+    tiny_classifier().save(model_file)
+    with pytest.raises(ValueError, match="applies only to format='tflite'"):
+        export_model(model_file, format="onnx", quantize="int8", output=tmp_path)
+    with pytest.raises(ValueError, match="format='coreml' is not supported"):
+        export_model(model_file, format="coreml", output=tmp_path)
+    with pytest.raises(ValueError, match="batch_size must be a positive int or 'dynamic'"):
+        export_model(model_file, format="onnx", batch_size=0, output=tmp_path)
+    with pytest.raises(ValueError, match="int8 quantization needs calibration images"):
+        export_model(model_file, format="tflite", quantize="int8", output=tmp_path)
+    with pytest.raises(ValueError, match="calibration path .* does not exist"):
+        export_model(model_file, format="tflite", quantize="int8", calibration=tmp_path / "nope", output=tmp_path)
+
+
+# --------------------------------------------------------------------------- float exports
+
+
+def test_run_dir_float_exports(run_exports, run_dir):
+    assert {fmt: Path(r["path"]).name for fmt, r in run_exports.items()} == {
+        "saved_model": "saved_model",
+        "onnx": "output.onnx",
+        "tflite": "output_fp32.tflite",
+    }
+    for result in run_exports.values():
+        assert_float_parity(result)
+        assert result["parity"]["sample_source"].startswith("validation images of")
+        metadata = json.loads(Path(result["metadata_path"]).read_text())
+        assert metadata["class_names"] == ["blue", "green", "red"]
+        assert metadata["preset"] == "resnet20_cifar"
+        assert metadata["input_shape"] == [SIZE, SIZE, 3]
+        assert metadata["batch_size"] == 1
+        assert metadata["input"]["format"] == "float32 raw pixels 0..255, NHWC"
+        assert metadata["preprocessing"]["mean"] == [0.5] * 3
+        assert metadata["source_model"] == str((run_dir / "best_model.keras").resolve())
+        assert metadata["parity"]["passed"] is True
+        assert "tensorflow" in metadata["tool_versions"]
+    assert "onnxruntime" in json.loads(Path(run_exports["onnx"]["metadata_path"]).read_text())["tool_versions"]
+
+
+def test_saved_model_signatures(run_exports, run_dir):
+    loaded = tf.saved_model.load(run_exports["saved_model"]["path"])
+    assert set(loaded.signatures) == {"serving_default", "serve_float"}
+    model = load_model_source(run_dir).model
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(2, 45, 38, 3), dtype=np.uint8)  # any size: resized inside
+    outputs = loaded.signatures["serving_default"](images=tf.constant(pixels))
+    assert set(outputs) == {"probabilities", "top_class", "top_score"}
+    resized = tf.image.resize(pixels.astype(np.float32), [SIZE, SIZE], method="bilinear")
+    expected = model(resized, training=False).numpy()
+    np.testing.assert_allclose(outputs["probabilities"].numpy(), expected, atol=1e-5)
+    np.testing.assert_array_equal(outputs["top_class"].numpy(), np.argmax(expected, -1))
+    np.testing.assert_allclose(outputs["top_score"].numpy(), expected.max(-1), atol=1e-5)
+    serving = run_exports["saved_model"]["parity"]["checks"]["serving_default"]
+    assert serving["relative_max_diff"] <= 1e-4 and serving["top_class_matches_argmax"]
+
+
+def test_input_size_override_rebuilds_the_model(run_dir, tmp_path):
+    result = export_model(run_dir, format="onnx", input_size=(40, 48), output=tmp_path, parity_samples=8)
+    assert_float_parity(result)
+    exported = load_exported_model(result["path"])
+    assert exported.input_shape == (40, 48, 3) and exported.batch_size == 1
+
+
+def test_parity_failure_raises_after_writing_metadata(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "FLOAT_RELATIVE_TOLERANCE", -1.0)
+    with pytest.raises(ExportParityError, match="fails its parity check"):
+        export_model(run_dir, format="onnx", output=tmp_path, parity_samples=4)
+    metadata = json.loads((tmp_path / "output.onnx.json").read_text())
+    assert metadata["parity"]["passed"] is False
+
+
+# --------------------------------------------------------------------------- quantized TFLite
+
+
+@pytest.mark.slow
+def test_quantized_tflite(run_dir, tmp_path):
+    train_folder = run_dir.parent / "data" / "train"
+    for quantize in ("float16", "dynamic"):
+        result = export_model(run_dir, format="tflite", quantize=quantize, calibration=train_folder, output=tmp_path)
+        assert Path(result["path"]).name == f"output_{quantize}.tflite"
+        assert result["parity"]["sample_source"] == f"images in {train_folder}"
+        assert result["parity"]["top1_agreement"] == 1.0
+        assert result["parity"]["criterion"] == "reported only"
+    # int8: calibrated on the recipe's training images, checked on its validation images.
+    result = export_model(
+        run_dir, format="tflite", quantize="int8", calibration=run_dir / "recipe.yaml", output=tmp_path, batch_size="dynamic"
+    )
+    parity = result["parity"]
+    assert parity["samples"] == len(CLASS_COLOURS) * VAL_PER_CLASS
+    assert parity["top1_agreement"] >= 0.99 and parity["passed"]
+    metadata = json.loads(Path(result["metadata_path"]).read_text())
+    assert metadata["int8"]["io"].startswith("float32 input and output")
+    assert metadata["int8"]["calibration_samples"] == len(CLASS_COLOURS) * TRAIN_PER_CLASS
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=result["path"])
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    tensor_types = {detail["dtype"] for detail in interpreter.get_tensor_details()}
+    assert np.int8 in tensor_types
+
+
+# --------------------------------------------------------------------------- backbone families
+
+IMAGENET_SMALL = dict(stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_filters=[16, 16, 32, 32])
+FAMILIES = {
+    "v1": ("resnet50_v1", {}),
+    "v1.5": ("resnet50", {}),
+    "v2": ("resnet50_v2", {}),
+    "resnext": ("resnext50_32x4d", {}),
+    "se": ("seresnet50", {}),
+    "dilated_os16": ("resnet50", {"output_stride": 16}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_backbone_family_exports(family, tmp_path):
+    preset, overrides = FAMILIES[family]
+    keras.utils.set_random_seed(0)
+    # Logits, not softmax: a random network's softmax often saturates to one-hot,
+    # which would make the parity check trivially exact.
+    model = tiny_classifier(preset=preset, num_classes=4, activation=None, **IMAGENET_SMALL, **overrides)
+    model_file = tmp_path / f"{family}.keras"
+    model.save(model_file)
+    for fmt in ("saved_model", "onnx", "tflite"):
+        result = export_model(model_file, format=fmt, batch_size="dynamic", output=tmp_path, parity_samples=6)
+        assert_float_parity(result)
+        assert result["parity"]["sample_source"].startswith("random uniform")
+        exported = load_exported_model(result["path"])
+        assert exported.batch_size is None
+        logits = exported.predict(np.full((3, SIZE, SIZE, 3), 128.0, np.float32))  # batch of 3
+        assert logits.shape == (3, 4)
+    assert json.loads(Path(result["metadata_path"]).read_text())["output"]["values"] == "logits (no activation)"
+
+
+def test_grayscale_model_exports_with_fixed_batch(tmp_path):
+    model_file = tmp_path / "gray.keras"
+    tiny_classifier(channels=1).save(model_file)
+    for fmt in ("saved_model", "onnx", "tflite"):
+        result = export_model(model_file, format=fmt, batch_size=2, output=tmp_path, parity_samples=5)
+        assert_float_parity(result)
+        assert load_exported_model(result["path"]).batch_size == 2  # 5 samples: last batch padded
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def test_predict_same_top_class_in_every_form(run_dir, run_exports):
+    val_folder = run_dir.parent / "data" / "val"
+    forms = [run_dir, run_dir / "best_model.keras"] + [r["path"] for r in run_exports.values()]
+    results = {str(form): predict_files(form, val_folder, top_k=2) for form in forms}
+    expected_classes = [Path(r["image"]).parent.name for r in results[str(run_dir)]]
+    for form, result in results.items():
+        assert [r["image"] for r in result] == find_image_files(val_folder)
+        assert [r["top"][0]["class"] for r in result] == expected_classes, form
+        assert all(len(r["top"]) == 2 and r["top"][0]["score"] >= r["top"][1]["score"] for r in result)
+
+
+def test_predict_converts_channels_and_names_bad_files(tmp_path):
+    model_file = tmp_path / "gray.keras"
+    tiny_classifier(channels=1, num_classes=2).save(model_file)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.zeros((40, 40, 4), np.uint8)).save(tmp_path / "rgba.png")
+    result = predict_files(model_file, [tmp_path / "rgb.png", tmp_path / "rgba.png"], top_k=5)
+    assert [len(r["top"]) for r in result] == [2, 2]
+    assert result[0]["top"][0]["class"] == str(result[0]["top"][0]["index"])  # no class names: index
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="corrupt.png"):
+        predict_files(model_file, tmp_path / "corrupt.png")
+    with pytest.raises(ValueError, match="missing.png does not exist"):
+        predict_files(model_file, tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="does not exist"):
+        predict_files(tmp_path / "missing.onnx", tmp_path / "rgb.png")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_export_and_predict(run_dir, tmp_path, capsys):
+    output = tmp_path / "cli"
+    assert main(["export", str(run_dir), "--format", "tflite", "--output", str(output), "--parity-samples", "6"]) == 0
+    assert "parity tflite fp32" in capsys.readouterr().out
+    tflite_file = output / "output_fp32.tflite"
+    assert tflite_file.is_file() and (output / "output_fp32.tflite.json").is_file()
+    val_folder = run_dir.parent / "data" / "val"
+    assert main(["predict", str(tflite_file), str(val_folder / "red"), "--top-k", "1", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["top"][0]["class"] for r in results] == ["red"] * VAL_PER_CLASS
+    assert main(["predict", str(run_dir), str(val_folder / "blue" / "0.png")]) == 0
+    assert "blue" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_int8_calibrates_on_the_run_recipe(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--format", "tflite", "--quantize", "int8", "--output", str(tmp_path)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("parity tflite int8:") and "validation images of" in line and line.endswith(": ok]")
+    metadata = json.loads((tmp_path / "output_int8.tflite.json").read_text())
+    assert metadata["int8"]["calibration"] == f"training images of {run_dir / 'recipe.yaml'}"
+
+
+def test_cli_errors_return_2(run_dir, tmp_path, capsys, monkeypatch):
+    assert main(["export", str(tmp_path / "missing"), "--format", "onnx"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--format", "onnx", "--quantize", "int8", "--output", str(tmp_path)]) == 2
+    assert main(["predict", str(run_dir), str(tmp_path / "missing.png")]) == 2
+    assert "missing.png does not exist" in capsys.readouterr().err
+    monkeypatch.setattr(export_module, "FLOAT_RELATIVE_TOLERANCE", -1.0)
+    assert main(["export", str(run_dir), "--format", "onnx", "--output", str(tmp_path), "--parity-samples", "4"]) == 2
+    assert "fails its parity check" in capsys.readouterr().err
