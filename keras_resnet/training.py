@@ -24,6 +24,7 @@ finished epoch. `train.strategy: multi_worker` uses a custom training loop
 3.15, keras-team/keras#20585) with `tf.train.CheckpointManager` resume.
 """
 
+import inspect
 import json
 import os
 import shutil
@@ -58,6 +59,14 @@ def make_strategy(name):
       when there is no GPU.
     - "multi_worker": MultiWorkerMirroredStrategy configured by TF_CONFIG.
     """
+    # Collective ops must be configured before anything initialises TF.
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ConfigError(
+                "train.strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task); "
+                "see README 'Several machines'."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -66,13 +75,6 @@ def make_strategy(name):
     if name == "mirrored":
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi_worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise ConfigError(
-                "train.strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task); "
-                "see README 'Several machines'."
-            )
-        return tf.distribute.MultiWorkerMirroredStrategy()
     raise ConfigError(f"train.strategy={name!r}; allowed: auto, one_device, mirrored, multi_worker")
 
 
@@ -295,7 +297,7 @@ def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per
         best,
         keras.callbacks.ModelCheckpoint(paths["last"], verbose=0),
         _PlotCurves(paths["history"], paths["curves"], cfg["model"]["backbone"]),
-        keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=True),
+        _backup_and_restore(backup_dir),
     ]
     model.fit(
         train_ds,
@@ -306,6 +308,14 @@ def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per
         callbacks=callbacks,
         verbose=1 if os.environ.get("CI") is None else 2,
     )
+
+
+def _backup_and_restore(backup_dir):
+    """BackupAndRestore keeping the previous checkpoint too where Keras can."""
+    kwargs = {"delete_checkpoint": True}
+    if "double_checkpoint" in inspect.signature(keras.callbacks.BackupAndRestore).parameters:
+        kwargs["double_checkpoint"] = True  # survives a kill during the write
+    return keras.callbacks.BackupAndRestore(backup_dir, **kwargs)
 
 
 def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths):
@@ -519,9 +529,9 @@ def train_from_config(config, overrides=()):
     """
     cfg = load_config(config, overrides)
     train_cfg = cfg["train"]
+    strategy = make_strategy(train_cfg["strategy"])
     keras.utils.set_random_seed(train_cfg["seed"])
     keras.mixed_precision.set_global_policy(resolve_precision(train_cfg["mixed_precision"]))
-    strategy = make_strategy(train_cfg["strategy"])
     multi_worker = train_cfg["strategy"] == "multi_worker"
     _, _, is_chief = _task_info() if multi_worker else (None, 0, True)
     output_dir = cfg["output_dir"] if is_chief else tempfile.mkdtemp(prefix="keras_resnet_worker_out_")
