@@ -114,8 +114,9 @@ def _cmd_predict(args):
         print(json.dumps(results, indent=2))
         return
     table = Table(title=f"predictions of {args.model}")
-    for column in ("image", "rank", "class", "index", "score"):
-        table.add_column(column, justify="right" if column in ("rank", "index", "score") else "left")
+    table.add_column("image", overflow="fold")
+    for column in ("rank", "class", "index", "score"):
+        table.add_column(column, justify="left" if column == "class" else "right")
     for result in results:
         for rank, entry in enumerate(result["top"], start=1):
             image = result["image"] if rank == 1 else ""

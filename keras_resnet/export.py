@@ -32,6 +32,10 @@ How each format is produced (Keras 3.15 / TF 2.21 / tf2onnx 1.17):
   `_XlaMustCompile`/`_noinline` marks so grappler inlines the plain
   `Conv2D`, then convert. Run with onnxruntime.
 
+Mixed-precision models (`mixed_bfloat16` / `mixed_float16` layers) are
+rebuilt in float32 with the same weights before export (`as_float32`), and
+parity is measured against that float32 model.
+
 Parity: float exports (SavedModel, ONNX, TFLite fp32) must match Keras to
 a relative max difference (max |diff| / max |Keras output|) of 1e-4;
 float16 and dynamic-range TFLite are reported only; int8 must agree with
@@ -167,6 +171,53 @@ def load_model_source(model_or_dir) -> ModelSource:
     )
 
 
+def _walk_layers(model: keras.Model):
+    """All layers of a model, nested models included, depth first."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _walk_layers(layer)
+
+
+def _float32_policies(config):
+    """A copy of a serialized model config with every dtype policy set to float32."""
+    if isinstance(config, dict):
+        if str(config.get("class_name", "")).endswith("DTypePolicy"):
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {key: _float32_policies(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(value) for value in config]
+    return config
+
+
+def as_float32(model: keras.Model) -> keras.Model:
+    """The model computing in float32, rebuilt with the same weights if needed.
+
+    Mixed-precision training saves layers with `mixed_bfloat16` /
+    `mixed_float16` policies; TFLite builtins and tf2onnx need one float32
+    graph (a bfloat16 layer next to float32 ones gives an invalid ONNX
+    model). Variables are float32 under mixed precision, so the weights
+    carry over exactly.
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        `model` itself when every layer computes in float32, else a float32 copy.
+    """
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in _walk_layers(model)):
+        return model
+    config = _float32_policies(keras.saving.serialize_keras_object(model))
+    global_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        rebuilt = keras.saving.deserialize_keras_object(config)
+    finally:
+        keras.mixed_precision.set_global_policy(global_policy)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
 def model_at_size(model: keras.Model, input_size) -> keras.Model:
     """The model with a fixed input size, rebuilt when the size changes.
 
@@ -206,14 +257,6 @@ def model_at_size(model: keras.Model, input_size) -> keras.Model:
     resized = ResNetClassifier.from_config(config)
     resized.set_weights(model.get_weights())
     return resized
-
-
-def _walk_layers(model: keras.Model):
-    """All layers of a model, nested models included, depth first."""
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _walk_layers(layer)
 
 
 def find_preprocessing(model: keras.Model) -> dict | None:
@@ -294,7 +337,7 @@ def _load_keras(path) -> ExportedModel:
         if not metadata.get("input_shape"):
             raise ValueError(f"model {source.path} has a dynamic input size and no run.json gives its size")
         height, width = metadata["input_shape"][:2]
-    model = model_at_size(source.model, (height, width))
+    model = model_at_size(as_float32(source.model), (height, width))
 
     def run_batch(batch):
         return keras.ops.convert_to_numpy(model(batch, training=False))
@@ -599,7 +642,8 @@ def _convert_onnx(model: keras.Model, path: Path, batch_size: int | None) -> Non
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    concrete = tf.function(_probabilities_fn(model)).get_concrete_function(_float_signature(model, batch_size))
+    function = tf.function(_probabilities_fn(model), autograph=False)
+    concrete = function.get_concrete_function(_float_signature(model, batch_size))
     frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
     _allow_inlining(graph_def)
@@ -781,7 +825,8 @@ def export_model(
 
     with _step("loading the Keras model"):
         source = load_model_source(model_or_dir)
-        model = model_at_size(source.model, input_size)
+        policies = {layer.dtype_policy.name for layer in _walk_layers(source.model)}
+        model = model_at_size(as_float32(source.model), input_size)
     input_shape = tuple(model.input_shape[1:])
     name = name or source.name
     output_dir = Path(output) if output is not None else Path("saved_models") / name
@@ -830,6 +875,7 @@ def export_model(
         "model_name": model.name,
         "preset": source.run_info.get("preset"),
         "task": source.run_info.get("task", "classification"),
+        "source_dtype_policies": sorted(policies),
         "input_shape": list(input_shape),
         "batch_size": fixed_batch if fixed_batch is not None else "dynamic",
         "input": {"name": INPUT_NAME, "dtype": "float32", "format": INPUT_FORMAT},

@@ -13,7 +13,8 @@ What is asserted:
 * int8 TFLite on the trained model: top-1 agreement >= 0.99 on the
   validation images (with 24 images: every one agrees), calibrated on the
   recipe's training images;
-* every backbone family converts to all three formats with a dynamic batch;
+* every backbone family (random BN statistics, logits output) converts to
+  all three formats with a dynamic batch, within 1e-4 relative;
 * `predict_files` gives the same top class for `.keras`, run dir,
   SavedModel, TFLite and ONNX.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
+from conftest import randomize_batch_norm
 from PIL import Image
 
 from keras_resnet import ImageNormalization, ResNetClassifier
@@ -245,6 +247,19 @@ def test_parity_failure_raises_after_writing_metadata(run_dir, tmp_path, monkeyp
     assert metadata["parity"]["passed"] is False
 
 
+def test_mixed_precision_model_exports_in_float32(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = tiny_classifier()
+    keras.mixed_precision.set_global_policy("float32")
+    model_file = tmp_path / "mixed.keras"
+    model.save(model_file)
+    for fmt in ("onnx", "tflite"):
+        result = export_model(model_file, format=fmt, output=tmp_path, parity_samples=4)
+        assert_float_parity(result)
+        metadata = json.loads(Path(result["metadata_path"]).read_text())
+        assert "mixed_bfloat16" in metadata["source_dtype_policies"]
+
+
 # --------------------------------------------------------------------------- quantized TFLite
 
 
@@ -258,8 +273,9 @@ def test_quantized_tflite(run_dir, tmp_path):
         assert result["parity"]["top1_agreement"] == 1.0
         assert result["parity"]["criterion"] == "reported only"
     # int8: calibrated on the recipe's training images, checked on its validation images.
+    recipe = run_dir / "recipe.yaml"
     result = export_model(
-        run_dir, format="tflite", quantize="int8", calibration=run_dir / "recipe.yaml", output=tmp_path, batch_size="dynamic"
+        run_dir, format="tflite", quantize="int8", calibration=recipe, output=tmp_path, batch_size="dynamic"
     )
     parity = result["parity"]
     assert parity["samples"] == len(CLASS_COLOURS) * VAL_PER_CLASS
@@ -297,6 +313,7 @@ def test_backbone_family_exports(family, tmp_path):
     # Logits, not softmax: a random network's softmax often saturates to one-hot,
     # which would make the parity check trivially exact.
     model = tiny_classifier(preset=preset, num_classes=4, activation=None, **IMAGENET_SMALL, **overrides)
+    randomize_batch_norm(model)  # converters fold BN: non-trivial statistics test the folding
     model_file = tmp_path / f"{family}.keras"
     model.save(model_file)
     for fmt in ("saved_model", "onnx", "tflite"):
