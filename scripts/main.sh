@@ -10,7 +10,7 @@ RECIPE=tasks/classification/fashion_mnist_resnet20.yaml
 .venv/bin/keras-resnet evaluate "$RECIPE" "$@"
 RUN_DIR=$(.venv/bin/python -c "import sys; from keras_resnet.config import load_config; print(load_config(sys.argv[1], sys.argv[2:])['output_dir'])" "$RECIPE" $(printf '%s\n' "$@" | grep '=' || true))
 if .venv/bin/keras-resnet export --help >/dev/null 2>&1; then
-  .venv/bin/keras-resnet export "$RUN_DIR" --format tflite --quantize int8 --calibration "$RECIPE"
+  .venv/bin/keras-resnet export "$RUN_DIR" --format tflite --quantize int8 --calibration "$RECIPE" --parity-samples 1000
   .venv/bin/keras-resnet export "$RUN_DIR" --format onnx
   .venv/bin/keras-resnet export "$RUN_DIR" --format saved_model
 fi
