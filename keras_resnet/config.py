@@ -17,8 +17,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-TASKS = ("classification",)
-DATA_SOURCES = ("fashion_mnist", "image_folder")
+TASKS = ("classification", "segmentation")
+CLASSIFICATION_SOURCES = ("fashion_mnist", "image_folder")
+SEGMENTATION_SOURCES = ("mask_folder", "voc", "mosaic")
+DATA_SOURCES = CLASSIFICATION_SOURCES + SEGMENTATION_SOURCES
+SOURCES_BY_TASK = {"classification": CLASSIFICATION_SOURCES, "segmentation": SEGMENTATION_SOURCES}
+SEGMENTATION_HEADS = ("deeplabv3plus", "fpn")
+SEGMENTATION_LOSSES = ("ce", "dice", "ce+dice")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
@@ -62,6 +67,16 @@ def _in_range(low: float, high: float, high_inclusive: bool) -> Callable[[Any], 
     return check
 
 
+def _check_scale_range(value: list) -> str | None:
+    ok = len(value) == 2 and all(_TYPE_CHECKS["float"](v) and v > 0 for v in value) and value[0] <= value[1]
+    return None if ok else "must be [low, high] with 0 < low <= high"
+
+
+def _check_class_weights(value: list) -> str | None:
+    ok = bool(value) and all(_TYPE_CHECKS["float"](v) and v >= 0 for v in value)
+    return None if ok else "must be a non-empty list of numbers >= 0 (one per class)"
+
+
 def _check_input_shape(value: list) -> str | None:
     if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
         return "must be a list of 3 positive ints [height, width, channels]"
@@ -80,6 +95,7 @@ SCHEMA: dict[str, Any] = {
         "freeze_stages": Field(("int",), -1, check=_at_least(-1)),
         "dropout": Field(("float",), 0.0, check=_in_range(0, 1, high_inclusive=False)),
         "backbone_args": Field(("dict",), {}),
+        "head": Field(("str",), "deeplabv3plus", allowed=SEGMENTATION_HEADS),
     },
     "data": {
         "source": Field(("str",), "fashion_mnist", allowed=DATA_SOURCES),
@@ -95,7 +111,10 @@ SCHEMA: dict[str, Any] = {
             "random_crop_padding": Field(("int",), 4, check=_at_least(0)),
             "horizontal_flip": Field(("bool",), True),
             "random_erasing": Field(("float",), 0.0, check=_in_range(0, 1, high_inclusive=True)),
+            "scale_range": Field(("list",), [0.75, 1.25], check=_check_scale_range),
         },
+        "mosaic_train_size": Field(("int",), 4000, check=_at_least(1)),
+        "mosaic_val_size": Field(("int",), 500, check=_at_least(1)),
     },
     "train": {
         "epochs": Field(("int",), 30, check=_at_least(1)),
@@ -116,6 +135,8 @@ SCHEMA: dict[str, Any] = {
             ("float",), None, check=lambda v: None if v > 0 else "must be > 0"
         ),
         "steps_per_epoch": Field(("int",), None, check=_at_least(1)),
+        "loss": Field(("str",), "ce", allowed=SEGMENTATION_LOSSES),
+        "class_weights": Field(("list",), None, check=_check_class_weights),
     },
     "output_dir": Field(("str",), "runs/fashion_mnist_resnet20"),
 }
@@ -170,7 +191,29 @@ def load_config(path_or_dict: str | os.PathLike | Mapping | None = None, overrid
     for override in overrides:
         _apply_override(config, override)
     _validate(config, SCHEMA, source, prefix="")
+    _check_task_fits(config, source)
     return config
+
+
+def _check_task_fits(config: dict, source: str) -> None:
+    """The data source must serve the task; per-class lists must match model.num_classes."""
+    task, data_source = config["task"], config["data"]["source"]
+    fitting = SOURCES_BY_TASK[task]
+    if data_source not in fitting:
+        raise ConfigError(
+            f"data.source={data_source!r} in {source} is a {_task_of_source(data_source)} source but task is "
+            f"{task!r}; use one of {', '.join(map(repr, fitting))} (or set task accordingly)"
+        )
+    weights = config["train"]["class_weights"]
+    if weights is not None and len(weights) != config["model"]["num_classes"]:
+        raise ConfigError(
+            f"'train.class_weights' in {source} has {len(weights)} entries but model.num_classes is "
+            f"{config['model']['num_classes']}; give one weight per class or null"
+        )
+
+
+def _task_of_source(data_source: str) -> str:
+    return next(task for task, sources in SOURCES_BY_TASK.items() if data_source in sources)
 
 
 def dump_config(cfg: Mapping, path: str | os.PathLike) -> None:

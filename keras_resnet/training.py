@@ -542,6 +542,10 @@ def train_from_config(config, overrides=()):
         The validation metrics of the best model (also in metrics.json).
     """
     cfg = load_config(config, overrides)
+    if cfg["task"] == "segmentation":
+        from keras_resnet.segmentation_training import train_segmentation
+
+        return train_segmentation(cfg)
     train_cfg = cfg["train"]
     strategy = make_strategy(train_cfg["strategy"])
     keras.utils.set_random_seed(train_cfg["seed"])
@@ -607,6 +611,10 @@ def train_from_config(config, overrides=()):
 def evaluate_from_config(config, overrides=()):
     """Evaluates the best model of a recipe's output_dir on its validation set."""
     cfg = load_config(config, overrides)
+    if cfg["task"] == "segmentation":
+        from keras_resnet.segmentation_training import evaluate_segmentation
+
+        return evaluate_segmentation(cfg)
     model_path = os.path.join(cfg["output_dir"], "best_model.keras")
     if not os.path.exists(model_path):
         raise ConfigError(

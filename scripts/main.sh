@@ -9,9 +9,9 @@ RECIPE=tasks/classification/fashion_mnist_resnet20.yaml
 .venv/bin/keras-resnet train "$RECIPE" "$@"
 .venv/bin/keras-resnet evaluate "$RECIPE" "$@"
 RUN_DIR=$(.venv/bin/python -c "import sys; from keras_resnet.config import load_config; print(load_config(sys.argv[1], sys.argv[2:])['output_dir'])" "$RECIPE" $(printf '%s\n' "$@" | grep '=' || true))
-if .venv/bin/keras-resnet export --help >/dev/null 2>&1; then
-  .venv/bin/keras-resnet export "$RUN_DIR" --format tflite --quantize int8 --calibration "$RECIPE" --parity-samples 1000
-  .venv/bin/keras-resnet export "$RUN_DIR" --format onnx
-  .venv/bin/keras-resnet export "$RUN_DIR" --format saved_model
-fi
+# Each export checks itself against the Keras model and fails on a parity miss.
+.venv/bin/keras-resnet export "$RUN_DIR" --format saved_model
+.venv/bin/keras-resnet export "$RUN_DIR" --format onnx
+.venv/bin/keras-resnet export "$RUN_DIR" --format tflite
+.venv/bin/keras-resnet export "$RUN_DIR" --format tflite --quantize int8 --calibration "$RECIPE" --parity-samples 1000
 echo "metrics: $(cat "$RUN_DIR/metrics.json" | .venv/bin/python -c 'import json,sys; m=json.load(sys.stdin); print(f"top1={m[\"top1\"]:.4f} top5={m[\"top5\"]:.4f}")')"
