@@ -96,6 +96,7 @@ SCHEMA: dict[str, Any] = {
         "dropout": Field(("float",), 0.0, check=_in_range(0, 1, high_inclusive=False)),
         "backbone_args": Field(("dict",), {}),
         "head": Field(("str",), "deeplabv3plus", allowed=SEGMENTATION_HEADS),
+        "head_args": Field(("dict",), {}),
     },
     "data": {
         "source": Field(("str",), "fashion_mnist", allowed=DATA_SOURCES),
