@@ -101,6 +101,18 @@ def _cmd_export(args):
     )
 
 
+def _is_segmentation_run(model_path):
+    """True for a segmentation run dir, or a .keras file inside one."""
+    import json
+
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    run_json = os.path.join(folder, "run.json")
+    if not os.path.isfile(run_json):
+        return False
+    with open(run_json) as f:
+        return json.load(f).get("task") == "segmentation"
+
+
 def _cmd_predict(args):
     import json
 
@@ -109,6 +121,19 @@ def _cmd_predict(args):
 
     from keras_resnet.predict import predict_files
 
+    if _is_segmentation_run(args.model):
+        from keras_resnet.segmentation_predict import predict_masks
+
+        output_dir = args.output or os.path.join(
+            args.model if os.path.isdir(args.model) else os.path.dirname(args.model) or ".", "predictions"
+        )
+        results = predict_masks(args.model, args.images, output_dir)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            for result in results:
+                print(f"{result['image']}: mask {result['mask']}, overlay {result['overlay']}")
+        return
     results = predict_files(args.model, args.images, top_k=args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -172,11 +197,13 @@ def build_parser():
     )
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("predict", help="top-k classes of images with a model or export")
+    p = sub.add_parser("predict", help="top-k classes (classifiers) or mask overlays (segmenters) of images")
     p.add_argument("model", help="a .keras file, run dir, SavedModel dir, .tflite or .onnx")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help="segmentation: folder for mask/overlay PNGs (default RUN_DIR/predictions)")
     p.set_defaults(func=_cmd_predict)
     return parser
 

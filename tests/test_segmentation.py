@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -342,3 +343,8 @@ def test_cli_train_evaluate_and_predict_masks(tiny_fashion_mnist, tmp_path, caps
         assert mask.size == (61, 45) and mask.mode == "P" and np.asarray(mask).max() < 11
     with Image.open(results[0]["overlay"]) as overlay:
         assert overlay.size == (18, 20) and overlay.mode == "RGB"
+    # the CLI's predict dispatches segmentation runs to the overlay writer
+    capsys.readouterr()
+    assert main(["predict", str(run), str(photos / "wide.png"), "--output", str(tmp_path / "cli_out"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert Path(printed[0]["overlay"]).exists() and Path(printed[0]["overlay"]).parent == tmp_path / "cli_out"
