@@ -1,5 +1,6 @@
 """`ResNetBackbone`: one configurable functional model for the ResNet family."""
 
+import contextlib
 import difflib
 import sys
 
@@ -347,11 +348,16 @@ class ResNetBackbone(keras.Model):
             "bn_momentum": self.bn_momentum,
             "input_shape": list(self.image_shape),
             "frozen_stages": self.frozen_stages,
+            "dtype": self.get_layer("conv1_conv").dtype_policy.name,
         }
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        config = dict(config)
+        # Layers take the global dtype policy when built: rebuild under the
+        # policy the model was saved with (e.g. mixed_bfloat16).
+        with dtype_policy_scope(config.pop("dtype", None)):
+            return cls(**config)
 
     @classmethod
     def from_preset(cls, preset, **overrides):
@@ -368,6 +374,18 @@ class ResNetBackbone(keras.Model):
         config.update(overrides)
         config.setdefault("name", preset)
         return cls(**config)
+
+
+@contextlib.contextmanager
+def dtype_policy_scope(policy):
+    """Temporarily sets Keras' global dtype policy (None leaves it alone)."""
+    previous = keras.mixed_precision.global_policy()
+    if policy is not None:
+        keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def unknown_preset_message(name, names):

@@ -204,3 +204,17 @@ def test_classifier_activation_none_gives_logits():
     model = ResNetClassifier.from_preset("resnet20_cifar", num_classes=4, input_shape=(16, 16, 1), activation=None)
     out = np.asarray(model(np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 1)).astype("float32")))
     assert out.shape == (3, 4) and not np.allclose(out.sum(axis=1), 1.0)
+
+
+def test_mixed_precision_model_reloads_with_its_policy(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = ResNetClassifier.from_preset("resnet20_cifar", num_classes=3, input_shape=(16, 16, 1),
+                                         stackwise_num_blocks=[1, 1, 1])
+    keras.mixed_precision.set_global_policy("float32")
+    model.save(tmp_path / "bf16.keras")
+    restored = keras.saving.load_model(tmp_path / "bf16.keras")
+    assert restored.backbone.get_layer("conv2_block1_1_conv").dtype_policy.name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 1)).astype("float32")
+    # bfloat16 kernels on oneDNN are not bitwise deterministic run to run
+    np.testing.assert_allclose(model(x), restored(x), rtol=2e-2, atol=2e-3)
