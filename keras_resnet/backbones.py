@@ -348,7 +348,7 @@ class ResNetBackbone(keras.Model):
             "bn_momentum": self.bn_momentum,
             "input_shape": list(self.image_shape),
             "frozen_stages": self.frozen_stages,
-            "dtype": self.get_layer("conv1_conv").dtype_policy.name,
+            "dtype": keras.dtype_policies.serialize(self.get_layer("conv1_conv").dtype_policy),
         }
 
     @classmethod
@@ -381,7 +381,7 @@ def dtype_policy_scope(policy):
     """Temporarily sets Keras' global dtype policy (None leaves it alone)."""
     previous = keras.mixed_precision.global_policy()
     if policy is not None:
-        keras.mixed_precision.set_global_policy(policy)
+        keras.mixed_precision.set_global_policy(keras.dtype_policies.get(policy))
     try:
         yield
     finally:
