@@ -24,7 +24,6 @@ Shortcuts (the paper's options, plus ResNet-D):
   1x1 conv (Bag of Tricks, ResNet-D).
 """
 
-import keras
 from keras import layers
 
 from keras_resnet.layers import DropPath, ZeroPadChannels

@@ -29,15 +29,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.backbones import ResNetBackbone
 from keras_resnet.config import ConfigError, dump_config
 from keras_resnet.data.classification import DataError
 from keras_resnet.data.segmentation import IGNORE_INDEX, build_segmentation_datasets
-from keras_resnet.layers import ImageNormalization
 from keras_resnet.losses import make_segmentation_loss
 from keras_resnet.metrics import PixelAccuracy, SegmentationMeanIoU, confusion_to_iou
 from keras_resnet.plots import plt, read_history_csv
-from keras_resnet.presets import get_preset_config
 from keras_resnet.segmentation_predict import overlay_mask
 from keras_resnet.segmenter import ResNetSegmenter
 from keras_resnet.training import (
@@ -45,6 +42,7 @@ from keras_resnet.training import (
     _LogLearningRate,
     _run_paths,
     _write_json,
+    build_backbone_from_config,
     load_pretrained_weights,
     make_optimizer,
     make_strategy,
@@ -84,14 +82,7 @@ def build_segmenter(cfg, info):
     """
     model_cfg = cfg["model"]
     preset = model_cfg["backbone"]
-    get_preset_config(preset)  # unknown preset -> ValueError listing the valid ones
-    try:
-        backbone = ResNetBackbone.from_preset(
-            preset, input_shape=tuple(model_cfg["input_shape"]), **model_cfg["backbone_args"]
-        )
-    except TypeError as error:
-        raise ConfigError(f"model.backbone_args: {error}") from None
-    preprocessing = ImageNormalization(mean=info["mean"], std=info["std"], name="normalization")
+    backbone, preprocessing = build_backbone_from_config(cfg, info)
     try:
         model = ResNetSegmenter(
             backbone,

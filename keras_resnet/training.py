@@ -122,6 +122,25 @@ def _task_info():
 # ----------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------
+def build_backbone_from_config(cfg, info):
+    """The recipe's backbone and the layer normalising raw pixels 0..255.
+
+    Returns:
+        `(backbone, preprocessing)`; normalisation uses the training set's
+        per-channel mean/std from `info`.
+    """
+    model_cfg = cfg["model"]
+    get_preset_config(model_cfg["backbone"])  # unknown preset -> ValueError listing the valid ones
+    try:
+        backbone = ResNetBackbone.from_preset(
+            model_cfg["backbone"], input_shape=tuple(model_cfg["input_shape"]), **model_cfg["backbone_args"]
+        )
+    except TypeError as error:
+        raise ConfigError(f"model.backbone_args: {error}") from None
+    preprocessing = ImageNormalization(mean=info["mean"], std=info["std"], name="normalization")
+    return backbone, preprocessing
+
+
 def build_classifier(cfg, info):
     """The recipe's `ResNetClassifier`, taking raw pixels 0..255.
 
@@ -130,14 +149,7 @@ def build_classifier(cfg, info):
     """
     model_cfg = cfg["model"]
     preset = model_cfg["backbone"]
-    get_preset_config(preset)  # unknown preset -> ValueError listing the valid ones
-    try:
-        backbone = ResNetBackbone.from_preset(
-            preset, input_shape=tuple(model_cfg["input_shape"]), **model_cfg["backbone_args"]
-        )
-    except TypeError as error:
-        raise ConfigError(f"model.backbone_args: {error}") from None
-    preprocessing = ImageNormalization(mean=info["mean"], std=info["std"], name="normalization")
+    backbone, preprocessing = build_backbone_from_config(cfg, info)
     model = ResNetClassifier(
         backbone,
         model_cfg["num_classes"],
