@@ -31,23 +31,37 @@ def read_history_csv(path):
     return history
 
 
-def plot_history(history, path, title="training"):
-    """Loss, accuracy and learning-rate curves per epoch, train vs validation."""
+CLASSIFICATION_PANELS = (("loss", "loss"), ("top1", "top-1 accuracy"), ("learning_rate", "learning rate"))
+SEGMENTATION_PANELS = (
+    ("loss", "loss"), ("miou", "mean IoU"), ("pixel_accuracy", "pixel accuracy"), ("learning_rate", "learning rate"),
+)
+
+
+def plot_history(history, path, title="training", panels=CLASSIFICATION_PANELS, best_key="top1"):
+    """Per-epoch curves, train vs validation, one panel per history key.
+
+    Args:
+        history: `{column: [values]}` as read by `read_history_csv`.
+        path: PNG to write.
+        title: figure title.
+        panels: `(history key, panel title)` pairs; keys absent from the
+            history are skipped.
+        best_key: annotate the best `val_<best_key>` epoch, or None.
+    """
     epochs = [int(e) + 1 for e in history.get("epoch", [])]
-    if not epochs:
-        return None
-    panels = [("loss", "loss"), ("top1", "top-1 accuracy"), ("learning_rate", "learning rate")]
     panels = [(k, t) for k, t in panels if k in history]
+    if not epochs or not panels:
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         ax.plot(epochs, history[key], marker="o", label=f"train {key}")
         if f"val_{key}" in history:
             ax.plot(epochs, history[f"val_{key}"], marker="o", label=f"val {key}")
-            if key == "top1":
-                best = int(np.argmax(history["val_top1"]))
+            if key == best_key:
+                best = int(np.argmax(history[f"val_{key}"]))
                 ax.annotate(
-                    f"best {history['val_top1'][best]:.4f}",
-                    (epochs[best], history["val_top1"][best]),
+                    f"best {history[f'val_{key}'][best]:.4f}",
+                    (epochs[best], history[f"val_{key}"][best]),
                     textcoords="offset points", xytext=(-40, -20),
                 )
         ax.set_xlabel("epoch")

@@ -34,10 +34,12 @@ from keras_resnet.data.classification import DataError
 from keras_resnet.data.segmentation import IGNORE_INDEX, build_segmentation_datasets
 from keras_resnet.losses import make_segmentation_loss
 from keras_resnet.metrics import PixelAccuracy, SegmentationMeanIoU, confusion_to_iou
-from keras_resnet.plots import plt, read_history_csv
+from keras_resnet.plots import SEGMENTATION_PANELS, plt, read_history_csv
 from keras_resnet.segmentation_predict import overlay_mask
 from keras_resnet.segmenter import ResNetSegmenter
 from keras_resnet.training import (
+    _check_classes,
+    _PlotCurves,
     _backup_and_restore,
     _LogLearningRate,
     _run_paths,
@@ -48,6 +50,7 @@ from keras_resnet.training import (
     make_strategy,
     prepare_output_dir,
     resolve_precision,
+    trained_model_path,
 )
 
 NUM_PREDICTION_EXAMPLES = 4
@@ -104,29 +107,6 @@ def build_segmenter(cfg, info):
 # ----------------------------------------------------------------------------
 # Plots and reports
 # ----------------------------------------------------------------------------
-def plot_segmentation_history(history, path, title="training"):
-    """Loss, mIoU, pixel accuracy and learning rate per epoch, train vs validation."""
-    epochs = [int(e) + 1 for e in history.get("epoch", [])]
-    panels = [(k, t) for k, t in (("loss", "loss"), ("miou", "mean IoU"), ("pixel_accuracy", "pixel accuracy"),
-                                  ("learning_rate", "learning rate")) if k in history]
-    if not epochs or not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        ax.plot(epochs, history[key], marker="o", label=f"train {key}")
-        if f"val_{key}" in history:
-            ax.plot(epochs, history[f"val_{key}"], marker="o", label=f"val {key}")
-        ax.set_xlabel("epoch")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def plot_predictions(images, masks, predictions, num_classes, path):
     """Rows of image | truth overlay | prediction overlay (ignored pixels white)."""
     rows = len(images)
@@ -161,16 +141,6 @@ def print_iou_table(per_class_iou, mean_iou, pixel_accuracy, title):
     table.add_row("mean IoU", f"{mean_iou:.4f}")
     table.add_row("pixel accuracy", f"{pixel_accuracy:.4f}")
     Console().print(table)
-
-
-class _PlotSegmentationCurves(keras.callbacks.Callback):
-    def __init__(self, history_path, plot_path, title):
-        super().__init__()
-        self.history_path, self.plot_path, self.title = history_path, plot_path, title
-
-    def on_epoch_end(self, epoch, logs=None):
-        if os.path.exists(self.history_path):
-            plot_segmentation_history(read_history_csv(self.history_path), self.plot_path, self.title)
 
 
 # ----------------------------------------------------------------------------
@@ -218,15 +188,6 @@ def evaluate_segmenter(model, val_ds, class_names, output_dir, title="validation
     plot_predictions(*shown, num_classes, os.path.join(output_dir, "val_predictions.png"))
     print_iou_table(metrics["per_class_iou"], mean_iou, metrics["pixel_accuracy"], f"per-class IoU ({title})")
     return metrics
-
-
-def _check_classes(cfg, info):
-    expected, found = cfg["model"]["num_classes"], len(info["class_names"])
-    if found != expected:
-        raise ConfigError(
-            f"model.num_classes={expected} but data.source={cfg['data']['source']!r} has {found} classes; "
-            f"set model.num_classes={found}."
-        )
 
 
 # ----------------------------------------------------------------------------
@@ -300,7 +261,8 @@ def train_segmentation(cfg):
         keras.callbacks.TensorBoard(paths["logs"]),
         best,
         keras.callbacks.ModelCheckpoint(paths["last"]),
-        _PlotSegmentationCurves(paths["history"], paths["curves"], f"{cfg['model']['backbone']} {cfg['model']['head']}"),
+        _PlotCurves(paths["history"], paths["curves"], f"{cfg['model']['backbone']} {cfg['model']['head']}",
+                    panels=SEGMENTATION_PANELS, best_key=None),
         _backup_and_restore(os.path.join(paths["backup_root"], "main")),
     ]
     start = time.time()
@@ -339,12 +301,7 @@ def evaluate_segmentation(cfg):
     Rewrites metrics.json (mIoU, pixel accuracy, per-class IoU),
     confusion_matrix.csv and val_predictions.png, and returns the metrics.
     """
-    model_path = os.path.join(cfg["output_dir"], "best_model.keras")
-    if not os.path.exists(model_path):
-        raise ConfigError(
-            f"no trained model at {model_path}; run `keras-resnet train` with this recipe first "
-            "(or --set output_dir=... to point at a run)."
-        )
+    model_path = trained_model_path(cfg)
     _, val_ds, info = build_segmentation_datasets(cfg, seed=cfg["train"]["seed"])
     _check_classes(cfg, info)
     model = keras.saving.load_model(model_path, compile=False)

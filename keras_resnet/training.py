@@ -41,7 +41,7 @@ from keras_resnet.config import ConfigError, dump_config, load_config
 from keras_resnet.convert import from_keras_applications
 from keras_resnet.data import DataError, build_classification_datasets
 from keras_resnet.layers import ImageNormalization
-from keras_resnet.plots import plot_confusion_matrix, plot_history, read_history_csv
+from keras_resnet.plots import CLASSIFICATION_PANELS, plot_confusion_matrix, plot_history, read_history_csv
 from keras_resnet.presets import get_preset_config
 from keras_resnet.schedules import WarmupSchedule
 
@@ -281,13 +281,14 @@ class _LogLearningRate(keras.callbacks.Callback):
 class _PlotCurves(keras.callbacks.Callback):
     """Redraws training_curves.png from history.csv after each epoch."""
 
-    def __init__(self, history_path, plot_path, title):
+    def __init__(self, history_path, plot_path, title, panels=CLASSIFICATION_PANELS, best_key="top1"):
         super().__init__()
         self.history_path, self.plot_path, self.title = history_path, plot_path, title
+        self.panels, self.best_key = panels, best_key
 
     def on_epoch_end(self, epoch, logs=None):
         if os.path.exists(self.history_path):
-            plot_history(read_history_csv(self.history_path), self.plot_path, self.title)
+            plot_history(read_history_csv(self.history_path), self.plot_path, self.title, self.panels, self.best_key)
 
 
 def _previous_best(history_path):
@@ -620,6 +621,17 @@ def train_from_config(config, overrides=()):
     return metrics
 
 
+def trained_model_path(cfg):
+    """The best model of a recipe's output_dir; a ConfigError when there is none."""
+    model_path = os.path.join(cfg["output_dir"], "best_model.keras")
+    if not os.path.exists(model_path):
+        raise ConfigError(
+            f"no trained model at {model_path}; run `keras-resnet train` with this recipe first "
+            "(or --set output_dir=... to point at a run)."
+        )
+    return model_path
+
+
 def evaluate_from_config(config, overrides=()):
     """Evaluates the best model of a recipe's output_dir on its validation set."""
     cfg = load_config(config, overrides)
@@ -627,12 +639,7 @@ def evaluate_from_config(config, overrides=()):
         from keras_resnet.segmentation_training import evaluate_segmentation
 
         return evaluate_segmentation(cfg)
-    model_path = os.path.join(cfg["output_dir"], "best_model.keras")
-    if not os.path.exists(model_path):
-        raise ConfigError(
-            f"no trained model at {model_path}; run `keras-resnet train` with this recipe first "
-            "(or --set output_dir=... to point at a run)."
-        )
+    model_path = trained_model_path(cfg)
     _, val_ds, info = build_classification_datasets(cfg, seed=cfg["train"]["seed"])
     _check_classes(cfg, info)
     model = keras.saving.load_model(model_path, compile=False)

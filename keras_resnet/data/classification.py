@@ -450,6 +450,32 @@ def _image_folder_sources(cfg: dict, seed: int):
     )
 
 
+def shuffle_augment_batch(train, val, augment, data_cfg, num_train, seed):
+    """The tail of every training pipeline: shuffle, seeded augmentation, batching.
+
+    Args:
+        train, val: unbatched (and possibly cached) datasets of examples.
+        augment: `(*example, seed) -> example`, tf ops only; the seed is a
+            per-example `[2]` int64 tensor that changes every epoch.
+        data_cfg: the recipe's `data` section (`shuffle_buffer`, `batch_size`).
+        num_train: training examples (caps the shuffle buffer).
+        seed: shuffle and augmentation seed.
+
+    Returns:
+        `(train, val)`: train shuffled, augmented and batched with
+        `drop_remainder=True`; val batched; both prefetched.
+    """
+    batch_size = data_cfg["batch_size"]
+    train = train.shuffle(min(data_cfg["shuffle_buffer"], num_train), seed=seed, reshuffle_each_iteration=True)
+    augment_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    train = tf.data.Dataset.zip((train, augment_seeds)).map(
+        lambda example, augment_seed: augment(*example, augment_seed),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    train = train.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return train, val.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dataset, tf.data.Dataset, dict]:
     """Build the batched train and validation pipelines of a classification recipe.
 
@@ -489,15 +515,9 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
     mean, std = _channel_stats(stats_sample, input_shape[-1])
     if data_cfg["cache"]:
         train, val = train.cache(), val.cache()
-    train = train.shuffle(min(data_cfg["shuffle_buffer"], num_train), seed=seed, reshuffle_each_iteration=True)
-    augment = _make_augment(data_cfg["augment"], input_shape)
-    augment_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    train = tf.data.Dataset.zip((train, augment_seeds)).map(
-        lambda example, augment_seed: augment(*example, augment_seed),
-        num_parallel_calls=tf.data.AUTOTUNE,
+    train, val = shuffle_augment_batch(
+        train, val, _make_augment(data_cfg["augment"], input_shape), data_cfg, num_train, seed
     )
-    train = train.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    val = val.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     info = {
         "class_names": list(class_names),
         "num_train": num_train,

@@ -42,6 +42,7 @@ from keras_resnet.data.classification import (
     _progress,
     _seeded_subset,
     load_fashion_mnist,
+    shuffle_augment_batch,
 )
 
 logger = logging.getLogger(__name__)
@@ -427,14 +428,8 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0):
     if data_cfg["cache"]:
         train, val = train.cache(), val.cache()
     val = val.map(lambda image, mask: resize_pair(image, mask, height, width), num_parallel_calls=tf.data.AUTOTUNE)
-    train = train.shuffle(min(data_cfg["shuffle_buffer"], num_train), seed=seed, reshuffle_each_iteration=True)
-    augment = _make_train_augment(data_cfg["augment"], input_shape)
-    augment_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    train = tf.data.Dataset.zip((train, augment_seeds)).map(
-        lambda example, augment_seed: augment(*example, augment_seed),
-        num_parallel_calls=tf.data.AUTOTUNE,
+    train, val = shuffle_augment_batch(
+        train, val, _make_train_augment(data_cfg["augment"], input_shape), data_cfg, num_train, seed
     )
-    train = train.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    val = val.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     info = {"class_names": class_names, "num_train": num_train, "num_val": num_val, "mean": mean, "std": std}
     return train, val, info
