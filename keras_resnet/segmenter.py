@@ -17,6 +17,7 @@ stride, mixed precision included.
 """
 
 import math
+import warnings
 
 import keras
 from keras import layers
@@ -41,6 +42,25 @@ def default_aspp_rates(feature_stride):
     return tuple(max(1, int(round(rate * 16 / feature_stride))) for rate in ASPP_RATES_AT_STRIDE_16)
 
 
+def _warn_on_wasted_rates(rates, feature_size):
+    """Warns when an atrous rate reaches past a static feature map.
+
+    A 3x3 conv with dilation >= the map size only ever sees its centre tap
+    (the others fall in the zero padding), so it is a costly 1x1 conv: on
+    TF's CPU kernels a 4x4 map at rates (6, 12, 18) trains ~4x slower than
+    at (1, 2, 3) (benchmarks/segmentation_throughput.py).
+    """
+    known = [int(size) for size in feature_size if size is not None]
+    if not known or max(rates) < min(known):
+        return
+    warnings.warn(
+        f"ASPP rates {tuple(rates)} reach past the {'x'.join(map(str, known))} coarsest feature map: taps that "
+        f"land in the padding are wasted compute. For small inputs pass aspp_rates smaller than "
+        f"{min(known)} (e.g. [1, 2, 3]) or use a larger input.",
+        stacklevel=3,
+    )
+
+
 def apply_aspp(features, rates, width, name="aspp"):
     """Atrous Spatial Pyramid Pooling: 1x1, three atrous 3x3 and image pooling, projected to `width`."""
     branches = [apply_conv_bn_relu(features, width, 1, name=f"{name}_1x1")]
@@ -57,6 +77,7 @@ def _deeplabv3plus_head(pyramid, strides, head_width, decoder_width, aspp_rates)
     levels = list(pyramid)
     finest, coarsest = pyramid[levels[0]], pyramid[levels[-1]]
     rates = tuple(aspp_rates) if aspp_rates is not None else default_aspp_rates(strides[levels[-1]])
+    _warn_on_wasted_rates(rates, coarsest.shape[1:3])
     x = apply_aspp(coarsest, rates, head_width)
     x = ResizeLike("bilinear", name="decoder_upsample")([x, finest])
     low_level = apply_conv_bn_relu(finest, decoder_width, 1, name="decoder_low_level")

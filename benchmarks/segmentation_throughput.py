@@ -1,0 +1,84 @@
+"""Training throughput (images/s) of segmenter variants on synthetic data, measured side by side.
+
+Each variant is trained with `fit` on random 0..255 images and random masks
+for a few warm-up steps, then timed; variants are interleaved round-robin
+(`--rounds`) so machine noise hits all of them alike, and the median
+images/s per variant is printed with its ratio to the first variant.
+
+    python benchmarks/segmentation_throughput.py --size 64 --batch 32 --rounds 3
+"""
+
+import argparse
+import statistics
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# name -> (policy, preset, backbone overrides, segmenter overrides)
+VARIANTS = {
+    "deeplab_os16_rates6-12-18_w128": ("mixed_bfloat16", "resnet18", {"output_stride": 16},
+                                       {"head": "deeplabv3plus", "head_width": 128}),
+    "deeplab_os16_rates6-12-18_w128_fp32": ("float32", "resnet18", {"output_stride": 16},
+                                            {"head": "deeplabv3plus", "head_width": 128}),
+    "deeplab_os16_rates1-2-3_w128": ("mixed_bfloat16", "resnet18", {"output_stride": 16},
+                                     {"head": "deeplabv3plus", "head_width": 128, "aspp_rates": [1, 2, 3]}),
+    "deeplab_os32_w128": ("mixed_bfloat16", "resnet18", {}, {"head": "deeplabv3plus", "head_width": 128}),
+    "fpn_os32_w128": ("mixed_bfloat16", "resnet18", {}, {"head": "fpn", "head_width": 128}),
+    "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
+}
+
+
+def build(policy, preset, backbone_args, segmenter_args, size):
+    keras.mixed_precision.set_global_policy(policy)
+    import keras_resnet as kr
+    from keras_resnet.segmenter import ResNetSegmenter
+
+    shape = (size, size, 1)
+    if segmenter_args is None:
+        model = kr.ResNetClassifier.from_preset(preset, num_classes=11, input_shape=shape, **backbone_args)
+        loss = "sparse_categorical_crossentropy"
+    else:
+        model = ResNetSegmenter.from_preset(preset, 11, input_shape=shape, **backbone_args, **segmenter_args)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=loss)
+    keras.mixed_precision.set_global_policy("float32")
+    return model, segmenter_args is None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    x = (rng.random((args.batch * 4, args.size, args.size, 1)) * 255).astype("float32")
+    masks = rng.integers(0, 11, (args.batch * 4, args.size, args.size)).astype("int32")
+    labels = rng.integers(0, 11, args.batch * 4).astype("int32")
+    models = {}
+    for name in args.variants:
+        model, is_classifier = build(*VARIANTS[name], args.size)
+        y = labels if is_classifier else masks
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch).cache().repeat()
+        model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0)
+        models[name] = (model, dataset)
+    rates = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, (model, dataset) in models.items():
+            start = time.perf_counter()
+            model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
+            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+    first = statistics.median(rates[args.variants[0]])
+    print(f"| variant | params | train img/s (median of {args.rounds}) | ratio to first |")
+    print("|---|---:|---:|---:|")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"| {name} | {models[name][0].count_params():,} | {median:.1f} | {median / first:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
