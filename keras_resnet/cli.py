@@ -5,7 +5,7 @@
     keras-resnet train CONFIG [--set k=v]    train a task recipe
     keras-resnet evaluate CONFIG [--set k=v] evaluate a recipe's model
     keras-resnet export MODEL [--format F]   export to SavedModel, TFLite or ONNX
-    keras-resnet predict MODEL IMAGE...      top-k classes of images
+    keras-resnet predict MODEL IMAGE...      top-k classes, or mask overlays of a segmenter
 
 User errors (a bad config key, a missing file, an unknown preset...) print
 one line and exit with status 2; set KERAS_RESNET_DEBUG=1 for tracebacks.
@@ -101,16 +101,14 @@ def _cmd_export(args):
     )
 
 
-def _is_segmentation_run(model_path):
-    """True for a segmentation run dir, or a .keras file inside one."""
-    import json
+def _predictions_dir(model_path):
+    """Default folder of mask/overlay PNGs: `predictions/` in a run dir, else beside the model or export."""
+    from pathlib import Path
 
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    run_json = os.path.join(folder, "run.json")
-    if not os.path.isfile(run_json):
-        return False
-    with open(run_json) as f:
-        return json.load(f).get("task") == "segmentation"
+    path = Path(model_path)
+    if path.is_dir() and not (path / "saved_model.pb").is_file():
+        return str(path / "predictions")
+    return str(path.parent / "predictions")
 
 
 def _cmd_predict(args):
@@ -119,15 +117,13 @@ def _cmd_predict(args):
     from rich.console import Console
     from rich.table import Table
 
+    from keras_resnet.export import SEGMENTATION, model_task
     from keras_resnet.predict import predict_files
 
-    if _is_segmentation_run(args.model):
+    if model_task(args.model) == SEGMENTATION:
         from keras_resnet.segmentation_predict import predict_masks
 
-        output_dir = args.output or os.path.join(
-            args.model if os.path.isdir(args.model) else os.path.dirname(args.model) or ".", "predictions"
-        )
-        results = predict_masks(args.model, args.images, output_dir)
+        results = predict_masks(args.model, args.images, args.output or _predictions_dir(args.model))
         if args.json:
             print(json.dumps(results, indent=2))
         else:
@@ -177,7 +173,7 @@ def build_parser():
         p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="export a trained model to SavedModel, TFLite or ONNX, checking parity")
-    p.add_argument("model", help="a .keras file or a training run output_dir")
+    p.add_argument("model", help="a .keras file or a training run output_dir (classifier or segmenter)")
     p.add_argument("--format", default="saved_model", choices=("saved_model", "tflite", "onnx"))
     p.add_argument(
         "--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
@@ -192,8 +188,9 @@ def build_parser():
     p.add_argument("--output", default=None, metavar="DIR", help="output folder (default saved_models/<name>/)")
     p.add_argument("--parity-samples", type=int, default=100, help="images compared with the Keras model")
     p.add_argument(
-        "--int8-min-agreement", type=float, default=0.99,
-        help="minimum int8 top-1 agreement with the Keras model",
+        "--int8-min-agreement", type=float, default=None,
+        help="minimum int8 agreement with the Keras model: top-1 over images for classifiers (default 0.99), "
+        "argmax over pixels for segmenters (default 0.98)",
     )
     p.set_defaults(func=_cmd_export)
 
@@ -203,7 +200,8 @@ def build_parser():
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--output", default=None, metavar="DIR",
-                   help="segmentation: folder for mask/overlay PNGs (default RUN_DIR/predictions)")
+                   help="segmentation: folder for mask/overlay PNGs (default: predictions/ in the run dir, "
+                   "or beside the model file or export)")
     p.set_defaults(func=_cmd_predict)
     return parser
 

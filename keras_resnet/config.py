@@ -17,13 +17,21 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
 CLASSIFICATION_SOURCES = ("fashion_mnist", "image_folder")
 SEGMENTATION_SOURCES = ("mask_folder", "voc", "mosaic")
-DATA_SOURCES = CLASSIFICATION_SOURCES + SEGMENTATION_SOURCES
-SOURCES_BY_TASK = {"classification": CLASSIFICATION_SOURCES, "segmentation": SEGMENTATION_SOURCES}
+DETECTION_SOURCES = ("voc", "coco", "mosaic")
+DATA_SOURCES = tuple(dict.fromkeys(CLASSIFICATION_SOURCES + SEGMENTATION_SOURCES + DETECTION_SOURCES))
+SOURCES_BY_TASK = {
+    "classification": CLASSIFICATION_SOURCES,
+    "segmentation": SEGMENTATION_SOURCES,
+    "detection": DETECTION_SOURCES,
+}
 SEGMENTATION_HEADS = ("deeplabv3plus", "fpn")
+DETECTION_HEADS = ("retinanet",)
+HEADS_BY_TASK = {"segmentation": SEGMENTATION_HEADS, "detection": DETECTION_HEADS}
 SEGMENTATION_LOSSES = ("ce", "dice", "ce+dice")
+BOX_LOSSES = ("smooth_l1", "giou")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
@@ -95,8 +103,12 @@ SCHEMA: dict[str, Any] = {
         "freeze_stages": Field(("int",), -1, check=_at_least(-1)),
         "dropout": Field(("float",), 0.0, check=_in_range(0, 1, high_inclusive=False)),
         "backbone_args": Field(("dict",), {}),
-        "head": Field(("str",), "deeplabv3plus", allowed=SEGMENTATION_HEADS),
+        # None: the task's default head (deeplabv3plus for segmentation, retinanet for detection).
+        "head": Field(("str",), None, allowed=SEGMENTATION_HEADS + DETECTION_HEADS),
         "head_args": Field(("dict",), {}),
+        # Detection only: post-processing of the detector's raw outputs (score_threshold,
+        # iou_threshold, max_detections, pre_nms_top_k).
+        "decoder_args": Field(("dict",), {}),
     },
     "data": {
         "source": Field(("str",), "fashion_mnist", allowed=DATA_SOURCES),
@@ -116,6 +128,10 @@ SCHEMA: dict[str, Any] = {
         },
         "mosaic_train_size": Field(("int",), 4000, check=_at_least(1)),
         "mosaic_val_size": Field(("int",), 500, check=_at_least(1)),
+        # Detection only.
+        "class_names": Field(("list",), None),
+        "max_boxes": Field(("int",), 100, check=_at_least(1)),
+        "clip_boxes": Field(("bool",), False),
     },
     "train": {
         "epochs": Field(("int",), 30, check=_at_least(1)),
@@ -138,6 +154,7 @@ SCHEMA: dict[str, Any] = {
         "steps_per_epoch": Field(("int",), None, check=_at_least(1)),
         "loss": Field(("str",), "ce", allowed=SEGMENTATION_LOSSES),
         "class_weights": Field(("list",), None, check=_check_class_weights),
+        "box_loss": Field(("str",), "smooth_l1", allowed=BOX_LOSSES),
     },
     "output_dir": Field(("str",), "runs/fashion_mnist_resnet20"),
 }
@@ -205,6 +222,15 @@ def _check_task_fits(config: dict, source: str) -> None:
             f"data.source={data_source!r} in {source} is a {_task_of_source(data_source)} source but task is "
             f"{task!r}; use one of {', '.join(map(repr, fitting))} (or set task accordingly)"
         )
+    heads = HEADS_BY_TASK.get(task)
+    head = config["model"]["head"]
+    if heads is not None:
+        if head is None:
+            config["model"]["head"] = heads[0]
+        elif head not in heads:
+            raise ConfigError(
+                f"'model.head'={head!r} in {source} is not a {task} head; use one of {', '.join(map(repr, heads))}"
+            )
     weights = config["train"]["class_weights"]
     if weights is not None and len(weights) != config["model"]["num_classes"]:
         raise ConfigError(
@@ -214,7 +240,7 @@ def _check_task_fits(config: dict, source: str) -> None:
 
 
 def _task_of_source(data_source: str) -> str:
-    return next(task for task, sources in SOURCES_BY_TASK.items() if data_source in sources)
+    return " or ".join(task for task, sources in SOURCES_BY_TASK.items() if data_source in sources)
 
 
 def dump_config(cfg: Mapping, path: str | os.PathLike) -> None:

@@ -1,8 +1,14 @@
-"""Export trained classifiers to SavedModel, TFLite and ONNX, with parity checks.
+"""Export trained classifiers and segmenters to SavedModel, TFLite and ONNX, with parity checks.
 
-Every export takes float32 raw pixels 0..255, NHWC, and returns softmax
-probabilities: the `ImageNormalization` layer inside the model travels with
-it, so no export needs the training normalisation. After writing an
+Every export takes float32 raw pixels 0..255, NHWC: the `ImageNormalization`
+layer inside the model travels with it, so no export needs the training
+normalisation. A classifier's export returns its output ("probabilities":
+softmax, or logits for a logits model). A segmenter's export (any model
+with a `(N, H, W, classes)` output, e.g. `ResNetSegmenter`) returns two
+outputs at the input resolution: "probabilities" `(N, H, W, classes)`,
+per-pixel softmax (added at export when the model outputs logits), and
+"mask" `(N, H, W)` int32, the argmax class of the model's output (builtin
+ARG_MAX in TFLite, ArgMax in ONNX). After writing an
 artefact, `export_model` runs it on sample images, compares it with the
 Keras model and writes `<artefact>.json` (source, preset, input contract,
 preprocessing, class names, quantization, parity figures, tool versions).
@@ -37,12 +43,15 @@ rebuilt in float32 with the same weights before export (`as_float32`), and
 parity is measured against that float32 model.
 
 Parity: float exports (SavedModel, ONNX, TFLite fp32) must match Keras to
-a relative max difference (max |diff| / max |Keras output|) of 1e-4;
-float16 and dynamic-range TFLite are reported only; int8 must agree with
-Keras on the top-1 class for at least `int8_min_agreement` of the samples
-(0.99 by default: with fewer than 100 samples that means every sample).
-A failed check raises `ExportParityError` after the artefact and its
-metadata (with `"passed": false`) are written.
+a relative max difference (max |diff| / max |Keras output|) of 1e-4 (for
+segmenters: of the per-pixel probabilities); float16 and dynamic-range
+TFLite are reported only; int8 must agree with Keras on the top-1 class for
+at least `int8_min_agreement` of the samples (classifiers: 0.99 by default,
+with fewer than 100 samples that means every sample) or on the argmax class
+of at least `int8_min_agreement` of the pixels (segmenters: 0.98 by
+default). Segmenter figures also give the mIoU of the export's masks taken
+against Keras' masks. A failed check raises `ExportParityError` after the
+artefact and its metadata (with `"passed": false`) are written.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ import tensorflow as tf  # noqa: E402
 
 from keras_resnet.classifier import ResNetClassifier  # noqa: E402
 from keras_resnet.layers import ImageNormalization  # noqa: E402
+from keras_resnet.segmenter import ResNetSegmenter  # noqa: E402
 
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
@@ -76,14 +86,19 @@ RUN_RECIPE_FILE = "recipe.yaml"
 METADATA_SUFFIX = ".json"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
+MASK_NAME = "mask"
+CLASSIFICATION = "classification"
+SEGMENTATION = "segmentation"
 INPUT_FORMAT = "float32 raw pixels 0..255, NHWC"
 ONNX_OPSET = 17
 FLOAT_RELATIVE_TOLERANCE = 1e-4
 DEFAULT_INT8_MIN_AGREEMENT = 0.99
+DEFAULT_SEGMENTATION_INT8_MIN_AGREEMENT = 0.98
 DEFAULT_PARITY_SAMPLES = 100
 DEFAULT_CALIBRATION_SAMPLES = 200
 RUNTIME_THREADS = 2
 PREDICT_CHUNK = 32
+SEGMENTATION_CHUNK_VALUES = 1 << 22  # output values per chunk of a segmenter's parity check (16 MB)
 SAMPLE_SEED = 0
 
 
@@ -228,11 +243,12 @@ def model_at_size(model: keras.Model, input_size) -> keras.Model:
     Returns:
         `model` itself when its input already has that size (or has a
         dynamic size and `input_size` is None raises); a `ResNetClassifier`
-        rebuilt at the new size with the same weights otherwise.
+        or `ResNetSegmenter` rebuilt at the new size with the same weights
+        otherwise (a model with a dynamic size is wrapped at the new size).
 
     Raises:
-        ValueError: no size known, or a non-`ResNetClassifier` model with a
-            fixed size different from `input_size`.
+        ValueError: no size known, or a model of another class with a fixed
+            size different from `input_size`.
     """
     height, width, channels = model.input_shape[1:]
     if input_size is None:
@@ -244,19 +260,81 @@ def model_at_size(model: keras.Model, input_size) -> keras.Model:
         raise ValueError(f"input_size must be two positive ints (H W), got {input_size}")
     if (height, width) == input_size:
         return model
-    if not isinstance(model, ResNetClassifier):
+    if not isinstance(model, (ResNetClassifier, ResNetSegmenter)):
         if height is None and width is None:
             inputs = keras.Input(shape=(*input_size, channels), name=INPUT_NAME)
             return keras.Model(inputs, model(inputs), name=model.name)
         raise ValueError(
-            f"model {model.name} takes {height}x{width} images; only ResNetClassifier models can be "
-            f"re-exported at another input_size ({input_size[0]}x{input_size[1]})"
+            f"model {model.name} takes {height}x{width} images; only ResNetClassifier and ResNetSegmenter "
+            f"models can be re-exported at another input_size ({input_size[0]}x{input_size[1]})"
         )
     config = model.get_config()
     config["backbone"]["config"]["input_shape"] = [*input_size, channels]
-    resized = ResNetClassifier.from_config(config)
+    resized = type(model).from_config(config)
     resized.set_weights(model.get_weights())
     return resized
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What an export computes from the model's output.
+
+    Attributes:
+        task: "classification" (output `(N, classes)`) or "segmentation"
+            (output `(N, H, W, classes)`).
+        logits: True when the model outputs logits (a segmenter's export
+            then adds the softmax), False for softmax (or other) outputs.
+    """
+
+    task: str
+    logits: bool
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (OUTPUT_NAME, MASK_NAME) if self.task == SEGMENTATION else (OUTPUT_NAME,)
+
+
+def _model_activation(model: keras.Model):
+    """The model's output activation: its `activation` attribute, else its last layer's (None: linear)."""
+    if hasattr(model, "activation"):
+        return model.activation
+    last = model.layers[-1] if model.layers else None
+    if isinstance(last, keras.layers.Softmax):
+        return "softmax"
+    if isinstance(last, keras.layers.Activation):
+        activation = keras.activations.serialize(last.activation)
+        return activation if isinstance(activation, str) else getattr(last.activation, "__name__", None)
+    return None
+
+
+def output_spec(model: keras.Model) -> OutputSpec:
+    """The `OutputSpec` of a Keras model: a 4-D output `(N, H, W, classes)` makes it a segmenter.
+
+    Call it on the model as loaded (before `model_at_size` wraps a
+    dynamic-size model, which hides the model's `activation`).
+    """
+    shape = model.output_shape
+    is_segmenter = isinstance(shape, tuple) and len(shape) == 4 and not isinstance(shape[0], (tuple, list))
+    activation = _model_activation(model)
+    return OutputSpec(SEGMENTATION if is_segmenter else CLASSIFICATION, activation in (None, "linear"))
+
+
+def _segmentation_outputs(scores, logits: bool) -> dict:
+    """`{"probabilities": softmax over classes, "mask": int32 argmax}` of per-pixel scores."""
+    probabilities = tf.nn.softmax(scores, axis=-1) if logits else scores
+    return {OUTPUT_NAME: probabilities, MASK_NAME: tf.argmax(scores, axis=-1, output_type=tf.int32)}
+
+
+def _outputs_fn(model: keras.Model, spec: OutputSpec):
+    """`images -> {name: tensor}`: what every export of the model computes (see `OutputSpec`)."""
+
+    def outputs(images):
+        scores = model(images, training=False)
+        if spec.task == SEGMENTATION:
+            return _segmentation_outputs(scores, spec.logits)
+        return {OUTPUT_NAME: scores}
+
+    return outputs
 
 
 def find_preprocessing(model: keras.Model) -> dict | None:
@@ -300,9 +378,13 @@ class ExportedModel:
         batch_size: fixed batch size, or None when dynamic.
         class_names: from the metadata JSON or run.json, or None.
         metadata: the metadata dict (empty when there is none).
+        task: "classification" or "segmentation" (from the metadata, else
+            from the rank of the "probabilities" output).
+        output_names: the outputs `predict_outputs` returns, "probabilities"
+            first ("mask" follows for segmenters).
     """
 
-    def __init__(self, kind, path, input_shape, batch_size, run_batch, metadata, class_names):
+    def __init__(self, kind, path, input_shape, batch_size, run_batch, metadata, class_names, task=None):
         self.kind = kind
         self.path = str(path)
         self.input_shape = tuple(int(v) for v in input_shape)
@@ -310,18 +392,48 @@ class ExportedModel:
         self._run_batch = run_batch
         self.metadata = metadata
         self.class_names = class_names
+        self.task = task or metadata.get("task") or CLASSIFICATION
+        self.output_names = (OUTPUT_NAME, MASK_NAME) if self.task == SEGMENTATION else (OUTPUT_NAME,)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Outputs for float32 raw-pixel images `(N, H, W, C)` at `input_shape`, any N."""
+    @property
+    def num_classes(self) -> int | None:
+        """From the metadata or the class names; None when neither says."""
+        if self.metadata.get("num_classes"):
+            return int(self.metadata["num_classes"])
+        return len(self.class_names) if self.class_names else None
+
+    def _check(self, images) -> np.ndarray:
         images = np.asarray(images, np.float32)
         if images.shape[1:] != self.input_shape:
             raise ValueError(f"{self.path} takes images of shape {self.input_shape}, got {images.shape[1:]}")
+        return images
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """The "probabilities" output for float32 raw-pixel images `(N, H, W, C)` at `input_shape`, any N."""
+        images = self._check(images)
         outputs = [self.predict_batch(batch)[:count] for batch, count in _batches(images, self.batch_size)]
         return np.concatenate(outputs).astype(np.float32)
 
+    def predict_outputs(self, images: np.ndarray) -> dict:
+        """Every output (`output_names`) for images `(N, H, W, C)` at `input_shape`, any N.
+
+        For a segmenter: `{"probabilities": float32 (N, H, W, classes),
+        "mask": int32 (N, H, W)}`; "mask" is the argmax of "probabilities"
+        when the artefact has no mask output (a `.keras` model).
+        """
+        images = self._check(images)
+        chunks = [
+            {name: value[:count] for name, value in self._run_batch(batch).items()}
+            for batch, count in _batches(images, self.batch_size)
+        ]
+        outputs = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+        if self.task == SEGMENTATION and MASK_NAME not in outputs:
+            outputs[MASK_NAME] = np.argmax(outputs[OUTPUT_NAME], axis=-1).astype(np.int32)
+        return outputs
+
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Runs one float32 batch as is (no checks or padding): the artefact's own call."""
-        return self._run_batch(batch)
+        """Runs one float32 batch as is (no checks or padding): the artefact's own call; "probabilities"."""
+        return self._run_batch(batch)[OUTPUT_NAME]
 
 
 def _metadata_beside(path: Path) -> dict:
@@ -329,20 +441,29 @@ def _metadata_beside(path: Path) -> dict:
     return _read_json(metadata_path) if metadata_path.is_file() else {}
 
 
+def _task_from_rank(shape) -> str:
+    """The task of an artefact whose "probabilities" output has this shape."""
+    return SEGMENTATION if shape is not None and len(shape) == 4 else CLASSIFICATION
+
+
 def _load_keras(path) -> ExportedModel:
     source = load_model_source(path)
     metadata = source.run_info
+    spec = output_spec(source.model)
     height, width = source.model.input_shape[1:3]
     if height is None or width is None:
         if not metadata.get("input_shape"):
             raise ValueError(f"model {source.path} has a dynamic input size and no run.json gives its size")
         height, width = metadata["input_shape"][:2]
     model = model_at_size(as_float32(source.model), (height, width))
+    outputs = _outputs_fn(model, spec)
 
     def run_batch(batch):
-        return keras.ops.convert_to_numpy(model(batch, training=False))
+        return {name: value.numpy() for name, value in outputs(tf.constant(batch)).items()}
 
-    return ExportedModel("keras", source.path, model.input_shape[1:], None, run_batch, metadata, source.class_names)
+    return ExportedModel(
+        "keras", source.path, model.input_shape[1:], None, run_batch, metadata, source.class_names, spec.task
+    )
 
 
 def _load_saved_model(path: Path) -> ExportedModel:
@@ -352,14 +473,24 @@ def _load_saved_model(path: Path) -> ExportedModel:
     signature = loaded.signatures["serve_float"]
     spec = signature.structured_input_signature[1][INPUT_NAME]
     metadata = _metadata_beside(path)
+    task = _task_from_rank(signature.structured_outputs[OUTPUT_NAME].shape)
 
     def run_batch(batch):
-        return signature(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME].numpy()
+        return {name: value.numpy() for name, value in signature(**{INPUT_NAME: tf.constant(batch)}).items()}
 
     run_batch.loaded = loaded  # keeps the restored variables alive with the signature
     return ExportedModel(
-        "saved_model", path, spec.shape[1:], spec.shape[0], run_batch, metadata, metadata.get("class_names")
+        "saved_model", path, spec.shape[1:], spec.shape[0], run_batch, metadata, metadata.get("class_names"), task
     )
+
+
+def _tflite_output_indices(interpreter) -> dict:
+    """`{output name: tensor index}` from the model's signature (one output named "probabilities" without)."""
+    signatures = interpreter.get_signature_list()
+    if signatures:
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        return {name: detail["index"] for name, detail in runner.get_output_details().items()}
+    return {OUTPUT_NAME: interpreter.get_output_details()[0]["index"]}
 
 
 def _load_tflite(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedModel:
@@ -370,7 +501,11 @@ def _load_tflite(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedMode
     except ValueError as error:
         raise ValueError(f"cannot load TFLite model {path}: {error}") from None
     input_detail = interpreter.get_input_details()[0]
-    output_index = interpreter.get_output_details()[0]["index"]
+    output_indices = _tflite_output_indices(interpreter)
+    if OUTPUT_NAME not in output_indices:  # a TFLite model not written by export_model: its first output
+        output_indices = {OUTPUT_NAME: interpreter.get_output_details()[0]["index"]}
+    output_shapes = {detail["index"]: detail["shape"] for detail in interpreter.get_output_details()}
+    task = _task_from_rank(output_shapes[output_indices[OUTPUT_NAME]])
     signature = [int(v) for v in input_detail["shape_signature"]]
     dynamic_batch = signature[0] == -1
     allocated = {"batch": None}
@@ -383,11 +518,13 @@ def _load_tflite(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedMode
             allocated["batch"] = len(batch)
         interpreter.set_tensor(input_detail["index"], batch)
         interpreter.invoke()
-        return interpreter.get_tensor(output_index).copy()
+        return {name: interpreter.get_tensor(index).copy() for name, index in output_indices.items()}
 
     metadata = _metadata_beside(path)
     batch_size = None if dynamic_batch else signature[0]
-    return ExportedModel("tflite", path, signature[1:], batch_size, run_batch, metadata, metadata.get("class_names"))
+    return ExportedModel(
+        "tflite", path, signature[1:], batch_size, run_batch, metadata, metadata.get("class_names"), task
+    )
 
 
 def _load_onnx(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedModel:
@@ -402,14 +539,20 @@ def _load_onnx(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedModel:
         raise ValueError(f"cannot load ONNX model {path}: {error}") from None
     model_input = session.get_inputs()[0]
     batch_dim = model_input.shape[0]
+    outputs = {output.name: output for output in session.get_outputs()}
+    if OUTPUT_NAME not in outputs:  # an ONNX model not written by export_model: its first output
+        outputs = {OUTPUT_NAME: session.get_outputs()[0]}
+    names = list(outputs)
+    onnx_names = [output.name for output in outputs.values()]
+    task = _task_from_rank(outputs[OUTPUT_NAME].shape)
 
     def run_batch(batch):
-        return session.run(None, {model_input.name: batch})[0]
+        return dict(zip(names, session.run(onnx_names, {model_input.name: batch})))
 
     metadata = _metadata_beside(path)
     batch_size = batch_dim if isinstance(batch_dim, int) else None
     return ExportedModel(
-        "onnx", path, model_input.shape[1:], batch_size, run_batch, metadata, metadata.get("class_names")
+        "onnx", path, model_input.shape[1:], batch_size, run_batch, metadata, metadata.get("class_names"), task
     )
 
 
@@ -444,38 +587,88 @@ def load_exported_model(path, num_threads: int = RUNTIME_THREADS) -> ExportedMod
     )
 
 
+def _is_export_path(path: Path) -> bool:
+    return path.suffix in (".tflite", ".onnx") or (path.is_dir() and (path / "saved_model.pb").is_file())
+
+
+def model_task(path) -> str | None:
+    """"classification" or "segmentation" for any model form, without running it.
+
+    Exports: the task in their metadata JSON, else the rank of their
+    "probabilities" output (the artefact is loaded). `.keras` files and run
+    dirs: the task in the run's `run.json`, else "segmentation" when the
+    saved model is a `ResNetSegmenter`.
+
+    Returns:
+        The task, or None when `path` does not exist.
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    if _is_export_path(path):
+        return _metadata_beside(path).get("task") or load_exported_model(path).task
+    run_dir = path if path.is_dir() else path.parent
+    if (run_dir / RUN_INFO_FILE).is_file() and _read_json(run_dir / RUN_INFO_FILE).get("task"):
+        return _read_json(run_dir / RUN_INFO_FILE)["task"]
+    model_file = path if path.is_file() else next((path / f for f in RUN_MODEL_FILES if (path / f).is_file()), None)
+    try:
+        with zipfile.ZipFile(model_file) as archive:
+            class_name = json.loads(archive.read("config.json")).get("class_name")
+    except Exception:  # not a .keras zip: the loaders report it
+        return CLASSIFICATION
+    return SEGMENTATION if class_name == ResNetSegmenter.__name__ else CLASSIFICATION
+
+
 # --------------------------------------------------------------------------- sample images
 
 
 def _recipe_images(recipe_path: str, input_shape, split: str, count: int) -> np.ndarray:
-    """Up to `count` un-augmented images of a recipe's train or val split, at `input_shape`."""
+    """Up to `count` un-augmented images of a recipe's train or val split, at `input_shape`.
+
+    Classification and segmentation recipes alike (a segmentation recipe's
+    images without their masks; a mosaic recipe's validation mosaic is the
+    recipe's own, its training mosaic is generated at `count` canvases).
+    """
     from keras_resnet.config import load_config
     from keras_resnet.data.classification import build_classification_datasets
 
     height, width, channels = input_shape
-    cfg = load_config(
-        recipe_path,
-        overrides=[
-            f"model.input_shape=[{height},{width},{channels}]",
-            "data.batch_size=1",
-            "data.cache=false",
-            f"data.limit_train={count}",
-            f"data.limit_val={count}",
-            "data.augment.random_crop_padding=0",
-            "data.augment.horizontal_flip=false",
-            "data.augment.random_erasing=0.0",
-        ],
-    )
-    train, val, _ = build_classification_datasets(cfg, seed=SAMPLE_SEED)
+    task = load_config(recipe_path)["task"]
+    overrides = [
+        f"model.input_shape=[{height},{width},{channels}]",
+        "data.batch_size=1",
+        "data.cache=false",
+        f"data.limit_train={count}",
+        f"data.limit_val={count}",
+        "data.augment.horizontal_flip=false",
+    ]
+    if task == SEGMENTATION:
+        overrides += ["data.augment.scale_range=[1.0,1.0]", f"data.mosaic_train_size={count}"]
+    else:
+        overrides += ["data.augment.random_crop_padding=0", "data.augment.random_erasing=0.0"]
+    cfg = load_config(recipe_path, overrides=overrides)
+    if task == SEGMENTATION:
+        from keras_resnet.data.segmentation import build_segmentation_datasets
+
+        train, val, _ = build_segmentation_datasets(cfg, seed=SAMPLE_SEED)
+    else:
+        train, val, _ = build_classification_datasets(cfg, seed=SAMPLE_SEED)
     dataset = train if split == "train" else val
     images = [batch.numpy() for batch, _ in dataset.take(count)]
     return np.concatenate(images).astype(np.float32)
 
 
 def _folder_images(folder: str, input_shape, count: int) -> np.ndarray:
-    """Up to `count` images from a folder (recursive), a seeded sample when there are more."""
+    """Up to `count` images from a folder (recursive), a seeded sample when there are more.
+
+    A segmentation folder (`images/` beside `masks/`) gives its `images/` only.
+    """
     from keras_resnet.predict import find_image_files, load_images
 
+    if (Path(folder) / "images").is_dir() and (Path(folder) / "masks").is_dir():
+        folder = str(Path(folder) / "images")
     files = find_image_files(folder)
     if len(files) > count:
         keep = np.sort(np.random.default_rng(SAMPLE_SEED).choice(len(files), count, replace=False))
@@ -549,24 +742,26 @@ def _float_signature(model: keras.Model, batch_size: int | None) -> tf.TensorSpe
     return tf.TensorSpec([batch_size, *model.input_shape[1:]], tf.float32, name=INPUT_NAME)
 
 
-def _probabilities_fn(model: keras.Model):
-    def probabilities(images):
-        return {OUTPUT_NAME: model(images, training=False)}
+def _write_saved_model(model: keras.Model, spec: OutputSpec, directory: Path, batch_size: int | None) -> None:
+    """A SavedModel with the `serving_default` (uint8, any size) and `serve_float` signatures.
 
-    return probabilities
-
-
-def _write_saved_model(model: keras.Model, directory: Path, batch_size: int | None) -> None:
-    """A SavedModel with the `serving_default` (uint8, any size) and `serve_float` signatures."""
+    Classifier: `serving_default` returns `probabilities`, `top_class`,
+    `top_score`. Segmenter: the images are resized to the model size, and
+    the model's per-pixel scores resized back (bilinear) to the size of the
+    images given before `probabilities` and `mask` are taken.
+    """
     height, width, channels = model.input_shape[1:]
 
     def serve_uint8(images):
         resized = tf.image.resize(tf.cast(images, tf.float32), [height, width], method="bilinear")
-        probabilities = model(resized, training=False)
+        scores = model(resized, training=False)
+        if spec.task == SEGMENTATION:
+            scores = tf.image.resize(scores, tf.shape(images)[1:3], method="bilinear")
+            return _segmentation_outputs(scores, spec.logits)
         return {
-            OUTPUT_NAME: probabilities,
-            "top_class": tf.argmax(probabilities, axis=-1, output_type=tf.int32),
-            "top_score": tf.reduce_max(probabilities, axis=-1),
+            OUTPUT_NAME: scores,
+            "top_class": tf.argmax(scores, axis=-1, output_type=tf.int32),
+            "top_score": tf.reduce_max(scores, axis=-1),
         }
 
     archive = keras.export.ExportArchive()
@@ -576,16 +771,18 @@ def _write_saved_model(model: keras.Model, directory: Path, batch_size: int | No
         serve_uint8,
         input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name=INPUT_NAME)],
     )
-    archive.add_endpoint("serve_float", _probabilities_fn(model), input_signature=[_float_signature(model, batch_size)])
+    archive.add_endpoint("serve_float", _outputs_fn(model, spec), input_signature=[_float_signature(model, batch_size)])
     archive.write_out(str(directory), verbose=False)
 
 
-def _convert_tflite(model: keras.Model, batch_size: int | None, quantize: str, calibration_images) -> bytes:
+def _convert_tflite(
+    model: keras.Model, spec: OutputSpec, batch_size: int | None, quantize: str, calibration_images
+) -> bytes:
     with tempfile.TemporaryDirectory(prefix="keras_resnet_tflite_") as tmp:
         archive = keras.export.ExportArchive()
         archive.track(model)
         archive.add_endpoint(
-            "serving_default", _probabilities_fn(model), input_signature=[_float_signature(model, batch_size)]
+            "serving_default", _outputs_fn(model, spec), input_signature=[_float_signature(model, batch_size)]
         )
         archive.write_out(tmp, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
@@ -632,29 +829,103 @@ def _rename_onnx_tensor(graph, old: str, new: str) -> None:
             value.name = new
 
 
-def _convert_onnx(model: keras.Model, path: Path, batch_size: int | None) -> None:
+def _exact_resize_sizes(model_proto) -> int:
+    """Gives Resize nodes with fractional constant `scales` their exact output `sizes` instead.
+
+    tf2onnx turns a TF resize to a static size into an ONNX Resize with
+    float32 `scales = out / in`. When the ratio is not an integer (the FPN
+    top-down path or the segmenter heads at an input size that strides do
+    not divide, e.g. 3 -> 5), `floor(in * scale)` comes out one short and
+    onnxruntime rejects the graph ("Incompatible dimensions"). The fixed
+    node takes `sizes` (`Shape(x)[:1]` joined to the static C, H, W for a
+    dynamic batch), from which runtimes derive the same scale.
+
+    Returns:
+        The number of Resize nodes changed.
+    """
+    from onnx import helper, numpy_helper, shape_inference
+
+    graph = model_proto.graph
+    fixed = 0
+    while True:
+        constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        inferred = shape_inference.infer_shapes(model_proto, data_prop=True)
+        shapes = {
+            value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+            for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        }
+        for index, node in enumerate(graph.node):
+            if node.op_type != "Resize" or len(node.input) != 3 or node.input[2] not in constants:
+                continue
+            scales = constants[node.input[2]].astype(np.float64)
+            shape = shapes.get(node.input[0])
+            if np.all(scales == np.round(scales)) or not shape or len(shape) != len(scales):
+                continue
+            if any(dim is None for dim in shape[1:]):
+                continue
+            static = np.round(np.asarray(shape[1:], np.float64) * scales[1:]).astype(np.int64)
+            prefix = f"{node.name}_exact_sizes"
+            new_nodes = []
+            if shape[0] is not None:
+                graph.initializer.append(numpy_helper.from_array(np.concatenate([[shape[0]], static]), prefix))
+            else:
+                graph.initializer.extend([
+                    numpy_helper.from_array(static, f"{prefix}_static"),
+                    numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_zero"),
+                    numpy_helper.from_array(np.array([1], np.int64), f"{prefix}_one"),
+                ])
+                new_nodes = [
+                    helper.make_node("Shape", [node.input[0]], [f"{prefix}_shape"], name=f"{prefix}_shape"),
+                    helper.make_node(
+                        "Slice", [f"{prefix}_shape", f"{prefix}_zero", f"{prefix}_one"], [f"{prefix}_batch"],
+                        name=f"{prefix}_batch",
+                    ),
+                    helper.make_node(
+                        "Concat", [f"{prefix}_batch", f"{prefix}_static"], [prefix], name=prefix, axis=0
+                    ),
+                ]
+            node.input[:] = [node.input[0], node.input[1], "", prefix]
+            nodes = list(graph.node)
+            nodes[index:index] = new_nodes
+            del graph.node[:]
+            graph.node.extend(nodes)
+            fixed += 1
+            break
+        else:
+            return fixed
+
+
+def _convert_onnx(model: keras.Model, spec: OutputSpec, path: Path, batch_size: int | None) -> None:
     """Freeze the model's function, convert it with tf2onnx and name its tensors.
 
-    The ONNX graph has one input "images" (float32 NHWC) and one output
-    "probabilities"; a dynamic batch dimension is named "batch".
+    The ONNX graph has one input "images" (float32 NHWC) and the outputs of
+    `spec` ("probabilities"; a segmenter adds "mask", int32); a dynamic
+    batch dimension is named "batch".
     """
     import onnx
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    function = tf.function(_probabilities_fn(model), autograph=False)
+    function = tf.function(_outputs_fn(model, spec), autograph=False)
     concrete = function.get_concrete_function(_float_signature(model, batch_size))
     frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
     _allow_inlining(graph_def)
-    input_name, output_name = frozen.inputs[0].name, frozen.outputs[0].name
+    # The frozen outputs follow tf.nest order of the output dict: sorted keys.
+    output_names = dict(zip(sorted(spec.output_names), (tensor.name for tensor in frozen.outputs)))
+    input_name = frozen.inputs[0].name
     model_proto, _ = tf2onnx.convert.from_graph_def(
-        graph_def, input_names=[input_name], output_names=[output_name], opset=ONNX_OPSET
+        graph_def,
+        input_names=[input_name],
+        output_names=[output_names[name] for name in spec.output_names],
+        opset=ONNX_OPSET,
     )
+    _exact_resize_sizes(model_proto)
     _rename_onnx_tensor(model_proto.graph, input_name, INPUT_NAME)
-    _rename_onnx_tensor(model_proto.graph, output_name, OUTPUT_NAME)
+    for name, tensor_name in output_names.items():
+        _rename_onnx_tensor(model_proto.graph, tensor_name, name)
     if batch_size is None:
-        for value in (model_proto.graph.input[0], model_proto.graph.output[0]):
+        for value in [*model_proto.graph.input, *model_proto.graph.output]:
             value.type.tensor_type.shape.dim[0].dim_param = "batch"
     onnx.checker.check_model(model_proto)
     onnx.save(model_proto, str(path))
@@ -682,14 +953,85 @@ def parity_figures(reference: np.ndarray, exported: np.ndarray) -> dict:
     }
 
 
-def _judge(figures: dict, format: str, quantize: str, int8_min_agreement: float) -> None:
+class SegmentationParity:
+    """A segmenter export's parity with Keras, accumulated over chunks of images.
+
+    Compares per-pixel probabilities (max abs / relative max diff) and the
+    argmax masks: pixel agreement, and the mIoU of the export's masks taken
+    against Keras' masks as the truth (classes absent from both left out).
+
+    Args:
+        num_classes: classes of the masks.
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = int(num_classes)
+        self.max_abs_diff = 0.0
+        self.scale = 0.0
+        self.samples = 0
+        self.confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
+
+    def update(self, reference, exported, reference_mask, exported_mask) -> None:
+        """Adds a chunk: Keras and export probabilities `(n, H, W, classes)` and masks `(n, H, W)`."""
+        self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(exported.astype(np.float64) - reference))))
+        self.scale = max(self.scale, float(np.max(np.abs(reference))))
+        keras_mask = np.asarray(reference_mask, np.int64).ravel()
+        export_mask = np.clip(np.asarray(exported_mask, np.int64).ravel(), 0, self.num_classes - 1)
+        self.confusion += np.bincount(
+            keras_mask * self.num_classes + export_mask, minlength=self.num_classes**2
+        ).reshape(self.num_classes, self.num_classes)
+        self.samples += len(reference)
+
+    def figures(self) -> dict:
+        from keras_resnet.metrics import confusion_to_iou
+
+        pixels = int(self.confusion.sum())
+        agreeing = int(np.trace(self.confusion))
+        _, mask_miou = confusion_to_iou(self.confusion)
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "relative_max_diff": self.max_abs_diff / self.scale if self.scale > 0 else self.max_abs_diff,
+            "pixel_agreement": agreeing / max(pixels, 1),
+            "pixel_disagreements": pixels - agreeing,
+            "pixels": pixels,
+            "mask_miou": mask_miou,
+            "samples": self.samples,
+        }
+
+
+def segmentation_parity_figures(reference, exported, reference_mask=None, exported_mask=None) -> dict:
+    """Max abs diff, relative max diff, pixel agreement and mask mIoU of two segmenters' outputs.
+
+    Args:
+        reference: Keras probabilities `(N, H, W, classes)`.
+        exported: the export's probabilities on the same images.
+        reference_mask, exported_mask: `(N, H, W)` class masks; the argmax
+            of the probabilities when None.
+    """
+    reference, exported = np.asarray(reference), np.asarray(exported)
+    parity = SegmentationParity(reference.shape[-1])
+    parity.update(
+        reference,
+        exported,
+        np.argmax(reference, axis=-1) if reference_mask is None else reference_mask,
+        np.argmax(exported, axis=-1) if exported_mask is None else exported_mask,
+    )
+    return parity.figures()
+
+
+def _judge(figures: dict, format: str, quantize: str, int8_min_agreement: float, task: str = CLASSIFICATION) -> None:
     """Adds `criterion` and `passed` to parity figures (in place)."""
     if format != "tflite" or quantize == "none":
         figures["criterion"] = f"relative max diff <= {FLOAT_RELATIVE_TOLERANCE:g}"
         figures["passed"] = figures["relative_max_diff"] <= FLOAT_RELATIVE_TOLERANCE
         for check in figures.get("checks", {}).values():
-            check_passed = check["relative_max_diff"] <= FLOAT_RELATIVE_TOLERANCE and check["top_class_matches_argmax"]
+            check_passed = check["relative_max_diff"] <= FLOAT_RELATIVE_TOLERANCE and check.get(
+                "top_class_matches_argmax", True
+            )
             figures["passed"] = figures["passed"] and check_passed
+    elif quantize == "int8" and task == SEGMENTATION:
+        figures["criterion"] = f"pixel agreement >= {int8_min_agreement:g}"
+        figures["passed"] = figures["pixel_agreement"] >= int8_min_agreement
     elif quantize == "int8":
         allowed = math.floor((1.0 - int8_min_agreement) * figures["samples"] + 1e-9)
         figures["criterion"] = (
@@ -722,10 +1064,16 @@ def _artefact_path(output_dir: Path, name: str, format: str, quantize: str) -> P
 def _parity_line(format: str, quantize: str, figures: dict, sample_source: str) -> str:
     label = format if format != "tflite" else f"tflite {'fp32' if quantize == 'none' else quantize}"
     verdict = "ok" if figures["passed"] else "FAILED"
+    if "pixel_agreement" in figures:
+        agreement = (
+            f"pixel agreement {100 * figures['pixel_agreement']:.2f}%, "
+            f"mask mIoU vs Keras {figures['mask_miou']:.4f}"
+        )
+    else:
+        agreement = f"top-1 agreement {100 * figures['top1_agreement']:.1f}%"
     return (
         f"parity {label}: max|diff| {figures['max_abs_diff']:.3g}, relative {figures['relative_max_diff']:.3g}, "
-        f"top-1 agreement {100 * figures['top1_agreement']:.1f}% on {figures['samples']} {sample_source} "
-        f"[{figures['criterion']}: {verdict}]"
+        f"{agreement} on {figures['samples']} {sample_source} [{figures['criterion']}: {verdict}]"
     )
 
 
@@ -750,6 +1098,40 @@ def _check_uint8_signature(model: keras.Model, path: Path, images: np.ndarray) -
     return figures
 
 
+def _segmentation_chunk(input_shape, num_classes: int) -> int:
+    """Images per chunk of a segmenter's parity check: outputs of at most ~16 MB."""
+    height, width, _ = input_shape
+    return int(max(1, min(PREDICT_CHUNK, SEGMENTATION_CHUNK_VALUES // (height * width * num_classes))))
+
+
+def _segmentation_parity(model: keras.Model, spec: OutputSpec, run_export, images: np.ndarray) -> dict:
+    """Streams images through Keras and `run_export` (`float32 chunk -> {probabilities, mask}`)."""
+    num_classes = int(model.output_shape[-1])
+    keras_outputs = _outputs_fn(model, spec)
+    parity = SegmentationParity(num_classes)
+    step = _segmentation_chunk(model.input_shape[1:], num_classes)
+    for start in range(0, len(images), step):
+        chunk = images[start : start + step]
+        reference = keras_outputs(tf.constant(chunk, tf.float32))
+        exported = run_export(chunk)
+        parity.update(
+            reference[OUTPUT_NAME].numpy(), exported[OUTPUT_NAME], reference[MASK_NAME].numpy(), exported[MASK_NAME]
+        )
+    return parity.figures()
+
+
+def _check_uint8_segmentation(model: keras.Model, spec: OutputSpec, path: Path, images: np.ndarray) -> dict:
+    """Parity of a segmenter SavedModel's uint8 `serving_default` on the rounded images (model size)."""
+    pixels = np.clip(np.round(images), 0, 255).astype(np.float32)
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+    def run_export(chunk):
+        outputs = serve(**{INPUT_NAME: tf.constant(chunk.astype(np.uint8))})
+        return {name: value.numpy() for name, value in outputs.items()}
+
+    return _segmentation_parity(model, spec, run_export, pixels)
+
+
 def _output_values(model: keras.Model) -> str:
     """What the output holds, from the classifier's activation."""
     activation = getattr(model, "activation", "softmax")
@@ -758,6 +1140,37 @@ def _output_values(model: keras.Model) -> str:
         "sigmoid": "per-class scores (sigmoid)",
         None: "logits (no activation)",
     }.get(activation, f"{activation} outputs")
+
+
+def _segmentation_metadata(model: keras.Model, spec: OutputSpec, source: ModelSource, fixed_batch) -> dict:
+    """The "output", "outputs" and "segmentation" entries of a segmenter's metadata."""
+    height, width, _ = model.input_shape[1:]
+    num_classes = int(model.output_shape[-1])
+    batch = fixed_batch if fixed_batch is not None else "N"
+    added = "softmax added at export over the model's logits" if spec.logits else "the model's softmax output"
+    probabilities = {
+        "name": OUTPUT_NAME,
+        "dtype": "float32",
+        "shape": [batch, height, width, num_classes],
+        "values": f"per-pixel class probabilities ({added}), at the input resolution",
+    }
+    mask = {
+        "name": MASK_NAME,
+        "dtype": "int32",
+        "shape": [batch, height, width],
+        "values": "per-pixel argmax class of the model's output (class index, 0..num_classes-1)",
+    }
+    backbone = getattr(source.model, "backbone", None)
+    return {
+        "output": probabilities,
+        "outputs": [probabilities, mask],
+        "segmentation": {
+            "head": source.run_info.get("head", getattr(source.model, "head", None)),
+            "output_stride": source.run_info.get("output_stride", getattr(backbone, "output_stride", None)),
+            "model_output": "logits" if spec.logits else "softmax",
+            "ignore_index": source.run_info.get("ignore_index"),
+        },
+    }
 
 
 def _parse_batch_size(batch_size) -> int | None:
@@ -778,10 +1191,15 @@ def export_model(
     output=None,
     parity_samples: int = DEFAULT_PARITY_SAMPLES,
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
-    int8_min_agreement: float = DEFAULT_INT8_MIN_AGREEMENT,
+    int8_min_agreement: float | None = None,
     name: str | None = None,
 ) -> dict:
-    """Export a classifier, check it against Keras and write its metadata JSON.
+    """Export a classifier or segmenter, check it against Keras and write its metadata JSON.
+
+    A segmenter (a model with a `(N, H, W, classes)` output, e.g. a
+    `ResNetSegmenter` or a segmentation run dir) exports "probabilities"
+    (per-pixel softmax, added when the model outputs logits) and "mask"
+    (int32 argmax); see the module docstring.
 
     Args:
         model_or_dir: a `.keras` file, a training run dir or a `keras.Model`.
@@ -789,22 +1207,27 @@ def export_model(
         quantize: "none", or for TFLite "float16", "dynamic" (int8 weights,
             float activations) or "int8" (full integer, calibrated).
         calibration: a recipe YAML (its training images calibrate int8, its
-            validation images check parity) or a folder of images (class
-            subfolders or plain images). For int8 without it, the run's
-            `recipe.yaml` is used.
+            validation images check parity; classification or segmentation
+            recipes) or a folder of images (class subfolders, plain images,
+            or a segmentation folder with `images/` and `masks/`). For int8
+            without it, the run's `recipe.yaml` is used.
         input_size: `(height, width)` of the export; defaults to the model's.
         batch_size: a fixed batch size (default 1) or "dynamic".
         output: output folder; defaults to `saved_models/<name>/`.
         parity_samples: images used for the parity check.
         calibration_samples: images used for int8 calibration.
-        int8_min_agreement: minimum int8 top-1 agreement with Keras.
+        int8_min_agreement: minimum int8 agreement with Keras: top-1 over
+            samples for a classifier (default 0.99), argmax over pixels for
+            a segmenter (default 0.98).
         name: base of the file names; defaults to the run dir name, the
             `.keras` file stem or the model name.
 
     Returns:
-        `{"format", "quantize", "path", "metadata_path", "input_shape",
-        "batch_size", "parity": {max_abs_diff, relative_max_diff,
-        top1_agreement, samples, sample_source, criterion, passed, ...}}`.
+        `{"format", "quantize", "task", "path", "metadata_path",
+        "input_shape", "batch_size", "parity": {...}}`; parity holds
+        max_abs_diff, relative_max_diff, samples, sample_source, criterion,
+        passed, and top1_agreement (classifiers) or pixel_agreement,
+        pixel_disagreements, pixels, mask_miou (segmenters).
 
     Raises:
         ValueError: bad arguments, paths or calibration data.
@@ -819,14 +1242,18 @@ def export_model(
         raise ValueError(f"quantize={quantize!r} applies only to format='tflite', not {format!r}")
     if int(parity_samples) < 1 or int(calibration_samples) < 1:
         raise ValueError("parity_samples and calibration_samples must be >= 1")
-    if not 0.0 <= int8_min_agreement <= 1.0:
+    if int8_min_agreement is not None and not 0.0 <= int8_min_agreement <= 1.0:
         raise ValueError(f"int8_min_agreement must be in [0, 1], got {int8_min_agreement}")
     fixed_batch = _parse_batch_size(batch_size)
 
     with _step("loading the Keras model"):
         source = load_model_source(model_or_dir)
         policies = {layer.dtype_policy.name for layer in _walk_layers(source.model)}
+        spec = output_spec(source.model)
         model = model_at_size(as_float32(source.model), input_size)
+    segmenter = spec.task == SEGMENTATION
+    if int8_min_agreement is None:
+        int8_min_agreement = DEFAULT_SEGMENTATION_INT8_MIN_AGREEMENT if segmenter else DEFAULT_INT8_MIN_AGREEMENT
     input_shape = tuple(model.input_shape[1:])
     name = name or source.name
     output_dir = Path(output) if output is not None else Path("saved_models") / name
@@ -840,8 +1267,9 @@ def export_model(
             )
     with _step("loading parity images"):
         images, sample_source = _parity_images(calibration, source, input_shape, int(parity_samples))
-    with _step("running the Keras model"):
-        reference = _keras_outputs(model, images)
+    if not segmenter:  # a segmenter's Keras outputs are computed chunk by chunk during the check
+        with _step("running the Keras model"):
+            reference = _keras_outputs(model, images)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     label = format if quantize == "none" else f"{format} {quantize}"
@@ -851,20 +1279,25 @@ def export_model(
                 if not (path / "saved_model.pb").is_file():
                     raise ValueError(f"{path} exists and is not a SavedModel; choose another output folder")
                 shutil.rmtree(path)
-            _write_saved_model(model, path, fixed_batch)
+            _write_saved_model(model, spec, path, fixed_batch)
         elif format == "tflite":
             calibration_input = calibration_images if quantize == "int8" else None
-            path.write_bytes(_convert_tflite(model, fixed_batch, quantize, calibration_input))
+            path.write_bytes(_convert_tflite(model, spec, fixed_batch, quantize, calibration_input))
         else:
-            _convert_onnx(model, path, fixed_batch)
+            _convert_onnx(model, spec, path, fixed_batch)
 
     with _step(f"checking {label} against Keras"):
         exported = load_exported_model(path)
-        figures = parity_figures(reference, exported.predict(images))
-        if format == "saved_model":
-            figures["checks"] = {"serving_default": _check_uint8_signature(model, path, images)}
+        if segmenter:
+            figures = _segmentation_parity(model, spec, exported.predict_outputs, images)
+            if format == "saved_model":
+                figures["checks"] = {"serving_default": _check_uint8_segmentation(model, spec, path, images)}
+        else:
+            figures = parity_figures(reference, exported.predict(images))
+            if format == "saved_model":
+                figures["checks"] = {"serving_default": _check_uint8_signature(model, path, images)}
         figures["sample_source"] = sample_source
-        _judge(figures, format, quantize, int8_min_agreement)
+        _judge(figures, format, quantize, int8_min_agreement, spec.task)
 
     preprocessing = find_preprocessing(model) or source.run_info.get("preprocessing")
     metadata = {
@@ -874,7 +1307,7 @@ def export_model(
         "source_model": str(Path(source.path).resolve()) if source.path else None,
         "model_name": model.name,
         "preset": source.run_info.get("preset"),
-        "task": source.run_info.get("task", "classification"),
+        "task": spec.task,
         "source_dtype_policies": sorted(policies),
         "input_shape": list(input_shape),
         "batch_size": fixed_batch if fixed_batch is not None else "dynamic",
@@ -887,30 +1320,47 @@ def export_model(
         "tool_versions": _tool_versions(format),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if segmenter:
+        metadata.update(_segmentation_metadata(model, spec, source, fixed_batch))
     if format == "saved_model":
         metadata["signatures"] = {
             "serving_default": "uint8 images [N, H, W, C] of any size, resized inside (bilinear) -> "
             "{probabilities, top_class (int32), top_score}",
             "serve_float": f"{INPUT_FORMAT} at the model size -> {{probabilities}}",
         }
+        if segmenter:
+            metadata["signatures"] = {
+                "serving_default": "uint8 images [N, H, W, C] of any size, resized inside to the model size "
+                "(bilinear); per-pixel scores resized back to H x W (bilinear) -> "
+                "{probabilities [N, H, W, classes], mask (int32) [N, H, W]}",
+                "serve_float": f"{INPUT_FORMAT} at the model size -> {{probabilities, mask (int32)}}",
+            }
     if quantize == "int8":
         metadata["int8"] = {
             "ops": "TFLITE_BUILTINS_INT8 (full-integer kernels)",
-            "io": "float32 input and output; quantize/dequantize ops inside the model",
+            "io": "float32 input and output; quantize/dequantize ops inside the model"
+            + ("; the mask output is int32" if segmenter else ""),
             "calibration": calibration_text,
             "calibration_samples": int(len(calibration_images)),
+            "min_agreement": int8_min_agreement,
         }
     metadata_path = Path(str(path) + METADATA_SUFFIX)
     metadata_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     print(_parity_line(format, quantize, figures, sample_source), flush=True)
     if not figures["passed"]:
+        agreement = (
+            f"pixel agreement {figures['pixel_agreement']:.4f}"
+            if segmenter
+            else f"top-1 agreement {figures['top1_agreement']:.3f}"
+        )
         raise ExportParityError(
             f"{path} fails its parity check against Keras ({figures['criterion']}): relative max diff "
-            f"{figures['relative_max_diff']:.3g}, top-1 agreement {figures['top1_agreement']:.3f}"
+            f"{figures['relative_max_diff']:.3g}, {agreement}"
         )
     return {
         "format": format,
         "quantize": quantize,
+        "task": spec.task,
         "path": str(path),
         "metadata_path": str(metadata_path),
         "input_shape": list(input_shape),

@@ -114,6 +114,11 @@ def predict_files(model_path: str | os.PathLike, images, top_k: int = 5) -> list
     if int(top_k) < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     model = load_exported_model(model_path)
+    if model.task != "classification":
+        raise ValueError(
+            f"{model_path} is a {model.task} model; use keras_resnet.segmentation_predict.predict_masks "
+            "(or `keras-resnet predict`, which writes mask overlays)"
+        )
     files = find_image_files(images)
     height, width, channels = model.input_shape
     probabilities = np.concatenate(

@@ -1,9 +1,11 @@
-"""Masks and colour overlays from a trained `ResNetSegmenter`.
+"""Masks and colour overlays from a trained `ResNetSegmenter` or its exports.
 
-`predict_masks` runs a `.keras` segmenter (or a training run folder) on
-image files of any size: each image is converted to the model's channel
-count, resized (bilinear) to the model's input size when the model has a
-fixed one, segmented, and the predicted index mask is resized back to the
+`predict_masks` runs a `.keras` segmenter (or a training run folder), or a
+segmenter exported by `keras_resnet.export` (SavedModel dir, `.tflite`,
+`.onnx`), on image files of any size: each image is converted to the
+model's channel count, resized (bilinear) to the model's input size when
+the model has a fixed one (exports always do), segmented, and the
+predicted index mask (an export's "mask" output) is resized back to the
 image's original size with nearest-neighbour interpolation (so it holds
 class indices only). For each image it writes
 
@@ -93,12 +95,41 @@ def load_segmenter(model_path_or_run_dir: str | os.PathLike):
     return model
 
 
+def _is_export(path: Path) -> bool:
+    return path.suffix in (".tflite", ".onnx") or (path.is_dir() and (path / "saved_model.pb").is_file())
+
+
+def _mask_predictor(model_or_path):
+    """`(input_shape, num_classes, image (H, W, C) float32 -> int32 mask (H, W))` of a segmenter or export."""
+    from keras_resnet.export import SEGMENTATION, ExportedModel, load_exported_model
+
+    if isinstance(model_or_path, ExportedModel) or _is_export(Path(model_or_path)):
+        exported = model_or_path if isinstance(model_or_path, ExportedModel) else load_exported_model(model_or_path)
+        if exported.task != SEGMENTATION:
+            raise ValueError(f"{exported.path} is not a segmentation model: its output is not per-pixel")
+
+        def predict(image):
+            return exported.predict_outputs(image[None])["mask"][0]
+
+        num_classes = exported.num_classes or int(exported.predict(np.zeros((1, *exported.input_shape))).shape[-1])
+        return exported.input_shape, num_classes, predict
+
+    model = load_segmenter(model_or_path)
+
+    def predict(image):
+        return np.asarray(model.predict_on_batch(image[None])[0]).argmax(axis=-1)
+
+    return model.input_shape[1:], model.num_classes, predict
+
+
 def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
     """Segment image files and write index masks and colour overlays.
 
     Args:
-        model_path_or_run_dir: a `.keras` `ResNetSegmenter` or a run folder
-            holding `best_model.keras`.
+        model_path_or_run_dir: a `.keras` `ResNetSegmenter`, a run folder
+            holding `best_model.keras`, a segmenter export (SavedModel dir,
+            `.tflite` or `.onnx` written by `keras_resnet.export`) or an
+            `ExportedModel`.
         images: an image file or folder, or a list of them (folders are
             searched recursively).
         output_dir: where `<stem>_mask.png` and `<stem>_overlay.png` go
@@ -113,14 +144,14 @@ def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
 
     Example:
     >>> predict_masks("runs/mosaic_deeplabv3plus_resnet18", "photos/", "masks_out")
+    >>> predict_masks("saved_models/mosaic/mosaic_int8.tflite", "photos/", "masks_out")
     """
     from keras_resnet.predict import find_image_files, load_image
 
-    model = load_segmenter(model_path_or_run_dir)
+    (height, width, channels), num_classes, predict = _mask_predictor(model_path_or_run_dir)
     files = find_image_files(images)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    height, width, channels = model.input_shape[1:]
     results = []
     for path in files:
         try:
@@ -130,14 +161,13 @@ def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
             raise ValueError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
         original_height, original_width = original.shape[:2]
         model_input = load_image(path, height or original_height, width or original_width, channels)
-        logits = model.predict_on_batch(model_input[None])
-        mask = np.asarray(logits[0]).argmax(axis=-1).astype(np.int32)
+        mask = np.asarray(predict(model_input), np.int32)
         if mask.shape != (original_height, original_width):
             resized = Image.fromarray(mask.astype(np.int32)).resize((original_width, original_height), Image.NEAREST)
             mask = np.asarray(resized, np.int32)
         stem = Path(path).stem
         mask_path, overlay_path = output_dir / f"{stem}_mask.png", output_dir / f"{stem}_overlay.png"
-        save_index_mask(mask, mask_path, model.num_classes)
-        Image.fromarray(overlay_mask(original, mask, model.num_classes)).save(overlay_path)
+        save_index_mask(mask, mask_path, num_classes)
+        Image.fromarray(overlay_mask(original, mask, num_classes)).save(overlay_path)
         results.append({"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path)})
     return results

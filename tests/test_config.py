@@ -88,7 +88,7 @@ def test_wrong_types_and_ranges(override, expected):
         ("train.optimizer=adam", "'sgd', 'adamw'"),
         ("data.source=cifar10", "'fashion_mnist', 'image_folder'"),
         ("train.mixed_precision=fp16", "'mixed_float16'"),
-        ("task=detection", "'classification'"),
+        ("task=tracking", "'detection'"),
     ],
 )
 def test_values_outside_allowed_set(override, allowed):

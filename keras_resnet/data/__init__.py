@@ -10,12 +10,15 @@ from keras_resnet.data.classification import (
     read_idx_gz,
     scan_image_folder,
 )
+from keras_resnet.data.detection import DetectionRecord, build_detection_datasets
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "IMAGE_EXTENSIONS",
     "DataError",
+    "DetectionRecord",
     "build_classification_datasets",
+    "build_detection_datasets",
     "find_fashion_mnist",
     "load_fashion_mnist",
     "read_idx_gz",
