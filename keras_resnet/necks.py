@@ -112,6 +112,27 @@ def apply_fpn(pyramid, levels=("C2", "C3", "C4", "C5"), width=256, name="fpn"):
 EXTRA_LEVEL_SOURCES = ("C5", "P5")
 
 
+def upsample_nearest_like(x, reference):
+    """Nearest-neighbour upsampling of `x` to the height and width of `reference`.
+
+    When `x` is the stride-2 level above `reference` (its size is
+    `ceil(size / 2)`), output pixel `i` takes input pixel `i // 2`: a 2x
+    repeat cropped to the reference, which is what torchvision's FPN
+    (`F.interpolate(size=..., mode="nearest")`) gives for these sizes. It is
+    built from reshape/tile/slice, so XLA can compile its gradient
+    (`ResizeNearestNeighborGrad` has no XLA kernel). Equal sizes (dilated
+    levels) pass through; other or unknown sizes use `ops.image.resize`.
+    """
+    source, target = tuple(x.shape[1:3]), tuple(reference.shape[1:3])
+    if None not in source + target:
+        if source == target:
+            return x
+        if all(-(-t // 2) == s for s, t in zip(source, target)):
+            return ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)[:, : target[0], : target[1], :]
+    height, width = ops.shape(reference)[1], ops.shape(reference)[2]
+    return ops.image.resize(x, (height, width), interpolation="nearest")
+
+
 def _level_of(key):
     if not (isinstance(key, str) and len(key) > 1 and key[0] == "C" and key[1:].isdigit()):
         raise ValueError(f"FPN inputs must be keyed 'C<level>' (e.g. 'C3'), got {key!r}.")
@@ -128,9 +149,9 @@ class FPN(keras.layers.Layer):
     2017, "Focal Loss for Dense Object Detection"):
 
     - levels present in the input: a 1x1 lateral conv; going down from the
-      coarsest, the merged coarser map is resized (nearest) to the exact
-      size of the lateral and added, so odd sizes work; a 3x3 conv smooths
-      each sum into `Pk`;
+      coarsest, the merged coarser map is upsampled (nearest,
+      `upsample_nearest_like`) to the exact size of the lateral and added,
+      so odd sizes work; a 3x3 conv smooths each sum into `Pk`;
     - levels above the coarsest input: a 3x3 stride-2 conv ("same"
       padding, so sizes are `ceil(h / 2)`) on the coarsest input
       (`extra_levels_from="C5"`, the paper) or on its FPN output ("P5",
@@ -212,8 +233,7 @@ class FPN(keras.layers.Layer):
         for index in reversed(range(len(levels))):
             x = self.lateral_convs[index](inputs[f"C{levels[index]}"])
             if coarser is not None:
-                height, width = ops.shape(x)[1], ops.shape(x)[2]
-                x = x + ops.cast(ops.image.resize(coarser, (height, width), interpolation="nearest"), x.dtype)
+                x = x + ops.cast(upsample_nearest_like(coarser, x), x.dtype)
             merged[index] = coarser = x
         outputs = {f"P{level}": conv(x) for level, conv, x in zip(levels, self.output_convs, merged)}
         top = levels[-1]

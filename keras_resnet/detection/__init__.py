@@ -1,0 +1,43 @@
+"""Object detection: RetinaNet on any `ResNetBackbone`.
+
+- `boxes`: box formats, IoU, anchor-relative encoding (xyxy pixels).
+- `anchors`: `AnchorGenerator`, the anchor grid of an input size.
+- `encoder`: `RetinaNetLabelEncoder`, boxes to per-anchor targets.
+- `losses`: `RetinaNetLoss` (focal + smooth-L1 or GIoU).
+- `retinanet`: `RetinaNetDetector`, backbone + FPN + shared heads.
+- `decoder`: `DetectionDecoder`, raw outputs to boxes with class-wise NMS.
+"""
+
+from keras_resnet.detection.anchors import AnchorGenerator
+from keras_resnet.detection.boxes import (
+    BOX_FORMATS,
+    BOX_VARIANCE,
+    clip_boxes,
+    convert_format,
+    decode_boxes,
+    encode_boxes,
+    generalized_iou,
+    pairwise_iou,
+)
+from keras_resnet.detection.decoder import DetectionDecoder
+from keras_resnet.detection.encoder import RetinaNetLabelEncoder
+from keras_resnet.detection.losses import RetinaNetLoss, sigmoid_focal_loss, smooth_l1_loss
+from keras_resnet.detection.retinanet import RetinaNetDetector
+
+__all__ = [
+    "AnchorGenerator",
+    "BOX_FORMATS",
+    "BOX_VARIANCE",
+    "DetectionDecoder",
+    "RetinaNetDetector",
+    "RetinaNetLabelEncoder",
+    "RetinaNetLoss",
+    "clip_boxes",
+    "convert_format",
+    "decode_boxes",
+    "encode_boxes",
+    "generalized_iou",
+    "pairwise_iou",
+    "sigmoid_focal_loss",
+    "smooth_l1_loss",
+]
