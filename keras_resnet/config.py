@@ -130,6 +130,8 @@ SCHEMA: dict[str, Any] = {
         "mosaic_val_size": Field(("int",), 500, check=_at_least(1)),
         # Detection only.
         "class_names": Field(("list",), None),
+        "train_images": Field(("str",), None),  # COCO image folders; default: the JSON's folder
+        "val_images": Field(("str",), None),
         "max_boxes": Field(("int",), 100, check=_at_least(1)),
         "clip_boxes": Field(("bool",), False),
     },

@@ -35,6 +35,9 @@ CLASSIFICATION_PANELS = (("loss", "loss"), ("top1", "top-1 accuracy"), ("learnin
 SEGMENTATION_PANELS = (
     ("loss", "loss"), ("miou", "mean IoU"), ("pixel_accuracy", "pixel accuracy"), ("learning_rate", "learning rate"),
 )
+DETECTION_PANELS = (
+    ("loss", "loss"), ("mAP", "COCO mAP@[.5:.95]"), ("AP50", "COCO AP50"), ("learning_rate", "learning rate"),
+)
 
 
 def plot_history(history, path, title="training", panels=CLASSIFICATION_PANELS, best_key="top1"):
@@ -45,16 +48,17 @@ def plot_history(history, path, title="training", panels=CLASSIFICATION_PANELS, 
         path: PNG to write.
         title: figure title.
         panels: `(history key, panel title)` pairs; keys absent from the
-            history are skipped.
+            history (as `key` and as `val_<key>`) are skipped.
         best_key: annotate the best `val_<best_key>` epoch, or None.
     """
     epochs = [int(e) + 1 for e in history.get("epoch", [])]
-    panels = [(k, t) for k, t in panels if k in history]
+    panels = [(k, t) for k, t in panels if k in history or f"val_{k}" in history]
     if not epochs or not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        ax.plot(epochs, history[key], marker="o", label=f"train {key}")
+        if key in history:
+            ax.plot(epochs, history[key], marker="o", label=f"train {key}")
         if f"val_{key}" in history:
             ax.plot(epochs, history[f"val_{key}"], marker="o", label=f"val {key}")
             if key == best_key:

@@ -559,6 +559,10 @@ def train_from_config(config, overrides=()):
         from keras_resnet.segmentation_training import train_segmentation
 
         return train_segmentation(cfg)
+    if cfg["task"] == "detection":
+        from keras_resnet.detection_training import train_detection
+
+        return train_detection(cfg)
     train_cfg = cfg["train"]
     strategy = make_strategy(train_cfg["strategy"])
     keras.utils.set_random_seed(train_cfg["seed"])
@@ -639,6 +643,10 @@ def evaluate_from_config(config, overrides=()):
         from keras_resnet.segmentation_training import evaluate_segmentation
 
         return evaluate_segmentation(cfg)
+    if cfg["task"] == "detection":
+        from keras_resnet.detection_training import evaluate_detection
+
+        return evaluate_detection(cfg)
     model_path = trained_model_path(cfg)
     _, val_ds, info = build_classification_datasets(cfg, seed=cfg["train"]["seed"])
     _check_classes(cfg, info)
