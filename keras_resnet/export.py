@@ -8,9 +8,9 @@ with a `(N, H, W, classes)` output, e.g. `ResNetSegmenter`) returns two
 outputs at the input resolution: "probabilities" `(N, H, W, classes)`,
 per-pixel softmax (added at export when the model outputs logits), and
 "mask" `(N, H, W)` int32, the argmax class of the model's output (builtin
-ARG_MAX in TFLite, ArgMax in ONNX). After writing an
-artefact, `export_model` runs it on sample images, compares it with the
-Keras model and writes `<artefact>.json` (source, preset, input contract,
+ARG_MAX in TFLite, ArgMax in ONNX). After writing an artefact,
+`export_model` runs it on sample images, compares it with the Keras model
+and writes `<artefact>.json` (source, preset, input contract, outputs,
 preprocessing, class names, quantization, parity figures, tool versions).
 
 How each format is produced (Keras 3.15 / TF 2.21 / tf2onnx 1.17):
@@ -19,7 +19,10 @@ How each format is produced (Keras 3.15 / TF 2.21 / tf2onnx 1.17):
   `serving_default` (uint8 images `[N, H', W', C]` of any size, resized
   inside with bilinear `tf.image.resize`; returns `probabilities`,
   `top_class`, `top_score`) and `serve_float` (float32 raw pixels at the
-  model size; returns `probabilities`). A plain `tf.Module` holding a
+  model size; returns `probabilities`). A segmenter's `serving_default`
+  resizes its per-pixel scores back to the size of the images given and
+  returns `probabilities` and `mask` there; its `serve_float` returns both
+  at the model size. A plain `tf.Module` holding a
   Keras 3 model is *not* used: its variables are not tracked as resources
   the TFLite converter can freeze, and the converted model outputs NaN.
 * TFLite: `tf.lite.TFLiteConverter.from_saved_model` on a temporary
@@ -30,13 +33,18 @@ How each format is produced (Keras 3.15 / TF 2.21 / tf2onnx 1.17):
   inside the model), so every TFLite variant is called the same way.
   Run with `ai_edge_litert.interpreter.Interpreter`.
 * ONNX: tf2onnx 1.17 (`from_graph_def`) on the frozen `tf.function` of
-  the model, opset 17, float32 NHWC input "images", output "probabilities".
+  the model, opset 17, float32 NHWC input "images", output "probabilities"
+  (segmenters: and "mask", int32).
   tf2onnx works with protobuf 7, but `from_function`/`from_keras` fail on
   ResNeXt: Keras 3 wraps grouped convolutions in a nested XLA-only
   function that tf2onnx cannot convert ("StatefulPartitionedCall is not
   supported"). We freeze the function ourselves, drop the
   `_XlaMustCompile`/`_noinline` marks so grappler inlines the plain
-  `Conv2D`, then convert. Run with onnxruntime.
+  `Conv2D`, then convert. A resize to a static size becomes an ONNX
+  Resize with float32 `scales`, one pixel short when the ratio is
+  fractional (segmenter heads at sizes the strides do not divide): those
+  nodes get exact `sizes` instead (`_exact_resize_sizes`). Run with
+  onnxruntime.
 
 Mixed-precision models (`mixed_bfloat16` / `mixed_float16` layers) are
 rebuilt in float32 with the same weights before export (`as_float32`), and
@@ -559,6 +567,9 @@ def _load_onnx(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedModel:
 def load_exported_model(path, num_threads: int = RUNTIME_THREADS) -> ExportedModel:
     """Open any model form for inference on float32 raw-pixel images.
 
+    Classifiers and segmenters alike: `predict` returns "probabilities",
+    `predict_outputs` every output (a segmenter's "mask" too).
+
     Args:
         path: a `.keras` file, a training run dir, a SavedModel dir (written
             by `export_model`: it needs the `serve_float` signature), a
@@ -846,10 +857,13 @@ def _exact_resize_sizes(model_proto) -> int:
     from onnx import helper, numpy_helper, shape_inference
 
     graph = model_proto.graph
-    fixed = 0
-    while True:
+    fixed, replaced = 0, set()
+    while any(node.op_type == "Resize" and len(node.input) == 3 for node in graph.node):
         constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-        inferred = shape_inference.infer_shapes(model_proto, data_prop=True)
+        try:
+            inferred = shape_inference.infer_shapes(model_proto, data_prop=True)
+        except Exception:  # onnx raises its own error types; keep tf2onnx's graph as is
+            break
         shapes = {
             value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
             for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
@@ -864,7 +878,7 @@ def _exact_resize_sizes(model_proto) -> int:
             if any(dim is None for dim in shape[1:]):
                 continue
             static = np.round(np.asarray(shape[1:], np.float64) * scales[1:]).astype(np.int64)
-            prefix = f"{node.name}_exact_sizes"
+            prefix = f"{node.name or 'Resize'}_exact_sizes_{fixed}"
             new_nodes = []
             if shape[0] is not None:
                 graph.initializer.append(numpy_helper.from_array(np.concatenate([[shape[0]], static]), prefix))
@@ -884,6 +898,7 @@ def _exact_resize_sizes(model_proto) -> int:
                         "Concat", [f"{prefix}_batch", f"{prefix}_static"], [prefix], name=prefix, axis=0
                     ),
                 ]
+            replaced.add(node.input[2])
             node.input[:] = [node.input[0], node.input[1], "", prefix]
             nodes = list(graph.node)
             nodes[index:index] = new_nodes
@@ -892,7 +907,11 @@ def _exact_resize_sizes(model_proto) -> int:
             fixed += 1
             break
         else:
-            return fixed
+            break
+    used = {name for node in graph.node for name in node.input}
+    for initializer in [i for i in graph.initializer if i.name in replaced and i.name not in used]:
+        graph.initializer.remove(initializer)
+    return fixed
 
 
 def _convert_onnx(model: keras.Model, spec: OutputSpec, path: Path, batch_size: int | None) -> None:
