@@ -26,6 +26,15 @@ VARIANTS = {
                                      {"head": "deeplabv3plus", "head_width": 128, "aspp_rates": [1, 2, 3]}),
     "deeplab_os32_w128": ("mixed_bfloat16", "resnet18", {}, {"head": "deeplabv3plus", "head_width": 128}),
     "fpn_os32_w128": ("mixed_bfloat16", "resnet18", {}, {"head": "fpn", "head_width": 128}),
+    "deeplab_os16_rates1-2-3_narrow_w64": ("mixed_bfloat16", "resnet18",
+                                           {"output_stride": 16, "stackwise_num_filters": [32, 64, 128, 256]},
+                                           {"head": "deeplabv3plus", "head_width": 64, "aspp_rates": [1, 2, 3]}),
+    "deeplab_os16_rates1-2-3_narrow_w64_fp32": ("float32", "resnet18",
+                                                {"output_stride": 16, "stackwise_num_filters": [32, 64, 128, 256]},
+                                                {"head": "deeplabv3plus", "head_width": 64, "aspp_rates": [1, 2, 3]}),
+    "deeplab_os8_rates2-4-6_narrow_w64": ("mixed_bfloat16", "resnet18",
+                                          {"output_stride": 8, "stackwise_num_filters": [32, 64, 128, 256]},
+                                          {"head": "deeplabv3plus", "head_width": 64, "aspp_rates": [2, 4, 6]}),
     "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
 }
 

@@ -1,0 +1,125 @@
+"""Detection recipes end to end: CLI train/evaluate on a tiny mosaic, predict, recipe errors."""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_resnet.cli import main
+from keras_resnet.config import ConfigError, load_config
+from keras_resnet.data.classification import FASHION_MNIST_FILES
+
+RECIPE = "tasks/detection/mosaic_retinanet_resnet18.yaml"
+TINY = [
+    "model.backbone_args={stackwise_num_filters: [8, 16, 32, 64]}",
+    "model.head_args={fpn_width: 16, head_depth: 1, min_level: 3, max_level: 5, anchor_sizes: [8, 16, 32]}",
+    "model.input_shape=[64,64,1]",
+    "data.mosaic_train_size=32", "data.mosaic_val_size=8", "data.batch_size=8",
+    "train.epochs=2", "train.mixed_precision=false",
+]
+
+
+def write_idx_gz(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as stream:
+        stream.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_fashion_dir(tmp_path, monkeypatch):
+    """Fashion-MNIST stand-in: bright rectangles of class-dependent shape."""
+    directory = tmp_path / "fashion"
+    directory.mkdir()
+    for split, count in (("train", 40), ("test", 12)):
+        labels = np.arange(count) % 10
+        items = np.zeros((count, 28, 28), np.uint8)
+        for item, label in zip(items, labels):
+            item[4:24, 6 + label // 2: 22 - label // 2] = 60 + 19 * label
+        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_images"], items)
+        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_labels"], labels)
+    monkeypatch.setenv("KERAS_RESNET_FASHION_MNIST_DIR", str(directory))
+    monkeypatch.setenv("KERAS_RESNET_MOSAIC_CACHE", str(tmp_path / "mosaic_cache"))
+    return directory
+
+
+def test_cli_train_evaluate_and_predict_boxes(tiny_fashion_dir, tmp_path, capsys):
+    from keras_resnet.detection_predict import predict_boxes
+
+    run = tmp_path / "run"
+    overrides = [*TINY, f"output_dir={run}"]
+    assert main(["train", RECIPE, "--set", *overrides]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("mAP", "AP50", "AP75"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert set(metrics["per_class"]) == {
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+    }
+    assert metrics["epochs"] == 2 and metrics["num_examples"] == 8
+    run_info = json.loads((run / "run.json").read_text())
+    assert run_info["task"] == "detection" and run_info["head"] == "retinanet"
+    for name in ("best_model.keras", "last_model.keras", "history.csv", "training_curves.png",
+                 "val_predictions.png", "recipe.yaml", "logs"):
+        assert (run / name).exists(), name
+    header = (run / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"loss", "val_loss", "val_mAP", "val_AP50"} <= set(header)
+    assert "COCO box AP" in capsys.readouterr().out
+
+    assert main(["evaluate", RECIPE, "--set", *overrides]) == 0
+    assert json.loads((run / "metrics.json").read_text())["mAP"] == pytest.approx(metrics["mAP"])
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((50, 90, 3), 30, np.uint8)).save(photo)
+    results = predict_boxes(run, [photo], tmp_path / "out", score_threshold=0.0, max_detections=5)
+    (result,) = results
+    with Image.open(result["output"]) as drawn:
+        assert drawn.size == (90, 50) and drawn.mode == "RGB"
+    assert len(result["detections"]) == 5
+    for detection in result["detections"]:
+        x0, y0, x1, y1 = detection["box"]
+        assert 0 <= x0 <= x1 <= 90 and 0 <= y0 <= y1 <= 50  # mapped back to the photo's pixels
+        assert detection["class"] in metrics["per_class"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.head=fpn", "not a detection head"),
+        ("model.decoder_args={nms: 0.5}", "unknown model.decoder_args key"),
+        ("model.head_args={fpn_depth: 2}", "unknown model.head_args key"),
+        ("train.strategy=multi_worker", "not supported for task=detection"),
+        ("train.label_smoothing=0.1", "does not apply to task=detection"),
+        ("data.source=fashion_mnist", "use one of 'voc', 'coco', 'mosaic'"),
+    ],
+)
+def test_recipe_errors_name_the_key(override, message, tmp_path, capsys):
+    assert main(["train", RECIPE, "--set", override, f"output_dir={tmp_path / 'run'}"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+
+
+def test_default_recipe_is_a_valid_detection_recipe():
+    cfg = load_config(RECIPE)
+    assert cfg["task"] == "detection" and cfg["model"]["head"] == "retinanet"
+    assert cfg["data"]["source"] == "mosaic" and cfg["model"]["input_shape"] == [256, 256, 1]
+    with pytest.raises(ConfigError, match="detection head"):
+        load_config(RECIPE, ["model.head=deeplabv3plus"])
+
+
+def test_voc_recipe_with_a_bad_box_fails_with_one_line(tmp_path, capsys):
+    root = tmp_path / "voc"
+    root.mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "a.jpg")
+    (root / "a.xml").write_text(
+        "<annotation><size><width>60</width><height>40</height><depth>3</depth></size>"
+        "<object><name>dog</name><bndbox><xmin>50</xmin><ymin>5</ymin><xmax>20</xmax><ymax>30</ymax></bndbox>"
+        "</object></annotation>"
+    )
+    code = main([
+        "train", "tasks/detection/voc_retinanet_resnet50.yaml", "--set", f"data.train={root}", f"data.val={root}",
+        "data.batch_size=1", f"output_dir={tmp_path / 'run'}",
+    ])
+    error = capsys.readouterr().err
+    assert code == 2 and "a.xml" in error and "Traceback" not in error
