@@ -37,20 +37,19 @@ from keras_resnet.detection.evaluation import coco_evaluate, detections_to_origi
 from keras_resnet.detection.losses import RetinaNetLoss
 from keras_resnet.detection.retinanet import RetinaNetDetector
 from keras_resnet.detection_predict import plot_detections
-from keras_resnet.plots import DETECTION_PANELS, read_history_csv
+from keras_resnet.plots import DETECTION_PANELS
 from keras_resnet.training import (
-    _backup_and_restore,
     _check_classes,
-    _LogLearningRate,
-    _PlotCurves,
     _run_paths,
     _write_json,
     build_backbone_from_config,
+    fit_run,
     load_pretrained_weights,
     make_optimizer,
     make_strategy,
     prepare_output_dir,
     resolve_precision,
+    run_summary,
 )
 
 NUM_PREDICTION_EXAMPLES = 4
@@ -298,43 +297,18 @@ def train_detection(cfg):
         "num_train": info["num_train"],
         "num_val": info["num_val"],
     })
-    best = keras.callbacks.ModelCheckpoint(paths["best"], monitor="val_mAP", mode="max", save_best_only=True)
-    if os.path.exists(paths["history"]):
-        previous = read_history_csv(paths["history"]).get("val_mAP")
-        if previous:
-            best.best = max(previous)
-    callbacks = [
-        _LogLearningRate(),
-        _COCOEvaluation(val_ds, info, model_cfg["decoder_args"]),  # before the callbacks that read val_mAP
-        keras.callbacks.CSVLogger(paths["history"], append=True),
-        keras.callbacks.TensorBoard(paths["logs"]),
-        best,
-        keras.callbacks.ModelCheckpoint(paths["last"]),
-        _PlotCurves(paths["history"], paths["curves"], f"{model_cfg['backbone']} RetinaNet",
-                    panels=DETECTION_PANELS, best_key="mAP"),
-        _backup_and_restore(os.path.join(paths["backup_root"], "main")),
-    ]
     start = time.time()
     with strategy.scope():
-        model.fit(
-            _encode_targets(train_ds, encoder),
-            validation_data=_encode_targets(val_ds, encoder),
-            epochs=train_cfg["epochs"],
-            steps_per_epoch=train_cfg["steps_per_epoch"],
-            callbacks=callbacks,
-            verbose=1 if os.environ.get("CI") is None else 2,
-        )
+        fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
+                monitor="val_mAP", title=f"{model_cfg['backbone']} RetinaNet", panels=DETECTION_PANELS,
+                best_key="mAP", backup_dir=os.path.join(paths["backup_root"], "main"), epochs=train_cfg["epochs"],
+                extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg["decoder_args"])])
     train_seconds = time.time() - start
     shutil.rmtree(paths["backup_root"], ignore_errors=True)
     best_model = keras.saving.load_model(paths["best"], compile=False)
     metrics = evaluate_detector(best_model, val_ds, info, model_cfg["decoder_args"], output_dir, title="best model")
-    epochs = len(read_history_csv(paths["history"]).get("epoch", []))
-    metrics.update({
-        "epochs": epochs,
-        "train_seconds_this_session": round(train_seconds, 1),
-        "train_images_per_second": round(steps_per_epoch * data_cfg["batch_size"] * max(epochs, 1) / train_seconds, 1)
-        if train_seconds > 0 else None,
-    })
+    metrics.update(run_summary(paths, steps_per_epoch, data_cfg["batch_size"], train_seconds))
+    epochs = metrics["epochs"]
     _write_json(os.path.join(output_dir, "metrics.json"), metrics)
     print(
         f"done: {model_cfg['backbone']} RetinaNet mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} "

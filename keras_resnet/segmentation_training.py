@@ -34,22 +34,21 @@ from keras_resnet.data.classification import DataError
 from keras_resnet.data.segmentation import IGNORE_INDEX, build_segmentation_datasets
 from keras_resnet.losses import make_segmentation_loss
 from keras_resnet.metrics import PixelAccuracy, SegmentationMeanIoU, confusion_to_iou
-from keras_resnet.plots import SEGMENTATION_PANELS, plt, read_history_csv
+from keras_resnet.plots import SEGMENTATION_PANELS, plt
 from keras_resnet.segmentation_predict import overlay_mask
 from keras_resnet.segmenter import ResNetSegmenter
 from keras_resnet.training import (
     _check_classes,
-    _PlotCurves,
-    _backup_and_restore,
-    _LogLearningRate,
     _run_paths,
     _write_json,
     build_backbone_from_config,
+    fit_run,
     load_pretrained_weights,
     make_optimizer,
     make_strategy,
     prepare_output_dir,
     resolve_precision,
+    run_summary,
     trained_model_path,
 )
 
@@ -250,42 +249,17 @@ def train_segmentation(cfg):
         "num_train": info["num_train"],
         "num_val": info["num_val"],
     })
-    best = keras.callbacks.ModelCheckpoint(paths["best"], monitor="val_miou", mode="max", save_best_only=True)
-    if os.path.exists(paths["history"]):
-        previous = read_history_csv(paths["history"]).get("val_miou")
-        if previous:
-            best.best = max(previous)
-    callbacks = [
-        _LogLearningRate(),
-        keras.callbacks.CSVLogger(paths["history"], append=True),
-        keras.callbacks.TensorBoard(paths["logs"]),
-        best,
-        keras.callbacks.ModelCheckpoint(paths["last"]),
-        _PlotCurves(paths["history"], paths["curves"], f"{cfg['model']['backbone']} {cfg['model']['head']}",
-                    panels=SEGMENTATION_PANELS, best_key=None),
-        _backup_and_restore(os.path.join(paths["backup_root"], "main")),
-    ]
     start = time.time()
     with strategy.scope():
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=train_cfg["epochs"],
-            steps_per_epoch=train_cfg["steps_per_epoch"],
-            callbacks=callbacks,
-            verbose=1 if os.environ.get("CI") is None else 2,
-        )
+        fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",
+                title=f"{cfg['model']['backbone']} {cfg['model']['head']}", panels=SEGMENTATION_PANELS,
+                best_key="miou", backup_dir=os.path.join(paths["backup_root"], "main"), epochs=train_cfg["epochs"])
     train_seconds = time.time() - start
     shutil.rmtree(paths["backup_root"], ignore_errors=True)
     best_model = keras.saving.load_model(paths["best"], compile=False)
     metrics = evaluate_segmenter(best_model, val_ds, info["class_names"], output_dir, title="best model")
-    epochs = len(read_history_csv(paths["history"]).get("epoch", []))
-    metrics.update({
-        "epochs": epochs,
-        "train_seconds_this_session": round(train_seconds, 1),
-        "train_images_per_second": round(steps_per_epoch * data_cfg["batch_size"] * max(epochs, 1) / train_seconds, 1)
-        if train_seconds > 0 else None,
-    })
+    metrics.update(run_summary(paths, steps_per_epoch, data_cfg["batch_size"], train_seconds))
+    epochs = metrics["epochs"]
     _write_json(os.path.join(output_dir, "metrics.json"), metrics)
     print(
         f"done: {cfg['model']['backbone']} {cfg['model']['head']} mIoU={metrics['mIoU']:.4f} "

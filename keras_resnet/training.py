@@ -311,19 +311,41 @@ def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per
         metrics=classification_metrics(),
         jit_compile=train_cfg["jit_compile"],
     )
-    best = keras.callbacks.ModelCheckpoint(
-        paths["best"], monitor="val_top1", mode="max", save_best_only=True, verbose=0
-    )
-    previous_best = _previous_best(paths["history"])
-    if previous_best is not None:
-        best.best = previous_best
+    fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg["model"]["backbone"],
+            panels=CLASSIFICATION_PANELS, best_key="top1", backup_dir=backup_dir, epochs=epochs,
+            initial_epoch=initial_epoch)
+
+
+def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best_key, backup_dir, epochs,
+            initial_epoch=0, extra_callbacks=()):
+    """`model.fit` with the run directory's callbacks: resumable, best/last checkpoints, logs, curves.
+
+    Args:
+        model: a compiled model.
+        cfg: the recipe (train.steps_per_epoch is read).
+        train_ds, val_ds: datasets for `fit`.
+        paths: `_run_paths(output_dir)`.
+        monitor: the `val_*` log key (maximised) that picks best_model.keras; a
+            resumed run starts from the best value in history.csv.
+        title, panels, best_key: of training_curves.png (see `plot_history`).
+        backup_dir: BackupAndRestore folder.
+        epochs, initial_epoch: as in `fit`.
+        extra_callbacks: run first, so the logs they add (e.g. val_mAP) reach
+            the CSV, the checkpoints and the plots.
+    """
+    best = keras.callbacks.ModelCheckpoint(paths["best"], monitor=monitor, mode="max", save_best_only=True)
+    if os.path.exists(paths["history"]):
+        previous = read_history_csv(paths["history"]).get(monitor)
+        if previous:
+            best.best = max(previous)
     callbacks = [
         _LogLearningRate(),
+        *extra_callbacks,
         keras.callbacks.CSVLogger(paths["history"], append=True),
         keras.callbacks.TensorBoard(paths["logs"]),
         best,
-        keras.callbacks.ModelCheckpoint(paths["last"], verbose=0),
-        _PlotCurves(paths["history"], paths["curves"], cfg["model"]["backbone"]),
+        keras.callbacks.ModelCheckpoint(paths["last"]),
+        _PlotCurves(paths["history"], paths["curves"], title, panels=panels, best_key=best_key),
         _backup_and_restore(backup_dir),
     ]
     model.fit(
@@ -335,6 +357,17 @@ def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per
         callbacks=callbacks,
         verbose=1 if os.environ.get("CI") is None else 2,
     )
+
+
+def run_summary(paths, steps_per_epoch, batch_size, train_seconds):
+    """`epochs` (in history.csv), `train_seconds_this_session` and `train_images_per_second` of a run."""
+    epochs = len(read_history_csv(paths["history"]).get("epoch", []))
+    return {
+        "epochs": epochs,
+        "train_seconds_this_session": round(train_seconds, 1),
+        "train_images_per_second": round(steps_per_epoch * batch_size * max(epochs, 1) / train_seconds, 1)
+        if train_seconds > 0 else None,
+    }
 
 
 def _backup_and_restore(backup_dir):
@@ -608,14 +641,7 @@ def train_from_config(config, overrides=()):
         return None
     best_model = keras.saving.load_model(paths["best"], compile=False)
     metrics = evaluate_model(best_model, val_ds, info["class_names"], output_dir)
-    history = read_history_csv(paths["history"])
-    metrics.update({
-        "epochs": len(history.get("epoch", [])),
-        "train_seconds_this_session": round(train_seconds, 1),
-        "train_images_per_second": round(
-            steps_per_epoch * cfg["data"]["batch_size"] * max(len(history.get("epoch", [])), 1) / train_seconds, 1
-        ) if train_seconds > 0 else None,
-    })
+    metrics.update(run_summary(paths, steps_per_epoch, cfg["data"]["batch_size"], train_seconds))
     _write_json(os.path.join(output_dir, "metrics.json"), metrics)
     print(
         f"done: {cfg['model']['backbone']} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "

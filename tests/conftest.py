@@ -1,4 +1,6 @@
+import gzip
 import os
+import struct
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -27,3 +29,11 @@ def randomize_batch_norm(model, seed=0):
                 rng.normal(0.0, 0.2, mean.shape),
                 rng.uniform(0.5, 2.0, var.shape),
             ])
+
+
+def write_idx_gz(path, array):
+    """Writes `array` as a gzipped IDX file (the Fashion-MNIST format)."""
+    array = np.ascontiguousarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as stream:
+        stream.write(header + array.tobytes())

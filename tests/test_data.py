@@ -2,12 +2,11 @@
 
 import gzip
 import logging
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import write_idx_gz
 
 from keras_resnet.config import load_config
 from keras_resnet.data import (
@@ -56,13 +55,6 @@ def folder_config(train, val, *overrides):
         {"model": {"num_classes": 2}, "data": {"source": "image_folder", "train": str(train), "val": str(val)}},
         ["data.batch_size=4", *overrides],
     )
-
-
-def write_idx_gz(path, array):
-    """Write a uint8 array as a gzip-compressed idx file (the MNIST format)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as stream:
-        stream.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
 @pytest.fixture

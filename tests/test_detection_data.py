@@ -1,9 +1,7 @@
 """Detection data: VOC / COCO / mosaic readers, letterbox pipelines, box-aware augmentation, COCO mAP."""
 
-import gzip
 import json
 import logging
-import struct
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 import keras_resnet.data.detection as detection
+from conftest import write_idx_gz
 from keras_resnet.data import DataError
 from keras_resnet.data.classification import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from keras_resnet.data.detection import (
@@ -100,12 +99,6 @@ def write_coco(root, annotations=None, drop=None):
     path = root / "instances.json"
     path.write_text(json.dumps(data))
     return path
-
-
-def write_idx_gz(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as stream:
-        stream.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
 def blob_items(count, seed):

@@ -1,12 +1,11 @@
 """Detection recipes end to end: CLI train/evaluate on a tiny mosaic, predict, recipe errors."""
 
-import gzip
 import json
-import struct
 
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import write_idx_gz
 
 from keras_resnet.cli import main
 from keras_resnet.config import ConfigError, load_config
@@ -20,12 +19,6 @@ TINY = [
     "data.mosaic_train_size=32", "data.mosaic_val_size=8", "data.batch_size=8",
     "train.epochs=2", "train.mixed_precision=false",
 ]
-
-
-def write_idx_gz(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as stream:
-        stream.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Semantic segmentation: heads, losses, metrics, data loaders, training end to end."""
 
-import gzip
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from conftest import write_idx_gz
 
 from keras_resnet.backbones import ResNetBackbone
 from keras_resnet.config import ConfigError, load_config
@@ -287,13 +287,6 @@ def test_source_must_fit_the_task():
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-def write_idx_gz(path, array):
-    array = np.asarray(array, np.uint8)
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as stream:
-        stream.write(header + array.tobytes())
 
 
 @pytest.fixture
