@@ -5,7 +5,7 @@
     keras-resnet train CONFIG [--set k=v]    train a task recipe
     keras-resnet evaluate CONFIG [--set k=v] evaluate a recipe's model
     keras-resnet export MODEL [--format F]   export to SavedModel, TFLite or ONNX
-    keras-resnet predict MODEL IMAGE...      top-k classes, or mask overlays of a segmenter
+    keras-resnet predict MODEL IMAGE...      top-k classes, mask overlays of a segmenter, boxes of a detector
 
 User errors (a bad config key, a missing file, an unknown preset...) print
 one line and exit with status 2; set KERAS_RESNET_DEBUG=1 for tracebacks.
@@ -14,6 +14,7 @@ one line and exit with status 2; set KERAS_RESNET_DEBUG=1 for tracebacks.
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -98,13 +99,21 @@ def _cmd_export(args):
         output=args.output,
         parity_samples=args.parity_samples,
         int8_min_agreement=args.int8_min_agreement,
+        detection_outputs=args.detection_outputs,
+        decoder_args={
+            "score_threshold": args.score_threshold,
+            "iou_threshold": args.iou_threshold,
+            "max_detections": args.max_detections,
+        } if _decoder_overrides(args) else None,
     )
 
 
-def _predictions_dir(model_path):
-    """Default folder of mask/overlay PNGs: `predictions/` in a run dir, else beside the model or export."""
-    from pathlib import Path
+def _decoder_overrides(args):
+    return any(value is not None for value in (args.score_threshold, args.iou_threshold, args.max_detections))
 
+
+def _predictions_dir(model_path):
+    """Default folder of prediction PNGs: `predictions/` in a run dir, else beside the model or export."""
     path = Path(model_path)
     if path.is_dir() and not (path / "saved_model.pb").is_file():
         return str(path / "predictions")
@@ -117,10 +126,16 @@ def _cmd_predict(args):
     from rich.console import Console
     from rich.table import Table
 
-    from keras_resnet.export import SEGMENTATION, model_task
+    from keras_resnet.export import DETECTION, SEGMENTATION, model_task
     from keras_resnet.predict import predict_files
 
-    if model_task(args.model) == SEGMENTATION:
+    task = model_task(args.model)
+    if task == DETECTION:
+        _predict_detections(args)
+        return
+    if args.score_threshold is not None or args.max_detections is not None:
+        raise UserError("--score-threshold and --max-detections apply to detectors only")
+    if task == SEGMENTATION:
         from keras_resnet.segmentation_predict import predict_masks
 
         results = predict_masks(args.model, args.images, args.output or _predictions_dir(args.model))
@@ -143,6 +158,36 @@ def _cmd_predict(args):
             image = result["image"] if rank == 1 else ""
             table.add_row(image, str(rank), entry["class"], str(entry["index"]), f"{entry['score']:.4f}")
     Console().print(table)
+
+
+def _predict_detections(args):
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from keras_resnet.detection_predict import predict_boxes
+
+    results = predict_boxes(
+        args.model, args.images, args.output or _predictions_dir(args.model),
+        score_threshold=args.score_threshold, max_detections=args.max_detections,
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    table = Table(title=f"detections of {args.model}")
+    table.add_column("image", overflow="fold")
+    for column in ("class", "score", "box (x_min, y_min, x_max, y_max)"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for result in results:
+        if not result["detections"]:
+            table.add_row(result["image"], "-", "", "")
+        for rank, detection in enumerate(result["detections"]):
+            box = ", ".join(f"{v:.1f}" for v in detection["box"])
+            table.add_row(result["image"] if rank == 0 else "", detection["class"], f"{detection['score']:.3f}", box)
+    console = Console()
+    console.print(table)
+    console.print(f"boxes drawn in {Path(results[0]['output']).parent}" if results else "no images")
 
 
 def build_parser():
@@ -173,7 +218,7 @@ def build_parser():
         p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="export a trained model to SavedModel, TFLite or ONNX, checking parity")
-    p.add_argument("model", help="a .keras file or a training run output_dir (classifier or segmenter)")
+    p.add_argument("model", help="a .keras file or a training run output_dir (classifier, segmenter or detector)")
     p.add_argument("--format", default="saved_model", choices=("saved_model", "tflite", "onnx"))
     p.add_argument(
         "--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
@@ -190,18 +235,31 @@ def build_parser():
     p.add_argument(
         "--int8-min-agreement", type=float, default=None,
         help="minimum int8 agreement with the Keras model: top-1 over images for classifiers (default 0.99), "
-        "argmax over pixels for segmenters (default 0.98)",
+        "argmax over pixels for segmenters (default 0.98), Keras detections matched by class at IoU >= 0.5 "
+        "for detectors (default 0.9)",
     )
+    p.add_argument(
+        "--detection-outputs", default="decoded", choices=("decoded", "raw"),
+        help="detectors, TFLite/ONNX: 'decoded' (boxes, scores, classes, num_detections; NMS inside) or 'raw' "
+        "(anchor deltas and logits; decode with the decoder in the metadata JSON)",
+    )
+    p.add_argument("--score-threshold", type=float, default=None, help="detectors: decoder score threshold "
+                   "(default: the run's)")
+    p.add_argument("--iou-threshold", type=float, default=None, help="detectors: NMS IoU threshold")
+    p.add_argument("--max-detections", type=int, default=None, help="detectors: detections per image")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("predict", help="top-k classes (classifiers) or mask overlays (segmenters) of images")
+    p = sub.add_parser("predict", help="top-k classes, mask overlays (segmenters) or boxes (detectors) of images")
     p.add_argument("model", help="a .keras file, run dir, SavedModel dir, .tflite or .onnx")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--output", default=None, metavar="DIR",
-                   help="segmentation: folder for mask/overlay PNGs (default: predictions/ in the run dir, "
-                   "or beside the model file or export)")
+                   help="segmentation and detection: folder for mask/overlay or <stem>_boxes.png PNGs "
+                   "(default: predictions/ in the run dir, or beside the model file or export)")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="detectors: minimum score (default: the model's decoder setting)")
+    p.add_argument("--max-detections", type=int, default=None, help="detectors: at most this many boxes per image")
     p.set_defaults(func=_cmd_predict)
     return parser
 

@@ -1,4 +1,9 @@
-"""Export trained classifiers and segmenters to SavedModel, TFLite and ONNX, with parity checks.
+"""Export trained classifiers, segmenters and detectors to SavedModel, TFLite and ONNX, with parity checks.
+
+Detectors (`RetinaNetDetector`, detection run dirs) are exported by
+`keras_resnet.detection_export` (NMS inside or raw outputs, detection
+parity); `export_model`, `load_exported_model` and `model_task` hand them
+over. The rest of this docstring is about classifiers and segmenters.
 
 Every export takes float32 raw pixels 0..255, NHWC: the `ImageNormalization`
 layer inside the model travels with it, so no export needs the training
@@ -97,6 +102,9 @@ OUTPUT_NAME = "probabilities"
 MASK_NAME = "mask"
 CLASSIFICATION = "classification"
 SEGMENTATION = "segmentation"
+DETECTION = "detection"
+DETECTION_NAMES = ("boxes", "scores", "classes", "num_detections")
+RAW_NAME = "raw"
 INPUT_FORMAT = "float32 raw pixels 0..255, NHWC"
 ONNX_OPSET = 17
 FLOAT_RELATIVE_TOLERANCE = 1e-4
@@ -386,22 +394,30 @@ class ExportedModel:
         batch_size: fixed batch size, or None when dynamic.
         class_names: from the metadata JSON or run.json, or None.
         metadata: the metadata dict (empty when there is none).
-        task: "classification" or "segmentation" (from the metadata, else
-            from the rank of the "probabilities" output).
+        task: "classification", "segmentation" or "detection" (from the
+            metadata, else from the artefact's outputs).
         output_names: the outputs `predict_outputs` returns, "probabilities"
-            first ("mask" follows for segmenters).
+            first ("mask" follows for segmenters); for detectors "boxes",
+            "scores", "classes", "num_detections" (then "raw" when the
+            artefact has raw outputs).
     """
 
-    def __init__(self, kind, path, input_shape, batch_size, run_batch, metadata, class_names, task=None):
+    def __init__(self, kind, path, input_shape, batch_size, run_batch, metadata, class_names, task=None,
+                 decode=None, has_raw=False, raw_batch=None):
         self.kind = kind
         self.path = str(path)
         self.input_shape = tuple(int(v) for v in input_shape)
         self.batch_size = batch_size
         self._run_batch = run_batch
+        self._decode = decode
+        self._raw_batch = raw_batch
         self.metadata = metadata
         self.class_names = class_names
         self.task = task or metadata.get("task") or CLASSIFICATION
-        self.output_names = (OUTPUT_NAME, MASK_NAME) if self.task == SEGMENTATION else (OUTPUT_NAME,)
+        if self.task == DETECTION:
+            self.output_names = DETECTION_NAMES + ((RAW_NAME,) if has_raw else ())
+        else:
+            self.output_names = (OUTPUT_NAME, MASK_NAME) if self.task == SEGMENTATION else (OUTPUT_NAME,)
 
     @property
     def num_classes(self) -> int | None:
@@ -417,7 +433,21 @@ class ExportedModel:
         return images
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """The "probabilities" output for float32 raw-pixel images `(N, H, W, C)` at `input_shape`, any N."""
+        """The "probabilities" output for float32 raw-pixel images `(N, H, W, C)` at `input_shape`, any N.
+
+        A detector returns its "raw" output `(N, anchors, 4 + classes)`
+        (a SavedModel's `serve_raw`; ValueError when the artefact has none:
+        use `predict_outputs`).
+        """
+        if self.task == DETECTION:
+            if RAW_NAME in self.output_names:
+                return self.predict_outputs(images)[RAW_NAME]
+            if self._raw_batch is None:
+                raise ValueError(f"{self.path} outputs decoded detections only; use predict_outputs")
+            images = self._check(images)
+            return np.concatenate(
+                [self._raw_batch(batch)[:count] for batch, count in _batches(images, self.batch_size)]
+            )
         images = self._check(images)
         outputs = [self.predict_batch(batch)[:count] for batch, count in _batches(images, self.batch_size)]
         return np.concatenate(outputs).astype(np.float32)
@@ -428,12 +458,21 @@ class ExportedModel:
         For a segmenter: `{"probabilities": float32 (N, H, W, classes),
         "mask": int32 (N, H, W)}`; "mask" is the argmax of "probabilities"
         when the artefact has no mask output (a `.keras` model).
+
+        For a detector (images letterboxed to `input_shape`): `{"boxes":
+        float32 (N, K, 4) xyxy model-input pixels, "scores": (N, K),
+        "classes": int32 (N, K) (-1 padding), "num_detections": int32
+        (N,)}`, plus "raw" `(N, anchors, 4 + classes)` when the artefact
+        has it; a raw artefact is decoded with the `DetectionDecoder` of its
+        metadata.
         """
         images = self._check(images)
-        chunks = [
-            {name: value[:count] for name, value in self._run_batch(batch).items()}
-            for batch, count in _batches(images, self.batch_size)
-        ]
+        chunks = []
+        for batch, count in _batches(images, self.batch_size):
+            outputs = self._run_batch(batch)
+            if self._decode is not None and "num_detections" not in outputs:
+                outputs = {**self._decode(outputs[RAW_NAME]), **outputs}
+            chunks.append({name: value[:count] for name, value in outputs.items()})
         outputs = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
         if self.task == SEGMENTATION and MASK_NAME not in outputs:
             outputs[MASK_NAME] = np.argmax(outputs[OUTPUT_NAME], axis=-1).astype(np.int32)
@@ -441,7 +480,33 @@ class ExportedModel:
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """Runs one float32 batch as is (no checks or padding): the artefact's own call; "probabilities"."""
-        return self._run_batch(batch)[OUTPUT_NAME]
+        return self._run_batch(batch)[RAW_NAME if self.task == DETECTION else OUTPUT_NAME]
+
+
+def _detection_task(names) -> bool:
+    """True when an artefact's output names are a detector's (decoded or raw)."""
+    names = set(names)
+    return set(DETECTION_NAMES) <= names or (RAW_NAME in names and OUTPUT_NAME not in names)
+
+
+def _raw_decoder(metadata: dict, path):
+    """`raw -> decoded dict (NumPy)` from the "detection" "decoder" config of a raw export's metadata."""
+    config = (metadata.get("detection") or {}).get("decoder")
+    if not config:
+        raise ValueError(
+            f"{path} outputs raw detections but has no metadata JSON with the decoder config "
+            f"({Path(str(path).rstrip('/')).name}{METADATA_SUFFIX}); keep it beside the artefact"
+        )
+    from keras_resnet.detection_export import decoder_from_config
+
+    decoder = decoder_from_config(config)
+    shape = [None, int(decoder.anchors.shape[0]), 4 + decoder.num_classes]
+    decode = tf.function(decoder.call, input_signature=[tf.TensorSpec(shape, tf.float32)])
+
+    def run(raw):
+        return {name: value.numpy() for name, value in decode(tf.constant(raw, tf.float32)).items()}
+
+    return run
 
 
 def _metadata_beside(path: Path) -> dict:
@@ -457,6 +522,10 @@ def _task_from_rank(shape) -> str:
 def _load_keras(path) -> ExportedModel:
     source = load_model_source(path)
     metadata = source.run_info
+    from keras_resnet.detection_export import is_detector
+
+    if is_detector(source.model):
+        return _load_keras_detector(source)
     spec = output_spec(source.model)
     height, width = source.model.input_shape[1:3]
     if height is None or width is None:
@@ -474,6 +543,29 @@ def _load_keras(path) -> ExportedModel:
     )
 
 
+def _load_keras_detector(source) -> ExportedModel:
+    """A `.keras` detector run as its exports are: raw output and the run's decoder in one tf.function."""
+    from keras_resnet.detection_export import make_decoder
+
+    model = as_float32(source.model)
+    decoder = make_decoder(model, source.run_info)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
+    def run(images):
+        raw = model(images, training=False)
+        return {**decoder.call(raw), RAW_NAME: raw}
+
+    def run_batch(batch):
+        return {name: value.numpy() for name, value in run(tf.constant(batch)).items()}
+
+    class_names = source.class_names or [str(i) for i in range(model.num_classes)]
+    metadata = {**source.run_info, "task": DETECTION, "num_classes": int(model.num_classes)}
+    return ExportedModel(
+        "keras", source.path, model.input_shape[1:], None, run_batch, metadata, class_names, DETECTION,
+        has_raw=True,
+    )
+
+
 def _load_saved_model(path: Path) -> ExportedModel:
     loaded = tf.saved_model.load(str(path))
     if "serve_float" not in loaded.signatures:
@@ -481,6 +573,8 @@ def _load_saved_model(path: Path) -> ExportedModel:
     signature = loaded.signatures["serve_float"]
     spec = signature.structured_input_signature[1][INPUT_NAME]
     metadata = _metadata_beside(path)
+    if _detection_task(signature.structured_outputs):
+        return _saved_model_detector(path, loaded, signature, spec, metadata)
     task = _task_from_rank(signature.structured_outputs[OUTPUT_NAME].shape)
 
     def run_batch(batch):
@@ -489,6 +583,23 @@ def _load_saved_model(path: Path) -> ExportedModel:
     run_batch.loaded = loaded  # keeps the restored variables alive with the signature
     return ExportedModel(
         "saved_model", path, spec.shape[1:], spec.shape[0], run_batch, metadata, metadata.get("class_names"), task
+    )
+
+
+def _saved_model_detector(path, loaded, signature, spec, metadata) -> ExportedModel:
+    """A detector SavedModel: `predict_outputs` runs `serve_float` (decoded), `predict` runs `serve_raw`."""
+    raw_signature = loaded.signatures["serve_raw"] if "serve_raw" in loaded.signatures else None
+
+    def run_batch(batch):
+        return {name: value.numpy() for name, value in signature(**{INPUT_NAME: tf.constant(batch)}).items()}
+
+    def raw_batch(batch):
+        return raw_signature(**{INPUT_NAME: tf.constant(batch)})[RAW_NAME].numpy()
+
+    run_batch.loaded = loaded
+    return ExportedModel(
+        "saved_model", path, spec.shape[1:], spec.shape[0], run_batch, metadata, metadata.get("class_names"),
+        DETECTION, raw_batch=raw_batch if raw_signature is not None else None,
     )
 
 
@@ -510,10 +621,12 @@ def _load_tflite(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedMode
         raise ValueError(f"cannot load TFLite model {path}: {error}") from None
     input_detail = interpreter.get_input_details()[0]
     output_indices = _tflite_output_indices(interpreter)
-    if OUTPUT_NAME not in output_indices:  # a TFLite model not written by export_model: its first output
+    metadata = _metadata_beside(path)
+    detection = _detection_task(output_indices)
+    if not detection and OUTPUT_NAME not in output_indices:  # not written by export_model: its first output
         output_indices = {OUTPUT_NAME: interpreter.get_output_details()[0]["index"]}
     output_shapes = {detail["index"]: detail["shape"] for detail in interpreter.get_output_details()}
-    task = _task_from_rank(output_shapes[output_indices[OUTPUT_NAME]])
+    task = DETECTION if detection else _task_from_rank(output_shapes[output_indices[OUTPUT_NAME]])
     signature = [int(v) for v in input_detail["shape_signature"]]
     dynamic_batch = signature[0] == -1
     allocated = {"batch": None}
@@ -528,11 +641,19 @@ def _load_tflite(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedMode
         interpreter.invoke()
         return {name: interpreter.get_tensor(index).copy() for name, index in output_indices.items()}
 
-    metadata = _metadata_beside(path)
     batch_size = None if dynamic_batch else signature[0]
     return ExportedModel(
-        "tflite", path, signature[1:], batch_size, run_batch, metadata, metadata.get("class_names"), task
+        "tflite", path, signature[1:], batch_size, run_batch, metadata, metadata.get("class_names"), task,
+        **_detection_options(task, output_indices, metadata, path),
     )
+
+
+def _detection_options(task, names, metadata, path) -> dict:
+    """`decode` and `has_raw` arguments of an `ExportedModel` (a raw detector decodes with its metadata)."""
+    if task != DETECTION:
+        return {}
+    raw_only = not set(DETECTION_NAMES) <= set(names)
+    return {"decode": _raw_decoder(metadata, path) if raw_only else None, "has_raw": RAW_NAME in names}
 
 
 def _load_onnx(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedModel:
@@ -548,11 +669,12 @@ def _load_onnx(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedModel:
     model_input = session.get_inputs()[0]
     batch_dim = model_input.shape[0]
     outputs = {output.name: output for output in session.get_outputs()}
-    if OUTPUT_NAME not in outputs:  # an ONNX model not written by export_model: its first output
+    detection = _detection_task(outputs)
+    if not detection and OUTPUT_NAME not in outputs:  # an ONNX model not written by export_model: its first output
         outputs = {OUTPUT_NAME: session.get_outputs()[0]}
     names = list(outputs)
     onnx_names = [output.name for output in outputs.values()]
-    task = _task_from_rank(outputs[OUTPUT_NAME].shape)
+    task = DETECTION if detection else _task_from_rank(outputs[OUTPUT_NAME].shape)
 
     def run_batch(batch):
         return dict(zip(names, session.run(onnx_names, {model_input.name: batch})))
@@ -560,7 +682,8 @@ def _load_onnx(path: Path, num_threads: int = RUNTIME_THREADS) -> ExportedModel:
     metadata = _metadata_beside(path)
     batch_size = batch_dim if isinstance(batch_dim, int) else None
     return ExportedModel(
-        "onnx", path, model_input.shape[1:], batch_size, run_batch, metadata, metadata.get("class_names"), task
+        "onnx", path, model_input.shape[1:], batch_size, run_batch, metadata, metadata.get("class_names"), task,
+        **_detection_options(task, names, metadata, path),
     )
 
 
@@ -568,7 +691,10 @@ def load_exported_model(path, num_threads: int = RUNTIME_THREADS) -> ExportedMod
     """Open any model form for inference on float32 raw-pixel images.
 
     Classifiers and segmenters alike: `predict` returns "probabilities",
-    `predict_outputs` every output (a segmenter's "mask" too).
+    `predict_outputs` every output (a segmenter's "mask" too). Detectors
+    (`task == "detection"`): `predict_outputs` returns the decoded
+    detections (boxes, scores, classes, num_detections) of letterboxed
+    images, decoding a raw export with its metadata's decoder.
 
     Args:
         path: a `.keras` file, a training run dir, a SavedModel dir (written
@@ -603,12 +729,12 @@ def _is_export_path(path: Path) -> bool:
 
 
 def model_task(path) -> str | None:
-    """"classification" or "segmentation" for any model form, without running it.
+    """"classification", "segmentation" or "detection" for any model form, without running it.
 
-    Exports: the task in their metadata JSON, else the rank of their
-    "probabilities" output (the artefact is loaded). `.keras` files and run
-    dirs: the task in the run's `run.json`, else "segmentation" when the
-    saved model is a `ResNetSegmenter`.
+    Exports: the task in their metadata JSON, else their outputs (the
+    artefact is loaded). `.keras` files and run dirs: the task in the
+    run's `run.json`, else "segmentation" for a saved `ResNetSegmenter` and
+    "detection" for a `RetinaNetDetector`.
 
     Returns:
         The task, or None when `path` does not exist.
@@ -629,6 +755,8 @@ def model_task(path) -> str | None:
             class_name = json.loads(archive.read("config.json")).get("class_name")
     except Exception:  # not a .keras zip: the loaders report it
         return CLASSIFICATION
+    if class_name == "RetinaNetDetector":
+        return DETECTION
     return SEGMENTATION if class_name == ResNetSegmenter.__name__ else CLASSIFICATION
 
 
@@ -921,27 +1049,32 @@ def _convert_onnx(model: keras.Model, spec: OutputSpec, path: Path, batch_size: 
     `spec` ("probabilities"; a segmenter adds "mask", int32); a dynamic
     batch dimension is named "batch".
     """
+    _convert_onnx_fn(_outputs_fn(model, spec), _float_signature(model, batch_size), spec.output_names, path, batch_size)
+
+
+def _convert_onnx_fn(fn, input_spec: tf.TensorSpec, output_names, path: Path, batch_size: int | None) -> None:
+    """`_convert_onnx` for any `images -> {name: tensor}` function (`output_names`: the dict's keys, in order)."""
     import onnx
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    function = tf.function(_outputs_fn(model, spec), autograph=False)
-    concrete = function.get_concrete_function(_float_signature(model, batch_size))
+    function = tf.function(fn, autograph=False)
+    concrete = function.get_concrete_function(input_spec)
     frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
     _allow_inlining(graph_def)
     # The frozen outputs follow tf.nest order of the output dict: sorted keys.
-    output_names = dict(zip(sorted(spec.output_names), (tensor.name for tensor in frozen.outputs)))
+    tensor_names = dict(zip(sorted(output_names), (tensor.name for tensor in frozen.outputs)))
     input_name = frozen.inputs[0].name
     model_proto, _ = tf2onnx.convert.from_graph_def(
         graph_def,
         input_names=[input_name],
-        output_names=[output_names[name] for name in spec.output_names],
+        output_names=[tensor_names[name] for name in output_names],
         opset=ONNX_OPSET,
     )
     _exact_resize_sizes(model_proto)
     _rename_onnx_tensor(model_proto.graph, input_name, INPUT_NAME)
-    for name, tensor_name in output_names.items():
+    for name, tensor_name in tensor_names.items():
         _rename_onnx_tensor(model_proto.graph, tensor_name, name)
     if batch_size is None:
         for value in [*model_proto.graph.input, *model_proto.graph.output]:
@@ -1212,13 +1345,17 @@ def export_model(
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
     int8_min_agreement: float | None = None,
     name: str | None = None,
+    detection_outputs: str = "decoded",
+    decoder_args: dict | None = None,
 ) -> dict:
-    """Export a classifier or segmenter, check it against Keras and write its metadata JSON.
+    """Export a classifier, segmenter or detector, check it against Keras and write its metadata JSON.
 
     A segmenter (a model with a `(N, H, W, classes)` output, e.g. a
     `ResNetSegmenter` or a segmentation run dir) exports "probabilities"
     (per-pixel softmax, added when the model outputs logits) and "mask"
-    (int32 argmax); see the module docstring.
+    (int32 argmax); see the module docstring. A `RetinaNetDetector` (or a
+    detection run dir) exports boxes, scores, classes and num_detections
+    with NMS inside, or its raw outputs; see `keras_resnet.detection_export`.
 
     Args:
         model_or_dir: a `.keras` file, a training run dir or a `keras.Model`.
@@ -1237,9 +1374,15 @@ def export_model(
         calibration_samples: images used for int8 calibration.
         int8_min_agreement: minimum int8 agreement with Keras: top-1 over
             samples for a classifier (default 0.99), argmax over pixels for
-            a segmenter (default 0.98).
+            a segmenter (default 0.98), Keras detections matched by class
+            at IoU >= 0.5 for a detector (default 0.9).
         name: base of the file names; defaults to the run dir name, the
             `.keras` file stem or the model name.
+        detection_outputs: detectors only: "decoded" (NMS inside) or "raw"
+            (TFLite and ONNX; a SavedModel always has both).
+        decoder_args: detectors only: overrides of the run's decoder
+            settings (score_threshold, iou_threshold, max_detections,
+            pre_nms_top_k) baked into decoded exports.
 
     Returns:
         `{"format", "quantize", "task", "path", "metadata_path",
@@ -1267,6 +1410,16 @@ def export_model(
 
     with _step("loading the Keras model"):
         source = load_model_source(model_or_dir)
+    from keras_resnet.detection_export import export_detector, is_detector
+
+    if is_detector(source.model):
+        return export_detector(
+            source, format, quantize, calibration, input_size, fixed_batch, output, int(parity_samples),
+            int(calibration_samples), int8_min_agreement, name, detection_outputs, decoder_args,
+        )
+    if detection_outputs != "decoded" or decoder_args:
+        raise ValueError("detection_outputs and decoder_args apply to detectors only")
+    with _step("preparing the Keras model"):
         policies = {layer.dtype_policy.name for layer in _walk_layers(source.model)}
         spec = output_spec(source.model)
         model = model_at_size(as_float32(source.model), input_size)
