@@ -28,6 +28,10 @@ VARIANTS = {
     "recipe_192px_fp32": ("float32", 192, NARROW, {**HEAD, "anchor_sizes": [18, 36, 72]}),
     "recipe_3_anchors_fp32": ("float32", 256, NARROW, {**HEAD, "anchor_scales": [1.0, 1.5]}),
     "recipe_head_depth1_fp32": ("float32", 256, NARROW, {**HEAD, "head_depth": 1}),
+    "quarter_width_fpn32_bf16": ("mixed_bfloat16", 256, {"stackwise_num_filters": [16, 32, 64, 128]},
+                                 {**HEAD, "fpn_width": 32}),
+    "quarter_width_fpn48_bf16": ("mixed_bfloat16", 256, {"stackwise_num_filters": [16, 32, 64, 128]},
+                                 {**HEAD, "fpn_width": 48}),
     "full_width_fpn128_fp32": ("float32", 256, {}, {**HEAD, "fpn_width": 128}),
 }
 
