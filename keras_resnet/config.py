@@ -145,6 +145,8 @@ SCHEMA: dict[str, Any] = {
         "schedule": Field(("str",), "cosine", allowed=SCHEDULES),
         "warmup_epochs": Field(("float",), 1.0, check=_at_least(0)),
         "label_smoothing": Field(("float",), 0.0, check=_in_range(0, 1, high_inclusive=False)),
+        # Exponential moving average of the weights (validated and saved); null = off, e.g. 0.999.
+        "ema_momentum": Field(("float",), None, check=_in_range(0, 1, high_inclusive=False)),
         "strategy": Field(("str",), "auto", allowed=STRATEGIES),
         "mixed_precision": Field(("bool", "str"), False, allowed=MIXED_PRECISION_MODES),
         "jit_compile": Field(("bool", "str"), False, allowed=JIT_COMPILE_MODES),

@@ -218,7 +218,10 @@ def load_pretrained_weights(model, path):
 def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmup=True):
     """SGD (momentum, Nesterov) or AdamW with a warm-up schedule.
 
-    Weight decay skips BatchNorm parameters and biases.
+    Weight decay skips BatchNorm parameters and biases. With
+    `train.ema_momentum` set, the optimizer also keeps an exponential moving
+    average of the weights (Keras' `use_ema`); `fit_run` then validates and
+    checkpoints the averaged weights.
     """
     learning_rate = learning_rate or train_cfg["learning_rate"]
     schedule = WarmupSchedule(
@@ -228,12 +231,14 @@ def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmu
         schedule=train_cfg["schedule"],
     )
     weight_decay = train_cfg["weight_decay"] or None
+    ema = {"use_ema": True, "ema_momentum": train_cfg["ema_momentum"]} if train_cfg.get("ema_momentum") else {}
     if train_cfg["optimizer"] == "sgd":
         optimizer = keras.optimizers.SGD(
-            schedule, momentum=train_cfg["momentum"], nesterov=train_cfg["nesterov"], weight_decay=weight_decay
+            schedule, momentum=train_cfg["momentum"], nesterov=train_cfg["nesterov"], weight_decay=weight_decay,
+            **ema,
         )
     else:
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay or 0.0)
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay or 0.0, **ema)
     if weight_decay:
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer
@@ -338,7 +343,10 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         previous = read_history_csv(paths["history"]).get(monitor)
         if previous:
             best.best = max(previous)
+    # Weight averaging: validation, checkpoints and backups at each epoch end see the EMA weights.
+    ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg["train"].get("ema_momentum") else []
     callbacks = [
+        *ema,
         _LogLearningRate(),
         *extra_callbacks,
         keras.callbacks.CSVLogger(paths["history"], append=True),
@@ -418,6 +426,8 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
     into a temporary folder, as tf.distribute requires).
     """
     train_cfg = cfg["train"]
+    if train_cfg["ema_momentum"]:
+        raise ConfigError("train.ema_momentum is not supported with train.strategy=multi_worker; set it to null")
     num_classes = cfg["model"]["num_classes"]
     global_batch = cfg["data"]["batch_size"]
     epochs = train_cfg["epochs"]

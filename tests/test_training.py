@@ -74,6 +74,35 @@ def test_image_folder_run_learns_and_writes_run_dir(toy_data, tmp_path, capsys):
     assert json.loads((run / "metrics.json").read_text())["top1"] == pytest.approx(metrics["top1"])
 
 
+def test_weight_averaging_validates_and_saves_the_averaged_weights(toy_data, tmp_path):
+    import keras
+
+    from keras_resnet.plots import read_history_csv
+
+    runs = {}
+    for name, ema in (("plain", None), ("ema", 0.9)):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", *toy_data, tmp_path / name, epochs=2, ema_momentum=ema)
+        assert main(["train", str(recipe)]) == 0
+        model = keras.saving.load_model(tmp_path / name / "last_model.keras", compile=False)
+        runs[name] = (model, read_history_csv(tmp_path / name / "history.csv"))
+    (plain, _), (averaged, history) = runs["plain"], runs["ema"]
+    # same seed and data: only the averaging differs
+    assert max(np.abs(a - b).max() for a, b in zip(plain.get_weights(), averaged.get_weights())) > 1e-4
+    # the saved last model is the one that was validated at the last epoch
+    from keras_resnet.config import load_config
+    from keras_resnet.data.classification import build_classification_datasets
+
+    cfg = load_config(str(tmp_path / "ema.yaml"))
+    _, val_ds, _ = build_classification_datasets(cfg, seed=0)
+    correct = total = 0
+    for images, labels in val_ds:
+        correct += int(np.sum(np.argmax(averaged.predict(images, verbose=0), -1) == labels.numpy()))
+        total += len(labels)
+    assert correct / total == pytest.approx(history["val_top1"][-1], abs=1e-6)
+    with pytest.raises(Exception, match="ema_momentum"):
+        load_config(str(tmp_path / "ema.yaml"), ["train.ema_momentum=1.5"])
+
+
 def test_two_phase_transfer_from_keras_file(toy_data, tmp_path):
     source = write_recipe(tmp_path / "a.yaml", *toy_data, tmp_path / "a", epochs=1)
     assert main(["train", str(source)]) == 0
