@@ -72,7 +72,6 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -223,31 +222,6 @@ def write_saved_model(model, decoder, directory: Path, batch_size) -> None:
 # --------------------------------------------------------------------------- TFLite
 
 
-def _tflite_bytes(fn, input_signature, track=None, quantize="none", calibration_images=None, batch_size=1):
-    """Convert `fn` (via a temporary ExportArchive SavedModel) to TFLite builtins, optionally quantized."""
-    with tempfile.TemporaryDirectory(prefix="keras_resnet_tflite_") as tmp:
-        archive = keras.export.ExportArchive()
-        if track is not None:
-            archive.track(track)
-        archive.add_endpoint("serving_default", fn, input_signature=input_signature)
-        archive.write_out(tmp, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if quantize in ("float16", "dynamic", "int8"):
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        if quantize == "int8":
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-
-            def representative_dataset():
-                for batch, _ in base._batches(calibration_images, batch_size or 1):
-                    yield [batch]
-
-            converter.representative_dataset = representative_dataset
-        return converter.convert()
-
-
 def convert_tflite(model, decoder, detection_outputs, batch_size, quantize, calibration_images=None) -> bytes:
     """The detector as TFLite builtins: the whole graph in float32, or a quantized network + float tail.
 
@@ -255,11 +229,11 @@ def convert_tflite(model, decoder, detection_outputs, batch_size, quantize, cali
     (`WHILE` subgraphs), which `graft_tflite` carries over.
     """
     if quantize == "none":
-        return _tflite_bytes(
+        return base.tflite_bytes(
             outputs_fn(model, decoder, detection_outputs), [_image_spec(model, batch_size)], track=model
         )
     heads = _head_model(model)
-    network = _tflite_bytes(
+    network = base.tflite_bytes(
         lambda images: heads(images, training=False), [_image_spec(model, batch_size)], track=heads,
         quantize=quantize, calibration_images=calibration_images, batch_size=batch_size,
     )
@@ -269,7 +243,7 @@ def convert_tflite(model, decoder, detection_outputs, batch_size, quantize, cali
         raw = tf.concat([box_deltas, class_logits], axis=-1)
         return decoder(raw) if detection_outputs == "decoded" else {RAW_NAME: raw}
 
-    tail_bytes = _tflite_bytes(
+    tail_bytes = base.tflite_bytes(
         tail,
         [
             tf.TensorSpec([batch_size, num_anchors, 4], tf.float32, name=HEAD_NAMES[0]),

@@ -914,15 +914,22 @@ def _write_saved_model(model: keras.Model, spec: OutputSpec, directory: Path, ba
     archive.write_out(str(directory), verbose=False)
 
 
-def _convert_tflite(
-    model: keras.Model, spec: OutputSpec, batch_size: int | None, quantize: str, calibration_images
-) -> bytes:
+def tflite_bytes(fn, input_signature, track=None, quantize="none", calibration_images=None, batch_size=1) -> bytes:
+    """Converts `fn` (via a temporary ExportArchive SavedModel) to TFLite builtins, optionally quantized.
+
+    Args:
+        fn: the function to serve (images -> outputs).
+        input_signature: its `tf.TensorSpec` list.
+        track: the Keras model (or layer) whose variables `fn` uses.
+        quantize: "none", "float16", "dynamic" or "int8" (float input/output).
+        calibration_images: float32 images for int8 calibration.
+        batch_size: calibration batch size (None = 1).
+    """
     with tempfile.TemporaryDirectory(prefix="keras_resnet_tflite_") as tmp:
         archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint(
-            "serving_default", _outputs_fn(model, spec), input_signature=[_float_signature(model, batch_size)]
-        )
+        if track is not None:
+            archive.track(track)
+        archive.add_endpoint("serving_default", fn, input_signature=input_signature)
         archive.write_out(tmp, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -932,14 +939,20 @@ def _convert_tflite(
             converter.target_spec.supported_types = [tf.float16]
         if quantize == "int8":
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            step = batch_size or 1
 
             def representative_dataset():
-                for batch, _ in _batches(calibration_images, step):
+                for batch, _ in _batches(calibration_images, batch_size or 1):
                     yield [batch]
 
             converter.representative_dataset = representative_dataset
         return converter.convert()
+
+
+def _convert_tflite(
+    model: keras.Model, spec: OutputSpec, batch_size: int | None, quantize: str, calibration_images
+) -> bytes:
+    return tflite_bytes(_outputs_fn(model, spec), [_float_signature(model, batch_size)], track=model,
+                        quantize=quantize, calibration_images=calibration_images, batch_size=batch_size)
 
 
 def _allow_inlining(graph_def) -> None:

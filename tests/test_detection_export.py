@@ -27,11 +27,10 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import write_idx_gz
+from conftest import write_shape_fashion_mnist
 from PIL import Image
 
 from keras_resnet.cli import main
-from keras_resnet.data.classification import FASHION_MNIST_FILES
 from keras_resnet.detection_export import detection_parity, tflite_ops
 from keras_resnet.detection_predict import predict_boxes
 from keras_resnet.export import export_model, load_exported_model, model_task
@@ -51,15 +50,7 @@ SAMPLES = 8
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("detection_export")
-    fashion = root / "fashion"
-    fashion.mkdir()
-    for split, count in (("train", 40), ("test", 12)):
-        labels = np.arange(count) % 10
-        items = np.zeros((count, 28, 28), np.uint8)
-        for item, label in zip(items, labels):
-            item[4:24, 6 + label // 2: 22 - label // 2] = 60 + 19 * label
-        write_idx_gz(fashion / FASHION_MNIST_FILES[f"{split}_images"], items)
-        write_idx_gz(fashion / FASHION_MNIST_FILES[f"{split}_labels"], labels)
+    fashion = write_shape_fashion_mnist(root / "fashion")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KERAS_RESNET_FASHION_MNIST_DIR", str(fashion))
         patch.setenv("KERAS_RESNET_MOSAIC_CACHE", str(root / "mosaic_cache"))

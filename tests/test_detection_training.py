@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import write_idx_gz
+from conftest import write_shape_fashion_mnist
 
 from keras_resnet.cli import main
 from keras_resnet.config import ConfigError, load_config
-from keras_resnet.data.classification import FASHION_MNIST_FILES
 
 RECIPE = "tasks/detection/mosaic_retinanet_resnet18.yaml"
 TINY = [
@@ -24,15 +23,7 @@ TINY = [
 @pytest.fixture
 def tiny_fashion_dir(tmp_path, monkeypatch):
     """Fashion-MNIST stand-in: bright rectangles of class-dependent shape."""
-    directory = tmp_path / "fashion"
-    directory.mkdir()
-    for split, count in (("train", 40), ("test", 12)):
-        labels = np.arange(count) % 10
-        items = np.zeros((count, 28, 28), np.uint8)
-        for item, label in zip(items, labels):
-            item[4:24, 6 + label // 2: 22 - label // 2] = 60 + 19 * label
-        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_images"], items)
-        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_labels"], labels)
+    directory = write_shape_fashion_mnist(tmp_path / "fashion")
     monkeypatch.setenv("KERAS_RESNET_FASHION_MNIST_DIR", str(directory))
     monkeypatch.setenv("KERAS_RESNET_MOSAIC_CACHE", str(tmp_path / "mosaic_cache"))
     return directory
