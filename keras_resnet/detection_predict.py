@@ -35,8 +35,8 @@ def _box_colors(num_classes):
     return [tuple(int(c) for c in color) for color in color_palette(num_classes + 1)[1:]]
 
 
-def draw_detections(image, boxes, scores, classes, class_names, num_detections=None):
-    """Draws boxes with "name score" labels on a copy of `image`.
+def draw_detections(image, boxes, scores, classes, class_names, num_detections=None, min_score=0.0):
+    """Draws boxes with "name score" labels on a copy of `image`, the most confident on top.
 
     Args:
         image: `(H, W)`, `(H, W, 1)` or `(H, W, 3)` pixels 0..255.
@@ -44,6 +44,7 @@ def draw_detections(image, boxes, scores, classes, class_names, num_detections=N
         scores, classes: `(K,)`; rows with a negative class are padding.
         class_names: names indexed by class id.
         num_detections: optional count of valid rows.
+        min_score: detections below this score are not drawn.
 
     Returns:
         A PIL RGB image.
@@ -55,8 +56,9 @@ def draw_detections(image, boxes, scores, classes, class_names, num_detections=N
     draw = ImageDraw.Draw(canvas)
     colors = _box_colors(len(class_names))
     count = len(classes) if num_detections is None else int(num_detections)
-    for box, score, cls in zip(boxes[:count], scores[:count], classes[:count]):
-        if cls < 0:
+    order = np.argsort(np.asarray(scores[:count]), kind="stable")  # low scores first, high scores drawn over them
+    for box, score, cls in zip(np.asarray(boxes)[order], np.asarray(scores)[order], np.asarray(classes)[order]):
+        if cls < 0 or score < min_score:
             continue
         color = colors[int(cls) % len(colors)]
         x0, y0, x1, y1 = (float(v) for v in box)
@@ -65,15 +67,16 @@ def draw_detections(image, boxes, scores, classes, class_names, num_detections=N
         left, top, right, bottom = draw.textbbox((x0, y0), label)
         text_top = max(0.0, y0 - (bottom - top) - 2)
         draw.rectangle((x0, text_top, x0 + (right - left) + 2, text_top + (bottom - top) + 2), fill=color)
-        draw.text((x0 + 1, text_top), label, fill=(0, 0, 0))
+        luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+        draw.text((x0 + 1, text_top), label, fill=(0, 0, 0) if luminance > 128 else (255, 255, 255))
     return canvas
 
 
-def plot_detections(images, outputs, class_names, path):
-    """Saves the images with their decoded detections side by side as one PNG."""
+def plot_detections(images, outputs, class_names, path, min_score=0.3):
+    """Saves the images with their decoded detections (score >= `min_score`) side by side as one PNG."""
     panels = [
         draw_detections(images[i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i], class_names,
-                        outputs["num_detections"][i])
+                        outputs["num_detections"][i], min_score=min_score)
         for i in range(len(images))
     ]
     width = sum(panel.width for panel in panels) + 4 * (len(panels) - 1)
