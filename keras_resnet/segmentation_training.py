@@ -77,7 +77,7 @@ def _check_segmentation_recipe(cfg):
 def build_segmenter(cfg, info):
     """The recipe's `ResNetSegmenter` (logits), taking raw pixels 0..255.
 
-    `model.head_args` passes `head_width`, `decoder_width` and `aspp_rates`
+    `model.head_args` passes `head_width`, `decoder_width`, `aspp_rates` and `decoder_level`
     to the segmenter. Normalisation by the training set's mean/std is a layer inside the
     model; `model.weights` (a `.keras` model or keras.applications `.h5`)
     initialises the backbone; `model.freeze_stages` freezes its first stages.
@@ -94,8 +94,10 @@ def build_segmenter(cfg, info):
             name=f"{preset}_{model_cfg['head']}",
             **model_cfg["head_args"],
         )
-    except TypeError as error:
-        raise ConfigError(f"model.head_args: {error}; allowed: head_width, decoder_width, aspp_rates") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            f"model.head_args: {error}; allowed: head_width, decoder_width, aspp_rates, decoder_level"
+        ) from None
     if model_cfg["weights"]:
         load_pretrained_weights(model, model_cfg["weights"])
     if model_cfg["freeze_stages"] >= 0:

@@ -30,7 +30,9 @@ ACTIVATIONS = (None, "softmax")
 # DeepLab's ASPP rates at output stride 16; scaled by 16 / stride otherwise
 # (output stride 8 -> (12, 24, 36), as in the paper).
 ASPP_RATES_AT_STRIDE_16 = (6, 12, 18)
-_SEGMENTER_ARGS = ("head", "preprocessing", "activation", "head_width", "decoder_width", "aspp_rates", "name")
+_SEGMENTER_ARGS = (
+    "head", "preprocessing", "activation", "head_width", "decoder_width", "aspp_rates", "decoder_level", "name",
+)
 
 
 def default_aspp_rates(feature_stride):
@@ -73,9 +75,9 @@ def apply_aspp(features, rates, width, name="aspp"):
     return apply_conv_bn_relu(x, width, 1, name=f"{name}_projection")
 
 
-def _deeplabv3plus_head(pyramid, strides, head_width, decoder_width, aspp_rates):
+def _deeplabv3plus_head(pyramid, strides, head_width, decoder_width, aspp_rates, decoder_level=None):
     levels = list(pyramid)
-    finest, coarsest = pyramid[levels[0]], pyramid[levels[-1]]
+    finest, coarsest = pyramid[decoder_level or levels[0]], pyramid[levels[-1]]
     rates = tuple(aspp_rates) if aspp_rates is not None else default_aspp_rates(strides[levels[-1]])
     _warn_on_wasted_rates(rates, coarsest.shape[1:3])
     x = apply_aspp(coarsest, rates, head_width)
@@ -134,6 +136,11 @@ class ResNetSegmenter(keras.Model):
             (DeepLabV3+ only).
         aspp_rates: three ASPP dilation rates; None derives them from the
             stride of the coarsest level (`default_aspp_rates`).
+        decoder_level: the pyramid level whose features the DeepLabV3+
+            decoder fuses (keras-hub's `low_level_feature_key`), e.g. "C3";
+            None takes the finest level (C2: stride 4 for ImageNet stems, as
+            in the paper). With a stride-1 stem C2 sits at stride 2 and "C3"
+            keeps the decoder at stride 4.
         name: model name.
 
     Example:
@@ -153,6 +160,7 @@ class ResNetSegmenter(keras.Model):
         head_width=256,
         decoder_width=48,
         aspp_rates=None,
+        decoder_level=None,
         name="resnet_segmenter",
         **kwargs,
     ):
@@ -166,15 +174,22 @@ class ResNetSegmenter(keras.Model):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         if int(head_width) < 1 or int(decoder_width) < 1:
             raise ValueError(f"head_width and decoder_width must be >= 1, got {head_width} and {decoder_width}.")
-        if aspp_rates is not None and (len(aspp_rates) != 3 or any(int(r) < 1 for r in aspp_rates)):
-            raise ValueError(f"aspp_rates must be three positive ints or None, got {aspp_rates}.")
+        if aspp_rates is not None and (
+            len(aspp_rates) != 3 or any(int(r) < 1 for r in aspp_rates) or len(set(map(int, aspp_rates))) != 3
+        ):
+            raise ValueError(f"aspp_rates must be three distinct positive ints or None, got {aspp_rates}.")
         strides = {info["name"]: info["stride"] for info in backbone.feature_info}
+        if decoder_level is not None and (head != "deeplabv3plus" or decoder_level not in strides):
+            raise ValueError(
+                f"decoder_level={decoder_level!r} needs head='deeplabv3plus' and one of the backbone's levels "
+                f"{list(strides)}."
+            )
 
         inputs = keras.Input(shape=backbone.input_shape[1:], name="images")
         x = preprocessing(inputs) if preprocessing is not None else inputs
         pyramid = backbone.feature_extractor()(x)
         if head == "deeplabv3plus":
-            x = _deeplabv3plus_head(pyramid, strides, int(head_width), int(decoder_width), aspp_rates)
+            x = _deeplabv3plus_head(pyramid, strides, int(head_width), int(decoder_width), aspp_rates, decoder_level)
         else:
             x = _semantic_fpn_head(pyramid, strides, int(head_width))
         x = layers.Conv2D(num_classes, 1, dtype="float32", name="classifier")(x)
@@ -190,6 +205,7 @@ class ResNetSegmenter(keras.Model):
         self.head_width = int(head_width)
         self.decoder_width = int(decoder_width)
         self.aspp_rates = [int(r) for r in aspp_rates] if aspp_rates is not None else None
+        self.decoder_level = decoder_level
 
     def get_config(self):
         return {
@@ -205,6 +221,7 @@ class ResNetSegmenter(keras.Model):
             "head_width": self.head_width,
             "decoder_width": self.decoder_width,
             "aspp_rates": self.aspp_rates,
+            "decoder_level": self.decoder_level,
         }
 
     @classmethod
@@ -224,7 +241,7 @@ class ResNetSegmenter(keras.Model):
             num_classes: number of classes.
             head: "deeplabv3plus" or "fpn".
             **overrides: segmenter arguments (`preprocessing`, `activation`,
-                `head_width`, `decoder_width`, `aspp_rates`, `name`) and
+                `head_width`, `decoder_width`, `aspp_rates`, `decoder_level`, `name`) and
                 backbone arguments (anything else, e.g. `input_shape`,
                 `output_stride`).
 

@@ -58,6 +58,30 @@ def test_aspp_rates_follow_the_output_stride():
     assert model.get_layer("aspp_rate24_conv").dilation_rate == (24, 24)
 
 
+def test_decoder_level_picks_the_fused_features_and_round_trips(tmp_path):
+    # Stride-1 stem + strided first stage: C2..C5 at strides 2, 4, 8, 16.
+    backbone = ResNetBackbone.from_preset(
+        "resnet18", input_shape=(64, 64, 1), stem_type="cifar", stackwise_strides=[2, 2, 2, 2], **TINY_BACKBONE
+    )
+    assert [info["stride"] for info in backbone.feature_info] == [2, 4, 8, 16]
+    model = ResNetSegmenter(backbone, 3, head_width=16, decoder_width=8, aspp_rates=[1, 2, 3], decoder_level="C3")
+    assert tuple(model.get_layer("decoder_low_level_conv").output.shape[1:3]) == (16, 16)
+    assert tuple(model.get_layer("decoder_refine2_conv").output.shape[1:3]) == (16, 16)
+    default = ResNetSegmenter(backbone, 3, head_width=16, decoder_width=8, aspp_rates=[1, 2, 3])
+    assert tuple(default.get_layer("decoder_refine2_conv").output.shape[1:3]) == (32, 32)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 1)).astype(np.float32)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert loaded.decoder_level == "C3"
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+    with pytest.raises(ValueError, match="decoder_level='C7'"):
+        ResNetSegmenter(backbone, 3, decoder_level="C7")
+    with pytest.raises(ValueError, match="head='deeplabv3plus'"):
+        ResNetSegmenter(backbone, 3, head="fpn", decoder_level="C3")
+    with pytest.raises(ValueError, match="distinct"):
+        ResNetSegmenter(backbone, 3, aspp_rates=[1, 1, 2])
+
+
 def test_odd_and_dynamic_input_sizes_and_float32_output_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = tiny_segmenter("fpn", input_shape=(None, None, 3))
