@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The main job: set up, train the default recipe (ResNet-20 on Fashion-MNIST),
+# The main job: set up, train the default recipe (narrow ResNet-18 on Fashion-MNIST),
 # evaluate it, and export it for deployment. Extra arguments go to `train`,
 # e.g. `bash scripts/main.sh --set train.epochs=2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-RECIPE=tasks/classification/fashion_mnist_resnet20.yaml
+RECIPE=tasks/classification/fashion_mnist_resnet18_narrow.yaml
 .venv/bin/keras-resnet train "$RECIPE" "$@"
 .venv/bin/keras-resnet evaluate "$RECIPE" "$@"
 RUN_DIR=$(.venv/bin/python -c "import sys; from keras_resnet.config import load_config; print(load_config(sys.argv[1], sys.argv[2:])['output_dir'])" "$RECIPE" $(printf '%s\n' "$@" | grep '=' || true))
