@@ -302,7 +302,7 @@ def test_mosaic_is_deterministic_and_labels_item_pixels():
 
 
 def test_source_must_fit_the_task():
-    with pytest.raises(ConfigError, match="segmentation source but task is 'classification'"):
+    with pytest.raises(ConfigError, match="is a segmentation or detection source but task is 'classification'"):
         load_config(None, ["data.source=mosaic"])
     with pytest.raises(ConfigError, match="classification source but task is 'segmentation'"):
         load_config(RECIPE, ["data.source=fashion_mnist"])
