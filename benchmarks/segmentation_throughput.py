@@ -18,6 +18,7 @@ import tensorflow as tf
 
 _STEM1_NARROW = {"stem_type": "cifar", "stem_width": 32, "stackwise_num_filters": [32, 64, 128, 256],
                  "stackwise_strides": [2, 2, 2, 2]}
+_DEEPLAB_W64 = {"head": "deeplabv3plus", "head_width": 64, "aspp_rates": [1, 2, 3]}
 # name -> (policy, preset, backbone overrides, segmenter overrides)
 VARIANTS = {
     "deeplab_os16_rates6-12-18_w128": ("mixed_bfloat16", "resnet18", {"output_stride": 16},
@@ -40,13 +41,10 @@ VARIANTS = {
     # Stride-1 3x3 stem and a strided first stage (the narrow Fashion-MNIST classifier's layout):
     # C2..C5 at strides 2, 4, 8, 16 with no dilation; the decoder fuses C3 (stride 4) or C2 (stride 2).
     "deeplab_stem1_narrow_w64_dec4_fp32": ("float32", "resnet18", _STEM1_NARROW,
-                                           {"head": "deeplabv3plus", "head_width": 64, "aspp_rates": [1, 2, 3],
-                                            "decoder_level": "C3"}),
+                                           {**_DEEPLAB_W64, "decoder_level": "C3"}),
     "deeplab_stem1_narrow_w64_dec4_bf16": ("mixed_bfloat16", "resnet18", _STEM1_NARROW,
-                                           {"head": "deeplabv3plus", "head_width": 64, "aspp_rates": [1, 2, 3],
-                                            "decoder_level": "C3"}),
-    "deeplab_stem1_narrow_w64_dec2_fp32": ("float32", "resnet18", _STEM1_NARROW,
-                                           {"head": "deeplabv3plus", "head_width": 64, "aspp_rates": [1, 2, 3]}),
+                                           {**_DEEPLAB_W64, "decoder_level": "C3"}),
+    "deeplab_stem1_narrow_w64_dec2_fp32": ("float32", "resnet18", _STEM1_NARROW, _DEEPLAB_W64),
     "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
 }
 

@@ -77,12 +77,12 @@ def apply_aspp(features, rates, width, name="aspp"):
 
 def _deeplabv3plus_head(pyramid, strides, head_width, decoder_width, aspp_rates, decoder_level=None):
     levels = list(pyramid)
-    finest, coarsest = pyramid[decoder_level or levels[0]], pyramid[levels[-1]]
+    decoder_features, coarsest = pyramid[decoder_level or levels[0]], pyramid[levels[-1]]
     rates = tuple(aspp_rates) if aspp_rates is not None else default_aspp_rates(strides[levels[-1]])
     _warn_on_wasted_rates(rates, coarsest.shape[1:3])
     x = apply_aspp(coarsest, rates, head_width)
-    x = ResizeLike("bilinear", name="decoder_upsample")([x, finest])
-    low_level = apply_conv_bn_relu(finest, decoder_width, 1, name="decoder_low_level")
+    x = ResizeLike("bilinear", name="decoder_upsample")([x, decoder_features])
+    low_level = apply_conv_bn_relu(decoder_features, decoder_width, 1, name="decoder_low_level")
     x = layers.Concatenate(name="decoder_concat")([x, low_level])
     x = apply_conv_bn_relu(x, head_width, 3, name="decoder_refine1")
     return apply_conv_bn_relu(x, head_width, 3, name="decoder_refine2")
