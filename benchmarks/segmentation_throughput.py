@@ -45,11 +45,20 @@ VARIANTS = {
     "deeplab_stem1_narrow_w64_dec4_bf16": ("mixed_bfloat16", "resnet18", _STEM1_NARROW,
                                            {**_DEEPLAB_W64, "decoder_level": "C3"}),
     "deeplab_stem1_narrow_w64_dec2_fp32": ("float32", "resnet18", _STEM1_NARROW, _DEEPLAB_W64),
+    # Candidates against underfitting (2026-12-02): wider deep stages, a wider head, C5 at stride 8.
+    "deeplab_stem1_wide34_w64_dec4_bf16": ("mixed_bfloat16", "resnet18",
+                                           {**_STEM1_NARROW, "stackwise_num_filters": [32, 64, 192, 384]},
+                                           {**_DEEPLAB_W64, "decoder_level": "C3"}),
+    "deeplab_stem1_narrow_w128_dec4_bf16": ("mixed_bfloat16", "resnet18", _STEM1_NARROW,
+                                            {**_DEEPLAB_W64, "head_width": 128, "decoder_level": "C3"}),
+    "deeplab_stem1_narrow_os8_w64_dec4_bf16": ("mixed_bfloat16", "resnet18",
+                                               {**_STEM1_NARROW, "stackwise_strides": [2, 2, 2, 1]},
+                                               {**_DEEPLAB_W64, "decoder_level": "C3"}),
     "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
 }
 
 
-def build(policy, preset, backbone_args, segmenter_args, size):
+def build(policy, preset, backbone_args, segmenter_args, size, jit_compile=False):
     keras.mixed_precision.set_global_policy(policy)
     import keras_resnet as kr
     from keras_resnet.segmenter import ResNetSegmenter
@@ -61,7 +70,7 @@ def build(policy, preset, backbone_args, segmenter_args, size):
     else:
         model = ResNetSegmenter.from_preset(preset, 11, input_shape=shape, **backbone_args, **segmenter_args)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=loss)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=loss, jit_compile=jit_compile)
     keras.mixed_precision.set_global_policy("float32")
     return model, segmenter_args is None
 
@@ -72,7 +81,8 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
+                        help="names from VARIANTS; append ':jit' to one to compile its train step with XLA")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     x = (rng.random((args.batch * 4, args.size, args.size, 1)) * 255).astype("float32")
@@ -80,7 +90,8 @@ def main():
     labels = rng.integers(0, 11, args.batch * 4).astype("int32")
     models = {}
     for name in args.variants:
-        model, is_classifier = build(*VARIANTS[name], args.size)
+        base, _, flag = name.partition(":")
+        model, is_classifier = build(*VARIANTS[base], args.size, jit_compile=flag == "jit")
         y = labels if is_classifier else masks
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch).cache().repeat()
         model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0)
