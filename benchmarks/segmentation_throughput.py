@@ -19,6 +19,7 @@ import tensorflow as tf
 _STEM1_NARROW = {"stem_type": "cifar", "stem_width": 32, "stackwise_num_filters": [32, 64, 128, 256],
                  "stackwise_strides": [2, 2, 2, 2]}
 _DEEPLAB_W64 = {"head": "deeplabv3plus", "head_width": 64, "aspp_rates": [1, 2, 3]}
+_DEEPLAB_W64_DEC4 = {**_DEEPLAB_W64, "decoder_level": "C3"}  # decoder on C3 (stride 4 with the stride-1 stem)
 # name -> (policy, preset, backbone overrides, segmenter overrides)
 VARIANTS = {
     "deeplab_os16_rates6-12-18_w128": ("mixed_bfloat16", "resnet18", {"output_stride": 16},
@@ -41,19 +42,19 @@ VARIANTS = {
     # Stride-1 3x3 stem and a strided first stage (the narrow Fashion-MNIST classifier's layout):
     # C2..C5 at strides 2, 4, 8, 16 with no dilation; the decoder fuses C3 (stride 4) or C2 (stride 2).
     "deeplab_stem1_narrow_w64_dec4_fp32": ("float32", "resnet18", _STEM1_NARROW,
-                                           {**_DEEPLAB_W64, "decoder_level": "C3"}),
+                                           _DEEPLAB_W64_DEC4),
     "deeplab_stem1_narrow_w64_dec4_bf16": ("mixed_bfloat16", "resnet18", _STEM1_NARROW,
-                                           {**_DEEPLAB_W64, "decoder_level": "C3"}),
+                                           _DEEPLAB_W64_DEC4),
     "deeplab_stem1_narrow_w64_dec2_fp32": ("float32", "resnet18", _STEM1_NARROW, _DEEPLAB_W64),
     # Candidates against underfitting (2026-12-02): wider deep stages, a wider head, C5 at stride 8.
     "deeplab_stem1_wide34_w64_dec4_bf16": ("mixed_bfloat16", "resnet18",
                                            {**_STEM1_NARROW, "stackwise_num_filters": [32, 64, 192, 384]},
-                                           {**_DEEPLAB_W64, "decoder_level": "C3"}),
+                                           _DEEPLAB_W64_DEC4),
     "deeplab_stem1_narrow_w128_dec4_bf16": ("mixed_bfloat16", "resnet18", _STEM1_NARROW,
-                                            {**_DEEPLAB_W64, "head_width": 128, "decoder_level": "C3"}),
+                                            {**_DEEPLAB_W64_DEC4, "head_width": 128}),
     "deeplab_stem1_narrow_os8_w64_dec4_bf16": ("mixed_bfloat16", "resnet18",
                                                {**_STEM1_NARROW, "stackwise_strides": [2, 2, 2, 1]},
-                                               {**_DEEPLAB_W64, "decoder_level": "C3"}),
+                                               _DEEPLAB_W64_DEC4),
     "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
 }
 
@@ -88,6 +89,10 @@ def main():
     x = (rng.random((args.batch * 4, args.size, args.size, 1)) * 255).astype("float32")
     masks = rng.integers(0, 11, (args.batch * 4, args.size, args.size)).astype("int32")
     labels = rng.integers(0, 11, args.batch * 4).astype("int32")
+    for name in args.variants:
+        base, _, flag = name.partition(":")
+        if base not in VARIANTS or flag not in ("", "jit"):
+            parser.error(f"--variants {name!r}: use one of {', '.join(VARIANTS)}, optionally with ':jit'")
     models = {}
     for name in args.variants:
         base, _, flag = name.partition(":")
