@@ -55,6 +55,11 @@ VARIANTS = {
     "deeplab_stem1_narrow_os8_w64_dec4_bf16": ("mixed_bfloat16", "resnet18",
                                                {**_STEM1_NARROW, "stackwise_strides": [2, 2, 2, 1]},
                                                _DEEPLAB_W64_DEC4),
+    # Two-level decoder (2026-12-02, third session): ASPP -> fuse C4 (stride 8) -> fuse C3 (stride 4).
+    "deeplab_stem1_narrow_w64_dec8-4_bf16": ("mixed_bfloat16", "resnet18", _STEM1_NARROW,
+                                             {**_DEEPLAB_W64, "decoder_level": ["C4", "C3"]}),
+    "deeplab_stem1_narrow_w64_dec8-4_fp32": ("float32", "resnet18", _STEM1_NARROW,
+                                             {**_DEEPLAB_W64, "decoder_level": ["C4", "C3"]}),
     "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
 }
 

@@ -75,12 +75,29 @@ def apply_aspp(features, rates, width, name="aspp"):
     return apply_conv_bn_relu(x, width, 1, name=f"{name}_projection")
 
 
+def _decoder_levels(decoder_level, levels):
+    """`decoder_level` (None, a level name or a list of them) as a tuple of levels, coarse to fine."""
+    if decoder_level is None:
+        return (levels[0],)
+    return (decoder_level,) if isinstance(decoder_level, str) else tuple(decoder_level)
+
+
 def _deeplabv3plus_head(pyramid, strides, head_width, decoder_width, aspp_rates, decoder_level=None):
     levels = list(pyramid)
-    decoder_features, coarsest = pyramid[decoder_level or levels[0]], pyramid[levels[-1]]
+    decoder_levels = _decoder_levels(decoder_level, levels)
+    coarsest = pyramid[levels[-1]]
     rates = tuple(aspp_rates) if aspp_rates is not None else default_aspp_rates(strides[levels[-1]])
     _warn_on_wasted_rates(rates, coarsest.shape[1:3])
     x = apply_aspp(coarsest, rates, head_width)
+    # Intermediate levels (a coarse-to-fine list): upsample, fuse the level's reduced features, one 3x3 conv.
+    for level in decoder_levels[:-1]:
+        features = pyramid[level]
+        x = ResizeLike("bilinear", name=f"decoder_{level}_upsample")([x, features])
+        lateral = apply_conv_bn_relu(features, decoder_width, 1, name=f"decoder_{level}_low_level")
+        x = layers.Concatenate(name=f"decoder_{level}_concat")([x, lateral])
+        x = apply_conv_bn_relu(x, head_width, 3, name=f"decoder_{level}_refine")
+    # The last (finest) level: the paper's decoder, two 3x3 convs.
+    decoder_features = pyramid[decoder_levels[-1]]
     x = ResizeLike("bilinear", name="decoder_upsample")([x, decoder_features])
     low_level = apply_conv_bn_relu(decoder_features, decoder_width, 1, name="decoder_low_level")
     x = layers.Concatenate(name="decoder_concat")([x, low_level])
@@ -140,7 +157,11 @@ class ResNetSegmenter(keras.Model):
             decoder fuses (keras-hub's `low_level_feature_key`), e.g. "C3";
             None takes the finest level (C2: stride 4 for ImageNet stems, as
             in the paper). With a stride-1 stem C2 sits at stride 2 and "C3"
-            keeps the decoder at stride 4.
+            keeps the decoder at stride 4. A list, coarse to fine (e.g.
+            `["C4", "C3"]`), fuses each level in turn on the way down (an
+            upsample, the level's 1x1-reduced features and one 3x3 conv per
+            intermediate level, then the paper's decoder on the last), so
+            items smaller than the ASPP stride get stride-8 semantics.
         name: model name.
 
     Example:
@@ -179,11 +200,21 @@ class ResNetSegmenter(keras.Model):
         ):
             raise ValueError(f"aspp_rates must be three distinct positive ints or None, got {aspp_rates}.")
         strides = {info["name"]: info["stride"] for info in backbone.feature_info}
-        if decoder_level is not None and (head != "deeplabv3plus" or decoder_level not in strides):
-            raise ValueError(
-                f"decoder_level={decoder_level!r} needs head='deeplabv3plus' and one of the backbone's levels "
-                f"{list(strides)}."
-            )
+        if decoder_level is not None:
+            if not isinstance(decoder_level, str):
+                decoder_level = [str(level) for level in decoder_level]
+            chosen = _decoder_levels(decoder_level, list(strides))
+            order = [list(strides).index(level) if level in strides else -1 for level in chosen]
+            if (
+                head != "deeplabv3plus"
+                or not chosen
+                or min(order) < 0
+                or order != sorted(set(order), reverse=True)
+            ):
+                raise ValueError(
+                    f"decoder_level={decoder_level!r} needs head='deeplabv3plus' and one of the backbone's levels "
+                    f"{list(strides)}, or a list of them from coarse to fine (e.g. ['C4', 'C3'])."
+                )
 
         inputs = keras.Input(shape=backbone.input_shape[1:], name="images")
         x = preprocessing(inputs) if preprocessing is not None else inputs
@@ -205,7 +236,9 @@ class ResNetSegmenter(keras.Model):
         self.head_width = int(head_width)
         self.decoder_width = int(decoder_width)
         self.aspp_rates = [int(r) for r in aspp_rates] if aspp_rates is not None else None
-        self.decoder_level = decoder_level
+        self.decoder_level = decoder_level if decoder_level is None or isinstance(decoder_level, str) else list(
+            decoder_level
+        )
 
     def get_config(self):
         return {

@@ -82,6 +82,31 @@ def test_decoder_level_picks_the_fused_features_and_round_trips(tmp_path):
         ResNetSegmenter(backbone, 3, aspp_rates=[1, 1, 2])
 
 
+def test_decoder_levels_list_fuses_each_level_coarse_to_fine(tmp_path):
+    backbone = ResNetBackbone.from_preset(
+        "resnet18", input_shape=(64, 64, 1), stem_type="cifar", stackwise_strides=[2, 2, 2, 2], **TINY_BACKBONE
+    )
+    model = ResNetSegmenter(
+        backbone, 3, head_width=16, decoder_width=8, aspp_rates=[1, 2, 3], decoder_level=["C4", "C3"]
+    )
+    # ASPP at stride 16 (4x4) -> fused with C4 at stride 8 (8x8) -> the paper's decoder on C3 (16x16).
+    assert tuple(model.get_layer("decoder_C4_refine_conv").output.shape[1:3]) == (8, 8)
+    assert model.get_layer("decoder_C4_concat").output.shape[-1] == 16 + 8
+    assert tuple(model.get_layer("decoder_refine2_conv").output.shape[1:3]) == (16, 16)
+    assert model.output_shape == (None, 64, 64, 3)
+    single = ResNetSegmenter(backbone, 3, head_width=16, decoder_width=8, aspp_rates=[1, 2, 3], decoder_level="C3")
+    extra = {"decoder_C4_low_level_conv", "decoder_C4_refine_conv"}
+    assert extra <= {layer.name for layer in model.layers} and not extra & {layer.name for layer in single.layers}
+    images = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 1)).astype(np.float32)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert loaded.decoder_level == ["C4", "C3"]
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+    for bad in (["C3", "C4"], ["C4", "C4"], ["C4", "C9"], []):
+        with pytest.raises(ValueError, match="coarse to fine"):
+            ResNetSegmenter(backbone, 3, decoder_level=bad)
+
+
 def test_odd_and_dynamic_input_sizes_and_float32_output_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = tiny_segmenter("fpn", input_shape=(None, None, 3))
