@@ -55,10 +55,15 @@ def _warn_on_wasted_rates(rates, feature_size):
     known = [int(size) for size in feature_size if size is not None]
     if not known or max(rates) < min(known):
         return
+    side = min(known)
+    if side > 3:
+        fix = f"pass aspp_rates smaller than {side} (e.g. [1, 2, 3]) or use a larger input"
+    else:
+        # Three distinct rates all below the map size do not exist on a map this small.
+        fix = "use a larger input or a smaller output_stride (three distinct rates need a map of at least 4x4)"
     warnings.warn(
         f"ASPP rates {tuple(rates)} reach past the {'x'.join(map(str, known))} coarsest feature map: taps that "
-        f"land in the padding are wasted compute. For small inputs pass aspp_rates smaller than "
-        f"{min(known)} (e.g. [1, 2, 3]) or use a larger input.",
+        f"land in the padding are wasted compute. For small inputs {fix}.",
         stacklevel=3,
     )
 

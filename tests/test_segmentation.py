@@ -82,6 +82,13 @@ def test_decoder_level_picks_the_fused_features_and_round_trips(tmp_path):
         ResNetSegmenter(backbone, 3, aspp_rates=[1, 1, 2])
 
 
+def test_wasted_aspp_rates_warning_suggests_a_fix_that_fits_the_map():
+    with pytest.warns(UserWarning, match=r"4x4 coarsest feature map.*e\.g\. \[1, 2, 3\]"):
+        tiny_segmenter(input_shape=(64, 64, 3))  # stride 16 -> 4x4, default rates (6, 12, 18)
+    with pytest.warns(UserWarning, match=r"2x2 coarsest feature map.*larger input or a smaller output_stride"):
+        tiny_segmenter(input_shape=(32, 32, 3), aspp_rates=[1, 2, 3])  # 2x2: no three distinct rates fit
+
+
 def test_decoder_levels_list_fuses_each_level_coarse_to_fine(tmp_path):
     backbone = ResNetBackbone.from_preset(
         "resnet18", input_shape=(64, 64, 1), stem_type="cifar", stackwise_strides=[2, 2, 2, 2], **TINY_BACKBONE
