@@ -60,6 +60,9 @@ VARIANTS = {
                                              {**_DEEPLAB_W64, "decoder_level": ["C4", "C3"]}),
     "deeplab_stem1_narrow_w64_dec8-4_fp32": ("float32", "resnet18", _STEM1_NARROW,
                                              {**_DEEPLAB_W64, "decoder_level": ["C4", "C3"]}),
+    "deeplab_stem1_wide34_w64_dec8-4_bf16": ("mixed_bfloat16", "resnet18",
+                                             {**_STEM1_NARROW, "stackwise_num_filters": [32, 64, 192, 384]},
+                                             {**_DEEPLAB_W64, "decoder_level": ["C4", "C3"]}),
     "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
 }
 
