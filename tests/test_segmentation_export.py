@@ -48,6 +48,8 @@ CLASS_NAMES = ["background", "red", "green"]
 COLOURS = {1: (220, 60, 50), 2: (50, 200, 80)}
 NARROW = {"stackwise_num_blocks": [1, 1, 1, 1], "stackwise_num_filters": [16, 32, 64, 128]}
 TRAIN_IMAGES, VAL_IMAGES = 32, 8
+# The run's decoder fuses C3 (stride 8) then C2 (stride 4), as the default recipe's two-level decoder.
+DECODER_LEVELS = ["C3", "C2"]
 
 
 def tiny_segmenter(head="deeplabv3plus", input_shape=(SIZE, SIZE, 3), num_classes=3, output_stride=8, **kwargs):
@@ -87,13 +89,13 @@ def write_split(folder, count, rng):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A trained tiny DeepLabV3+ in a segmentation run output_dir, as training writes it."""
+    """A trained tiny DeepLabV3+ (two-level decoder) in a segmentation run output_dir, as training writes it."""
     root = tmp_path_factory.mktemp("segmentation_run")
     rng = np.random.default_rng(0)
     images, masks = write_split(root / "data" / "train", TRAIN_IMAGES, rng)
     val_images, val_masks = write_split(root / "data" / "val", VAL_IMAGES, rng)
     keras.utils.set_random_seed(0)
-    model = tiny_segmenter()
+    model = tiny_segmenter(decoder_level=DECODER_LEVELS)
     model.compile(optimizer=keras.optimizers.Adam(5e-3), loss=SegmentationCrossEntropy())
     model.fit(images, masks, batch_size=8, epochs=15, verbose=0)
     accuracy = np.mean(np.argmax(model.predict(val_images, verbose=0), -1) == val_masks)
@@ -107,7 +109,9 @@ def run_dir(tmp_path_factory):
             "backbone": "resnet18",
             "backbone_args": {"output_stride": 8, **NARROW},
             "head": "deeplabv3plus",
-            "head_args": {"head_width": 16, "decoder_width": 8, "aspp_rates": [1, 2, 3]},
+            "head_args": {
+                "head_width": 16, "decoder_width": 8, "aspp_rates": [1, 2, 3], "decoder_level": DECODER_LEVELS
+            },
             "num_classes": 3,
             "input_shape": [SIZE, SIZE, 3],
         },
