@@ -20,6 +20,7 @@ _STEM1_NARROW = {"stem_type": "cifar", "stem_width": 32, "stackwise_num_filters"
                  "stackwise_strides": [2, 2, 2, 2]}
 _DEEPLAB_W64 = {"head": "deeplabv3plus", "head_width": 64, "aspp_rates": [1, 2, 3]}
 _DEEPLAB_W64_DEC4 = {**_DEEPLAB_W64, "decoder_level": "C3"}  # decoder on C3 (stride 4 with the stride-1 stem)
+_DEEPLAB_W64_DEC8_4 = {**_DEEPLAB_W64, "decoder_level": ["C4", "C3"]}  # fuse C4 (stride 8), then C3 (stride 4)
 # name -> (policy, preset, backbone overrides, segmenter overrides)
 VARIANTS = {
     "deeplab_os16_rates6-12-18_w128": ("mixed_bfloat16", "resnet18", {"output_stride": 16},
@@ -57,12 +58,12 @@ VARIANTS = {
                                                _DEEPLAB_W64_DEC4),
     # Two-level decoder (2026-12-02, third session): ASPP -> fuse C4 (stride 8) -> fuse C3 (stride 4).
     "deeplab_stem1_narrow_w64_dec8-4_bf16": ("mixed_bfloat16", "resnet18", _STEM1_NARROW,
-                                             {**_DEEPLAB_W64, "decoder_level": ["C4", "C3"]}),
+                                             _DEEPLAB_W64_DEC8_4),
     "deeplab_stem1_narrow_w64_dec8-4_fp32": ("float32", "resnet18", _STEM1_NARROW,
-                                             {**_DEEPLAB_W64, "decoder_level": ["C4", "C3"]}),
+                                             _DEEPLAB_W64_DEC8_4),
     "deeplab_stem1_wide34_w64_dec8-4_bf16": ("mixed_bfloat16", "resnet18",
                                              {**_STEM1_NARROW, "stackwise_num_filters": [32, 64, 192, 384]},
-                                             {**_DEEPLAB_W64, "decoder_level": ["C4", "C3"]}),
+                                             _DEEPLAB_W64_DEC8_4),
     "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
 }
 

@@ -241,9 +241,7 @@ class ResNetSegmenter(keras.Model):
         self.head_width = int(head_width)
         self.decoder_width = int(decoder_width)
         self.aspp_rates = [int(r) for r in aspp_rates] if aspp_rates is not None else None
-        self.decoder_level = decoder_level if decoder_level is None or isinstance(decoder_level, str) else list(
-            decoder_level
-        )
+        self.decoder_level = decoder_level  # None, a level name, or the list validated above
 
     def get_config(self):
         return {

@@ -48,7 +48,7 @@ CLASS_NAMES = ["background", "red", "green"]
 COLOURS = {1: (220, 60, 50), 2: (50, 200, 80)}
 NARROW = {"stackwise_num_blocks": [1, 1, 1, 1], "stackwise_num_filters": [16, 32, 64, 128]}
 TRAIN_IMAGES, VAL_IMAGES = 32, 8
-# The run's decoder fuses C3 (stride 8) then C2 (stride 4), as the default recipe's two-level decoder.
+# The run's decoder fuses C3 (stride 8) then C2 (stride 4): exports must carry a two-level decoder too.
 DECODER_LEVELS = ["C3", "C2"]
 
 
