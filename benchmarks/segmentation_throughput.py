@@ -65,6 +65,8 @@ VARIANTS = {
                                              {**_STEM1_NARROW, "stackwise_num_filters": [32, 64, 192, 384]},
                                              _DEEPLAB_W64_DEC8_4),
     "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
+    # The default recipe's backbone alone (as a classifier): what the head, decoder and per-pixel loss add.
+    "backbone_only_stem1_narrow_fp32": ("float32", "resnet18", _STEM1_NARROW, None),
 }
 
 

@@ -128,6 +128,8 @@ SCHEMA: dict[str, Any] = {
         },
         "mosaic_train_size": Field(("int",), 4000, check=_at_least(1)),
         "mosaic_val_size": Field(("int",), 500, check=_at_least(1)),
+        # Segmentation only: new training canvases every epoch (the validation mosaic stays fixed).
+        "mosaic_fresh_each_epoch": Field(("bool",), False),
         # Detection only.
         "class_names": Field(("list",), None),
         "train_images": Field(("str",), None),  # COCO image folders; default: the JSON's folder
@@ -235,6 +237,11 @@ def _check_task_fits(config: dict, source: str) -> None:
             raise ConfigError(
                 f"'model.head'={head!r} in {source} is not a {task} head; use one of {', '.join(map(repr, heads))}"
             )
+    if config["data"]["mosaic_fresh_each_epoch"] and not (task == "segmentation" and data_source == "mosaic"):
+        raise ConfigError(
+            f"'data.mosaic_fresh_each_epoch' in {source} only applies to task 'segmentation' with data.source "
+            f"'mosaic' (here task {task!r}, source {data_source!r}); remove it or set it to false"
+        )
     weights = config["train"]["class_weights"]
     if weights is not None and len(weights) != config["model"]["num_classes"]:
         raise ConfigError(

@@ -342,9 +342,6 @@ def test_source_must_fit_the_task():
         load_config(RECIPE, ["train.class_weights=[1, 2]"])
 
 
-# --------------------------------------------------------------------------- end to end
-
-
 @pytest.fixture
 def tiny_fashion_mnist(tmp_path, monkeypatch):
     """Fashion-MNIST stand-in: a bright blob per item, 30 train / 10 test items."""
@@ -357,6 +354,38 @@ def tiny_fashion_mnist(tmp_path, monkeypatch):
         write_idx_gz(directory / f"{prefix}-images-idx3-ubyte.gz", items)
         write_idx_gz(directory / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
     monkeypatch.setenv("KERAS_RESNET_FASHION_MNIST_DIR", str(directory))
+
+
+def _epochs(dataset, count):
+    return [np.concatenate([masks for _, masks in dataset.as_numpy_iterator()]) for _ in range(count)]
+
+
+def test_fresh_mosaics_change_every_epoch_and_validation_stays(tiny_fashion_mnist):
+    overrides = ["data.mosaic_train_size=24", "data.mosaic_val_size=8", "data.batch_size=8",
+                 "model.input_shape=[32,32,1]", "data.augment.horizontal_flip=false",
+                 "data.augment.scale_range=[1.0,1.0]", "data.mosaic_fresh_each_epoch=true"]
+    train, val, info = build_segmentation_datasets(load_config(RECIPE, overrides), seed=0)
+    first, second = _epochs(train, 2)
+    assert first.shape == second.shape == (24, 32, 32)  # cardinality kept: same steps per epoch
+    assert int(train.cardinality()) == 3
+    assert not np.array_equal(np.sort(first.reshape(24, -1), 0), np.sort(second.reshape(24, -1), 0))
+    val_first, val_second = _epochs(val, 2)
+    np.testing.assert_array_equal(val_first, val_second)
+    assert info["num_train"] == 24 and len(info["mean"]) == 1
+    # Same seed, same sequence of epochs; without the flag every epoch repeats the same canvases.
+    again, _, _ = build_segmentation_datasets(load_config(RECIPE, overrides), seed=0)
+    np.testing.assert_array_equal(np.sort(_epochs(again, 2)[1].reshape(24, -1), 0), np.sort(second.reshape(24, -1), 0))
+    fixed, _, _ = build_segmentation_datasets(load_config(RECIPE, overrides[:-1]), seed=0)
+    fixed_first, fixed_second = _epochs(fixed, 2)
+    np.testing.assert_array_equal(np.sort(fixed_first.reshape(24, -1), 0), np.sort(fixed_second.reshape(24, -1), 0))
+
+
+def test_fresh_mosaics_only_for_segmentation_mosaics():
+    with pytest.raises(ConfigError, match="mosaic_fresh_each_epoch.*only applies to task 'segmentation'"):
+        load_config("tasks/detection/mosaic_retinanet_resnet18.yaml", ["data.mosaic_fresh_each_epoch=true"])
+
+
+# --------------------------------------------------------------------------- end to end
 
 
 def test_cli_train_evaluate_and_predict_masks(tiny_fashion_mnist, tmp_path, capsys):

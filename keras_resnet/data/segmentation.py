@@ -15,7 +15,11 @@ at ``model.input_shape``, plus an ``info`` dict. Mask value 255 means
   ``data.train`` and ``data.val`` may name the same root.
 - ``mosaic``: a seeded synthetic set; Fashion-MNIST items pasted at random
   scales and positions on blank canvases, each pixel labelled with its
-  item's class + 1 (0 = background), 11 classes.
+  item's class + 1 (0 = background), 11 classes. Training items come from
+  the Fashion-MNIST training split, validation items from its test split.
+  With ``data.mosaic_fresh_each_epoch`` every epoch trains on
+  ``data.mosaic_train_size`` new canvases (built while the model trains)
+  instead of the same ones again.
 
 Validation images are resized to the input size (bilinear; masks nearest).
 Training adds, with the same geometry for image and mask, a random rescale
@@ -59,6 +63,7 @@ MOSAIC_ITEMS_PER_CANVAS = (2, 4)
 MOSAIC_THRESHOLD = 48  # item pixels brighter than this are labelled with the item's class
 MOSAIC_VAL_SEED = 1  # the validation mosaic is the same whatever train.seed is
 STATS_SAMPLE_SIZE = 500
+MOSAIC_FRESH_CHUNK = 1000  # canvases built at a time when data.mosaic_fresh_each_epoch is on
 
 
 class SegmentationDataError(DataError):
@@ -251,7 +256,8 @@ def make_mosaic(items: np.ndarray, labels: np.ndarray, count: int, height: int, 
         labels: `(M,)` class ids 0..9.
         count: number of canvases.
         height, width: canvas size.
-        seed: generator seed (same seed, same canvases).
+        seed: generator seed, an int or a sequence of ints (same seed, same
+            canvases).
 
     Returns:
         `(images uint8 (count, height, width), masks uint8 (count, height, width))`.
@@ -285,18 +291,52 @@ def make_mosaic(items: np.ndarray, labels: np.ndarray, count: int, height: int, 
     return images, masks
 
 
+def _mosaic_example(image, mask, channels):
+    """uint8 canvas and mask -> (float32 (H, W, C) image, int32 mask)."""
+    image = tf.repeat(tf.cast(image, tf.float32)[..., None], channels, axis=-1)
+    return image, tf.cast(mask, tf.int32)
+
+
+def _fresh_mosaic_dataset(items, labels, count: int, height: int, width: int, seed: int):
+    """A dataset of `count` training canvases that are new on every pass over it.
+
+    Pass `e` (counted from 0 in this process; the statistics sample of
+    :func:`build_segmentation_datasets` is pass 0) builds its canvases in
+    chunks of `MOSAIC_FRESH_CHUNK` with seeds `(seed, e, chunk)`, so a run is
+    reproducible; a run resumed from a checkpoint counts its passes from 0
+    again, so it sees canvases that differ from an uninterrupted run's.
+    """
+    passes = iter(range(2**62))
+
+    def generate():
+        epoch = next(passes)
+        for chunk, start in enumerate(range(0, count, MOSAIC_FRESH_CHUNK)):
+            size = min(MOSAIC_FRESH_CHUNK, count - start)
+            yield make_mosaic(items, labels, size, height, width, seed=[seed, epoch, chunk])
+
+    spec = tf.TensorSpec((None, height, width), tf.uint8)
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=(spec, spec)).unbatch()
+    return dataset.apply(tf.data.experimental.assert_cardinality(count))
+
+
 def _mosaic_sources(cfg: dict, seed: int):
     height, width, channels = cfg["model"]["input_shape"]
     data_cfg = cfg["data"]
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
-    train_images, train_masks = make_mosaic(x_train, y_train, data_cfg["mosaic_train_size"], height, width, seed)
-    val_images, val_masks = make_mosaic(x_test, y_test, data_cfg["mosaic_val_size"], height, width, MOSAIC_VAL_SEED)
+    if data_cfg["mosaic_fresh_each_epoch"]:
+        train = _fresh_mosaic_dataset(x_train, y_train, data_cfg["mosaic_train_size"], height, width, seed)
+    else:
+        train = tf.data.Dataset.from_tensor_slices(
+            make_mosaic(x_train, y_train, data_cfg["mosaic_train_size"], height, width, seed)
+        )
+    val = tf.data.Dataset.from_tensor_slices(
+        make_mosaic(x_test, y_test, data_cfg["mosaic_val_size"], height, width, MOSAIC_VAL_SEED)
+    )
 
-    def dataset(images, masks):
-        images = np.repeat(images[..., None], channels, axis=-1).astype(np.float32)
-        return tf.data.Dataset.from_tensor_slices((images, masks.astype(np.int32)))
+    def to_examples(dataset):
+        return dataset.map(lambda image, mask: _mosaic_example(image, mask, channels))
 
-    return dataset(train_images, train_masks), dataset(val_images, val_masks), list(MOSAIC_CLASSES)
+    return to_examples(train), to_examples(val), list(MOSAIC_CLASSES)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -426,7 +466,9 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0):
         )
     mean, std = _channel_stats(stats_images)
     if data_cfg["cache"]:
-        train, val = train.cache(), val.cache()
+        val = val.cache()
+        if not (source == "mosaic" and data_cfg["mosaic_fresh_each_epoch"]):  # a cache would freeze epoch 1's
+            train = train.cache()
     val = val.map(lambda image, mask: resize_pair(image, mask, height, width), num_parallel_calls=tf.data.AUTOTUNE)
     train, val = shuffle_augment_batch(
         train, val, _make_train_augment(data_cfg["augment"], input_shape), data_cfg, num_train, seed
