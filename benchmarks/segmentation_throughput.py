@@ -64,6 +64,13 @@ VARIANTS = {
     "deeplab_stem1_wide34_w64_dec8-4_bf16": ("mixed_bfloat16", "resnet18",
                                              {**_STEM1_NARROW, "stackwise_num_filters": [32, 64, 192, 384]},
                                              _DEEPLAB_W64_DEC8_4),
+    # One block in the first stage (it runs at 32x32 and only feeds C3 when the decoder fuses C4, C3).
+    "deeplab_stem1_narrow_blocks1222_w64_dec8-4_bf16": ("mixed_bfloat16", "resnet18",
+                                                         {**_STEM1_NARROW, "stackwise_num_blocks": [1, 2, 2, 2]},
+                                                         _DEEPLAB_W64_DEC8_4),
+    "deeplab_stem1_narrow_blocks1222_w64_dec8-4_fp32": ("float32", "resnet18",
+                                                         {**_STEM1_NARROW, "stackwise_num_blocks": [1, 2, 2, 2]},
+                                                         _DEEPLAB_W64_DEC8_4),
     "backbone_only_classifier": ("mixed_bfloat16", "resnet18", {}, None),
     # The default recipe's backbone alone (as a classifier): what the head, decoder and per-pixel loss add.
     "backbone_only_stem1_narrow_fp32": ("float32", "resnet18", _STEM1_NARROW, None),
