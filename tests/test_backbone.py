@@ -215,6 +215,9 @@ def test_mixed_precision_model_reloads_with_its_policy(tmp_path):
     restored = keras.saving.load_model(tmp_path / "bf16.keras")
     assert restored.backbone.get_layer("conv2_block1_1_conv").dtype_policy.name == "mixed_bfloat16"
     assert keras.mixed_precision.global_policy().name == "float32"
+    for saved, loaded in zip(model.weights, restored.weights, strict=True):
+        np.testing.assert_array_equal(saved.numpy(), loaded.numpy())
     x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 1)).astype("float32")
-    # bfloat16 kernels on oneDNN are not bitwise deterministic run to run
-    np.testing.assert_allclose(model(x), restored(x), rtol=2e-2, atol=2e-3)
+    # bfloat16 kernels on oneDNN are not bitwise deterministic run to run (CI once saw a 0.012
+    # difference of softmax outputs); the exact check is the weights' above.
+    np.testing.assert_allclose(model(x), restored(x), atol=5e-2)
