@@ -26,7 +26,7 @@ Shortcuts (the paper's options, plus ResNet-D):
 
 from keras import layers
 
-from keras_resnet.layers import DropPath, ZeroPadChannels
+from keras_resnet.layers import DropPath, FusedBatchNormalization, ZeroPadChannels
 
 VERSIONS = ("v1", "v1.5", "v2")
 SHORTCUT_TYPES = ("A", "B", "C", "D")
@@ -81,8 +81,11 @@ def apply_conv(
 
 
 def apply_batch_norm(x, *, name, epsilon=1e-5, momentum=0.9, zero_init=False):
-    """BatchNormalization over channels; `zero_init` sets gamma to zero."""
-    return layers.BatchNormalization(
+    """BatchNormalization over channels; `zero_init` sets gamma to zero.
+
+    A `FusedBatchNormalization`: Keras' layer with TensorFlow's fused kernel for training steps.
+    """
+    return FusedBatchNormalization(
         axis=-1,
         epsilon=epsilon,
         momentum=momentum,

@@ -36,6 +36,7 @@ _WEIGHT_ORDER = {
     "Conv2D": ("kernel", "bias"),
     "Dense": ("kernel", "bias"),
     "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+    "FusedBatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
 }
 
 

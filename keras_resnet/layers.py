@@ -133,3 +133,70 @@ class ImageNormalization(keras.layers.Layer):
             "scale": self.scale,
             "reverse_channels": self.reverse_channels,
         }
+
+
+# FusedBatchNormV3 on GPUs (cuDNN) needs epsilon above 1e-5 in double precision; TensorFlow's own
+# `fused_batch_norm` clamps to the same value.
+_FUSED_MIN_EPSILON = 1.001e-5
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization whose training step runs TensorFlow's fused kernel.
+
+    Keras 3's `BatchNormalization` computes the batch moments and the
+    normalisation with separate ops, in float32 even under a mixed policy.
+    On the TensorFlow backend this layer runs the training-mode forward pass
+    as one `FusedBatchNormV3` op instead (oneDNN on CPUs, cuDNN on GPUs;
+    bfloat16/float16 inputs stay in their dtype, statistics in float32), and
+    so does its gradient. Everything else is `keras.layers.BatchNormalization`:
+    the same weights and config, the same inference maths (so exports are
+    unchanged), and the same moving-statistics update (biased batch variance,
+    `moving = moving * momentum + batch * (1 - momentum)`). It falls back to
+    the Keras computation where the fused kernel does not apply: other
+    backends, inputs that are not 4-D with channels on the first or last
+    axis, masks, renorm, synchronized BN, or inference.
+
+    The training-mode epsilon is at least 1.001e-5 (cuDNN's limit, as in
+    `tf.compat.v1.nn.fused_batch_norm`); inference uses `epsilon` as given.
+
+    Example:
+    >>> bn = FusedBatchNormalization(epsilon=1e-5, momentum=0.9)
+    >>> y = bn(keras.random.normal((8, 16, 16, 32)), training=True)
+    """
+
+    def _fused_data_format(self, inputs):
+        if keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4:
+            return None
+        if self.renorm or getattr(self, "synchronized", False):
+            return None
+        axis = self.axis % 4
+        return {3: "NHWC", 1: "NCHW"}.get(axis)
+
+    def call(self, inputs, training=None, mask=None):
+        data_format = self._fused_data_format(inputs)
+        if not (training and self.trainable) or mask is not None or data_format is None:
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        x = inputs
+        if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
+            x = tf.cast(x, tf.float32)
+        channels = x.shape[3] if data_format == "NHWC" else x.shape[1]
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones((channels,), tf.float32)
+        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros((channels,), tf.float32)
+        empty = tf.constant([], tf.float32)
+        y, mean, corrected_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=gamma, offset=beta, mean=empty, variance=empty,
+            epsilon=max(float(self.epsilon), _FUSED_MIN_EPSILON), exponential_avg_factor=1.0,
+            data_format=data_format, is_training=True,
+        )
+        # The kernel returns the variance with Bessel's correction; Keras' moving variance uses the
+        # biased one.
+        shape = tf.shape(x)
+        count = tf.cast(tf.size(x) // (shape[3] if data_format == "NHWC" else shape[1]), tf.float32)
+        variance = corrected_variance * tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0)
+        mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return tf.cast(y, self.compute_dtype)

@@ -13,6 +13,8 @@ any input size (odd sizes included) without Lambda layers.
 import keras
 from keras import layers, ops
 
+from keras_resnet.layers import FusedBatchNormalization
+
 PACKAGE = "keras_resnet"
 RESIZE_INTERPOLATIONS = ("nearest", "bilinear")
 
@@ -59,7 +61,7 @@ def apply_conv_bn_relu(x, filters, kernel_size, name, dilation_rate=1):
     x = layers.Conv2D(
         filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=False, name=f"{name}_conv"
     )(x)
-    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+    x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
