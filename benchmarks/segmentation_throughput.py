@@ -77,10 +77,16 @@ VARIANTS = {
 }
 
 
-def build(policy, preset, backbone_args, segmenter_args, size, jit_compile=False):
+def build(policy, preset, backbone_args, segmenter_args, size, jit_compile=False, keras_batch_norm=False):
     keras.mixed_precision.set_global_policy(policy)
     import keras_resnet as kr
+    from keras_resnet import blocks, necks
     from keras_resnet.segmenter import ResNetSegmenter
+
+    # ':keras_bn' builds the variant with keras.layers.BatchNormalization (unfused) in place of
+    # FusedBatchNormalization, to measure what the fused kernel buys.
+    norm = keras.layers.BatchNormalization if keras_batch_norm else kr.FusedBatchNormalization
+    blocks.FusedBatchNormalization = necks.FusedBatchNormalization = norm
 
     shape = (size, size, 1)
     if segmenter_args is None:
@@ -91,6 +97,7 @@ def build(policy, preset, backbone_args, segmenter_args, size, jit_compile=False
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=loss, jit_compile=jit_compile)
     keras.mixed_precision.set_global_policy("float32")
+    blocks.FusedBatchNormalization = necks.FusedBatchNormalization = kr.FusedBatchNormalization
     return model, segmenter_args is None
 
 
@@ -101,7 +108,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
-                        help="names from VARIANTS; append ':jit' to one to compile its train step with XLA")
+                        help="names from VARIANTS; append ':jit' to one to compile its train step with XLA, "
+                        "':keras_bn' to build it with keras.layers.BatchNormalization instead of the fused layer")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     x = (rng.random((args.batch * 4, args.size, args.size, 1)) * 255).astype("float32")
@@ -109,28 +117,35 @@ def main():
     labels = rng.integers(0, 11, args.batch * 4).astype("int32")
     for name in args.variants:
         base, _, flag = name.partition(":")
-        if base not in VARIANTS or flag not in ("", "jit"):
-            parser.error(f"--variants {name!r}: use one of {', '.join(VARIANTS)}, optionally with ':jit'")
+        if base not in VARIANTS or flag not in ("", "jit", "keras_bn"):
+            parser.error(f"--variants {name!r}: use one of {', '.join(VARIANTS)}, optionally with ':jit' or "
+                         "':keras_bn'")
     models = {}
     for name in args.variants:
         base, _, flag = name.partition(":")
-        model, is_classifier = build(*VARIANTS[base], args.size, jit_compile=flag == "jit")
+        model, is_classifier = build(*VARIANTS[base], args.size, jit_compile=flag == "jit",
+                                     keras_batch_norm=flag == "keras_bn")
         y = labels if is_classifier else masks
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch).cache().repeat()
         model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0)
         models[name] = (model, dataset)
     rates = {name: [] for name in models}
+    cpu_ms = {name: [] for name in models}  # process CPU time per step, all threads
     for _ in range(args.rounds):
         for name, (model, dataset) in models.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
             rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+            cpu_ms[name].append((time.process_time() - cpu_start) / args.steps * 1000)
     first = statistics.median(rates[args.variants[0]])
-    print(f"| variant | params | train img/s (median of {args.rounds}) | ratio to first |")
-    print("|---|---:|---:|---:|")
+    best_first = max(rates[args.variants[0]])
+    print(f"| variant | params | train img/s (median of {args.rounds}) | ratio to first | best round | ratio "
+          "| CPU ms/step (median) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, values in rates.items():
-        median = statistics.median(values)
-        print(f"| {name} | {models[name][0].count_params():,} | {median:.1f} | {median / first:.2f} |")
+        median, best = statistics.median(values), max(values)
+        print(f"| {name} | {models[name][0].count_params():,} | {median:.1f} | {median / first:.2f} | "
+              f"{best:.1f} | {best / best_first:.2f} | {statistics.median(cpu_ms[name]):.0f} |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Every layer here is registered with Keras serialization so that models
 containing them survive `.keras` save/load round trips, and each is built
-from plain keras ops so that it exports to SavedModel, TFLite and ONNX.
+from plain keras ops so that it exports to SavedModel, TFLite and ONNX
+(`FusedBatchNormalization` uses a TensorFlow op in training steps only; its
+inference path is Keras' own).
 """
 
 import keras
@@ -154,8 +156,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     unchanged), and the same moving-statistics update (biased batch variance,
     `moving = moving * momentum + batch * (1 - momentum)`). It falls back to
     the Keras computation where the fused kernel does not apply: other
-    backends, inputs that are not 4-D with channels on the first or last
-    axis, masks, renorm, synchronized BN, or inference.
+    backends, inputs that are not 4-D channels-last, masks, renorm, synchronized BN, or inference.
 
     The training-mode epsilon is at least 1.001e-5 (cuDNN's limit, as in
     `tf.compat.v1.nn.fused_batch_norm`); inference uses `epsilon` as given.
@@ -165,36 +166,33 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     >>> y = bn(keras.random.normal((8, 16, 16, 32)), training=True)
     """
 
-    def _fused_data_format(self, inputs):
+    def _can_fuse(self, inputs):
         if keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4:
-            return None
+            return False
         if self.renorm or getattr(self, "synchronized", False):
-            return None
-        axis = self.axis % 4
-        return {3: "NHWC", 1: "NCHW"}.get(axis)
+            return False
+        return self.axis % 4 == 3  # channels last (TF's CPU kernel has no NCHW)
 
     def call(self, inputs, training=None, mask=None):
-        data_format = self._fused_data_format(inputs)
-        if not (training and self.trainable) or mask is not None or data_format is None:
+        if not (training and self.trainable) or mask is not None or not self._can_fuse(inputs):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
 
         x = inputs
         if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
             x = tf.cast(x, tf.float32)
-        channels = x.shape[3] if data_format == "NHWC" else x.shape[1]
+        channels = x.shape[3]
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones((channels,), tf.float32)
         beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros((channels,), tf.float32)
         empty = tf.constant([], tf.float32)
         y, mean, corrected_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=gamma, offset=beta, mean=empty, variance=empty,
             epsilon=max(float(self.epsilon), _FUSED_MIN_EPSILON), exponential_avg_factor=1.0,
-            data_format=data_format, is_training=True,
+            data_format="NHWC", is_training=True,
         )
         # The kernel returns the variance with Bessel's correction; Keras' moving variance uses the
         # biased one.
-        shape = tf.shape(x)
-        count = tf.cast(tf.size(x) // (shape[3] if data_format == "NHWC" else shape[1]), tf.float32)
+        count = tf.cast(tf.size(x) // tf.shape(x)[3], tf.float32)
         variance = corrected_variance * tf.maximum(count - 1.0, 0.0) / tf.maximum(count, 1.0)
         mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))

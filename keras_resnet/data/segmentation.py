@@ -357,6 +357,9 @@ def _make_train_augment(augment_cfg: dict, input_shape):
 
     def augment(image, mask, seed):
         scale_seed, pad_seed, crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+        if low == high == 1.0 and tuple(image.shape[:2]) == (height, width):
+            # No rescale and already the input size: resize, pad and crop are identities; skip their ops.
+            return _random_flip(image, mask, flip_seed) if flip else (image, mask)
         scale = tf.random.stateless_uniform([], scale_seed, low, high)
         scaled_h = tf.maximum(1, tf.cast(tf.round(height * scale), tf.int32))
         scaled_w = tf.maximum(1, tf.cast(tf.round(width * scale), tf.int32))
@@ -376,12 +379,17 @@ def _make_train_augment(augment_cfg: dict, input_shape):
         image = image[top : top + height, left : left + width]
         mask = mask[top : top + height, left : left + width]
         if flip:
-            flipped = tf.random.stateless_uniform([], flip_seed) < 0.5
-            image = tf.cond(flipped, lambda: tf.reverse(image, [1]), lambda: image)
-            mask = tf.cond(flipped, lambda: tf.reverse(mask, [1]), lambda: mask)
+            image, mask = _random_flip(image, mask, flip_seed)
         return tf.ensure_shape(image, [height, width, channels]), tf.ensure_shape(mask, [height, width])
 
     return augment
+
+
+def _random_flip(image, mask, seed):
+    """Flips image and mask left-right together with probability 1/2."""
+    flipped = tf.random.stateless_uniform([], seed) < 0.5
+    return (tf.cond(flipped, lambda: tf.reverse(image, [1]), lambda: image),
+            tf.cond(flipped, lambda: tf.reverse(mask, [1]), lambda: mask))
 
 
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
