@@ -4,18 +4,20 @@ Random 0..255 images with 1-6 random boxes each, encoded by each model's
 own label encoder; every variant gets a few warm-up steps of `fit`, then
 variants are timed round-robin (`--rounds`) so machine noise hits all of
 them alike. Prints the median images/s per variant and its ratio to the
-first variant.
+first variant. A round times the steps after the first batch of one `fit`
+call (`step_timer.timed_fit`; before 2026-12-03 `fit`'s start-up was timed
+too, which dominated short rounds).
 
     python benchmarks/detection_throughput.py --rounds 3
 """
 
 import argparse
 import statistics
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
+from step_timer import timed_fit
 
 NARROW = {"stackwise_num_filters": [32, 64, 128, 256]}
 HEAD = {"fpn_width": 64, "head_depth": 2, "min_level": 3, "max_level": 5, "anchor_sizes": [24, 48, 96]}
@@ -78,9 +80,7 @@ def main():
     rates = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, (model, dataset) in models.items():
-            start = time.perf_counter()
-            model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
-            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+            rates[name].append(timed_fit(model, dataset, args.steps, args.batch)[0])
     first = statistics.median(rates[args.variants[0]])
     print(f"| variant | params | anchors | train img/s (median of {args.rounds}) | ratio to first |")
     print("|---|---:|---:|---:|---:|")

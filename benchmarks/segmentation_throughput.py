@@ -4,17 +4,21 @@ Each variant is trained with `fit` on random 0..255 images and random masks
 for a few warm-up steps, then timed; variants are interleaved round-robin
 (`--rounds`) so machine noise hits all of them alike, and the median
 images/s per variant is printed with its ratio to the first variant.
+A round times the steps between the first and the last batch of one `fit`
+call (`step_timer.timed_fit`), so `fit`'s own start-up (about 0.8 s per call
+on a 2-core VM, which dominated 5-10 step rounds before 2026-12-03) is not
+counted. The process CPU time per step is printed too (all threads).
 
     python benchmarks/segmentation_throughput.py --size 64 --batch 32 --rounds 3
 """
 
 import argparse
 import statistics
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
+from step_timer import timed_fit
 
 _STEM1_NARROW = {"stem_type": "cifar", "stem_width": 32, "stackwise_num_filters": [32, 64, 128, 256],
                  "stackwise_strides": [2, 2, 2, 2]}
@@ -105,7 +109,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="steps per round (at least 2; the first is not timed)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
                         help="names from VARIANTS; append ':jit' to one to compile its train step with XLA, "
@@ -133,10 +137,9 @@ def main():
     cpu_ms = {name: [] for name in models}  # process CPU time per step, all threads
     for _ in range(args.rounds):
         for name, (model, dataset) in models.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
-            model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
-            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
-            cpu_ms[name].append((time.process_time() - cpu_start) / args.steps * 1000)
+            rate, step_cpu_ms = timed_fit(model, dataset, args.steps, args.batch)
+            rates[name].append(rate)
+            cpu_ms[name].append(step_cpu_ms)
     first = statistics.median(rates[args.variants[0]])
     best_first = max(rates[args.variants[0]])
     print(f"| variant | params | train img/s (median of {args.rounds}) | ratio to first | best round | ratio "
