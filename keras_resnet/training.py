@@ -372,9 +372,10 @@ def _one_iterator_per_run(train_ds, steps_per_epoch):
     """`(train_ds.repeat(), its batches per pass)` where the pass length is known, else unchanged.
 
     With a finite dataset Keras makes a new iterator every epoch, and deleting the
-    old one waits for tf.data's autotuning thread to wake from its sleep: up to a
-    minute per epoch with the CPU idle once epochs last minutes (measured on TF
-    2.21: 10 of 45.6 minutes of the segmentation recipe). A repeated dataset with
+    old one waited for a sleeping tf.data background thread (the autotuner, as far
+    as a py-spy dump shows): up to a minute at some epoch ends with the CPU idle
+    once epochs last minutes (measured on TF 2.21: 5.4 of 45.6 minutes of the
+    segmentation recipe). A repeated dataset with
     `steps_per_epoch` keeps one iterator for the whole `fit`; each pass is still
     reshuffled and re-augmented (and fresh mosaics are still new).
     """
