@@ -92,16 +92,19 @@ def build(policy, preset, backbone_args, segmenter_args, size, jit_compile=False
     norm = keras.layers.BatchNormalization if keras_batch_norm else kr.FusedBatchNormalization
     blocks.FusedBatchNormalization = necks.FusedBatchNormalization = norm
 
-    shape = (size, size, 1)
-    if segmenter_args is None:
-        model = kr.ResNetClassifier.from_preset(preset, num_classes=11, input_shape=shape, **backbone_args)
-        loss = "sparse_categorical_crossentropy"
-    else:
-        model = ResNetSegmenter.from_preset(preset, 11, input_shape=shape, **backbone_args, **segmenter_args)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=loss, jit_compile=jit_compile)
-    keras.mixed_precision.set_global_policy("float32")
-    blocks.FusedBatchNormalization = necks.FusedBatchNormalization = kr.FusedBatchNormalization
+    try:
+        shape = (size, size, 1)
+        if segmenter_args is None:
+            model = kr.ResNetClassifier.from_preset(preset, num_classes=11, input_shape=shape, **backbone_args)
+            loss = "sparse_categorical_crossentropy"
+        else:
+            model = ResNetSegmenter.from_preset(preset, 11, input_shape=shape, **backbone_args, **segmenter_args)
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=loss, jit_compile=jit_compile)
+    finally:
+        # Restore the library's layer and the default policy even if building fails.
+        keras.mixed_precision.set_global_policy("float32")
+        blocks.FusedBatchNormalization = necks.FusedBatchNormalization = kr.FusedBatchNormalization
     return model, segmenter_args is None
 
 
