@@ -41,6 +41,7 @@ from keras_resnet.training import (
     _check_classes,
     _run_paths,
     _write_json,
+    backup_epoch,
     build_backbone_from_config,
     fit_run,
     load_pretrained_weights,
@@ -217,7 +218,11 @@ def train_segmentation(cfg):
     output_dir = prepare_output_dir(cfg["output_dir"])
     paths = _run_paths(output_dir)
 
-    train_ds, val_ds, info = build_segmentation_datasets(cfg, seed=train_cfg["seed"])
+    backup_dir = os.path.join(paths["backup_root"], "main")
+    start_epoch = backup_epoch(backup_dir)
+    if start_epoch:
+        print(f"resuming from the backup in {backup_dir} at epoch {start_epoch + 1}")
+    train_ds, val_ds, info = build_segmentation_datasets(cfg, seed=train_cfg["seed"], start_epoch=start_epoch)
     _check_classes(cfg, info)
     steps_per_epoch = train_cfg["steps_per_epoch"] or info["num_train"] // data_cfg["batch_size"]
     print(
@@ -255,7 +260,7 @@ def train_segmentation(cfg):
     with strategy.scope():
         fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",
                 title=f"{cfg['model']['backbone']} {cfg['model']['head']}", panels=SEGMENTATION_PANELS,
-                best_key="miou", backup_dir=os.path.join(paths["backup_root"], "main"), epochs=train_cfg["epochs"])
+                best_key="miou", backup_dir=backup_dir, epochs=train_cfg["epochs"])
     train_seconds = time.time() - start
     shutil.rmtree(paths["backup_root"], ignore_errors=True)
     best_model = keras.saving.load_model(paths["best"], compile=False)

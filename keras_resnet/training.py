@@ -398,6 +398,21 @@ def run_summary(paths, steps_per_epoch, batch_size, train_seconds):
     }
 
 
+def backup_epoch(backup_dir):
+    """The epoch a run resumed from `backup_dir` starts at: 0 without a backup.
+
+    Reads the `training_metadata.json` that `keras.callbacks.BackupAndRestore`
+    writes at each epoch end, so data pipelines can be built for the epoch
+    `fit` will resume at (before `fit` restores it).
+    """
+    path = os.path.join(backup_dir, "training_metadata.json")
+    try:
+        with open(path) as handle:
+            return max(int(json.load(handle)["epoch"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # no backup yet, or one BackupAndRestore itself will fall back from
+
+
 def _backup_and_restore(backup_dir):
     """BackupAndRestore keeping the previous checkpoint too where Keras can."""
     kwargs = {"delete_checkpoint": True}

@@ -382,6 +382,43 @@ def test_fresh_mosaics_change_every_epoch_and_validation_stays(tiny_fashion_mnis
     np.testing.assert_array_equal(np.sort(fixed_first.reshape(24, -1), 0), np.sort(fixed_second.reshape(24, -1), 0))
 
 
+def test_a_resumed_run_trains_on_the_canvases_of_its_epochs(tiny_fashion_mnist, tmp_path, monkeypatch):
+    overrides = ["data.mosaic_train_size=24", "data.mosaic_val_size=8", "data.batch_size=8",
+                 "model.input_shape=[32,32,1]", "data.augment.horizontal_flip=false",
+                 "data.augment.scale_range=[1.0,1.0]", "data.mosaic_fresh_each_epoch=true"]
+    cfg = load_config(RECIPE, overrides)
+    uninterrupted, _, info = build_segmentation_datasets(cfg, seed=0)
+    epochs = [np.sort(masks.reshape(24, -1), 0) for masks in _epochs(uninterrupted, 3)]
+    resumed, _, resumed_info = build_segmentation_datasets(cfg, seed=0, start_epoch=2)
+    resumed_first = np.sort(_epochs(resumed, 1)[0].reshape(24, -1), 0)
+    np.testing.assert_array_equal(resumed_first, epochs[2])  # epoch 3's canvases, not epoch 1's again
+    assert not np.array_equal(resumed_first, epochs[0])
+    assert resumed_info["mean"] == info["mean"] and resumed_info["std"] == info["std"]  # same statistics sample
+
+    # train_segmentation builds its data for the epoch BackupAndRestore will resume at
+    from keras_resnet import segmentation_training
+    from keras_resnet.training import backup_epoch
+
+    run = tmp_path / "run"
+    backup = run / "backup" / "main"
+    assert backup_epoch(str(backup)) == 0
+    backup.mkdir(parents=True)
+    (backup / "training_metadata.json").write_text("{not json")
+    assert backup_epoch(str(backup)) == 0
+    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 2, "batch": 0}))
+    assert backup_epoch(str(backup)) == 2
+    seen = {}
+
+    def record(cfg, seed=0, start_epoch=0):
+        seen["start_epoch"] = start_epoch
+        raise RuntimeError("stop after the data")
+
+    monkeypatch.setattr(segmentation_training, "build_segmentation_datasets", record)
+    with pytest.raises(RuntimeError, match="stop after the data"):
+        segmentation_training.train_segmentation(load_config(RECIPE, [*overrides, f"output_dir={run}"]))
+    assert seen == {"start_epoch": 2}
+
+
 def test_fresh_mosaics_only_for_segmentation_mosaics():
     with pytest.raises(ConfigError, match="mosaic_fresh_each_epoch.*only applies to task 'segmentation'"):
         load_config("tasks/detection/mosaic_retinanet_resnet18.yaml", ["data.mosaic_fresh_each_epoch=true"])

@@ -30,6 +30,7 @@ by ``data.augment.scale_range``, a random crop or pad back to the input size
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -297,16 +298,17 @@ def _mosaic_example(image, mask, channels):
     return image, tf.cast(mask, tf.int32)
 
 
-def _fresh_mosaic_dataset(items, labels, count: int, height: int, width: int, seed: int):
+def _fresh_mosaic_dataset(items, labels, count: int, height: int, width: int, seed: int, start_epoch: int = 0):
     """A dataset of `count` training canvases that are new on every pass over it.
 
-    Pass `e` (counted from 0 in this process; the statistics sample of
-    :func:`build_segmentation_datasets` is pass 0) builds its canvases in
-    chunks of `MOSAIC_FRESH_CHUNK` with seeds `(seed, e, chunk)`, so a run is
-    reproducible; a run resumed from a checkpoint counts its passes from 0
-    again, so it sees canvases that differ from an uninterrupted run's.
+    Pass `p` builds its canvases in chunks of `MOSAIC_FRESH_CHUNK` with seeds
+    `(seed, p, chunk)`, so a run is reproducible. The first pass in a process
+    is pass 0 (the statistics sample of :func:`build_segmentation_datasets`);
+    the passes after it are `start_epoch + 1`, `start_epoch + 2`, ..., one per
+    training epoch, so a run resumed at epoch `start_epoch` trains on the same
+    canvases as an uninterrupted run instead of repeating its first epochs'.
     """
-    passes = iter(range(2**62))
+    passes = itertools.chain([0], itertools.count(start_epoch + 1))
 
     def generate():
         epoch = next(passes)
@@ -319,12 +321,14 @@ def _fresh_mosaic_dataset(items, labels, count: int, height: int, width: int, se
     return dataset.apply(tf.data.experimental.assert_cardinality(count))
 
 
-def _mosaic_sources(cfg: dict, seed: int):
+def _mosaic_sources(cfg: dict, seed: int, start_epoch: int = 0):
     height, width, channels = cfg["model"]["input_shape"]
     data_cfg = cfg["data"]
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
     if data_cfg["mosaic_fresh_each_epoch"]:
-        train = _fresh_mosaic_dataset(x_train, y_train, data_cfg["mosaic_train_size"], height, width, seed)
+        train = _fresh_mosaic_dataset(
+            x_train, y_train, data_cfg["mosaic_train_size"], height, width, seed, start_epoch
+        )
     else:
         train = tf.data.Dataset.from_tensor_slices(
             make_mosaic(x_train, y_train, data_cfg["mosaic_train_size"], height, width, seed)
@@ -400,7 +404,7 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 # --------------------------------------------------------------------------- entry point
 
 
-def build_segmentation_datasets(cfg: dict, seed: int = 0):
+def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
     """Build the batched train and validation pipelines of a segmentation recipe.
 
     Args:
@@ -408,6 +412,11 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0):
             (``data.source`` one of mask_folder, voc, mosaic).
         seed: seed of the subset selection, the shuffle, the augmentation
             and the training mosaic.
+        start_epoch: the epoch training starts at (a resumed run's); with
+            ``data.mosaic_fresh_each_epoch`` it picks the canvases of the
+            first training pass, so a resumed run trains on the canvases an
+            uninterrupted one would have (shuffle order and augmentation
+            still restart). Other sources ignore it.
 
     Returns:
         ``(train_ds, val_ds, info)``: batches of ``(float32 images (B, H, W, C)
@@ -455,7 +464,7 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0):
                 f"data.source=mosaic has {len(MOSAIC_CLASSES)} classes (background + 10 Fashion-MNIST) but "
                 f"model.num_classes is {num_classes}; set model.num_classes={len(MOSAIC_CLASSES)}"
             )
-        train, val, class_names = _mosaic_sources(cfg, seed)
+        train, val, class_names = _mosaic_sources(cfg, seed, start_epoch)
         num_train, num_val = data_cfg["mosaic_train_size"], data_cfg["mosaic_val_size"]
         if data_cfg["limit_train"]:
             num_train = min(num_train, data_cfg["limit_train"])
