@@ -356,14 +356,18 @@ def tiny_fashion_mnist(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_RESNET_FASHION_MNIST_DIR", str(directory))
 
 
+# 24 training canvases of 32x32 (3 batches), no random geometry, new canvases each epoch (the flag last)
+FRESH_MOSAIC_OVERRIDES = ("data.mosaic_train_size=24", "data.mosaic_val_size=8", "data.batch_size=8",
+                          "model.input_shape=[32,32,1]", "data.augment.horizontal_flip=false",
+                          "data.augment.scale_range=[1.0,1.0]", "data.mosaic_fresh_each_epoch=true")
+
+
 def _epochs(dataset, count):
     return [np.concatenate([masks for _, masks in dataset.as_numpy_iterator()]) for _ in range(count)]
 
 
 def test_fresh_mosaics_change_every_epoch_and_validation_stays(tiny_fashion_mnist):
-    overrides = ["data.mosaic_train_size=24", "data.mosaic_val_size=8", "data.batch_size=8",
-                 "model.input_shape=[32,32,1]", "data.augment.horizontal_flip=false",
-                 "data.augment.scale_range=[1.0,1.0]", "data.mosaic_fresh_each_epoch=true"]
+    overrides = list(FRESH_MOSAIC_OVERRIDES)
     train, val, info = build_segmentation_datasets(load_config(RECIPE, overrides), seed=0)
     first, second = _epochs(train, 2)
     assert first.shape == second.shape == (24, 32, 32)  # cardinality kept: same steps per epoch
@@ -383,9 +387,7 @@ def test_fresh_mosaics_change_every_epoch_and_validation_stays(tiny_fashion_mnis
 
 
 def test_a_resumed_run_trains_on_the_canvases_of_its_epochs(tiny_fashion_mnist, tmp_path, monkeypatch):
-    overrides = ["data.mosaic_train_size=24", "data.mosaic_val_size=8", "data.batch_size=8",
-                 "model.input_shape=[32,32,1]", "data.augment.horizontal_flip=false",
-                 "data.augment.scale_range=[1.0,1.0]", "data.mosaic_fresh_each_epoch=true"]
+    overrides = list(FRESH_MOSAIC_OVERRIDES)
     cfg = load_config(RECIPE, overrides)
     uninterrupted, _, info = build_segmentation_datasets(cfg, seed=0)
     epochs = [np.sort(masks.reshape(24, -1), 0) for masks in _epochs(uninterrupted, 3)]
