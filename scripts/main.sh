@@ -14,4 +14,5 @@ RUN_DIR=$(.venv/bin/python -c "import sys; from keras_resnet.config import load_
 .venv/bin/keras-resnet export "$RUN_DIR" --format onnx
 .venv/bin/keras-resnet export "$RUN_DIR" --format tflite
 .venv/bin/keras-resnet export "$RUN_DIR" --format tflite --quantize int8 --calibration "$RECIPE" --parity-samples 1000
-echo "metrics: $(cat "$RUN_DIR/metrics.json" | .venv/bin/python -c 'import json,sys; m=json.load(sys.stdin); print(f"top1={m[\"top1\"]:.4f} top5={m[\"top5\"]:.4f}")')"
+# A plain statement (not inside echo "$(...)"), so a failure here fails the script.
+.venv/bin/python -c 'import json, sys; m = json.load(open(sys.argv[1])); print("metrics: top1=%.4f top5=%.4f" % (m["top1"], m["top5"]))' "$RUN_DIR/metrics.json"
