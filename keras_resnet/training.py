@@ -404,17 +404,31 @@ def backup_epoch(backup_dir):
     Reads the `training_metadata.json` that `keras.callbacks.BackupAndRestore`
     writes at each epoch end, so data pipelines can be built for the epoch
     `fit` will resume at (before `fit` restores it).
+
+    Raises:
+        ValueError: the file exists but is not BackupAndRestore's JSON (a run
+            killed while writing it), naming the file and how to restart.
     """
     path = os.path.join(backup_dir, "training_metadata.json")
     try:
         with open(path) as handle:
             return max(int(json.load(handle)["epoch"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0  # no backup yet, or one BackupAndRestore itself will fall back from
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"the resume backup {path} is unreadable ({type(error).__name__}: {error}); delete {backup_dir} to "
+            "train from epoch 1 again (best_model.keras and last_model.keras in the run directory are kept)"
+        ) from None
 
 
 def _backup_and_restore(backup_dir):
-    """BackupAndRestore keeping the previous checkpoint too where Keras can."""
+    """BackupAndRestore keeping the previous checkpoint too where Keras can.
+
+    A corrupt `training_metadata.json` in `backup_dir` is reported here with
+    the file and the fix (Keras would fail on it with a bare JSON error).
+    """
+    backup_epoch(backup_dir)
     kwargs = {"delete_checkpoint": True}
     if "double_checkpoint" in inspect.signature(keras.callbacks.BackupAndRestore).parameters:
         kwargs["double_checkpoint"] = True  # survives a kill during the write

@@ -405,8 +405,9 @@ def test_a_resumed_run_trains_on_the_canvases_of_its_epochs(tiny_fashion_mnist, 
     backup = run / "backup" / "main"
     assert backup_epoch(str(backup)) == 0
     backup.mkdir(parents=True)
-    (backup / "training_metadata.json").write_text("{not json")
-    assert backup_epoch(str(backup)) == 0
+    (backup / "training_metadata.json").write_text('{"epo')  # killed while writing it
+    with pytest.raises(ValueError, match=r"training_metadata.json is unreadable .*delete .*backup/main"):
+        backup_epoch(str(backup))
     (backup / "training_metadata.json").write_text(json.dumps({"epoch": 2, "batch": 0}))
     assert backup_epoch(str(backup)) == 2
     seen = {}
