@@ -40,7 +40,7 @@ VARIANTS = {
 
 def build(policy, size, backbone_args, detector_args):
     from keras_resnet import ResNetBackbone
-    from keras_resnet.detection import RetinaNetDetector, RetinaNetLoss
+    from keras_resnet.models.retinanet import RetinaNetDetector, RetinaNetLoss
 
     keras.mixed_precision.set_global_policy(policy)
     backbone = ResNetBackbone.from_preset("resnet18", input_shape=(size, size, 1), **backbone_args)

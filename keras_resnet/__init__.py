@@ -1,23 +1,40 @@
-"""keras_resnet: residual networks for Keras 3 (TensorFlow backend)."""
+"""keras_resnet: residual networks for Keras 3 (TensorFlow backend).
+
+Importing the package registers every serialisable class (layers, models,
+losses, metrics, the learning-rate schedule), so a `.keras` file saved by
+keras_resnet loads with `keras.saving.load_model` after `import keras_resnet`.
+"""
 
 __version__ = "0.1.0"
 
-from keras_resnet.backbones import ResNetBackbone
-from keras_resnet.classifier import ResNetClassifier
-from keras_resnet.detection.retinanet import RetinaNetDetector
-from keras_resnet.layers import DropPath, FusedBatchNormalization, ImageNormalization, ZeroPadChannels
-from keras_resnet.necks import FPN
-from keras_resnet.presets import PRESETS, list_presets
+from keras_resnet.layers.core import (
+    FPN,
+    DropPath,
+    FusedBatchNormalization,
+    ImageNormalization,
+    ZeroPadChannels,
+)
+from keras_resnet.models.resnet import (
+    PRESETS,
+    ResNetBackbone,
+    ResNetClassifier,
+    list_presets,
+)
+from keras_resnet.models.retinanet import RetinaNetDetector
+from keras_resnet.models.segmentation import ResNetSegmenter
+from keras_resnet.training.engine.schedules import WarmupSchedule
 
 __all__ = [
     "ResNetBackbone",
     "ResNetClassifier",
     "RetinaNetDetector",
+    "ResNetSegmenter",
     "FPN",
     "DropPath",
     "FusedBatchNormalization",
     "ImageNormalization",
     "ZeroPadChannels",
+    "WarmupSchedule",
     "PRESETS",
     "list_presets",
 ]

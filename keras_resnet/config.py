@@ -17,19 +17,22 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-TASKS = ("classification", "segmentation", "detection")
-CLASSIFICATION_SOURCES = ("fashion_mnist", "image_folder")
-SEGMENTATION_SOURCES = ("mask_folder", "voc", "mosaic")
-DETECTION_SOURCES = ("voc", "coco", "mosaic")
+from keras_resnet.errors import ConfigError
+from keras_resnet.registry import (
+    CLASSIFICATION,
+    DETECTION,
+    DETECTION_HEADS,
+    HEADS_BY_TASK,
+    SEGMENTATION,
+    SEGMENTATION_HEADS,
+    SOURCES_BY_TASK,
+    TASKS,
+)
+
+CLASSIFICATION_SOURCES = SOURCES_BY_TASK[CLASSIFICATION]
+SEGMENTATION_SOURCES = SOURCES_BY_TASK[SEGMENTATION]
+DETECTION_SOURCES = SOURCES_BY_TASK[DETECTION]
 DATA_SOURCES = tuple(dict.fromkeys(CLASSIFICATION_SOURCES + SEGMENTATION_SOURCES + DETECTION_SOURCES))
-SOURCES_BY_TASK = {
-    "classification": CLASSIFICATION_SOURCES,
-    "segmentation": SEGMENTATION_SOURCES,
-    "detection": DETECTION_SOURCES,
-}
-SEGMENTATION_HEADS = ("deeplabv3plus", "fpn")
-DETECTION_HEADS = ("retinanet",)
-HEADS_BY_TASK = {"segmentation": SEGMENTATION_HEADS, "detection": DETECTION_HEADS}
 SEGMENTATION_LOSSES = ("ce", "dice", "ce+dice")
 BOX_LOSSES = ("smooth_l1", "giou")
 OPTIMIZERS = ("sgd", "adamw")
@@ -37,10 +40,6 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION_MODES = (False, True, "auto", "mixed_float16", "mixed_bfloat16", "float32")
 JIT_COMPILE_MODES = (False, True, "auto")
-
-
-class ConfigError(ValueError):
-    """A recipe problem: names the key, the bad value and the allowed values or fix."""
 
 
 @dataclass(frozen=True)

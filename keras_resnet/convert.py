@@ -16,9 +16,10 @@ import re
 
 import numpy as np
 
-from keras_resnet.backbones import ResNetBackbone
-from keras_resnet.classifier import ResNetClassifier
-from keras_resnet.layers import ImageNormalization
+from keras_resnet.errors import ConversionError
+from keras_resnet.layers.core.core import ImageNormalization
+from keras_resnet.models.resnet.backbone import ResNetBackbone
+from keras_resnet.models.resnet.classifier import ResNetClassifier
 
 # keras.applications model name -> our preset.
 KERAS_APPLICATIONS_ARCHS = {
@@ -38,10 +39,6 @@ _WEIGHT_ORDER = {
     "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
     "FusedBatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
 }
-
-
-class ConversionError(ValueError):
-    """The source is not a keras.applications ResNet, or does not fit the target."""
 
 
 def _normalise_arch(arch):

@@ -6,8 +6,8 @@ import pytest
 
 import keras_resnet as kr
 from keras_resnet import ResNetBackbone, ResNetClassifier
-from keras_resnet.analysis import count_macs, count_trainable_params
-from keras_resnet.presets import REFERENCE_PARAMS
+from keras_resnet.models.resnet.analysis import count_macs, count_trainable_params
+from keras_resnet.models.resnet.presets import REFERENCE_PARAMS
 
 EXACT = [name for name in REFERENCE_PARAMS if not name.endswith("_cifar")]
 CIFAR = [name for name in REFERENCE_PARAMS if name.endswith("_cifar") and name != "resnet1202_cifar"]
@@ -126,7 +126,7 @@ def test_variant_arguments_round_trip(tmp_path):
 
 def test_shortcut_options_A_B_C():
     x = keras.Input((8, 8, 16))
-    from keras_resnet.blocks import apply_basic_block
+    from keras_resnet.layers.core.blocks import apply_basic_block
 
     a = keras.Model(x, apply_basic_block(x, 32, strides=2, shortcut_type="A", name="a"))
     b = keras.Model(x, apply_basic_block(x, 32, strides=2, shortcut_type="B", name="b"))

@@ -8,11 +8,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import keras_resnet.data.detection as detection
+import keras_resnet.data.detection.pipeline.pipeline as detection
 from conftest import write_idx_gz
 from keras_resnet.data import DataError
 from keras_resnet.data.classification import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
-from keras_resnet.data.detection import (
+from keras_resnet.data.detection.pipeline.pipeline import (
     build_detection_datasets,
     coco,
     make_detection_augment,
@@ -21,7 +21,7 @@ from keras_resnet.data.detection import (
     pad_boxes,
     voc,
 )
-from keras_resnet.detection.evaluation import (
+from keras_resnet.models.retinanet.evaluation import (
     boxes_to_original,
     coco_evaluate,
     detections_to_original,

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from keras_resnet import ImageNormalization, ResNetBackbone
-from keras_resnet.detection import (
+from keras_resnet.models.retinanet import (
     AnchorGenerator,
     DetectionDecoder,
     RetinaNetDetector,
@@ -20,7 +20,7 @@ from keras_resnet.detection import (
     pairwise_iou,
     sigmoid_focal_loss,
 )
-from keras_resnet.necks import FPN, upsample_nearest_like
+from keras_resnet.layers.core.fpn import FPN, upsample_nearest_like
 
 TINY = dict(stackwise_num_filters=[16, 32, 64, 128])
 

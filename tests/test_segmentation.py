@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 from conftest import write_idx_gz
 
-from keras_resnet.backbones import ResNetBackbone
+from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.config import ConfigError, load_config
 from keras_resnet.data import DataError
 from keras_resnet.data.segmentation import (
@@ -18,11 +18,11 @@ from keras_resnet.data.segmentation import (
     build_segmentation_datasets,
     make_mosaic,
 )
-from keras_resnet.layers import ImageNormalization
-from keras_resnet.losses import CombinedSegmentationLoss, DiceLoss, SegmentationCrossEntropy
-from keras_resnet.metrics import PixelAccuracy, SegmentationMeanIoU, confusion_to_iou
-from keras_resnet.necks import apply_fpn
-from keras_resnet.segmenter import ResNetSegmenter, default_aspp_rates
+from keras_resnet.layers.core.core import ImageNormalization
+from keras_resnet.models.segmentation.losses import CombinedSegmentationLoss, DiceLoss, SegmentationCrossEntropy
+from keras_resnet.models.segmentation.metrics import PixelAccuracy, SegmentationMeanIoU, confusion_to_iou
+from keras_resnet.layers.core.fpn import apply_fpn
+from keras_resnet.models.segmentation.segmenter import ResNetSegmenter, default_aspp_rates
 
 ONE_BLOCK = {"stackwise_num_blocks": [1, 1, 1, 1]}
 TINY_BACKBONE = {**ONE_BLOCK, "stackwise_num_filters": [8, 16, 16, 16], "stem_width": 8}
@@ -398,8 +398,8 @@ def test_a_resumed_run_trains_on_the_canvases_of_its_epochs(tiny_fashion_mnist, 
     assert resumed_info["mean"] == info["mean"] and resumed_info["std"] == info["std"]  # same statistics sample
 
     # train_segmentation builds its data for the epoch BackupAndRestore will resume at
-    from keras_resnet import segmentation_training
-    from keras_resnet.training import backup_epoch
+    from keras_resnet.training.engine import segmentation as segmentation_training
+    from keras_resnet.training.engine.engine import backup_epoch
 
     run = tmp_path / "run"
     backup = run / "backup" / "main"
@@ -432,7 +432,7 @@ def test_fresh_mosaics_only_for_segmentation_mosaics():
 
 def test_cli_train_evaluate_and_predict_masks(tiny_fashion_mnist, tmp_path, capsys):
     from keras_resnet.cli import main
-    from keras_resnet.segmentation_predict import predict_masks
+    from keras_resnet.predict.classification.segmentation import predict_masks
 
     run = tmp_path / "run"
     overrides = [

@@ -34,14 +34,14 @@ import yaml
 from conftest import randomize_batch_norm
 from PIL import Image
 
-from keras_resnet.backbones import ResNetBackbone
+from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.cli import main
-from keras_resnet.export import export_model, load_exported_model, model_task
-from keras_resnet.layers import ImageNormalization
-from keras_resnet.losses import SegmentationCrossEntropy
-from keras_resnet.predict import predict_files
-from keras_resnet.segmentation_predict import predict_masks
-from keras_resnet.segmenter import ResNetSegmenter
+from keras_resnet.export.api.api import export_model, load_exported_model, model_task
+from keras_resnet.layers.core.core import ImageNormalization
+from keras_resnet.models.segmentation.losses import SegmentationCrossEntropy
+from keras_resnet.predict.classification.classification import predict_files
+from keras_resnet.predict.classification.segmentation import predict_masks
+from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 
 SIZE = 32
 CLASS_NAMES = ["background", "red", "green"]

@@ -63,7 +63,7 @@ def test_image_folder_run_learns_and_writes_run_dir(toy_data, tmp_path, capsys):
     assert (run / "logs").is_dir() and not (run / "backup").exists()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["top1"] > 0.75 and "top5" in metrics
-    from keras_resnet.plots import read_history_csv
+    from keras_resnet.training.plots import read_history_csv
 
     history = read_history_csv(run / "history.csv")
     assert history["epoch"] == [0, 1, 2, 3]
@@ -77,7 +77,7 @@ def test_image_folder_run_learns_and_writes_run_dir(toy_data, tmp_path, capsys):
 def test_weight_averaging_validates_and_saves_the_averaged_weights(toy_data, tmp_path):
     import keras
 
-    from keras_resnet.plots import read_history_csv
+    from keras_resnet.training.plots import read_history_csv
 
     runs = {}
     for name, ema in (("plain", None), ("ema", 0.9)):
@@ -178,7 +178,7 @@ def test_killed_run_resumes_from_last_finished_epoch(toy_data, tmp_path):
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert f"Epoch {done_epochs + 1}/3" in output and "Epoch 1/3" not in output
-    from keras_resnet.plots import read_history_csv
+    from keras_resnet.training.plots import read_history_csv
 
     assert read_history_csv(tmp_path / "run" / "history.csv")["epoch"] == [0, 1, 2]
 
@@ -191,7 +191,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     from keras_resnet import ResNetClassifier
-    from keras_resnet.training import make_strategy
+    from keras_resnet.training.engine.engine import make_strategy
 
     x = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 1)).astype("float32")
     y = np.arange(8) % 3
@@ -254,7 +254,7 @@ def test_multi_worker_two_processes(toy_data, tmp_path):
 def test_fit_keeps_one_iterator_per_run_for_datasets_of_known_length():
     import tensorflow as tf
 
-    from keras_resnet.training import _one_iterator_per_run
+    from keras_resnet.training.engine.engine import _one_iterator_per_run
 
     batches = tf.data.Dataset.range(10).shuffle(10, seed=0, reshuffle_each_iteration=True).batch(3, drop_remainder=True)
     repeated, steps = _one_iterator_per_run(batches, None)

@@ -10,7 +10,10 @@ from keras_resnet.data.classification import (
     read_idx_gz,
     scan_image_folder,
 )
-from keras_resnet.data.detection import DetectionRecord, build_detection_datasets
+from keras_resnet.data.detection.pipeline.pipeline import (
+    DetectionRecord,
+    build_detection_datasets,
+)
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

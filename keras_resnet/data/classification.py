@@ -19,6 +19,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from keras_resnet.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_CLASSES = (
@@ -47,10 +49,6 @@ PROGRESS_BAR_MIN_FILES = 2000
 # Random erasing: rectangle area fraction and aspect-ratio ranges.
 ERASE_AREA_RANGE = (0.02, 0.4)
 ERASE_ASPECT_RANGE = (0.3, 3.3)
-
-
-class DataError(ValueError):
-    """An input-data problem: names the path or input and how to fix it."""
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST

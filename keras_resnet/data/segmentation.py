@@ -42,13 +42,13 @@ from PIL import Image
 from keras_resnet.data.classification import (
     FASHION_MNIST_CLASSES,
     IMAGE_EXTENSIONS,
-    DataError,
     _decode_image_file,
     _progress,
     _seeded_subset,
     load_fashion_mnist,
     shuffle_augment_batch,
 )
+from keras_resnet.errors import SegmentationDataError
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,6 @@ MOSAIC_THRESHOLD = 48  # item pixels brighter than this are labelled with the it
 MOSAIC_VAL_SEED = 1  # the validation mosaic is the same whatever train.seed is
 STATS_SAMPLE_SIZE = 500
 MOSAIC_FRESH_CHUNK = 1000  # canvases built at a time when data.mosaic_fresh_each_epoch is on
-
-
-class SegmentationDataError(DataError):
-    """A segmentation-data problem: names the file and how to fix it."""
 
 
 # --------------------------------------------------------------------------- mask files

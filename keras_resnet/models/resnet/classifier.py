@@ -1,0 +1,117 @@
+"""`ResNetClassifier`: backbone + global pooling + dropout + dense."""
+
+import keras
+from keras import layers
+
+from keras_resnet.layers.core.core import ImageNormalization
+from keras_resnet.models.resnet.backbone import ResNetBackbone
+
+POOLINGS = ("avg", "max")
+_CLASSIFIER_ARGS = ("pooling", "dropout", "activation", "preprocessing", "name")
+
+
+@keras.saving.register_keras_serializable(package="keras_resnet")
+class ResNetClassifier(keras.Model):
+    """An image classifier on top of any `ResNetBackbone`.
+
+    The graph is `images -> [preprocessing] -> backbone -> pooling ->
+    dropout -> dense`. With a `preprocessing` layer inside (e.g.
+    `ImageNormalization`), the model takes raw pixel values 0-255, so users
+    of the model and of its exports never need the training normalisation.
+    The dense layer is named "predictions" and computes in float32 (stable
+    under mixed precision).
+
+    Args:
+        backbone: a `ResNetBackbone` (its `image_shape` is the input shape).
+        num_classes: number of output classes.
+        pooling: "avg" or "max" global pooling.
+        dropout: dropout rate before the dense layer.
+        activation: output activation; "softmax" (default), "sigmoid", or
+            None for logits.
+        preprocessing: None, or a Keras layer applied to the input images
+            (serialised with the model).
+        name: model name.
+
+    Example:
+    >>> model = ResNetClassifier.from_preset("resnet18", num_classes=10, input_shape=(32, 32, 3))
+    >>> model.predict(np.zeros((2, 32, 32, 3)), verbose=0).shape
+    (2, 10)
+    """
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        pooling="avg",
+        dropout=0.0,
+        activation="softmax",
+        preprocessing=None,
+        name="resnet_classifier",
+        **kwargs,
+    ):
+        if not isinstance(backbone, keras.Model):
+            raise ValueError(f"backbone must be a ResNetBackbone (a keras.Model), got {type(backbone).__name__}.")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not supported; allowed values: {POOLINGS}.")
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        inputs = keras.Input(shape=backbone.input_shape[1:], name="images")
+        x = preprocessing(inputs) if preprocessing is not None else inputs
+        x = backbone(x)
+        if pooling == "avg":
+            x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        else:
+            x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+        if dropout:
+            x = layers.Dropout(dropout, name="head_dropout")(x)
+        outputs = layers.Dense(num_classes, activation=activation, dtype="float32", name="predictions")(x)
+        super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.pooling = pooling
+        self.dropout = dropout
+        self.activation = activation
+        self.preprocessing = preprocessing
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "num_classes": self.num_classes,
+            "pooling": self.pooling,
+            "dropout": self.dropout,
+            "activation": self.activation,
+            "preprocessing": (
+                keras.saving.serialize_keras_object(self.preprocessing) if self.preprocessing is not None else None
+            ),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        if config.get("preprocessing") is not None:
+            config["preprocessing"] = keras.saving.deserialize_keras_object(config["preprocessing"])
+        return cls(**config)
+
+    @classmethod
+    def from_preset(cls, preset, num_classes=1000, **overrides):
+        """Builds a classifier on a named backbone preset.
+
+        Args:
+            preset: a name from `keras_resnet.list_presets()`.
+            num_classes: number of output classes.
+            **overrides: classifier arguments (`pooling`, `dropout`,
+                `activation`, `preprocessing`, `name`) and backbone
+                arguments (anything else, e.g. `input_shape`).
+        """
+        classifier_args = {k: overrides.pop(k) for k in _CLASSIFIER_ARGS if k in overrides}
+        backbone = ResNetBackbone.from_preset(preset, **overrides)
+        classifier_args.setdefault("name", f"{preset}_classifier")
+        return cls(backbone, num_classes, **classifier_args)
+
+
+__all__ = ["ResNetClassifier", "ImageNormalization"]

@@ -1,0 +1,176 @@
+"""`DetectionDecoder`: raw RetinaNet outputs to boxes, scores and classes.
+
+Per image, on the raw output `(N, 4 + C)` (box deltas, class logits):
+
+1. pre-selection: the `pre_nms_top_k` best (anchor, class) pairs over all
+   `N * C` logits (`top_k`; the sigmoid is monotonic, so it is applied to
+   the selected logits only). Every pair is a candidate, not just each
+   anchor's best class, as in the RetinaNet paper, Detectron and
+   torchvision: an anchor may yield boxes of two classes. (Detectron takes
+   the top 1000 per level; one top-k over all levels is simpler to export
+   and differs only when a level would be left out.)
+2. the selected deltas are decoded against their anchors and clipped to
+   the image;
+3. class-wise NMS in one call: each box is shifted by `class_id *
+   (max(H, W) + 1)` pixels so boxes of different classes never overlap,
+   then one `NonMaxSuppressionV5` (score threshold, IoU threshold,
+   padded to `max_detections`) keeps the best of each cluster. Top-k,
+   gather, floor-div/mod and NonMaxSuppressionV5 are TFLite builtins
+   (`NON_MAX_SUPPRESSION_V5`) and tf2onnx maps NMS to ONNX
+   `NonMaxSuppression`, so the decoder exports with the model.
+
+A batch with a static size is decoded by a Python loop over its images (no
+control flow in the exported graph); a dynamic batch uses `tf.map_fn`.
+
+keras-cv's `NonMaxSuppression` layer differs: it is class-agnostic (the
+max class score per anchor, one NMS over all classes) and runs
+`tf.image.non_max_suppression_padded` on the batch.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_resnet.models.retinanet.anchors import AnchorGenerator
+from keras_resnet.models.retinanet.boxes import BOX_VARIANCE, clip_boxes, decode_boxes
+
+PACKAGE = "keras_resnet"
+OUTPUT_KEYS = ("boxes", "scores", "classes", "num_detections")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DetectionDecoder(keras.layers.Layer):
+    """Decodes `(B, N, 4 + num_classes)` raw outputs into padded detections.
+
+    Returns a dict: "boxes" `(B, max_detections, 4)` xyxy pixels clipped to
+    the image, "scores" `(B, max_detections)` sigmoid scores, "classes"
+    `(B, max_detections)` int32 (-1 for padding; padding boxes and scores
+    are 0) and "num_detections" `(B,)` int32. Detections are sorted by
+    score.
+
+    Args:
+        num_classes: number of object classes.
+        image_shape: static `(height, width)` of the model input.
+        anchor_generator: the detector's `AnchorGenerator` (or its config
+            dict); None for the default one.
+        box_variance: the deltas' divisors, as in the label encoder.
+        score_threshold: minimum sigmoid score of a detection.
+        iou_threshold: boxes of one class overlapping more than this are
+            suppressed.
+        max_detections: detections per image after NMS.
+        pre_nms_top_k: (anchor, class) candidates per image before NMS.
+
+    Example:
+    >>> decoder = DetectionDecoder(num_classes=2, image_shape=(64, 64))
+    >>> out = decoder(np.zeros((1, 774, 6), "float32") - 10.0)
+    >>> int(out["num_detections"][0]), tuple(out["boxes"].shape)
+    (0, (1, 100, 4))
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        image_shape,
+        anchor_generator=None,
+        box_variance=BOX_VARIANCE,
+        score_threshold=0.05,
+        iou_threshold=0.5,
+        max_detections=100,
+        pre_nms_top_k=1000,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if isinstance(anchor_generator, dict):
+            anchor_generator = AnchorGenerator.from_config(anchor_generator)
+        self.anchor_generator = anchor_generator if anchor_generator is not None else AnchorGenerator()
+        self.num_classes = int(num_classes)
+        self.image_shape = tuple(int(d) for d in image_shape[:2])
+        self.box_variance = tuple(float(v) for v in box_variance)
+        self.score_threshold = float(score_threshold)
+        self.iou_threshold = float(iou_threshold)
+        self.max_detections = int(max_detections)
+        self.pre_nms_top_k = int(pre_nms_top_k)
+        if self.num_classes < 1 or self.max_detections < 1 or self.pre_nms_top_k < 1:
+            raise ValueError(
+                "num_classes, max_detections and pre_nms_top_k must be >= 1, got "
+                f"{num_classes}, {max_detections}, {pre_nms_top_k}."
+            )
+        if not 0.0 <= self.iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}.")
+        self.anchors = self.anchor_generator(self.image_shape)
+
+    def _decode_image(self, raw, anchors):
+        num_anchors, num_classes = self.anchors.shape[0], self.num_classes
+        logits = tf.reshape(raw[:, 4:], [-1])
+        top_k = min(self.pre_nms_top_k, num_anchors * num_classes)
+        top_logits, top_indices = tf.math.top_k(logits, k=top_k)
+        anchor_indices = top_indices // num_classes
+        classes = top_indices % num_classes
+        scores = tf.sigmoid(top_logits)
+        boxes = decode_boxes(
+            tf.gather(raw[:, :4], anchor_indices), tf.gather(anchors, anchor_indices),
+            self.box_variance,
+        )
+        boxes = clip_boxes(boxes, self.image_shape)
+        offsets = tf.cast(classes, tf.float32) * float(max(self.image_shape) + 1)
+        selected, selected_scores, num_detections = tf.raw_ops.NonMaxSuppressionV5(
+            boxes=boxes + offsets[:, None],
+            scores=scores,
+            max_output_size=self.max_detections,
+            iou_threshold=self.iou_threshold,
+            score_threshold=self.score_threshold,
+            soft_nms_sigma=0.0,
+            pad_to_max_output_size=True,
+        )
+        valid = tf.range(self.max_detections) < num_detections
+        return {
+            "boxes": tf.where(valid[:, None], tf.gather(boxes, selected), 0.0),
+            "scores": tf.where(valid, selected_scores, 0.0),
+            "classes": tf.where(valid, tf.gather(classes, selected), -1),
+            "num_detections": num_detections,
+        }
+
+    def call(self, inputs):
+        raw = tf.cast(inputs, tf.float32)
+        expected = (self.anchors.shape[0], 4 + self.num_classes)
+        if tuple(raw.shape[1:]) != expected:
+            raise ValueError(
+                f"DetectionDecoder expects raw outputs (batch, {expected[0]}, {expected[1]}) for image_shape="
+                f"{self.image_shape} and num_classes={self.num_classes}, got {tuple(raw.shape)}."
+            )
+        anchors = tf.constant(self.anchors)
+        if raw.shape[0] is not None:
+            images = [self._decode_image(raw[index], anchors) for index in range(raw.shape[0])]
+            return {key: tf.stack([image[key] for image in images]) for key in OUTPUT_KEYS}
+        signature = {
+            "boxes": tf.TensorSpec([self.max_detections, 4], tf.float32),
+            "scores": tf.TensorSpec([self.max_detections], tf.float32),
+            "classes": tf.TensorSpec([self.max_detections], tf.int32),
+            "num_detections": tf.TensorSpec([], tf.int32),
+        }
+        return tf.map_fn(lambda image: self._decode_image(image, anchors), raw, fn_output_signature=signature)
+
+    def compute_output_spec(self, inputs):
+        batch = inputs.shape[0]
+        return {
+            "boxes": keras.KerasTensor((batch, self.max_detections, 4), "float32"),
+            "scores": keras.KerasTensor((batch, self.max_detections), "float32"),
+            "classes": keras.KerasTensor((batch, self.max_detections), "int32"),
+            "num_detections": keras.KerasTensor((batch,), "int32"),
+        }
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape),
+            "anchor_generator": self.anchor_generator.get_config(),
+            "box_variance": list(self.box_variance),
+            "score_threshold": self.score_threshold,
+            "iou_threshold": self.iou_threshold,
+            "max_detections": self.max_detections,
+            "pre_nms_top_k": self.pre_nms_top_k,
+        }
+
+
+__all__ = ["DetectionDecoder", "OUTPUT_KEYS"]

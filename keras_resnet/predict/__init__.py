@@ -1,0 +1,1 @@
+"""Prediction from a `.keras` file, a run folder or an export, one module per task."""

@@ -1,0 +1,212 @@
+"""Boxes from a trained `RetinaNetDetector` or its exports, drawn onto the images.
+
+`predict_boxes` runs a `.keras` detector (or a training run folder), or a
+detector exported by `keras_resnet.export.api.api` (SavedModel dir, `.tflite`,
+`.onnx`; decoded or raw outputs), on image files of any size: each image
+is converted to the model's channel count (PIL "L" or "RGB") and
+letterboxed to the model's input size with `letterbox_images` (scaled to
+fit keeping its aspect ratio, bilinear with antialiasing, rounded, padded
+bottom/right with 0: the transform of the validation pipeline and of the
+SavedModel's `serving_default`), detected and NMS-ed (`DetectionDecoder`,
+inside the graph of decoded exports), and the boxes are mapped back to the
+original image's pixels (`box / scale`, clipped). For each image it writes
+
+    <stem>_boxes.png     the original image with boxes, class names and scores
+
+Class names come from the run's `run.json` or the export's metadata JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from keras_resnet.visualize import draw_detections
+
+
+def read_image(path, channels):
+    """uint8 `(h, w, channels)` pixels of an image file (PIL "L" or "RGB"; alpha dropped)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    except FileNotFoundError:
+        raise ValueError(f"image {path} does not exist") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error}; pass a PNG/JPEG/BMP file") from None
+    return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
+
+
+def _letterboxed(path, height, width, channels):
+    """`(original uint8 (h, w, C), letterboxed float32 (height, width, C), scale)` of an image file."""
+    from keras_resnet.export.api.detection import letterbox_images
+
+    original = read_image(path, channels)
+    letterboxed, scale = letterbox_images(original[None], height, width)
+    return original, letterboxed.numpy()[0], float(scale)
+
+
+def _is_export(path: Path) -> bool:
+    return path.suffix in (".tflite", ".onnx") or (path.is_dir() and (path / "saved_model.pb").is_file())
+
+
+def load_detector(model_path, score_threshold=None, max_detections=None):
+    """A detection runner for any model form.
+
+    Args:
+        model_path: a `.keras` RetinaNetDetector, a detection run dir, a
+            detector export (SavedModel dir, `.tflite`, `.onnx`) or an
+            `ExportedModel`.
+        score_threshold, max_detections: override the decoder settings of a
+            `.keras` model or raw export; a decoded export has them built
+            in, so they only filter its detections (a lower threshold than
+            the built-in one has no effect).
+
+    Returns:
+        `(input_shape, class_names, run)`: `run(float32 (1, H, W, C))`
+        returns the decoded dict of NumPy arrays (boxes in model-input pixels).
+    """
+    from keras_resnet.export.api.api import (
+        DETECTION,
+        ExportedModel,
+        load_exported_model,
+    )
+
+    overrides = {"score_threshold": score_threshold, "max_detections": max_detections}
+    if isinstance(model_path, ExportedModel) or _is_export(Path(model_path)):
+        exported = model_path if isinstance(model_path, ExportedModel) else load_exported_model(model_path)
+        if exported.task != DETECTION:
+            raise ValueError(f"{exported.path} is not a detector (its task is {exported.task})")
+        num_classes = exported.num_classes
+        class_names = exported.class_names or [str(i) for i in range(num_classes or 0)]
+        decoder_config = (exported.metadata.get("detection") or {}).get("decoder") or {}
+        built_in = RAW_NAME not in exported.output_names or exported.metadata.get("detection_outputs") != "raw"
+        if not built_in and any(v is not None for v in overrides.values()):
+            from keras_resnet.export.api.detection import decoder_from_config
+
+            decoder = decoder_from_config({**decoder_config, **{k: v for k, v in overrides.items() if v is not None}})
+
+            def run(images):
+                raw = exported.predict(images)
+                return {key: value.numpy() for key, value in decoder(raw).items()}
+
+            return exported.input_shape, class_names, run
+
+        def run(images):
+            outputs = exported.predict_outputs(images)
+            return _filter(outputs, score_threshold, max_detections)
+
+        return exported.input_shape, class_names, run
+
+    model, class_names, decoder_args = _load_detector(model_path)
+    decoder_args = {**decoder_args, **{k: v for k, v in overrides.items() if v is not None}}
+    inference = model.make_inference_model(**decoder_args)
+
+    def run(images):
+        return {key: np.asarray(value) for key, value in inference.predict_on_batch(images).items()}
+
+    return model.input_shape[1:], class_names, run
+
+
+RAW_NAME = "raw"
+
+
+def _filter(outputs, score_threshold, max_detections):
+    """Decoded outputs with detections under `score_threshold` and past `max_detections` made padding."""
+    if score_threshold is None and max_detections is None:
+        return outputs
+    outputs = {key: np.array(value) for key, value in outputs.items()}
+    rows = np.arange(outputs["scores"].shape[1])[None]
+    keep = rows < outputs["num_detections"][:, None]
+    if score_threshold is not None:
+        keep &= outputs["scores"] >= score_threshold
+    if max_detections is not None:
+        keep &= rows < max_detections
+    # detections are sorted by score, so the kept ones stay a prefix
+    outputs["num_detections"] = keep.sum(axis=1).astype(np.int32)
+    outputs["boxes"] = np.where(keep[..., None], outputs["boxes"], 0.0).astype(np.float32)
+    outputs["scores"] = np.where(keep, outputs["scores"], 0.0).astype(np.float32)
+    outputs["classes"] = np.where(keep, outputs["classes"], -1).astype(np.int32)
+    return outputs
+
+
+def _load_detector(model_path):
+    """(detector, class_names, decoder_args) from a `.keras` file or a run folder."""
+    import keras
+
+    path = Path(model_path)
+    run_info = {}
+    if path.is_dir():
+        run_json = path / "run.json"
+        if run_json.exists():
+            run_info = json.loads(run_json.read_text())
+        path = path / "best_model.keras"
+    elif (path.parent / "run.json").is_file():
+        run_info = json.loads((path.parent / "run.json").read_text())
+    if not path.exists():
+        raise FileNotFoundError(f"no detector at {path}; pass a .keras file or a detection run's output_dir")
+    model = keras.saving.load_model(path, compile=False)
+    if not hasattr(model, "make_decoder"):
+        raise ValueError(f"{path} is a {type(model).__name__}, not a RetinaNetDetector")
+    class_names = run_info.get("class_names") or [str(i) for i in range(model.num_classes)]
+    return model, class_names, run_info.get("decoder", {})
+
+
+def predict_boxes(model_path, image_paths, output_dir, score_threshold=None, max_detections=None):
+    """Detects objects in image files and writes `<stem>_boxes.png` per image.
+
+    Args:
+        model_path: a `.keras` RetinaNetDetector, a detection run's
+            output_dir, or a detector export (SavedModel dir, `.tflite`,
+            `.onnx`, or an `ExportedModel`).
+        image_paths: image files of any size, or folders (searched recursively).
+        output_dir: folder for the PNGs (created).
+        score_threshold, max_detections: override the run's decoder
+            settings (for a decoded export: filter its detections).
+
+    Returns:
+        One dict per image: `{"image", "output", "detections": [{"class",
+        "class_id", "score", "box"}]}` with boxes as `[x_min, y_min, x_max,
+        y_max]` in the original image's pixels.
+
+    Example:
+    >>> predict_boxes("runs/mosaic_retinanet_resnet18", ["street.jpg"], "predictions")
+    >>> predict_boxes("saved_models/mosaic/mosaic_fp32.tflite", "photos/", "predictions")
+    """
+    from keras_resnet.predict.classification.classification import find_image_files
+
+    (height, width, channels), class_names, run = load_detector(model_path, score_threshold, max_detections)
+    files = find_image_files(image_paths)
+    os.makedirs(output_dir, exist_ok=True)
+    results = []
+    for image_path in files:
+        original, letterboxed, scale = _letterboxed(image_path, height, width, channels)
+        outputs = run(letterboxed[None])
+        count = int(outputs["num_detections"][0])
+        boxes = np.asarray(outputs["boxes"][0, :count], np.float32) / np.float32(scale)
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, original.shape[1])
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, original.shape[0])
+        scores, classes = outputs["scores"][0, :count], outputs["classes"][0, :count]
+        names = [class_names[int(c)] if 0 <= int(c) < len(class_names) else str(int(c)) for c in classes]
+        output = Path(output_dir) / f"{Path(image_path).stem}_boxes.png"
+        draw_detections(original, boxes, scores, classes, names_for(class_names, classes)).save(output)
+        results.append({
+            "image": str(image_path),
+            "output": str(output),
+            "detections": [
+                {"class": name, "class_id": int(c), "score": round(float(s), 4),
+                 "box": [round(float(v), 1) for v in b]}
+                for b, s, c, name in zip(boxes, scores, classes, names)
+            ],
+        })
+    return results
+
+
+def names_for(class_names, classes):
+    """Class names long enough for every class id in `classes` (ids past the list are named by number)."""
+    top = int(np.max(classes)) + 1 if len(classes) else 0
+    return list(class_names) + [str(i) for i in range(len(class_names), top)]

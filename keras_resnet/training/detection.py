@@ -1,0 +1,342 @@
+"""Training and evaluation of object detection recipes (`task: detection`).
+
+`train_detection` runs a recipe end to end with the helpers of
+`keras_resnet.training.engine.engine` (strategy, precision, optimizer and schedule, run
+directory, resume) and writes:
+
+    output_dir/
+      recipe.yaml               the resolved recipe
+      run.json                  task, preset, head, input shape, classes, preprocessing, decoder
+      best_model.keras          best validation mAP (the raw RetinaNetDetector)
+      last_model.keras          end of the last finished epoch
+      history.csv               loss and val_loss per epoch, val_mAP / val_AP50 every epoch
+      training_curves.png       loss, mAP and learning rate
+      metrics.json              {"mAP", "AP50", "AP75", "per_class", ...} of the best model (pycocotools)
+      val_predictions.png       a few validation images with predicted boxes
+      logs/                     TensorBoard
+      backup/                   BackupAndRestore state while a run is unfinished
+
+Targets are encoded inside the tf.data pipeline (`RetinaNetLabelEncoder`),
+so `fit` sees `(images, (B, N, 5) targets)` and the model's raw
+`(B, N, 4 + num_classes)` output. mAP is computed by pycocotools on the
+decoded, NMS-ed detections mapped back to original image pixels.
+"""
+
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_resnet.config import ConfigError, dump_config
+from keras_resnet.data.classification import DataError
+from keras_resnet.data.detection.pipeline.pipeline import build_detection_datasets
+from keras_resnet.models.retinanet.detector import RetinaNetDetector
+from keras_resnet.models.retinanet.evaluation import (
+    coco_evaluate,
+    detections_to_original,
+    print_detection_table,
+)
+from keras_resnet.models.retinanet.losses import RetinaNetLoss
+from keras_resnet.training.engine.engine import (
+    _check_classes,
+    _run_paths,
+    _write_json,
+    build_backbone_from_config,
+    fit_run,
+    load_pretrained_weights,
+    make_optimizer,
+    make_strategy,
+    prepare_output_dir,
+    resolve_precision,
+    run_summary,
+)
+from keras_resnet.training.plots import DETECTION_PANELS
+from keras_resnet.visualize import plot_detections
+
+NUM_PREDICTION_EXAMPLES = 4
+NORMALIZATION_SAMPLE_BATCHES = 16
+HEAD_ARGS = ("fpn_width", "min_level", "max_level", "head_depth", "head_width", "head_norm", "anchor_sizes",
+             "aspect_ratios", "anchor_scales", "extra_levels_from", "prior_probability")
+DECODER_ARGS = ("score_threshold", "iou_threshold", "max_detections", "pre_nms_top_k")
+# Recipe keys that detection does not implement: key -> neutral value.
+_NOT_FOR_DETECTION = {
+    ("train", "head_epochs"): 0,
+    ("train", "label_smoothing"): 0.0,
+    ("train", "class_weights"): None,
+    ("model", "dropout"): 0.0,
+}
+
+
+def _check_detection_recipe(cfg):
+    if cfg["train"]["strategy"] == "multi_worker":
+        raise ConfigError(
+            "train.strategy=multi_worker is not supported for task=detection; use auto, one_device or mirrored"
+        )
+    for (section, key), neutral in _NOT_FOR_DETECTION.items():
+        if cfg[section][key] != neutral:
+            raise ConfigError(
+                f"{section}.{key}={cfg[section][key]!r} does not apply to task=detection; "
+                f"set {section}.{key}={neutral if neutral is not None else 'null'}"
+            )
+    for key, allowed in (("head_args", HEAD_ARGS), ("decoder_args", DECODER_ARGS)):
+        unknown = sorted(set(cfg["model"][key]) - set(allowed))
+        if unknown:
+            raise ConfigError(f"unknown model.{key} key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+
+
+def _datasets(cfg):
+    data_cfg, train_cfg = cfg["data"], cfg["train"]
+    augment = {"horizontal_flip": data_cfg["augment"]["horizontal_flip"],
+               "scale_range": tuple(data_cfg["augment"]["scale_range"])}
+    return build_detection_datasets(
+        data_cfg["source"],
+        data_cfg["train"],
+        data_cfg["val"],
+        input_shape=tuple(cfg["model"]["input_shape"]),
+        batch_size=data_cfg["batch_size"],
+        max_boxes=data_cfg["max_boxes"],
+        augment=augment,
+        class_names=data_cfg["class_names"],
+        seed=train_cfg["seed"],
+        shuffle_buffer=data_cfg["shuffle_buffer"],
+        cache=data_cfg["cache"],
+        limit_train=data_cfg["limit_train"],
+        limit_val=data_cfg["limit_val"],
+        clip_boxes=data_cfg["clip_boxes"],
+        train_images=data_cfg["train_images"],
+        val_images=data_cfg["val_images"],
+        mosaic_args={"train_size": data_cfg["mosaic_train_size"], "val_size": data_cfg["mosaic_val_size"]},
+    )
+
+
+def pixel_statistics(dataset, batches=NORMALIZATION_SAMPLE_BATCHES):
+    """Per-channel mean and std of the first `batches` batches of `(images, targets)` (0..255 pixels)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for images, _ in dataset.take(batches):
+        images = tf.cast(images, tf.float64)
+        total += tf.reduce_sum(images, axis=[0, 1, 2]).numpy()
+        total_sq += tf.reduce_sum(tf.square(images), axis=[0, 1, 2]).numpy()
+        count += int(np.prod(images.shape[:3]))
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-6))
+    return [float(v) for v in np.atleast_1d(mean)], [float(v) for v in np.atleast_1d(std)]
+
+
+def build_detector(cfg, info):
+    """The recipe's `RetinaNetDetector` (raw outputs), taking raw pixels 0..255.
+
+    `model.head_args` passes FPN, head and anchor arguments (see
+    `RetinaNetDetector`). Normalisation by the training set's mean/std is
+    a layer inside the model; `model.weights` (a `.keras` model or
+    keras.applications `.h5`) initialises the backbone;
+    `model.freeze_stages` freezes its first stages.
+    """
+    model_cfg = cfg["model"]
+    backbone, preprocessing = build_backbone_from_config(cfg, info)
+    try:
+        model = RetinaNetDetector(
+            backbone,
+            model_cfg["num_classes"],
+            preprocessing=preprocessing,
+            name=f"{model_cfg['backbone']}_retinanet",
+            **model_cfg["head_args"],
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.head_args / model.backbone_args: {error}") from None
+    if model_cfg["weights"]:
+        load_pretrained_weights(model, model_cfg["weights"])
+    if model_cfg["freeze_stages"] >= 0:
+        backbone.freeze_stages(model_cfg["freeze_stages"])
+    return model
+
+
+def _encode_targets(dataset, encoder):
+    def encode(images, targets):
+        return images, encoder(targets["boxes"], targets["classes"])
+
+    return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+def predict_detections(model, dataset, decoder_args):
+    """Decoded detections of `model` over a `(images, targets)` dataset.
+
+    Returns:
+        `(images, outputs)` of the first batch (for plots) and a list of
+        per-batch dicts of NumPy arrays (boxes, scores, classes, num_detections).
+    """
+    decoder = model.make_decoder(**decoder_args)
+
+    @tf.function(reduce_retracing=True)
+    def detect(images):
+        return decoder(model(images, training=False))
+
+    batches, first = [], None
+    for images, _ in dataset:
+        outputs = {key: value.numpy() for key, value in detect(images).items()}
+        if first is None:
+            first = (images.numpy(), outputs)
+        batches.append(outputs)
+    return first, batches
+
+
+def evaluate_detector(model, val_ds, info, decoder_args, output_dir=None, title="validation", verbose=True):
+    """COCO box AP of `model` on `val_ds` by pycocotools, in original image pixels.
+
+    Args:
+        model: a `RetinaNetDetector`.
+        val_ds: batched `(images, {"boxes", "classes"})`, in `info["val_images"]` order.
+        info: the `info` of `build_detection_datasets`.
+        decoder_args: `DetectionDecoder` arguments (thresholds, max_detections).
+        output_dir: where to write metrics.json and val_predictions.png (None: nowhere).
+        title: title of the printed per-class table.
+        verbose: print the per-class table.
+
+    Returns:
+        `{"mAP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "per_class", "num_examples"}`.
+    """
+    first, batches = predict_detections(model, val_ds, decoder_args)
+    if first is None:
+        raise DataError("the validation set is empty; check data.val / data.limit_val")
+    rows, start = [], 0
+    for outputs in batches:
+        size = len(outputs["num_detections"])
+        rows.append(detections_to_original(outputs["boxes"], outputs["scores"], outputs["classes"],
+                                           info["val_images"][start:start + size], outputs["num_detections"]))
+        start += size
+    rows = np.concatenate(rows) if rows else np.zeros((0, 7))
+    metrics = coco_evaluate(info["val_coco"], rows, info["class_names"])
+    metrics["num_examples"] = start
+    if output_dir is not None:
+        _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+        images, outputs = first
+        count = min(NUM_PREDICTION_EXAMPLES, len(images))
+        plot_detections(images[:count], {key: value[:count] for key, value in outputs.items()},
+                        info["class_names"], os.path.join(output_dir, "val_predictions.png"))
+    if verbose:
+        print_detection_table(metrics, title=f"COCO box AP ({title})")
+    return metrics
+
+
+class _COCOEvaluation(keras.callbacks.Callback):
+    """Adds val_mAP / val_AP50 / val_AP75 to the epoch logs (pycocotools on the validation set)."""
+
+    def __init__(self, val_ds, info, decoder_args):
+        super().__init__()
+        self.val_ds, self.info, self.decoder_args = val_ds, info, decoder_args
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = evaluate_detector(self.model, self.val_ds, self.info, self.decoder_args, verbose=False)
+        if logs is not None:
+            for key in ("mAP", "AP50", "AP75"):
+                logs[f"val_{key}"] = metrics[key]
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+def train_detection(cfg):
+    """Trains a detection recipe and evaluates its best model with pycocotools.
+
+    Args:
+        cfg: a recipe dict from `keras_resnet.config.load_config` with
+            `task: detection`.
+
+    Returns:
+        The validation metrics of the best model (also in metrics.json),
+        plus `epochs`, `train_seconds_this_session` and
+        `train_images_per_second`.
+
+    Example:
+    >>> train_detection(load_config("tasks/detection/mosaic_retinanet_resnet18.yaml"))
+    """
+    _check_detection_recipe(cfg)
+    train_cfg, data_cfg, model_cfg = cfg["train"], cfg["data"], cfg["model"]
+    strategy = make_strategy(train_cfg["strategy"])
+    keras.utils.set_random_seed(train_cfg["seed"])
+    keras.mixed_precision.set_global_policy(resolve_precision(train_cfg["mixed_precision"]))
+    output_dir = prepare_output_dir(cfg["output_dir"])
+    paths = _run_paths(output_dir)
+
+    train_ds, val_ds, info = _datasets(cfg)
+    _check_classes(cfg, info)
+    info["mean"], info["std"] = pixel_statistics(train_ds)
+    steps_per_epoch = train_cfg["steps_per_epoch"] or info["num_train"] // data_cfg["batch_size"]
+    print(
+        f"{model_cfg['backbone']} + RetinaNet on {data_cfg['source']}: {info['num_train']} train / "
+        f"{info['num_val']} val images ({info['num_train_boxes']} / {info['num_val_boxes']} boxes), batch "
+        f"{data_cfg['batch_size']} over {strategy.num_replicas_in_sync} replica(s), "
+        f"policy {keras.mixed_precision.dtype_policy().name}, output {output_dir}"
+    )
+    with strategy.scope():
+        model = build_detector(cfg, info)
+        try:
+            model.make_decoder(**model_cfg["decoder_args"])
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.decoder_args: {error}") from None
+        model.compile(
+            optimizer=make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"]),
+            loss=RetinaNetLoss(model_cfg["num_classes"], box_loss=train_cfg["box_loss"],
+                               box_variance=model.box_variance),
+            jit_compile=train_cfg["jit_compile"],
+        )
+    encoder = model.make_label_encoder()
+    dump_config(cfg, os.path.join(output_dir, "recipe.yaml"))
+    _write_json(os.path.join(output_dir, "run.json"), {
+        "task": "detection",
+        "preset": model_cfg["backbone"],
+        "head": "retinanet",
+        "input_shape": list(model_cfg["input_shape"]),
+        "num_classes": model_cfg["num_classes"],
+        "class_names": info["class_names"],
+        "num_anchors": int(model.num_anchors),
+        "decoder": dict(model_cfg["decoder_args"]),
+        "preprocessing": {"mean": info["mean"], "std": info["std"], "input_range": [0, 255]},
+        "resize": "letterbox: scale to fit keeping the aspect ratio, pad bottom/right with 0",
+        "num_train": info["num_train"],
+        "num_val": info["num_val"],
+    })
+    start = time.time()
+    with strategy.scope():
+        fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
+                monitor="val_mAP", title=f"{model_cfg['backbone']} RetinaNet", panels=DETECTION_PANELS,
+                best_key="mAP", backup_dir=os.path.join(paths["backup_root"], "main"), epochs=train_cfg["epochs"],
+                extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg["decoder_args"])])
+    train_seconds = time.time() - start
+    shutil.rmtree(paths["backup_root"], ignore_errors=True)
+    best_model = keras.saving.load_model(paths["best"], compile=False)
+    metrics = evaluate_detector(best_model, val_ds, info, model_cfg["decoder_args"], output_dir, title="best model")
+    metrics.update(run_summary(paths, steps_per_epoch, data_cfg["batch_size"], train_seconds))
+    epochs = metrics["epochs"]
+    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    print(
+        f"done: {model_cfg['backbone']} RetinaNet mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} "
+        f"AP75={metrics['AP75']:.4f} on {metrics['num_examples']} val images, {epochs} epochs, "
+        f"{train_seconds / 60:.1f} min -> {output_dir}"
+    )
+    return metrics
+
+
+def evaluate_detection(cfg):
+    """Evaluates the best model of a detection recipe's output_dir on its validation set.
+
+    Rewrites metrics.json (COCO AP) and val_predictions.png and returns the metrics.
+    """
+    from keras_resnet.training.engine.engine import trained_model_path
+
+    _check_detection_recipe(cfg)
+    model_path = trained_model_path(cfg)
+    _, val_ds, info = _datasets(cfg)
+    _check_classes(cfg, info)
+    model = keras.saving.load_model(model_path, compile=False)
+    metrics = evaluate_detector(model, val_ds, info, cfg["model"]["decoder_args"], cfg["output_dir"], title=model_path)
+    print(
+        f"evaluate: {model_path} mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} AP75={metrics['AP75']:.4f} "
+        f"on {metrics['num_examples']} val images"
+    )
+    return metrics

@@ -1,0 +1,298 @@
+"""Training and evaluation of semantic segmentation recipes (`task: segmentation`).
+
+`train_segmentation` runs a recipe end to end with the helpers of
+`keras_resnet.training.engine.engine` (strategy, precision, optimizer and schedule, run
+directory, resume) and writes:
+
+    output_dir/
+      recipe.yaml               the resolved recipe
+      run.json                  task, preset, head, input shape, classes, preprocessing
+      best_model.keras          best validation mIoU
+      last_model.keras          end of the last finished epoch
+      history.csv               loss / miou / pixel_accuracy per epoch (train and val)
+      training_curves.png       loss, mIoU, pixel accuracy and learning rate
+      metrics.json              {"mIoU", "pixel_accuracy", "per_class_iou", ...} of the best model
+      confusion_matrix.csv      pixel counts, true classes on rows
+      val_predictions.png       a few validation images | truth | prediction
+      logs/                     TensorBoard
+      backup/                   BackupAndRestore state while a run is unfinished
+
+A killed run started again with the same recipe continues from its last
+finished epoch. Supported strategies: auto, one_device, mirrored.
+"""
+
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_resnet.config import ConfigError, dump_config
+from keras_resnet.data.classification import DataError
+from keras_resnet.data.segmentation import IGNORE_INDEX, build_segmentation_datasets
+from keras_resnet.models.segmentation.losses import make_segmentation_loss
+from keras_resnet.models.segmentation.metrics import (
+    PixelAccuracy,
+    SegmentationMeanIoU,
+    confusion_to_iou,
+)
+from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
+from keras_resnet.training.engine.engine import (
+    _check_classes,
+    _run_paths,
+    _write_json,
+    backup_epoch,
+    build_backbone_from_config,
+    fit_run,
+    load_pretrained_weights,
+    make_optimizer,
+    make_strategy,
+    prepare_output_dir,
+    resolve_precision,
+    run_summary,
+    trained_model_path,
+)
+from keras_resnet.training.plots import SEGMENTATION_PANELS, plt
+from keras_resnet.visualize import overlay_mask
+
+NUM_PREDICTION_EXAMPLES = 4
+# Recipe keys of classification training that segmentation does not implement: key -> neutral value.
+_CLASSIFICATION_ONLY = {
+    ("train", "head_epochs"): 0,
+    ("train", "label_smoothing"): 0.0,
+    ("model", "dropout"): 0.0,
+}
+
+
+def _check_segmentation_recipe(cfg):
+    if cfg["train"]["strategy"] == "multi_worker":
+        raise ConfigError(
+            "train.strategy=multi_worker is not supported for task=segmentation; use auto, one_device or mirrored"
+        )
+    for (section, key), neutral in _CLASSIFICATION_ONLY.items():
+        if cfg[section][key] != neutral:
+            raise ConfigError(
+                f"{section}.{key}={cfg[section][key]!r} applies to classification only; "
+                f"set {section}.{key}={neutral} for task=segmentation"
+            )
+
+
+def build_segmenter(cfg, info):
+    """The recipe's `ResNetSegmenter` (logits), taking raw pixels 0..255.
+
+    `model.head_args` passes `head_width`, `decoder_width`, `aspp_rates` and `decoder_level`
+    to the segmenter. Normalisation by the training set's mean/std is a layer inside the
+    model; `model.weights` (a `.keras` model or keras.applications `.h5`)
+    initialises the backbone; `model.freeze_stages` freezes its first stages.
+    """
+    model_cfg = cfg["model"]
+    preset = model_cfg["backbone"]
+    backbone, preprocessing = build_backbone_from_config(cfg, info)
+    try:
+        model = ResNetSegmenter(
+            backbone,
+            model_cfg["num_classes"],
+            head=model_cfg["head"],
+            preprocessing=preprocessing,
+            name=f"{preset}_{model_cfg['head']}",
+            **model_cfg["head_args"],
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            f"model.head_args: {error}; allowed: head_width, decoder_width, aspp_rates, decoder_level"
+        ) from None
+    if model_cfg["weights"]:
+        load_pretrained_weights(model, model_cfg["weights"])
+    if model_cfg["freeze_stages"] >= 0:
+        backbone.freeze_stages(model_cfg["freeze_stages"])
+    return model
+
+
+# ----------------------------------------------------------------------------
+# Plots and reports
+# ----------------------------------------------------------------------------
+def plot_predictions(images, masks, predictions, num_classes, path):
+    """Rows of image | truth overlay | prediction overlay (ignored pixels white)."""
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
+    for row in range(rows):
+        image = np.clip(images[row], 0, 255)
+        shown = image[..., 0] if image.shape[-1] == 1 else image.astype(np.uint8)
+        panels = (shown, overlay_mask(image, masks[row], num_classes), overlay_mask(image, predictions[row], num_classes))
+        for column, (panel, title) in enumerate(zip(panels, ("image", "truth", "prediction"))):
+            ax = axes[row][column]
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=255)
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def print_iou_table(per_class_iou, mean_iou, pixel_accuracy, title):
+    """A rich table of per-class IoU ("-" for classes absent from truth and prediction)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for name, iou in per_class_iou.items():
+        table.add_row(name, "-" if iou is None else f"{iou:.4f}")
+    table.add_section()
+    table.add_row("mean IoU", f"{mean_iou:.4f}")
+    table.add_row("pixel accuracy", f"{pixel_accuracy:.4f}")
+    Console().print(table)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+def evaluate_segmenter(model, val_ds, class_names, output_dir, title="validation"):
+    """mIoU, pixel accuracy and per-class IoU of `model` on `val_ds`.
+
+    Writes metrics.json, confusion_matrix.csv and val_predictions.png into
+    `output_dir` and prints the per-class IoU table. Pixels labelled 255
+    are ignored.
+
+    Returns:
+        `{"mIoU", "pixel_accuracy", "per_class_iou": {name: IoU or None}, "num_examples"}`;
+        None marks a class absent from both truth and predictions (left out of mIoU).
+    """
+    num_classes = len(class_names)
+    predict = tf.function(lambda images: tf.argmax(model(images, training=False), axis=-1, output_type=tf.int32))
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    examples, shown = 0, None
+    for images, masks in val_ds:
+        predictions = predict(images).numpy()
+        masks = masks.numpy()
+        valid = masks != IGNORE_INDEX
+        confusion += np.bincount(
+            masks[valid].astype(np.int64) * num_classes + predictions[valid], minlength=num_classes**2
+        ).reshape(num_classes, num_classes)
+        if shown is None:
+            count = min(NUM_PREDICTION_EXAMPLES, len(masks))
+            shown = (images.numpy()[:count], masks[:count], predictions[:count])
+        examples += len(masks)
+    if examples == 0:
+        raise DataError("the validation set is empty; check data.val / data.limit_val")
+    per_class, mean_iou = confusion_to_iou(confusion)
+    metrics = {
+        "mIoU": mean_iou,
+        "pixel_accuracy": float(np.trace(confusion) / max(confusion.sum(), 1)),
+        "per_class_iou": {
+            name: None if np.isnan(iou) else float(iou) for name, iou in zip(class_names, per_class)
+        },
+        "num_examples": examples,
+    }
+    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    np.savetxt(os.path.join(output_dir, "confusion_matrix.csv"), confusion, fmt="%d", delimiter=",")
+    plot_predictions(*shown, num_classes, os.path.join(output_dir, "val_predictions.png"))
+    print_iou_table(metrics["per_class_iou"], mean_iou, metrics["pixel_accuracy"], f"per-class IoU ({title})")
+    return metrics
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+def train_segmentation(cfg):
+    """Trains a segmentation recipe and evaluates its best model.
+
+    Args:
+        cfg: a recipe dict from `keras_resnet.config.load_config` with
+            `task: segmentation`.
+
+    Returns:
+        The validation metrics of the best model (also in metrics.json),
+        plus `epochs`, `train_seconds_this_session` and
+        `train_images_per_second`.
+
+    Example:
+    >>> train_segmentation(load_config("tasks/segmentation/mosaic_deeplabv3plus_resnet18.yaml"))
+    """
+    _check_segmentation_recipe(cfg)
+    train_cfg, data_cfg = cfg["train"], cfg["data"]
+    strategy = make_strategy(train_cfg["strategy"])
+    keras.utils.set_random_seed(train_cfg["seed"])
+    keras.mixed_precision.set_global_policy(resolve_precision(train_cfg["mixed_precision"]))
+    output_dir = prepare_output_dir(cfg["output_dir"])
+    paths = _run_paths(output_dir)
+
+    backup_dir = os.path.join(paths["backup_root"], "main")
+    start_epoch = backup_epoch(backup_dir)
+    if start_epoch:
+        print(f"resuming from the backup in {backup_dir} at epoch {start_epoch + 1}")
+    train_ds, val_ds, info = build_segmentation_datasets(cfg, seed=train_cfg["seed"], start_epoch=start_epoch)
+    _check_classes(cfg, info)
+    steps_per_epoch = train_cfg["steps_per_epoch"] or info["num_train"] // data_cfg["batch_size"]
+    print(
+        f"{cfg['model']['backbone']} + {cfg['model']['head']} on {data_cfg['source']}: {info['num_train']} train / "
+        f"{info['num_val']} val images, batch {data_cfg['batch_size']} over {strategy.num_replicas_in_sync} "
+        f"replica(s), policy {keras.mixed_precision.dtype_policy().name}, output {output_dir}"
+    )
+    with strategy.scope():
+        model = build_segmenter(cfg, info)
+        try:
+            loss = make_segmentation_loss(train_cfg["loss"], IGNORE_INDEX, train_cfg["class_weights"])
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        model.compile(
+            optimizer=make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"]),
+            loss=loss,
+            metrics=[SegmentationMeanIoU(cfg["model"]["num_classes"], IGNORE_INDEX), PixelAccuracy(IGNORE_INDEX)],
+            jit_compile=train_cfg["jit_compile"],
+        )
+    dump_config(cfg, os.path.join(output_dir, "recipe.yaml"))
+    _write_json(os.path.join(output_dir, "run.json"), {
+        "task": "segmentation",
+        "preset": cfg["model"]["backbone"],
+        "head": cfg["model"]["head"],
+        "output_stride": model.backbone.output_stride,
+        "input_shape": list(cfg["model"]["input_shape"]),
+        "num_classes": cfg["model"]["num_classes"],
+        "class_names": info["class_names"],
+        "ignore_index": IGNORE_INDEX,
+        "preprocessing": {"mean": info["mean"], "std": info["std"], "input_range": [0, 255]},
+        "num_train": info["num_train"],
+        "num_val": info["num_val"],
+    })
+    start = time.time()
+    with strategy.scope():
+        fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",
+                title=f"{cfg['model']['backbone']} {cfg['model']['head']}", panels=SEGMENTATION_PANELS,
+                best_key="miou", backup_dir=backup_dir, epochs=train_cfg["epochs"])
+    train_seconds = time.time() - start
+    shutil.rmtree(paths["backup_root"], ignore_errors=True)
+    best_model = keras.saving.load_model(paths["best"], compile=False)
+    metrics = evaluate_segmenter(best_model, val_ds, info["class_names"], output_dir, title="best model")
+    metrics.update(run_summary(paths, steps_per_epoch, data_cfg["batch_size"], train_seconds))
+    epochs = metrics["epochs"]
+    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    print(
+        f"done: {cfg['model']['backbone']} {cfg['model']['head']} mIoU={metrics['mIoU']:.4f} "
+        f"pixel_accuracy={metrics['pixel_accuracy']:.4f} on {metrics['num_examples']} val images, "
+        f"{epochs} epochs, {train_seconds / 60:.1f} min -> {output_dir}"
+    )
+    return metrics
+
+
+def evaluate_segmentation(cfg):
+    """Evaluates the best model of a segmentation recipe's output_dir on its validation set.
+
+    Rewrites metrics.json (mIoU, pixel accuracy, per-class IoU),
+    confusion_matrix.csv and val_predictions.png, and returns the metrics.
+    """
+    model_path = trained_model_path(cfg)
+    _, val_ds, info = build_segmentation_datasets(cfg, seed=cfg["train"]["seed"])
+    _check_classes(cfg, info)
+    model = keras.saving.load_model(model_path, compile=False)
+    metrics = evaluate_segmenter(model, val_ds, info["class_names"], cfg["output_dir"], title=model_path)
+    print(
+        f"evaluate: {model_path} mIoU={metrics['mIoU']:.4f} pixel_accuracy={metrics['pixel_accuracy']:.4f} "
+        f"on {metrics['num_examples']} val images"
+    )
+    return metrics
