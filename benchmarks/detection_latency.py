@@ -1,6 +1,6 @@
 """Per-image latency of a trained RetinaNet detector in every deployed form, side by side.
 
-Exports the detection run (`keras_resnet.export.api.api.export_model`, each export
+Exports the detection run (`keras_resnet.export.api.export_model`, each export
 checked against Keras on the run's validation images) or, with `--reuse`,
 loads exports already in `--work-dir`, then times batch-1 calls on the same
 real validation images (letterboxed by the recipe's pipeline), forms
@@ -58,7 +58,7 @@ DEFAULT_FORMS = ("keras", "saved_model", "tflite_fp32", "tflite_int8", "onnx")
 
 def export_or_load(run_dir: Path, form: str, work_dir: Path, args):
     """`(ExportedModel, parity figures)` of one export form."""
-    from keras_resnet.export.api.api import ExportParityError, export_model, load_exported_model
+    from keras_resnet.export.api import ExportParityError, export_model, load_exported_model
 
     fmt, quantize, outputs, batch = EXPORTS[form]
     output = work_dir / form
@@ -83,8 +83,8 @@ def export_or_load(run_dir: Path, form: str, work_dir: Path, args):
 
 
 def keras_runner(run_dir: Path):
-    from keras_resnet.export.api.detection import make_decoder
-    from keras_resnet.export.api.api import load_model_source
+    from keras_resnet.export.detection import make_decoder
+    from keras_resnet.export.api import load_model_source
 
     source = load_model_source(run_dir)
     model = source.model
@@ -141,7 +141,7 @@ def main(argv=None):
     args = parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from keras_resnet.export.api.detection import recipe_samples
+    from keras_resnet.export.detection import recipe_samples
 
     run_dir = Path(args.run_dir)
     work_dir = Path(args.work_dir) if args.work_dir else run_dir / "latency_exports"

@@ -116,7 +116,7 @@ def check_tflite(fn, batch, raw):
     spec = tf.TensorSpec([batch, *raw.shape[1:]], tf.float32, name="raw")
     try:
         with tempfile.TemporaryDirectory() as directory:
-            if hasattr(fn, "model"):  # as keras_resnet.export.api.api does: variables frozen by the converter
+            if hasattr(fn, "model"):  # as keras_resnet.export.api does: variables frozen by the converter
                 archive = keras.export.ExportArchive()
                 archive.track(fn.model)
                 archive.add_endpoint("serving_default", fn, input_signature=[spec])

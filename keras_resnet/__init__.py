@@ -22,7 +22,7 @@ from keras_resnet.models.resnet import (
 )
 from keras_resnet.models.retinanet import RetinaNetDetector
 from keras_resnet.models.segmentation import ResNetSegmenter
-from keras_resnet.training.engine.schedules import WarmupSchedule
+from keras_resnet.training.schedules import WarmupSchedule
 
 __all__ = [
     "ResNetBackbone",

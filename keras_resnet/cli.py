@@ -63,13 +63,13 @@ def _cmd_summary(args):
 
 
 def _cmd_train(args):
-    from keras_resnet.training.engine.engine import train_from_config
+    from keras_resnet.training.engine import train_from_config
 
     train_from_config(args.config, args.set)
 
 
 def _cmd_evaluate(args):
-    from keras_resnet.training.engine.engine import evaluate_from_config
+    from keras_resnet.training.engine import evaluate_from_config
 
     evaluate_from_config(args.config, args.set)
 
@@ -87,7 +87,7 @@ def _batch_size_arg(text):
 
 
 def _cmd_export(args):
-    from keras_resnet.export.api.api import export_model
+    from keras_resnet.export.api import export_model
 
     export_model(
         args.model,
@@ -126,8 +126,8 @@ def _cmd_predict(args):
     from rich.console import Console
     from rich.table import Table
 
-    from keras_resnet.export.api.api import DETECTION, SEGMENTATION, model_task
-    from keras_resnet.predict.classification.classification import predict_files
+    from keras_resnet.export.api import DETECTION, SEGMENTATION, model_task
+    from keras_resnet.predict.classification import predict_files
 
     task = model_task(args.model)
     if task == DETECTION:
@@ -136,7 +136,7 @@ def _cmd_predict(args):
     if args.score_threshold is not None or args.max_detections is not None:
         raise UserError("--score-threshold and --max-detections apply to detectors only")
     if task == SEGMENTATION:
-        from keras_resnet.predict.classification.segmentation import predict_masks
+        from keras_resnet.predict.segmentation import predict_masks
 
         results = predict_masks(args.model, args.images, args.output or _predictions_dir(args.model))
         if args.json:
@@ -166,7 +166,7 @@ def _predict_detections(args):
     from rich.console import Console
     from rich.table import Table
 
-    from keras_resnet.predict.classification.detection import predict_boxes
+    from keras_resnet.predict.detection import predict_boxes
 
     results = predict_boxes(
         args.model, args.images, args.output or _predictions_dir(args.model),

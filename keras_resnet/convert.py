@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 from keras_resnet.errors import ConversionError
-from keras_resnet.layers.core.core import ImageNormalization
+from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 

@@ -126,7 +126,7 @@ def test_variant_arguments_round_trip(tmp_path):
 
 def test_shortcut_options_A_B_C():
     x = keras.Input((8, 8, 16))
-    from keras_resnet.layers.core.blocks import apply_basic_block
+    from keras_resnet.layers.blocks import apply_basic_block
 
     a = keras.Model(x, apply_basic_block(x, 32, strides=2, shortcut_type="A", name="a"))
     b = keras.Model(x, apply_basic_block(x, 32, strides=2, shortcut_type="B", name="b"))

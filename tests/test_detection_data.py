@@ -8,11 +8,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import keras_resnet.data.detection.pipeline.pipeline as detection
+import keras_resnet.data.detection.pipeline as detection
 from conftest import write_idx_gz
 from keras_resnet.data import DataError
 from keras_resnet.data.classification import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
-from keras_resnet.data.detection.pipeline.pipeline import (
+from keras_resnet.data.detection.pipeline import (
     build_detection_datasets,
     coco,
     make_detection_augment,

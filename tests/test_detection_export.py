@@ -31,9 +31,9 @@ from conftest import write_shape_fashion_mnist
 from PIL import Image
 
 from keras_resnet.cli import main
-from keras_resnet.export.api.detection import detection_parity, tflite_ops
-from keras_resnet.predict.classification.detection import predict_boxes
-from keras_resnet.export.api.api import export_model, load_exported_model, model_task
+from keras_resnet.export.detection import detection_parity, tflite_ops
+from keras_resnet.predict.detection import predict_boxes
+from keras_resnet.export.api import export_model, load_exported_model, model_task
 
 RECIPE = "tasks/detection/mosaic_retinanet_resnet18.yaml"
 TINY = [

@@ -20,7 +20,7 @@ from keras_resnet.models.retinanet import (
     pairwise_iou,
     sigmoid_focal_loss,
 )
-from keras_resnet.layers.core.fpn import FPN, upsample_nearest_like
+from keras_resnet.layers.fpn import FPN, upsample_nearest_like
 
 TINY = dict(stackwise_num_filters=[16, 32, 64, 128])
 

@@ -30,7 +30,7 @@ def tiny_fashion_dir(tmp_path, monkeypatch):
 
 
 def test_cli_train_evaluate_and_predict_boxes(tiny_fashion_dir, tmp_path, capsys):
-    from keras_resnet.predict.classification.detection import predict_boxes
+    from keras_resnet.predict.detection import predict_boxes
 
     run = tmp_path / "run"
     overrides = [*TINY, f"output_dir={run}"]

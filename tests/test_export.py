@@ -1,4 +1,4 @@
-"""Tests for keras_resnet.export.api.api and keras_resnet.predict.classification.classification and their CLI commands.
+"""Tests for keras_resnet.export.api and keras_resnet.predict.classification and their CLI commands.
 
 Models are tiny (one block per stage, 32x32 inputs). A module-scoped run
 dir holds a classifier trained for a few seconds on three colour classes
@@ -33,13 +33,13 @@ from PIL import Image
 from keras_resnet import ImageNormalization, ResNetClassifier
 from keras_resnet.export.api import api as export_module
 from keras_resnet.cli import main
-from keras_resnet.export.api.api import (
+from keras_resnet.export.api import (
     ExportParityError,
     export_model,
     load_exported_model,
     load_model_source,
 )
-from keras_resnet.predict.classification.classification import find_image_files, predict_files
+from keras_resnet.predict.classification import find_image_files, predict_files
 
 CLASS_COLOURS = {"blue": (30, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
 TRAIN_PER_CLASS = 16
@@ -77,7 +77,7 @@ def write_class_folders(root, per_class, rng):
 
 def load_folder(root):
     """(images at SIZE x SIZE, labels) of a class-folder tree, via the predict loader."""
-    from keras_resnet.predict.classification.classification import load_images
+    from keras_resnet.predict.classification import load_images
 
     files, labels = [], []
     for label, name in enumerate(sorted(CLASS_COLOURS)):

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_resnet import ResNetBackbone
-from keras_resnet.layers.core.core import FusedBatchNormalization
+from keras_resnet.layers.core import FusedBatchNormalization
 
 
 def _pair(shape, policy, **kwargs):

@@ -18,10 +18,10 @@ from keras_resnet.data.segmentation import (
     build_segmentation_datasets,
     make_mosaic,
 )
-from keras_resnet.layers.core.core import ImageNormalization
+from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.segmentation.losses import CombinedSegmentationLoss, DiceLoss, SegmentationCrossEntropy
 from keras_resnet.models.segmentation.metrics import PixelAccuracy, SegmentationMeanIoU, confusion_to_iou
-from keras_resnet.layers.core.fpn import apply_fpn
+from keras_resnet.layers.fpn import apply_fpn
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter, default_aspp_rates
 
 ONE_BLOCK = {"stackwise_num_blocks": [1, 1, 1, 1]}
@@ -399,7 +399,7 @@ def test_a_resumed_run_trains_on_the_canvases_of_its_epochs(tiny_fashion_mnist, 
 
     # train_segmentation builds its data for the epoch BackupAndRestore will resume at
     from keras_resnet.training.engine import segmentation as segmentation_training
-    from keras_resnet.training.engine.engine import backup_epoch
+    from keras_resnet.training.engine import backup_epoch
 
     run = tmp_path / "run"
     backup = run / "backup" / "main"
@@ -432,7 +432,7 @@ def test_fresh_mosaics_only_for_segmentation_mosaics():
 
 def test_cli_train_evaluate_and_predict_masks(tiny_fashion_mnist, tmp_path, capsys):
     from keras_resnet.cli import main
-    from keras_resnet.predict.classification.segmentation import predict_masks
+    from keras_resnet.predict.segmentation import predict_masks
 
     run = tmp_path / "run"
     overrides = [

@@ -36,11 +36,11 @@ from PIL import Image
 
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.cli import main
-from keras_resnet.export.api.api import export_model, load_exported_model, model_task
-from keras_resnet.layers.core.core import ImageNormalization
+from keras_resnet.export.api import export_model, load_exported_model, model_task
+from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.segmentation.losses import SegmentationCrossEntropy
-from keras_resnet.predict.classification.classification import predict_files
-from keras_resnet.predict.classification.segmentation import predict_masks
+from keras_resnet.predict.classification import predict_files
+from keras_resnet.predict.segmentation import predict_masks
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 
 SIZE = 32

@@ -10,7 +10,7 @@ from keras_resnet.data.classification import (
     read_idx_gz,
     scan_image_folder,
 )
-from keras_resnet.data.detection.pipeline.pipeline import (
+from keras_resnet.data.detection.pipeline import (
     DetectionRecord,
     build_detection_datasets,
 )

@@ -1,7 +1,7 @@
 """Export trained classifiers, segmenters and detectors to SavedModel, TFLite and ONNX, with parity checks.
 
 Detectors (`RetinaNetDetector`, detection run dirs) are exported by
-`keras_resnet.export.api.detection` (NMS inside or raw outputs, detection
+`keras_resnet.export.detection` (NMS inside or raw outputs, detection
 parity); `export_model`, `load_exported_model` and `model_task` hand them
 over. The rest of this docstring is about classifiers and segmenters.
 
@@ -88,7 +88,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_resnet.errors import ExportParityError
-from keras_resnet.layers.core.core import ImageNormalization  # noqa: E402
+from keras_resnet.layers.core import ImageNormalization  # noqa: E402
 from keras_resnet.models.resnet.classifier import ResNetClassifier  # noqa: E402
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter  # noqa: E402
 
@@ -494,7 +494,7 @@ def _raw_decoder(metadata: dict, path):
             f"{path} outputs raw detections but has no metadata JSON with the decoder config "
             f"({Path(str(path).rstrip('/')).name}{METADATA_SUFFIX}); keep it beside the artefact"
         )
-    from keras_resnet.export.api.detection import decoder_from_config
+    from keras_resnet.export.detection import decoder_from_config
 
     decoder = decoder_from_config(config)
     shape = [None, int(decoder.anchors.shape[0]), 4 + decoder.num_classes]
@@ -519,7 +519,7 @@ def _task_from_rank(shape) -> str:
 def _load_keras(path) -> ExportedModel:
     source = load_model_source(path)
     metadata = source.run_info
-    from keras_resnet.export.api.detection import is_detector
+    from keras_resnet.export.detection import is_detector
 
     if is_detector(source.model):
         return _load_keras_detector(source)
@@ -542,7 +542,7 @@ def _load_keras(path) -> ExportedModel:
 
 def _load_keras_detector(source) -> ExportedModel:
     """A `.keras` detector run as its exports are: raw output and the run's decoder in one tf.function."""
-    from keras_resnet.export.api.detection import make_decoder
+    from keras_resnet.export.detection import make_decoder
 
     model = as_float32(source.model)
     decoder = make_decoder(model, source.run_info)
@@ -566,7 +566,7 @@ def _load_keras_detector(source) -> ExportedModel:
 def _load_saved_model(path: Path) -> ExportedModel:
     loaded = tf.saved_model.load(str(path))
     if "serve_float" not in loaded.signatures:
-        raise ValueError(f"SavedModel {path} has no serve_float signature; export it with keras_resnet.export.api.api")
+        raise ValueError(f"SavedModel {path} has no serve_float signature; export it with keras_resnet.export.api")
     signature = loaded.signatures["serve_float"]
     spec = signature.structured_input_signature[1][INPUT_NAME]
     metadata = _metadata_beside(path)
@@ -801,7 +801,7 @@ def _folder_images(folder: str, input_shape, count: int) -> np.ndarray:
 
     A segmentation folder (`images/` beside `masks/`) gives its `images/` only.
     """
-    from keras_resnet.predict.classification.classification import (
+    from keras_resnet.predict.classification import (
         find_image_files,
         load_images,
     )
@@ -1370,7 +1370,7 @@ def export_model(
     (per-pixel softmax, added when the model outputs logits) and "mask"
     (int32 argmax); see the module docstring. A `RetinaNetDetector` (or a
     detection run dir) exports boxes, scores, classes and num_detections
-    with NMS inside, or its raw outputs; see `keras_resnet.export.api.detection`.
+    with NMS inside, or its raw outputs; see `keras_resnet.export.detection`.
 
     Args:
         model_or_dir: a `.keras` file, a training run dir or a `keras.Model`.
@@ -1425,7 +1425,7 @@ def export_model(
 
     with _step("loading the Keras model"):
         source = load_model_source(model_or_dir)
-    from keras_resnet.export.api.detection import export_detector, is_detector
+    from keras_resnet.export.detection import export_detector, is_detector
 
     if is_detector(source.model):
         return export_detector(

@@ -1,6 +1,6 @@
 """Export of `RetinaNetDetector` models: SavedModel, TFLite and ONNX with NMS inside, or raw outputs.
 
-`keras_resnet.export.api.api.export_model` hands detectors (a detection run dir, a
+`keras_resnet.export.api.export_model` hands detectors (a detection run dir, a
 `RetinaNetDetector` `.keras` file or model) to `export_detector`. The
 detector's decoder settings (score/IoU thresholds, `max_detections`,
 `pre_nms_top_k`) come from the run's `run.json` ("decoder"), overridden by
@@ -167,7 +167,7 @@ def outputs_fn(model, decoder, detection_outputs: str):
 def letterbox_images(images, height: int, width: int):
     """Letterbox a batch of same-size images to `(height, width)` in TensorFlow.
 
-    The batch form of `keras_resnet.data.detection.pipeline.pipeline.letterbox` (validation):
+    The batch form of `keras_resnet.data.detection.pipeline.letterbox` (validation):
     scale `s = min(height / h, width / w)`, bilinear resize with
     antialiasing to `round((h, w) * s)`, rounded to uint8, padded
     bottom/right with 0.
@@ -553,7 +553,7 @@ def recipe_samples(recipe_path: str, input_shape, split: str, count: int):
         the validation images returned, in order).
     """
     from keras_resnet.config import load_config
-    from keras_resnet.data.detection.pipeline.pipeline import build_detection_datasets
+    from keras_resnet.data.detection.pipeline import build_detection_datasets
 
     cfg = load_config(recipe_path)
     data = cfg["data"]
@@ -587,8 +587,8 @@ def recipe_samples(recipe_path: str, input_shape, split: str, count: int):
 
 def folder_samples(folder: str, input_shape, count: int) -> np.ndarray:
     """Up to `count` letterboxed images of a folder (recursive; a seeded sample when there are more)."""
-    from keras_resnet.predict.classification.classification import find_image_files
-    from keras_resnet.predict.classification.detection import read_image
+    from keras_resnet.predict.classification import find_image_files
+    from keras_resnet.predict.detection import read_image
 
     files = find_image_files(folder)
     if len(files) > count:
@@ -888,7 +888,7 @@ def _metadata(source, model, decoder, format, quantize, path, input_shape, fixed
                 "boxes offset by class * (max(H, W) + 1)"
             ),
             "nms": "inside the model" if detection_outputs == "decoded" else (
-                "not in the model: keras_resnet.export.api.detection.decoder_from_config(metadata['detection']"
+                "not in the model: keras_resnet.export.detection.decoder_from_config(metadata['detection']"
                 "['decoder']) decodes 'raw'"
             ),
         },

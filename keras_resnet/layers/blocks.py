@@ -26,7 +26,7 @@ Shortcuts (the paper's options, plus ResNet-D):
 
 from keras import layers
 
-from keras_resnet.layers.core.core import (
+from keras_resnet.layers.core import (
     DropPath,
     FusedBatchNormalization,
     ZeroPadChannels,

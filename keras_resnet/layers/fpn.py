@@ -13,7 +13,7 @@ any input size (odd sizes included) without Lambda layers.
 import keras
 from keras import layers, ops
 
-from keras_resnet.layers.core.core import FusedBatchNormalization
+from keras_resnet.layers.core import FusedBatchNormalization
 
 PACKAGE = "keras_resnet"
 RESIZE_INTERPOLATIONS = ("nearest", "bilinear")

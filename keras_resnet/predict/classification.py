@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from keras_resnet.export.api.api import load_exported_model
+from keras_resnet.export.api import load_exported_model
 
 LOAD_CHUNK = 256  # images decoded and run at a time
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -99,7 +99,7 @@ def predict_files(model_path: str | os.PathLike, images, top_k: int = 5) -> list
     """Classify image files with a `.keras` file, run dir, SavedModel, `.tflite` or `.onnx`.
 
     Args:
-        model_path: the model or export (see `keras_resnet.export.api.api.load_exported_model`).
+        model_path: the model or export (see `keras_resnet.export.api.load_exported_model`).
         images: an image file or folder, or a list of them (folders expanded recursively).
         top_k: classes reported per image (capped at the number of classes).
 
@@ -116,7 +116,7 @@ def predict_files(model_path: str | os.PathLike, images, top_k: int = 5) -> list
     model = load_exported_model(model_path)
     if model.task != "classification":
         raise ValueError(
-            f"{model_path} is a {model.task} model; use keras_resnet.predict.classification.segmentation.predict_masks "
+            f"{model_path} is a {model.task} model; use keras_resnet.predict.segmentation.predict_masks "
             "(or `keras-resnet predict`, which writes mask overlays)"
         )
     files = find_image_files(images)

@@ -1,7 +1,7 @@
 """Boxes from a trained `RetinaNetDetector` or its exports, drawn onto the images.
 
 `predict_boxes` runs a `.keras` detector (or a training run folder), or a
-detector exported by `keras_resnet.export.api.api` (SavedModel dir, `.tflite`,
+detector exported by `keras_resnet.export.api` (SavedModel dir, `.tflite`,
 `.onnx`; decoded or raw outputs), on image files of any size: each image
 is converted to the model's channel count (PIL "L" or "RGB") and
 letterboxed to the model's input size with `letterbox_images` (scaled to
@@ -43,7 +43,7 @@ def read_image(path, channels):
 
 def _letterboxed(path, height, width, channels):
     """`(original uint8 (h, w, C), letterboxed float32 (height, width, C), scale)` of an image file."""
-    from keras_resnet.export.api.detection import letterbox_images
+    from keras_resnet.export.detection import letterbox_images
 
     original = read_image(path, channels)
     letterboxed, scale = letterbox_images(original[None], height, width)
@@ -70,7 +70,7 @@ def load_detector(model_path, score_threshold=None, max_detections=None):
         `(input_shape, class_names, run)`: `run(float32 (1, H, W, C))`
         returns the decoded dict of NumPy arrays (boxes in model-input pixels).
     """
-    from keras_resnet.export.api.api import (
+    from keras_resnet.export.api import (
         DETECTION,
         ExportedModel,
         load_exported_model,
@@ -86,7 +86,7 @@ def load_detector(model_path, score_threshold=None, max_detections=None):
         decoder_config = (exported.metadata.get("detection") or {}).get("decoder") or {}
         built_in = RAW_NAME not in exported.output_names or exported.metadata.get("detection_outputs") != "raw"
         if not built_in and any(v is not None for v in overrides.values()):
-            from keras_resnet.export.api.detection import decoder_from_config
+            from keras_resnet.export.detection import decoder_from_config
 
             decoder = decoder_from_config({**decoder_config, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -177,7 +177,7 @@ def predict_boxes(model_path, image_paths, output_dir, score_threshold=None, max
     >>> predict_boxes("runs/mosaic_retinanet_resnet18", ["street.jpg"], "predictions")
     >>> predict_boxes("saved_models/mosaic/mosaic_fp32.tflite", "photos/", "predictions")
     """
-    from keras_resnet.predict.classification.classification import find_image_files
+    from keras_resnet.predict.classification import find_image_files
 
     (height, width, channels), class_names, run = load_detector(model_path, score_threshold, max_detections)
     files = find_image_files(image_paths)

@@ -1,7 +1,7 @@
 """Masks and colour overlays from a trained `ResNetSegmenter` or its exports.
 
 `predict_masks` runs a `.keras` segmenter (or a training run folder), or a
-segmenter exported by `keras_resnet.export.api.api` (SavedModel dir, `.tflite`,
+segmenter exported by `keras_resnet.export.api` (SavedModel dir, `.tflite`,
 `.onnx`), on image files of any size: each image is converted to the
 model's channel count, resized (bilinear) to the model's input size when
 the model has a fixed one (exports always do), segmented, and the
@@ -48,7 +48,7 @@ def _is_export(path: Path) -> bool:
 
 def _mask_predictor(model_or_path):
     """`(input_shape, num_classes, image (H, W, C) float32 -> int32 mask (H, W))` of a segmenter or export."""
-    from keras_resnet.export.api.api import (
+    from keras_resnet.export.api import (
         SEGMENTATION,
         ExportedModel,
         load_exported_model,
@@ -79,7 +79,7 @@ def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
     Args:
         model_path_or_run_dir: a `.keras` `ResNetSegmenter`, a run folder
             holding `best_model.keras`, a segmenter export (SavedModel dir,
-            `.tflite` or `.onnx` written by `keras_resnet.export.api.api`) or an
+            `.tflite` or `.onnx` written by `keras_resnet.export.api`) or an
             `ExportedModel`.
         images: an image file or folder, or a list of them (folders are
             searched recursively).
@@ -97,7 +97,7 @@ def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
     >>> predict_masks("runs/mosaic_deeplabv3plus_resnet18", "photos/", "masks_out")
     >>> predict_masks("saved_models/mosaic/mosaic_int8.tflite", "photos/", "masks_out")
     """
-    from keras_resnet.predict.classification.classification import (
+    from keras_resnet.predict.classification import (
         find_image_files,
         load_image,
     )

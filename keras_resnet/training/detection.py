@@ -1,7 +1,7 @@
 """Training and evaluation of object detection recipes (`task: detection`).
 
 `train_detection` runs a recipe end to end with the helpers of
-`keras_resnet.training.engine.engine` (strategy, precision, optimizer and schedule, run
+`keras_resnet.training.engine` (strategy, precision, optimizer and schedule, run
 directory, resume) and writes:
 
     output_dir/
@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from keras_resnet.config import ConfigError, dump_config
 from keras_resnet.data.classification import DataError
-from keras_resnet.data.detection.pipeline.pipeline import build_detection_datasets
+from keras_resnet.data.detection.pipeline import build_detection_datasets
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.retinanet.evaluation import (
     coco_evaluate,
@@ -40,7 +40,7 @@ from keras_resnet.models.retinanet.evaluation import (
     print_detection_table,
 )
 from keras_resnet.models.retinanet.losses import RetinaNetLoss
-from keras_resnet.training.engine.engine import (
+from keras_resnet.training.engine import (
     _check_classes,
     _run_paths,
     _write_json,
@@ -327,7 +327,7 @@ def evaluate_detection(cfg):
 
     Rewrites metrics.json (COCO AP) and val_predictions.png and returns the metrics.
     """
-    from keras_resnet.training.engine.engine import trained_model_path
+    from keras_resnet.training.engine import trained_model_path
 
     _check_detection_recipe(cfg)
     model_path = trained_model_path(cfg)

@@ -38,11 +38,11 @@ import tensorflow as tf
 from keras_resnet.config import ConfigError, dump_config, load_config
 from keras_resnet.convert import from_keras_applications
 from keras_resnet.data import DataError, build_classification_datasets
-from keras_resnet.layers.core.core import ImageNormalization
+from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.presets import get_preset_config
-from keras_resnet.training.engine.schedules import WarmupSchedule
+from keras_resnet.training.schedules import WarmupSchedule
 from keras_resnet.training.plots import (
     CLASSIFICATION_PANELS,
     plot_confusion_matrix,
@@ -653,11 +653,11 @@ def train_from_config(config, overrides=()):
     """
     cfg = load_config(config, overrides)
     if cfg["task"] == "segmentation":
-        from keras_resnet.training.engine.segmentation import train_segmentation
+        from keras_resnet.training.segmentation import train_segmentation
 
         return train_segmentation(cfg)
     if cfg["task"] == "detection":
-        from keras_resnet.training.engine.detection import train_detection
+        from keras_resnet.training.detection import train_detection
 
         return train_detection(cfg)
     train_cfg = cfg["train"]
@@ -730,11 +730,11 @@ def evaluate_from_config(config, overrides=()):
     """Evaluates the best model of a recipe's output_dir on its validation set."""
     cfg = load_config(config, overrides)
     if cfg["task"] == "segmentation":
-        from keras_resnet.training.engine.segmentation import evaluate_segmentation
+        from keras_resnet.training.segmentation import evaluate_segmentation
 
         return evaluate_segmentation(cfg)
     if cfg["task"] == "detection":
-        from keras_resnet.training.engine.detection import evaluate_detection
+        from keras_resnet.training.detection import evaluate_detection
 
         return evaluate_detection(cfg)
     model_path = trained_model_path(cfg)

@@ -1,7 +1,7 @@
 """Training and evaluation of semantic segmentation recipes (`task: segmentation`).
 
 `train_segmentation` runs a recipe end to end with the helpers of
-`keras_resnet.training.engine.engine` (strategy, precision, optimizer and schedule, run
+`keras_resnet.training.engine` (strategy, precision, optimizer and schedule, run
 directory, resume) and writes:
 
     output_dir/
@@ -39,7 +39,7 @@ from keras_resnet.models.segmentation.metrics import (
     confusion_to_iou,
 )
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
-from keras_resnet.training.engine.engine import (
+from keras_resnet.training.engine import (
     _check_classes,
     _run_paths,
     _write_json,

@@ -6,7 +6,7 @@ import sys
 import keras
 from keras import layers
 
-from keras_resnet.layers.core.blocks import (
+from keras_resnet.layers.blocks import (
     BLOCK_TYPES,
     SHORTCUT_TYPES,
     VERSIONS,

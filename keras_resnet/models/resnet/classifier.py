@@ -3,7 +3,7 @@
 import keras
 from keras import layers
 
-from keras_resnet.layers.core.core import ImageNormalization
+from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 
 POOLINGS = ("avg", "max")

@@ -26,7 +26,7 @@ import math
 import keras
 from keras import layers
 
-from keras_resnet.layers.core.fpn import EXTRA_LEVEL_SOURCES, FPN
+from keras_resnet.layers.fpn import EXTRA_LEVEL_SOURCES, FPN
 from keras_resnet.models.retinanet.anchors import (
     DEFAULT_ASPECT_RATIOS,
     DEFAULT_SCALES,

@@ -22,7 +22,7 @@ import warnings
 import keras
 from keras import layers
 
-from keras_resnet.layers.core.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn
+from keras_resnet.layers.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.registry import SEGMENTATION_HEADS
 
