@@ -39,7 +39,8 @@ from keras_resnet.export.api import (
     load_exported_model,
     load_model_source,
 )
-from keras_resnet.predict.classification import find_image_files, predict_files
+from keras_resnet.data.images import find_image_files
+from keras_resnet.predict.classification import predict_files
 
 CLASS_COLOURS = {"blue": (30, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
 TRAIN_PER_CLASS = 16
@@ -77,7 +78,7 @@ def write_class_folders(root, per_class, rng):
 
 def load_folder(root):
     """(images at SIZE x SIZE, labels) of a class-folder tree, via the predict loader."""
-    from keras_resnet.predict.classification import load_images
+    from keras_resnet.data.images import load_images
 
     files, labels = [], []
     for label, name in enumerate(sorted(CLASS_COLOURS)):

@@ -2,7 +2,6 @@
 
 from keras_resnet.data.classification import (
     FASHION_MNIST_CLASSES,
-    IMAGE_EXTENSIONS,
     DataError,
     build_classification_datasets,
     find_fashion_mnist,
@@ -17,7 +16,6 @@ from keras_resnet.data.detection.pipeline import (
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
-    "IMAGE_EXTENSIONS",
     "DataError",
     "DetectionRecord",
     "build_classification_datasets",

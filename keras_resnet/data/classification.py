@@ -17,8 +17,12 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
+from keras_resnet.data.images import (
+    TRAINING_IMAGE_EXTENSIONS,
+    decode_image_file,
+    image_problem,
+)
 from keras_resnet.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +47,7 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_DIR_ENV = "KERAS_RESNET_FASHION_MNIST_DIR"
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
 STATS_SAMPLE_SIZE = 5000
 PROGRESS_BAR_MIN_FILES = 2000
 # Random erasing: rectangle area fraction and aspect-ratio ranges.
@@ -178,16 +182,6 @@ def _progress(items: Sequence, description: str):
     return track(items, description=description, total=len(items))
 
 
-def _image_is_readable(path: str) -> str | None:
-    """Header-level check; returns the error text, or None when the image looks valid."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as error:  # PIL raises many exception types for bad files
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
 def scan_image_folder(
     root: str | os.PathLike,
     num_classes: int | None = None,
@@ -244,19 +238,19 @@ def scan_image_folder(
         files = sorted(
             str(p)
             for p in class_dir.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in TRAINING_IMAGE_EXTENSIONS
         )
         if not files:
             raise DataError(
                 f"{config_key} class folder {class_dir} has no images "
-                f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+                f"({', '.join(TRAINING_IMAGE_EXTENSIONS)}); add images or remove the folder"
             )
         paths.extend(files)
         labels.extend([label] * len(files))
     kept_paths: list[str] = []
     kept_labels: list[int] = []
     for path, label in zip(_progress(paths, f"checking {len(paths)} images in {root}"), labels):
-        problem = _image_is_readable(path)
+        problem = image_problem(path)
         if problem is None:
             kept_paths.append(path)
             kept_labels.append(label)
@@ -269,30 +263,6 @@ def scan_image_folder(
     if not kept_paths:
         raise DataError(f"{config_key} folder {root} has no readable images")
     return kept_paths, kept_labels, found_names
-
-
-def _decode_image_file(path: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:
-    """Read, decode, convert channels and resize one image to float32 (H, W, C) in 0..255."""
-    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
-    decoded_channels = tf.shape(image)[-1]
-    # Drop alpha: gray+alpha keeps 1 channel, RGBA keeps 3.
-    image = image[..., : tf.where(decoded_channels >= 3, 3, 1)]
-    image = tf.cast(image, tf.float32)
-    is_gray = tf.equal(tf.shape(image)[-1], 1)
-    if channels == 3:
-        image = tf.cond(
-            is_gray,
-            lambda: tf.image.grayscale_to_rgb(tf.ensure_shape(image, [None, None, 1])),
-            lambda: tf.ensure_shape(image, [None, None, 3]),
-        )
-    else:
-        image = tf.cond(
-            is_gray,
-            lambda: tf.ensure_shape(image, [None, None, 1]),
-            lambda: tf.image.rgb_to_grayscale(tf.ensure_shape(image, [None, None, 3])),
-        )
-    image = tf.image.resize(image, [height, width], method="bilinear")
-    return tf.ensure_shape(image, [height, width, channels])
 
 
 def _fashion_to_input(images: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:
@@ -428,7 +398,7 @@ def _image_folder_sources(cfg: dict, seed: int):
     val_labels = np.asarray(val_labels, np.int32)[val_index]
 
     def decode(path, label):
-        return _decode_image_file(path, height, width, channels), label
+        return decode_image_file(path, height, width, channels), label
 
     def decoded(paths, labels):
         dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(

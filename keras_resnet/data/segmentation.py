@@ -41,13 +41,12 @@ from PIL import Image
 
 from keras_resnet.data.classification import (
     FASHION_MNIST_CLASSES,
-    IMAGE_EXTENSIONS,
-    _decode_image_file,
     _progress,
     _seeded_subset,
     load_fashion_mnist,
     shuffle_augment_batch,
 )
+from keras_resnet.data.images import TRAINING_IMAGE_EXTENSIONS, decode_image_file
 from keras_resnet.errors import SegmentationDataError
 
 logger = logging.getLogger(__name__)
@@ -136,10 +135,10 @@ def scan_mask_folder(root: str | os.PathLike, num_classes: int, *, config_key: s
             )
     images = sorted(
         p for p in images_dir.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in TRAINING_IMAGE_EXTENSIONS
     )
     if not images:
-        raise SegmentationDataError(f"{config_key}: {images_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise SegmentationDataError(f"{config_key}: {images_dir} has no images ({', '.join(TRAINING_IMAGE_EXTENSIONS)})")
     masks = {p.stem: p for p in masks_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
     pairs = []
     for image in images:
@@ -451,7 +450,7 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
         train, val = _file_sources(train_pairs, val_pairs, channels)
         num_train, num_val = len(train_pairs), len(val_pairs)
         stats_images = np.stack([
-            _decode_image_file(path, height, width, channels).numpy()
+            decode_image_file(path, height, width, channels).numpy()
             for path, _ in train_pairs[:STATS_SAMPLE_SIZE]
         ])
     elif source == "mosaic":

@@ -801,10 +801,7 @@ def _folder_images(folder: str, input_shape, count: int) -> np.ndarray:
 
     A segmentation folder (`images/` beside `masks/`) gives its `images/` only.
     """
-    from keras_resnet.predict.classification import (
-        find_image_files,
-        load_images,
-    )
+    from keras_resnet.data.images import find_image_files, load_images
 
     if (Path(folder) / "images").is_dir() and (Path(folder) / "masks").is_dir():
         folder = str(Path(folder) / "images")

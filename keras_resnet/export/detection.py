@@ -76,7 +76,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_resnet.export.api import api as base
+from keras_resnet.data.images import LETTERBOX_TEXT, letterbox_images
+from keras_resnet.export import api as base
 
 keras = base.keras
 tf = base.tf
@@ -92,10 +93,7 @@ BOX_TOLERANCE = 1.0
 AGREEMENT_IOUS = (0.5, 0.9)
 CONFIDENT_SCORE = 0.5
 DEFAULT_DETECTION_INT8_MIN_AGREEMENT = 0.9
-LETTERBOX_TEXT = (
-    "letterbox: scale s = min(H / h, W / w); resize to round(h * s) x round(w * s) (bilinear, antialias), "
-    "round to uint8, pad bottom/right with 0 to H x W; original box = box / s, clipped to the image"
-)
+
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -162,31 +160,6 @@ def outputs_fn(model, decoder, detection_outputs: str):
         return {RAW_NAME: model(images, training=False)}
 
     return decoded if detection_outputs == "decoded" else raw
-
-
-def letterbox_images(images, height: int, width: int):
-    """Letterbox a batch of same-size images to `(height, width)` in TensorFlow.
-
-    The batch form of `keras_resnet.data.detection.pipeline.letterbox` (validation):
-    scale `s = min(height / h, width / w)`, bilinear resize with
-    antialiasing to `round((h, w) * s)`, rounded to uint8, padded
-    bottom/right with 0.
-
-    Args:
-        images: `(N, h, w, C)` uint8 or float pixels 0..255.
-        height, width: the model input size.
-
-    Returns:
-        `(float32 (N, height, width, C) pixels, scale)`.
-    """
-    images = tf.convert_to_tensor(images)
-    size = tf.cast(tf.shape(images)[1:3], tf.float32)
-    scale = tf.minimum(height / size[0], width / size[1])
-    new_size = tf.clip_by_value(tf.cast(tf.round(size * scale), tf.int32), 1, [height, width])
-    resized = tf.image.resize(tf.cast(images, tf.float32), new_size, method="bilinear", antialias=True)
-    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
-    padded = tf.image.pad_to_bounding_box(resized, 0, 0, height, width)
-    return padded, scale
 
 
 # --------------------------------------------------------------------------- SavedModel
@@ -587,8 +560,7 @@ def recipe_samples(recipe_path: str, input_shape, split: str, count: int):
 
 def folder_samples(folder: str, input_shape, count: int) -> np.ndarray:
     """Up to `count` letterboxed images of a folder (recursive; a seeded sample when there are more)."""
-    from keras_resnet.predict.classification import find_image_files
-    from keras_resnet.predict.detection import read_image
+    from keras_resnet.data.images import find_image_files, read_image
 
     files = find_image_files(folder)
     if len(files) > count:
@@ -914,6 +886,5 @@ __all__ = [
     "export_detector",
     "graft_tflite",
     "is_detector",
-    "letterbox_images",
     "tflite_ops",
 ]

@@ -23,28 +23,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from keras_resnet.data.images import find_image_files, letterbox_images, read_image
 from keras_resnet.visualize import draw_detections
-
-
-def read_image(path, channels):
-    """uint8 `(h, w, channels)` pixels of an image file (PIL "L" or "RGB"; alpha dropped)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-    except FileNotFoundError:
-        raise ValueError(f"image {path} does not exist") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {path}: {error}; pass a PNG/JPEG/BMP file") from None
-    return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
 
 
 def _letterboxed(path, height, width, channels):
     """`(original uint8 (h, w, C), letterboxed float32 (height, width, C), scale)` of an image file."""
-    from keras_resnet.export.detection import letterbox_images
-
     original = read_image(path, channels)
     letterboxed, scale = letterbox_images(original[None], height, width)
     return original, letterboxed.numpy()[0], float(scale)
@@ -177,7 +162,6 @@ def predict_boxes(model_path, image_paths, output_dir, score_threshold=None, max
     >>> predict_boxes("runs/mosaic_retinanet_resnet18", ["street.jpg"], "predictions")
     >>> predict_boxes("saved_models/mosaic/mosaic_fp32.tflite", "photos/", "predictions")
     """
-    from keras_resnet.predict.classification import find_image_files
 
     (height, width, channels), class_names, run = load_detector(model_path, score_threshold, max_detections)
     files = find_image_files(image_paths)

@@ -97,10 +97,7 @@ def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
     >>> predict_masks("runs/mosaic_deeplabv3plus_resnet18", "photos/", "masks_out")
     >>> predict_masks("saved_models/mosaic/mosaic_int8.tflite", "photos/", "masks_out")
     """
-    from keras_resnet.predict.classification import (
-        find_image_files,
-        load_image,
-    )
+    from keras_resnet.data.images import find_image_files, load_image
 
     (height, width, channels), num_classes, predict = _mask_predictor(model_path_or_run_dir)
     files = find_image_files(images)

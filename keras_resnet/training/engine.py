@@ -42,13 +42,13 @@ from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.presets import get_preset_config
-from keras_resnet.training.schedules import WarmupSchedule
 from keras_resnet.training.plots import (
     CLASSIFICATION_PANELS,
     plot_confusion_matrix,
     plot_history,
     read_history_csv,
 )
+from keras_resnet.training.schedules import WarmupSchedule
 
 
 # ----------------------------------------------------------------------------

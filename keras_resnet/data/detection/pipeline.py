@@ -49,13 +49,13 @@ from PIL import Image
 
 from keras_resnet.data.classification import (
     FASHION_MNIST_CLASSES,
-    IMAGE_EXTENSIONS,
     DataError,
     _progress,
     _seeded_subset,
     load_fashion_mnist,
     shuffle_augment_batch,
 )
+from keras_resnet.data.images import TRAINING_IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def _voc_entries(root: Path, split: str) -> list[tuple[Path, Path | None]]:
             entries.append((xml, year / "JPEGImages" / f"{image_id}.jpg"))
         return entries
     files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
-    images = {p.stem: p for p in sorted(files) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    images = {p.stem: p for p in sorted(files) if p.suffix.lower() in TRAINING_IMAGE_EXTENSIONS}
     xmls = sorted(p for p in files if p.suffix.lower() == ".xml")
     entries = [(xml, images.pop(xml.stem, None)) for xml in xmls]
     if images and entries:
@@ -243,7 +243,7 @@ def _read_voc_xml(xml: Path, image: Path | None, class_index: dict, clip: bool, 
             image = folder / named
         elif image is None:
             raise DataError(
-                f"annotation {xml} has no image: no {xml.stem}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}> "
+                f"annotation {xml} has no image: no {xml.stem}.<{'|'.join(e[1:] for e in TRAINING_IMAGE_EXTENSIONS)}> "
                 f"beside it; add the image or remove the annotation"
             )
     width, height = _image_size(image, f"annotation {xml}")

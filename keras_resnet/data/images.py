@@ -1,0 +1,172 @@
+"""Image files: finding, reading, decoding, letterboxing.
+
+Two readers, on purpose: `decode_image_file` is the tf.data decoder of the
+training pipelines (`tf.io.decode_image`, so it reads `TRAINING_IMAGE_EXTENSIONS`),
+`read_image`/`load_image` read with PIL for prediction, export samples and
+parity checks, so they also read WebP and TIFF (`IMAGE_EXTENSIONS`). Both
+convert to the model's channel count the same way (alpha dropped, gray <-> RGB)
+and resize bilinearly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from keras_resnet.errors import DataError
+
+# What the PIL readers (prediction, export samples) accept.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# What tf.io.decode_image (the training pipelines) reads.
+TRAINING_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+LETTERBOX_TEXT = (
+    "letterbox: scale s = min(H / h, W / w); resize to round(h * s) x round(w * s) (bilinear, antialias), "
+    "round to uint8, pad bottom/right with 0 to H x W; original box = box / s, clipped to the image"
+)
+
+
+def find_image_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Expand image files and folders into a list of image files.
+
+    Folders are searched recursively for files with an image extension
+    (any case; hidden entries skipped) and listed in sorted order; files are
+    kept as given, whatever their extension.
+
+    Args:
+        paths: one path or several.
+
+    Returns:
+        Image file paths, folders expanded in place.
+
+    Raises:
+        DataError: a path does not exist, or a folder holds no images.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[str] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(str(path))
+        elif path.is_dir():
+            found = sorted(
+                str(p)
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                raise DataError(f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        else:
+            raise DataError(f"image path {path} does not exist")
+    return files
+
+
+def load_image(path: str | os.PathLike, height: int, width: int, channels: int) -> np.ndarray:
+    """Read one image as float32 raw pixels 0..255, shape `(height, width, channels)`.
+
+    Args:
+        path: image file.
+        height, width: model input size; the image is resized to it (bilinear).
+        channels: 1 (converted to grayscale) or 3 (converted to RGB).
+
+    Raises:
+        DataError: the file is missing or is not a readable image (names the file).
+    """
+    if channels not in (1, 3):
+        raise DataError(f"models take 1 or 3 channel images, not {channels}")
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except Exception as error:  # PIL raises many exception types for bad files
+        raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
+    if channels == 1:
+        array = array[..., None]
+    if array.shape[:2] == (height, width):
+        return array
+    return tf.image.resize(array, [height, width], method="bilinear").numpy()
+
+
+def load_images(paths: Sequence[str], height: int, width: int, channels: int) -> np.ndarray:
+    """Stack `load_image` over several files into a `(N, height, width, channels)` array."""
+    return np.stack([load_image(path, height, width, channels) for path in paths]).astype(np.float32)
+
+
+def read_image(path, channels):
+    """uint8 `(h, w, channels)` pixels of an image file (PIL "L" or "RGB"; alpha dropped)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"cannot read image {path}: {error}; pass a PNG/JPEG/BMP file") from None
+    return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
+
+
+def image_problem(path: str) -> str | None:
+    """Header-level check; returns the error text, or None when the image looks valid."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many exception types for bad files
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def decode_image_file(path: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:
+    """Read, decode, convert channels and resize one image to float32 (H, W, C) in 0..255."""
+    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    decoded_channels = tf.shape(image)[-1]
+    # Drop alpha: gray+alpha keeps 1 channel, RGBA keeps 3.
+    image = image[..., : tf.where(decoded_channels >= 3, 3, 1)]
+    image = tf.cast(image, tf.float32)
+    is_gray = tf.equal(tf.shape(image)[-1], 1)
+    if channels == 3:
+        image = tf.cond(
+            is_gray,
+            lambda: tf.image.grayscale_to_rgb(tf.ensure_shape(image, [None, None, 1])),
+            lambda: tf.ensure_shape(image, [None, None, 3]),
+        )
+    else:
+        image = tf.cond(
+            is_gray,
+            lambda: tf.ensure_shape(image, [None, None, 1]),
+            lambda: tf.image.rgb_to_grayscale(tf.ensure_shape(image, [None, None, 3])),
+        )
+    image = tf.image.resize(image, [height, width], method="bilinear")
+    return tf.ensure_shape(image, [height, width, channels])
+
+
+def letterbox_images(images, height: int, width: int):
+    """Letterbox a batch of same-size images to `(height, width)` in TensorFlow.
+
+    The batch form of `keras_resnet.data.detection.pipeline.letterbox` (validation):
+    scale `s = min(height / h, width / w)`, bilinear resize with
+    antialiasing to `round((h, w) * s)`, rounded to uint8, padded
+    bottom/right with 0.
+
+    Args:
+        images: `(N, h, w, C)` uint8 or float pixels 0..255.
+        height, width: the model input size.
+
+    Returns:
+        `(float32 (N, height, width, C) pixels, scale)`.
+    """
+    images = tf.convert_to_tensor(images)
+    size = tf.cast(tf.shape(images)[1:3], tf.float32)
+    scale = tf.minimum(height / size[0], width / size[1])
+    new_size = tf.clip_by_value(tf.cast(tf.round(size * scale), tf.int32), 1, [height, width])
+    resized = tf.image.resize(tf.cast(images, tf.float32), new_size, method="bilinear", antialias=True)
+    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+    padded = tf.image.pad_to_bounding_box(resized, 0, 0, height, width)
+    return padded, scale
