@@ -1,0 +1,228 @@
+"""The package's shape: import graph, layering, public names, module sizes, registration.
+
+These read the source with `ast` (imports inside functions count too) and
+run fresh interpreters, so they hold whatever the test session imported.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "keras_resnet"
+TESTS_ROOT = Path(__file__).resolve().parent
+MAX_MODULE_LINES = 700
+
+# Which top-level parts of keras_resnet each part may import (besides itself).
+ALLOWED_IMPORTS = {
+    "errors": set(),
+    "registry": set(),
+    "config": {"errors", "registry"},
+    "runs": {"errors"},
+    "visualize": set(),
+    "layers": {"errors"},
+    "models": {"layers", "errors", "registry"},
+    "data": {"config", "errors", "registry"},
+    "convert": {"models", "layers", "errors"},
+    "training": {"models", "layers", "data", "config", "runs", "visualize", "convert", "errors", "registry"},
+    "export": {"models", "layers", "data", "config", "runs", "errors", "registry"},
+    "predict": {"export", "models", "layers", "data", "config", "runs", "visualize", "errors", "registry"},
+    "cli": {"models", "layers", "data", "config", "runs", "convert", "training", "export", "predict", "errors",
+            "registry", "visualize", "__init__"},
+    "__init__": {"layers", "models", "training"},
+}
+# Inside these packages only the dispatching module imports the per-task modules.
+TASK_MODULES = ("classification", "segmentation", "detection")
+DISPATCHERS = {"training": "keras_resnet.training.runner", "export": "keras_resnet.export.api"}
+
+
+def module_name(path: Path) -> str:
+    parts = ["keras_resnet", *path.relative_to(PACKAGE_ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1]) if parts[-1] == "__init__" else ".".join(parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE_ROOT.rglob("*.py"))}
+
+
+def is_package(name: str) -> bool:
+    return MODULES.get(name, Path()).name == "__init__.py"
+
+
+def part_of(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports_of(name: str):
+    """(imported keras_resnet module, names taken from it, line) for every import in a module."""
+    path = MODULES[name]
+    package = name if is_package(name) else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "keras_resnet":
+                    yield alias.name, [], node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "keras_resnet":
+                continue
+            names = [alias.name for alias in node.names]
+            submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+            plain = [n for n in names if f"{target}.{n}" not in MODULES]
+            for submodule in submodules:
+                yield submodule, [], node.lineno
+            if plain or not submodules:
+                yield target, plain, node.lineno
+
+
+def import_graph():
+    return {name: {target for target, _, _ in imports_of(name) if target != name} for name in MODULES}
+
+
+def find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_import_graph_checker_finds_cycles_and_known_modules():
+    # The checker itself: a planted cycle is found, and it sees imports inside functions.
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    assert "keras_resnet.training.runner" in MODULES and "keras_resnet.export.api" in MODULES
+    targets = {target for target, _, _ in imports_of("keras_resnet.cli")}
+    assert "keras_resnet.training.runner" in targets  # imported inside a function
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_each_part_imports_only_what_is_below_it():
+    wrong = []
+    for name in MODULES:
+        source = part_of(name)
+        for target, _, line in imports_of(name):
+            destination = part_of(target)
+            if destination != source and destination not in ALLOWED_IMPORTS[source]:
+                wrong.append(f"{name}:{line} imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("package", sorted(DISPATCHERS))
+def test_only_the_dispatcher_imports_the_task_modules(package):
+    task_modules = {f"keras_resnet.{package}.{task}" for task in TASK_MODULES}
+    wrong = [
+        f"{name}:{line} imports {target}"
+        for name in MODULES
+        if name != DISPATCHERS[package] and name not in task_modules
+        for target, _, line in imports_of(name)
+        if target in task_modules
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def private_uses(path: Path, own_module: str | None):
+    """`from keras_resnet.x import _y` and `module._y` on an imported keras_resnet module."""
+    tree = ast.parse(path.read_text(), str(path))
+    module_aliases = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("keras_resnet"):
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" in MODULES:
+                    module_aliases.add(alias.asname or alias.name)
+                elif alias.name.startswith("_") and node.module != own_module:
+                    found.append(f"{path.name}:{node.lineno} imports {node.module}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("keras_resnet") and alias.asname:
+                    module_aliases.add(alias.asname)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in module_aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            found.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_names_cross_modules():
+    found = [use for name, path in MODULES.items() for use in private_uses(path, name)]
+    assert not found, "\n".join(found)
+
+
+def test_tests_use_public_names_only():
+    found = [use for path in sorted(TESTS_ROOT.rglob("test_*.py")) for use in private_uses(path, None)]
+    assert not found, "\n".join(found)
+
+
+def test_private_use_checker_sees_both_forms(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from keras_resnet.runs import _x\nfrom keras_resnet.export import api\napi._y()\n")
+    assert len(private_uses(planted, None)) == 2
+
+
+def test_no_module_is_over_the_size_limit():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    too_long = {name: lines for name, lines in sizes.items() if lines > MAX_MODULE_LINES}
+    assert not too_long, too_long
+
+
+def run_fresh(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_import_keras_resnet_registers_every_serialisable_class():
+    out = run_fresh("""
+        import importlib, pkgutil
+        import keras, keras_resnet
+        def ours():
+            return {k for k in keras.saving.get_custom_objects() if k.startswith("keras_resnet>")}
+        after_top_level = ours()
+        for module in pkgutil.walk_packages(keras_resnet.__path__, "keras_resnet."):
+            importlib.import_module(module.name)
+        missing = sorted(ours() - after_top_level)
+        print("REGISTERED", len(after_top_level))
+        print("MISSING", missing)
+    """)
+    registered = int(out.split("REGISTERED ")[1].split()[0])
+    assert registered >= 15, out  # layers, models, losses, metrics, schedule
+    assert "MISSING []" in out, out
