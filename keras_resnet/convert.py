@@ -203,7 +203,7 @@ def from_keras_applications(
     input_shape = tuple(input_shape or default_shape)
     weight_channels = source["conv1_conv"]["kernel"].shape[2]
     if len(input_shape) != 3 or input_shape[-1] != weight_channels:
-        raise ValueError(
+        raise ConversionError(
             f"input_shape={input_shape} does not fit the imported weights: they need {weight_channels} input channels; "
             f"use input_shape=(height, width, {weight_channels})."
         )

@@ -15,7 +15,7 @@ class KerasResNetError(Exception):
 
 
 class ConfigError(KerasResNetError, ValueError):
-    """A recipe problem: names the key, the bad value and the allowed values or fix."""
+    """A bad recipe key or model/layer argument: names it, the bad value and the allowed values or fix."""
 
 
 class DataError(KerasResNetError, ValueError):

@@ -26,6 +26,7 @@ Shortcuts (the paper's options, plus ResNet-D):
 
 from keras import layers
 
+from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import (
     DropPath,
     FusedBatchNormalization,
@@ -136,7 +137,7 @@ def apply_shortcut(
     channels_change = in_channels != out_channels
     if shortcut_type == "A":
         if out_channels < in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"shortcut_type='A' cannot reduce channels ({in_channels} -> "
                 f"{out_channels}); use 'B' or 'C'."
             )

@@ -10,6 +10,8 @@ inference path is Keras' own).
 import keras
 from keras import ops
 
+from keras_resnet.errors import ConfigError
+
 PACKAGE = "keras_resnet"
 
 
@@ -29,7 +31,7 @@ class DropPath(keras.layers.Layer):
     def __init__(self, rate=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= rate < 1.0:
-            raise ValueError(f"DropPath rate must be in [0, 1), got {rate}.")
+            raise ConfigError(f"DropPath rate must be in [0, 1), got {rate}.")
         self.rate = float(rate)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -99,7 +101,7 @@ class ImageNormalization(keras.layers.Layer):
         self.std = [float(v) for v in std] if isinstance(std, (list, tuple)) else float(std)
         stds = self.std if isinstance(self.std, list) else [self.std]
         if any(s <= 0 for s in stds):
-            raise ValueError(f"ImageNormalization std must be > 0, got {self.std}.")
+            raise ConfigError(f"ImageNormalization std must be > 0, got {self.std}.")
         self.scale = float(scale)
         self.reverse_channels = bool(reverse_channels)
 
@@ -112,7 +114,7 @@ class ImageNormalization(keras.layers.Layer):
             return cls(mean=1.0, std=1.0, scale=1.0 / 127.5, **kwargs)
         if mode == "torch":
             return cls(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], scale=1.0 / 255.0, **kwargs)
-        raise ValueError(f"Unknown preprocessing mode {mode!r}; allowed: 'caffe', 'tf', 'torch'.")
+        raise ConfigError(f"Unknown preprocessing mode {mode!r}; allowed: 'caffe', 'tf', 'torch'.")
 
     def call(self, inputs):
         x = ops.cast(inputs, self.compute_dtype)

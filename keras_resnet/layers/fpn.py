@@ -13,6 +13,7 @@ any input size (odd sizes included) without Lambda layers.
 import keras
 from keras import layers, ops
 
+from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import FusedBatchNormalization
 
 PACKAGE = "keras_resnet"
@@ -39,7 +40,7 @@ class ResizeLike(keras.layers.Layer):
     def __init__(self, interpolation="bilinear", **kwargs):
         super().__init__(**kwargs)
         if interpolation not in RESIZE_INTERPOLATIONS:
-            raise ValueError(f"interpolation={interpolation!r}; allowed: {RESIZE_INTERPOLATIONS}.")
+            raise ConfigError(f"interpolation={interpolation!r}; allowed: {RESIZE_INTERPOLATIONS}.")
         self.interpolation = interpolation
 
     def call(self, inputs):
@@ -91,7 +92,7 @@ def apply_fpn(pyramid, levels=("C2", "C3", "C4", "C5"), width=256, name="fpn"):
     levels = list(levels)
     missing = [level for level in levels if level not in pyramid]
     if missing or not levels:
-        raise ValueError(f"FPN levels {levels} must be non-empty keys of the pyramid {list(pyramid)}.")
+        raise ConfigError(f"FPN levels {levels} must be non-empty keys of the pyramid {list(pyramid)}.")
     laterals = {
         level: layers.Conv2D(width, 1, name=f"{name}_lateral_{level}")(pyramid[level]) for level in levels
     }
@@ -137,7 +138,7 @@ def upsample_nearest_like(x, reference):
 
 def _level_of(key):
     if not (isinstance(key, str) and len(key) > 1 and key[0] == "C" and key[1:].isdigit()):
-        raise ValueError(f"FPN inputs must be keyed 'C<level>' (e.g. 'C3'), got {key!r}.")
+        raise ConfigError(f"FPN inputs must be keyed 'C<level>' (e.g. 'C3'), got {key!r}.")
     return int(key[1:])
 
 
@@ -182,11 +183,11 @@ class FPN(keras.layers.Layer):
         super().__init__(**kwargs)
         min_level, max_level, width = int(min_level), int(max_level), int(width)
         if not 1 <= min_level <= max_level:
-            raise ValueError(f"Need 1 <= min_level <= max_level, got min_level={min_level}, max_level={max_level}.")
+            raise ConfigError(f"Need 1 <= min_level <= max_level, got min_level={min_level}, max_level={max_level}.")
         if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}.")
+            raise ConfigError(f"width must be >= 1, got {width}.")
         if extra_levels_from not in EXTRA_LEVEL_SOURCES:
-            raise ValueError(f"extra_levels_from={extra_levels_from!r}; allowed: {EXTRA_LEVEL_SOURCES}.")
+            raise ConfigError(f"extra_levels_from={extra_levels_from!r}; allowed: {EXTRA_LEVEL_SOURCES}.")
         self.min_level = min_level
         self.max_level = max_level
         self.width = width
@@ -195,13 +196,13 @@ class FPN(keras.layers.Layer):
     def _input_levels(self, input_shape):
         """Input levels used: min_level up to the coarsest input (at most max_level)."""
         if not isinstance(input_shape, dict):
-            raise ValueError(f"FPN takes a dict of features keyed 'C<level>', got {type(input_shape).__name__}.")
+            raise ConfigError(f"FPN takes a dict of features keyed 'C<level>', got {type(input_shape).__name__}.")
         available = sorted(_level_of(key) for key in input_shape)
         top = min(max(available), self.max_level)
         needed = list(range(self.min_level, top + 1))
         missing = [f"C{level}" for level in needed if level not in available]
         if missing or not needed:
-            raise ValueError(
+            raise ConfigError(
                 f"FPN(min_level={self.min_level}, max_level={self.max_level}) needs inputs "
                 f"C{self.min_level}..C{top} (every level in between); missing {missing or [f'C{self.min_level}']}, "
                 f"got {sorted(input_shape)}."

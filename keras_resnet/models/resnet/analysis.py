@@ -4,6 +4,8 @@ import math
 
 import keras
 
+from keras_resnet.errors import ConfigError
+
 
 def count_trainable_params(model):
     """Number of trainable scalars (what torchvision calls parameters)."""
@@ -25,7 +27,7 @@ def count_macs(model):
         elif isinstance(layer, keras.layers.Conv2D):
             out_shape = layer.output.shape
             if None in out_shape[1:3]:
-                raise ValueError(f"count_macs needs a fixed input size; {model.name} has {model.input_shape}.")
+                raise ConfigError(f"count_macs needs a fixed input size; {model.name} has {model.input_shape}.")
             kh, kw = layer.kernel_size
             in_channels = layer.input.shape[-1]
             total += out_shape[1] * out_shape[2] * layer.filters * kh * kw * in_channels // layer.groups

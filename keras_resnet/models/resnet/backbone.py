@@ -6,6 +6,7 @@ import sys
 import keras
 from keras import layers
 
+from keras_resnet.errors import ConfigError
 from keras_resnet.layers.blocks import (
     BLOCK_TYPES,
     SHORTCUT_TYPES,
@@ -22,7 +23,7 @@ STEM_TYPES = ("7x7", "deep", "cifar")
 
 def _check_choice(argument, value, allowed):
     if value not in allowed:
-        raise ValueError(f"{argument}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
+        raise ConfigError(f"{argument}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
 
 
 @keras.saving.register_keras_serializable(package="keras_resnet")
@@ -123,28 +124,28 @@ class ResNetBackbone(keras.Model):
         stackwise_num_filters = [int(f) for f in stackwise_num_filters]
         stackwise_strides = [int(s) for s in stackwise_strides]
         if not (len(stackwise_num_filters) == len(stackwise_strides) == num_stages) or num_stages == 0:
-            raise ValueError(
+            raise ConfigError(
                 "stackwise_num_blocks, stackwise_num_filters and stackwise_strides must be non-empty and of "
                 f"equal length; got {stackwise_num_blocks}, {stackwise_num_filters}, {stackwise_strides}."
             )
         if any(n < 1 for n in stackwise_num_blocks):
-            raise ValueError(f"stackwise_num_blocks must be positive ints, got {stackwise_num_blocks}.")
+            raise ConfigError(f"stackwise_num_blocks must be positive ints, got {stackwise_num_blocks}.")
         if cardinality < 1 or base_width < 1:
-            raise ValueError(f"cardinality and base_width must be >= 1, got {cardinality} and {base_width}.")
+            raise ConfigError(f"cardinality and base_width must be >= 1, got {cardinality} and {base_width}.")
         if block_type == "basic" and (cardinality != 1 or base_width != 64):
-            raise ValueError(
+            raise ConfigError(
                 "block_type='basic' supports only cardinality=1 and base_width=64; "
                 "use block_type='bottleneck' for ResNeXt."
             )
         if width_multiplier <= 0:
-            raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}.")
+            raise ConfigError(f"width_multiplier must be > 0, got {width_multiplier}.")
         if se_ratio is not None and not 0 < se_ratio <= 1:
-            raise ValueError(f"se_ratio must be None or in (0, 1], got {se_ratio}.")
+            raise ConfigError(f"se_ratio must be None or in (0, 1], got {se_ratio}.")
         if not 0 <= drop_path_rate < 1:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+            raise ConfigError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
         input_shape = tuple(input_shape)
         if len(input_shape) != 3 or (input_shape[-1] is None or input_shape[-1] < 1):
-            raise ValueError(
+            raise ConfigError(
                 f"input_shape must be (height, width, channels) with a known channel count, got {input_shape}."
             )
         if stem_width is None:
@@ -159,7 +160,7 @@ class ResNetBackbone(keras.Model):
         if output_stride is not None:
             _check_choice("output_stride", output_stride, allowed_output_strides)
         if frozen_stages < -1 or frozen_stages > num_stages:
-            raise ValueError(f"frozen_stages must be in [-1, {num_stages}], got {frozen_stages}.")
+            raise ConfigError(f"frozen_stages must be in [-1, {num_stages}], got {frozen_stages}.")
 
         bn = dict(epsilon=bn_epsilon, momentum=bn_momentum)
         inputs = keras.Input(shape=input_shape, name="images")
@@ -306,7 +307,7 @@ class ResNetBackbone(keras.Model):
         """
         num_stages = len(self.stackwise_num_blocks)
         if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(f"frozen_stages must be in [-1, {num_stages}], got {frozen_stages}.")
+            raise ConfigError(f"frozen_stages must be in [-1, {num_stages}], got {frozen_stages}.")
         for stage in range(num_stages + 1):
             for layer in self.stage_layers(stage):
                 layer.trainable = stage > frozen_stages
@@ -321,7 +322,7 @@ class ResNetBackbone(keras.Model):
         levels = list(self.pyramid_outputs) if levels is None else list(levels)
         unknown = [lv for lv in levels if lv not in self.pyramid_outputs]
         if unknown:
-            raise ValueError(f"Unknown pyramid levels {unknown}; available: {list(self.pyramid_outputs)}.")
+            raise ConfigError(f"Unknown pyramid levels {unknown}; available: {list(self.pyramid_outputs)}.")
         return keras.Model(self.input, {lv: self.pyramid_outputs[lv] for lv in levels}, name=f"{self.name}_features")
 
     def get_config(self):

@@ -3,6 +3,7 @@
 import keras
 from keras import layers
 
+from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 
@@ -50,13 +51,13 @@ class ResNetClassifier(keras.Model):
         **kwargs,
     ):
         if not isinstance(backbone, keras.Model):
-            raise ValueError(f"backbone must be a ResNetBackbone (a keras.Model), got {type(backbone).__name__}.")
+            raise ConfigError(f"backbone must be a ResNetBackbone (a keras.Model), got {type(backbone).__name__}.")
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not supported; allowed values: {POOLINGS}.")
+            raise ConfigError(f"pooling={pooling!r} is not supported; allowed values: {POOLINGS}.")
         if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}.")
         if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}.")
         inputs = keras.Input(shape=backbone.input_shape[1:], name="images")
         x = preprocessing(inputs) if preprocessing is not None else inputs
         x = backbone(x)

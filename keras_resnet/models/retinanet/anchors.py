@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from keras_resnet.errors import ConfigError
+
 DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 DEFAULT_SCALES = (1.0, 2.0 ** (1.0 / 3.0), 2.0 ** (2.0 / 3.0))
 
@@ -53,17 +55,17 @@ class AnchorGenerator:
     ):
         min_level, max_level = int(min_level), int(max_level)
         if not 1 <= min_level <= max_level:
-            raise ValueError(f"Need 1 <= min_level <= max_level, got min_level={min_level}, max_level={max_level}.")
+            raise ConfigError(f"Need 1 <= min_level <= max_level, got min_level={min_level}, max_level={max_level}.")
         levels = list(range(min_level, max_level + 1))
         if sizes is None:
             sizes = [4.0 * 2**level for level in levels]
         sizes = [float(s) for s in sizes]
         if len(sizes) != len(levels) or any(s <= 0 for s in sizes):
-            raise ValueError(f"sizes must hold one positive size per level {levels}, got {sizes}.")
+            raise ConfigError(f"sizes must hold one positive size per level {levels}, got {sizes}.")
         aspect_ratios = [float(r) for r in aspect_ratios]
         scales = [float(s) for s in scales]
         if not aspect_ratios or not scales or any(v <= 0 for v in aspect_ratios + scales):
-            raise ValueError(f"aspect_ratios and scales must be non-empty and positive, got {aspect_ratios}, {scales}.")
+            raise ConfigError(f"aspect_ratios and scales must be non-empty and positive, got {aspect_ratios}, {scales}.")
         self.min_level = min_level
         self.max_level = max_level
         self.sizes = sizes
@@ -132,10 +134,10 @@ class AnchorGenerator:
 
 def _image_size(image_shape):
     if len(image_shape) not in (2, 3) or any(d is None for d in image_shape[:2]):
-        raise ValueError(f"image_shape must be a static (height, width[, channels]), got {tuple(image_shape)}.")
+        raise ConfigError(f"image_shape must be a static (height, width[, channels]), got {tuple(image_shape)}.")
     height, width = int(image_shape[0]), int(image_shape[1])
     if height < 1 or width < 1:
-        raise ValueError(f"image_shape must be positive, got {tuple(image_shape)}.")
+        raise ConfigError(f"image_shape must be positive, got {tuple(image_shape)}.")
     return height, width
 
 

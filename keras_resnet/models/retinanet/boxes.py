@@ -24,6 +24,8 @@ import math
 
 from keras import ops
 
+from keras_resnet.errors import ConfigError
+
 BOX_FORMATS = ("xyxy", "yxyx", "xywh", "center_xywh")
 BOX_VARIANCE = (0.1, 0.1, 0.2, 0.2)
 # Detectron's bbox_xform_clip: the largest log-scale a decoded box may take.
@@ -33,7 +35,7 @@ EPSILON = 1e-8
 
 def _check_format(name, value):
     if value not in BOX_FORMATS:
-        raise ValueError(f"{name}={value!r} is not a box format; allowed: {', '.join(map(repr, BOX_FORMATS))}.")
+        raise ConfigError(f"{name}={value!r} is not a box format; allowed: {', '.join(map(repr, BOX_FORMATS))}.")
 
 
 def _to_xyxy(boxes, source):

@@ -26,6 +26,7 @@ import math
 import keras
 from keras import layers
 
+from keras_resnet.errors import ConfigError
 from keras_resnet.layers.fpn import EXTRA_LEVEL_SOURCES, FPN
 from keras_resnet.models.retinanet.anchors import (
     DEFAULT_ASPECT_RATIOS,
@@ -42,10 +43,10 @@ HEAD_NORMS = (None, "group")
 def _check_backbone(backbone, min_level, max_level):
     """The backbone levels the FPN uses; each must have stride 2**level."""
     if not isinstance(backbone, keras.Model) or not hasattr(backbone, "feature_info"):
-        raise ValueError(f"backbone must be a ResNetBackbone, got {type(backbone).__name__}.")
+        raise ConfigError(f"backbone must be a ResNetBackbone, got {type(backbone).__name__}.")
     height, width = backbone.input_shape[1:3]
     if height is None or width is None:
-        raise ValueError(
+        raise ConfigError(
             f"RetinaNetDetector needs a static input size (anchors are constants); the backbone's input shape is "
             f"{backbone.input_shape[1:]}. Build it with input_shape=(height, width, 3)."
         )
@@ -54,7 +55,7 @@ def _check_backbone(backbone, min_level, max_level):
     levels = list(range(min_level, top + 1))
     wrong = {f"C{level}": strides.get(level) for level in levels if strides.get(level) != 2**level}
     if wrong or not levels:
-        raise ValueError(
+        raise ConfigError(
             f"Levels {min_level}..{max_level} need backbone features C{min_level}..C{top} at strides "
             f"2**level; got strides {wrong or strides}. Dilated backbones (output_stride) and the CIFAR "
             "stem are not supported."
@@ -157,20 +158,20 @@ class RetinaNetDetector(keras.Model):
         num_classes, fpn_width, head_depth = int(num_classes), int(fpn_width), int(head_depth)
         head_width = fpn_width if head_width is None else int(head_width)
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}.")
         if fpn_width < 1 or head_width < 1 or head_depth < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"fpn_width and head_width must be >= 1 and head_depth >= 0, got {fpn_width}, {head_width}, "
                 f"{head_depth}."
             )
         if head_norm not in HEAD_NORMS:
-            raise ValueError(f"head_norm={head_norm!r} is not supported; allowed values: {HEAD_NORMS}.")
+            raise ConfigError(f"head_norm={head_norm!r} is not supported; allowed values: {HEAD_NORMS}.")
         if extra_levels_from not in EXTRA_LEVEL_SOURCES:
-            raise ValueError(f"extra_levels_from={extra_levels_from!r}; allowed: {EXTRA_LEVEL_SOURCES}.")
+            raise ConfigError(f"extra_levels_from={extra_levels_from!r}; allowed: {EXTRA_LEVEL_SOURCES}.")
         if not 0.0 < prior_probability < 1.0:
-            raise ValueError(f"prior_probability must be in (0, 1), got {prior_probability}.")
+            raise ConfigError(f"prior_probability must be in (0, 1), got {prior_probability}.")
         if len(box_variance) != 4 or any(v <= 0 for v in box_variance):
-            raise ValueError(f"box_variance must be 4 positive values, got {box_variance}.")
+            raise ConfigError(f"box_variance must be 4 positive values, got {box_variance}.")
         anchor_generator = AnchorGenerator(min_level, max_level, anchor_sizes, aspect_ratios, anchor_scales)
         backbone_levels = _check_backbone(backbone, anchor_generator.min_level, anchor_generator.max_level)
         num_anchors = anchor_generator.num_anchors_per_location
@@ -198,7 +199,7 @@ class RetinaNetDetector(keras.Model):
 
         image_shape = tuple(backbone.input_shape[1:3])
         if outputs.shape[1] != anchor_generator.num_anchors(image_shape):
-            raise ValueError(
+            raise ConfigError(
                 f"The heads give {outputs.shape[1]} anchors but the anchor grid has "
                 f"{anchor_generator.num_anchors(image_shape)} for input {image_shape}: the backbone's feature sizes "
                 f"are not ceil(size / stride)."

@@ -22,6 +22,7 @@ box of higher IoU keeps it.
 
 import tensorflow as tf
 
+from keras_resnet.errors import ConfigError
 from keras_resnet.models.retinanet.anchors import AnchorGenerator
 from keras_resnet.models.retinanet.boxes import BOX_VARIANCE, encode_boxes, pairwise_iou
 
@@ -64,12 +65,12 @@ class RetinaNetLabelEncoder:
         box_variance=BOX_VARIANCE,
     ):
         if not 0.0 < negative_iou <= positive_iou <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"Need 0 < negative_iou <= positive_iou <= 1, got negative_iou={negative_iou}, "
                 f"positive_iou={positive_iou}."
             )
         if len(box_variance) != 4:
-            raise ValueError(f"box_variance must have 4 values, got {box_variance}.")
+            raise ConfigError(f"box_variance must have 4 values, got {box_variance}.")
         self.anchor_generator = anchor_generator if anchor_generator is not None else AnchorGenerator()
         self.image_shape = tuple(int(d) for d in image_shape[:2]) if image_shape is not None else None
         self.positive_iou = float(positive_iou)
@@ -80,7 +81,7 @@ class RetinaNetLabelEncoder:
     def anchors(self, image_shape=None):
         image_shape = image_shape if image_shape is not None else self.image_shape
         if image_shape is None:
-            raise ValueError("RetinaNetLabelEncoder needs image_shape=(height, width), in the constructor or the call.")
+            raise ConfigError("RetinaNetLabelEncoder needs image_shape=(height, width), in the constructor or the call.")
         return self.anchor_generator(image_shape)
 
     def __call__(self, boxes, classes, image_shape=None):

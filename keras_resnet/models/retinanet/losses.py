@@ -28,6 +28,7 @@ Everything is computed in float32, whatever the model's dtype policy.
 import keras
 from keras import ops
 
+from keras_resnet.errors import ConfigError
 from keras_resnet.models.retinanet.boxes import (
     BOX_VARIANCE,
     MAX_LOG_SCALE,
@@ -109,11 +110,11 @@ class RetinaNetLoss(keras.losses.Loss):
     ):
         super().__init__(name=name, **kwargs)
         if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}.")
         if box_loss not in BOX_LOSSES:
-            raise ValueError(f"box_loss={box_loss!r} is not supported; allowed values: {BOX_LOSSES}.")
+            raise ConfigError(f"box_loss={box_loss!r} is not supported; allowed values: {BOX_LOSSES}.")
         if smooth_l1_delta <= 0:
-            raise ValueError(f"smooth_l1_delta must be > 0, got {smooth_l1_delta}.")
+            raise ConfigError(f"smooth_l1_delta must be > 0, got {smooth_l1_delta}.")
         self.num_classes = int(num_classes)
         self.box_loss = box_loss
         self.alpha = alpha

@@ -11,6 +11,8 @@ them into the batch loss.
 import keras
 from keras import ops
 
+from keras_resnet.errors import ConfigError
+
 PACKAGE = "keras_resnet"
 
 
@@ -155,8 +157,8 @@ def make_segmentation_loss(kind, ignore_index=255, class_weights=None):
         return SegmentationCrossEntropy(ignore_index, class_weights)
     if kind == "dice":
         if class_weights is not None:
-            raise ValueError("train.class_weights applies to the cross-entropy; use train.loss=ce or ce+dice.")
+            raise ConfigError("train.class_weights applies to the cross-entropy; use train.loss=ce or ce+dice.")
         return DiceLoss(ignore_index)
     if kind == "ce+dice":
         return CombinedSegmentationLoss(ignore_index=ignore_index, class_weights=class_weights)
-    raise ValueError(f"train.loss={kind!r}; allowed: 'ce', 'dice', 'ce+dice'.")
+    raise ConfigError(f"train.loss={kind!r}; allowed: 'ce', 'dice', 'ce+dice'.")

@@ -22,6 +22,7 @@ import warnings
 import keras
 from keras import layers
 
+from keras_resnet.errors import ConfigError
 from keras_resnet.layers.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.registry import SEGMENTATION_HEADS
@@ -192,19 +193,19 @@ class ResNetSegmenter(keras.Model):
         **kwargs,
     ):
         if not isinstance(backbone, keras.Model) or not hasattr(backbone, "pyramid_outputs"):
-            raise ValueError(f"backbone must be a ResNetBackbone, got {type(backbone).__name__}.")
+            raise ConfigError(f"backbone must be a ResNetBackbone, got {type(backbone).__name__}.")
         if head not in HEADS:
-            raise ValueError(f"head={head!r} is not supported; allowed values: {HEADS}.")
+            raise ConfigError(f"head={head!r} is not supported; allowed values: {HEADS}.")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not supported; allowed values: {ACTIVATIONS}.")
+            raise ConfigError(f"activation={activation!r} is not supported; allowed values: {ACTIVATIONS}.")
         if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}.")
         if int(head_width) < 1 or int(decoder_width) < 1:
-            raise ValueError(f"head_width and decoder_width must be >= 1, got {head_width} and {decoder_width}.")
+            raise ConfigError(f"head_width and decoder_width must be >= 1, got {head_width} and {decoder_width}.")
         if aspp_rates is not None and (
             len(aspp_rates) != 3 or any(int(r) < 1 for r in aspp_rates) or len(set(map(int, aspp_rates))) != 3
         ):
-            raise ValueError(f"aspp_rates must be three distinct positive ints or None, got {aspp_rates}.")
+            raise ConfigError(f"aspp_rates must be three distinct positive ints or None, got {aspp_rates}.")
         strides = {info["name"]: info["stride"] for info in backbone.feature_info}
         if decoder_level is not None:
             if not isinstance(decoder_level, str):
@@ -217,7 +218,7 @@ class ResNetSegmenter(keras.Model):
                 or min(order) < 0
                 or order != sorted(set(order), reverse=True)
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"decoder_level={decoder_level!r} needs head='deeplabv3plus' and one of the backbone's levels "
                     f"{list(strides)}, or a list of them from coarse to fine (e.g. ['C4', 'C3'])."
                 )
