@@ -41,7 +41,7 @@ def write_idx_gz(path, array):
 
 def write_shape_fashion_mnist(directory, train_count=40, test_count=12):
     """A Fashion-MNIST stand-in in `directory`: bright rectangles whose width and brightness encode the class."""
-    from keras_resnet.data.classification import FASHION_MNIST_FILES
+    from keras_resnet.data.fashion_mnist import FASHION_MNIST_FILES
 
     directory.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", train_count), ("test", test_count)):

@@ -17,7 +17,7 @@ from keras_resnet.data import (
     load_fashion_mnist,
     scan_image_folder,
 )
-from keras_resnet.data.classification import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_FILES
+from keras_resnet.data.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_FILES
 
 CLASS_VALUES = {"cat": 40, "dog": 210}  # each class is a flat image of this brightness
 

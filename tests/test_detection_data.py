@@ -8,11 +8,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import keras_resnet.data.detection.pipeline as detection
+import keras_resnet.data.detection.mosaic_reader as mosaic_reader
 from conftest import write_idx_gz
 from keras_resnet.data import DataError
-from keras_resnet.data.classification import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
-from keras_resnet.data.detection.pipeline import (
+from keras_resnet.data.detection import (
     build_detection_datasets,
     coco,
     make_detection_augment,
@@ -21,6 +20,7 @@ from keras_resnet.data.detection.pipeline import (
     pad_boxes,
     voc,
 )
+from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from keras_resnet.models.retinanet.evaluation import (
     boxes_to_original,
     coco_evaluate,
@@ -281,13 +281,13 @@ def test_mosaic_reader_uses_fashion_mnist_splits_and_caches(tiny_fashion_dir, tm
     assert names == list(FASHION_MNIST_CLASSES) and len(records) == 6
     assert records[0].image.shape == (48, 48) and records[0].image_id == 1
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
-    generate = detection.make_detection_mosaic
-    monkeypatch.setattr(detection, "make_detection_mosaic", lambda *a, **k: pytest.fail("cache not used"))
+    generate = mosaic_reader.make_detection_mosaic
+    monkeypatch.setattr(mosaic_reader, "make_detection_mosaic", lambda *a, **k: pytest.fail("cache not used"))
     again, _ = mosaic("train", **options)
     for a, b in zip(records, again):
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.boxes, b.boxes)
-    monkeypatch.setattr(detection, "make_detection_mosaic", generate)
+    monkeypatch.setattr(mosaic_reader, "make_detection_mosaic", generate)
     val, _ = mosaic("val", **options)  # Fashion-MNIST test items, fixed seed 1
     assert not np.array_equal(val[0].image, records[0].image)
 

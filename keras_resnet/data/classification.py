@@ -8,16 +8,16 @@ Normalisation is left to the model.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from keras_resnet.data.common import progress, seeded_subset, shuffle_augment_batch
+from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from keras_resnet.data.images import (
     TRAINING_IMAGE_EXTENSIONS,
     decode_image_file,
@@ -27,159 +27,13 @@ from keras_resnet.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-FASHION_MNIST_FILES = {
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "train_images": "train-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-}
-FASHION_MNIST_DIR_ENV = "KERAS_RESNET_FASHION_MNIST_DIR"
-DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-
 STATS_SAMPLE_SIZE = 5000
-PROGRESS_BAR_MIN_FILES = 2000
 # Random erasing: rectangle area fraction and aspect-ratio ranges.
 ERASE_AREA_RANGE = (0.02, 0.4)
 ERASE_ASPECT_RANGE = (0.3, 3.3)
 
 
-# --------------------------------------------------------------------------- Fashion-MNIST
-
-
-def _keras_fashion_mnist_dir() -> Path:
-    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(keras_home) / "datasets" / "fashion-mnist"
-
-
-def _complete_file_set(directory: Path) -> dict[str, Path] | None:
-    paths = {key: directory / name for key, name in FASHION_MNIST_FILES.items()}
-    return paths if all(p.is_file() for p in paths.values()) else None
-
-
-def find_fashion_mnist() -> dict[str, Path]:
-    """Locate local Fashion-MNIST idx ``.gz`` files without downloading anything.
-
-    Search order: ``$KERAS_RESNET_FASHION_MNIST_DIR`` (if set it must hold all four
-    files), the Keras cache (``$KERAS_HOME`` or ``~/.keras``, under
-    ``datasets/fashion-mnist``), then the Debian ``dataset-fashion-mnist`` package
-    directory ``/usr/share/datasets/fashion-mnist``.
-
-    Returns:
-        Dict with keys ``train_images``, ``train_labels``, ``test_images``,
-        ``test_labels`` mapping to file paths.
-
-    Raises:
-        DataError: the env-var directory is incomplete, or no directory has the files.
-    """
-    override = os.environ.get(FASHION_MNIST_DIR_ENV)
-    if override:
-        found = _complete_file_set(Path(override))
-        if found is None:
-            raise DataError(
-                f"{FASHION_MNIST_DIR_ENV}={override} does not contain all of "
-                f"{', '.join(FASHION_MNIST_FILES.values())}; point it at a complete copy or unset it"
-            )
-        return found
-    searched = [_keras_fashion_mnist_dir(), DEBIAN_FASHION_MNIST_DIR]
-    for directory in searched:
-        found = _complete_file_set(directory)
-        if found is not None:
-            return found
-    raise DataError(
-        f"Fashion-MNIST not found in {', '.join(map(str, searched))}; install the Debian package "
-        f"dataset-fashion-mnist, set {FASHION_MNIST_DIR_ENV}, or let Keras download it"
-    )
-
-
-def read_idx_gz(path: str | os.PathLike) -> np.ndarray:
-    """Read a gzip-compressed idx file of unsigned bytes (the MNIST format).
-
-    Args:
-        path: ``*-idx1-ubyte.gz`` (labels) or ``*-idx3-ubyte.gz`` (images) file.
-
-    Returns:
-        uint8 array with the shape stored in the header.
-
-    Raises:
-        DataError: unreadable gzip, bad magic number, or truncated payload.
-    """
-    try:
-        with gzip.open(path, "rb") as stream:
-            raw = stream.read()
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"corrupt Fashion-MNIST file {path}: {error}; delete it and re-download") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
-        raise DataError(
-            f"corrupt Fashion-MNIST file {path}: bad idx magic number {raw[:4].hex() or '(empty)'} "
-            "(expected 0000080N for unsigned bytes); delete it and re-download"
-        )
-    ndim = raw[3]
-    header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
-        raise DataError(f"corrupt Fashion-MNIST file {path}: truncated header; delete it and re-download")
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-    expected = header_size + int(np.prod(shape))
-    if len(raw) != expected:
-        raise DataError(
-            f"corrupt Fashion-MNIST file {path}: {len(raw)} bytes but header shape {shape} "
-            f"needs {expected}; delete it and re-download"
-        )
-    return np.frombuffer(raw, np.uint8, offset=header_size).reshape(shape)
-
-
-def load_fashion_mnist() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Load Fashion-MNIST from local files (see :func:`find_fashion_mnist`), else download.
-
-    Returns:
-        ``((x_train, y_train), (x_test, y_test))``: uint8 arrays of shapes
-        ``(N, 28, 28)`` and ``(N,)``.
-
-    Raises:
-        DataError: a local file is corrupt or image/label counts disagree.
-    """
-    try:
-        paths = find_fashion_mnist()
-    except DataError:
-        if os.environ.get(FASHION_MNIST_DIR_ENV):
-            raise
-        logger.info("Fashion-MNIST not found locally; downloading with keras.datasets")
-        import keras
-
-        return keras.datasets.fashion_mnist.load_data()
-    splits = []
-    for split in ("train", "test"):
-        images = read_idx_gz(paths[f"{split}_images"])
-        labels = read_idx_gz(paths[f"{split}_labels"])
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(
-                f"Fashion-MNIST {split} files disagree: images {images.shape} in "
-                f"{paths[f'{split}_images']}, labels {labels.shape} in {paths[f'{split}_labels']}"
-            )
-        splits.append((images, labels))
-    return splits[0], splits[1]
-
-
 # --------------------------------------------------------------------------- image folders
-
-
-def _progress(items: Sequence, description: str):
-    if len(items) <= PROGRESS_BAR_MIN_FILES:
-        return items
-    from rich.progress import track
-
-    return track(items, description=description, total=len(items))
 
 
 def scan_image_folder(
@@ -249,7 +103,7 @@ def scan_image_folder(
         labels.extend([label] * len(files))
     kept_paths: list[str] = []
     kept_labels: list[int] = []
-    for path, label in zip(_progress(paths, f"checking {len(paths)} images in {root}"), labels):
+    for path, label in zip(progress(paths, f"checking {len(paths)} images in {root}"), labels):
         problem = image_problem(path)
         if problem is None:
             kept_paths.append(path)
@@ -321,12 +175,6 @@ def _make_augment(augment_cfg: dict, input_shape: Sequence[int]):
 # --------------------------------------------------------------------------- datasets
 
 
-def _seeded_subset(count: int, limit: int | None, seed: int) -> np.ndarray:
-    """Indices of a seeded permutation of ``range(count)``, truncated to ``limit``."""
-    order = np.random.default_rng(seed).permutation(count)
-    return order if limit is None else order[:limit]
-
-
 def _channel_stats(images: tf.data.Dataset, channels: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (0..255) over a dataset of (H, W, C) images."""
     total = np.zeros(channels)
@@ -346,8 +194,8 @@ def _fashion_mnist_sources(cfg: dict, seed: int):
     height, width, channels = cfg["model"]["input_shape"]
     data_cfg = cfg["data"]
     (x_train, y_train), (x_val, y_val) = load_fashion_mnist()
-    train_index = _seeded_subset(len(x_train), data_cfg["limit_train"], seed)
-    val_index = _seeded_subset(len(x_val), data_cfg["limit_val"], seed + 1)
+    train_index = seeded_subset(len(x_train), data_cfg["limit_train"], seed)
+    val_index = seeded_subset(len(x_val), data_cfg["limit_val"], seed + 1)
     x_train, y_train = x_train[train_index], y_train[train_index].astype(np.int32)
     x_val, y_val = x_val[val_index], y_val[val_index].astype(np.int32)
 
@@ -390,8 +238,8 @@ def _image_folder_sources(cfg: dict, seed: int):
         skip_corrupt=data_cfg["skip_corrupt"],
         config_key="data.val",
     )
-    train_index = _seeded_subset(len(train_paths), data_cfg["limit_train"], seed)
-    val_index = _seeded_subset(len(val_paths), data_cfg["limit_val"], seed + 1)
+    train_index = seeded_subset(len(train_paths), data_cfg["limit_train"], seed)
+    val_index = seeded_subset(len(val_paths), data_cfg["limit_val"], seed + 1)
     train_paths = np.asarray(train_paths)[train_index]
     train_labels = np.asarray(train_labels, np.int32)[train_index]
     val_paths = np.asarray(val_paths)[val_index]
@@ -416,32 +264,6 @@ def _image_folder_sources(cfg: dict, seed: int):
         class_names,
         stats_sample,
     )
-
-
-def shuffle_augment_batch(train, val, augment, data_cfg, num_train, seed):
-    """The tail of every training pipeline: shuffle, seeded augmentation, batching.
-
-    Args:
-        train, val: unbatched (and possibly cached) datasets of examples.
-        augment: `(*example, seed) -> example`, tf ops only; the seed is a
-            per-example `[2]` int64 tensor that changes every epoch.
-        data_cfg: the recipe's `data` section (`shuffle_buffer`, `batch_size`).
-        num_train: training examples (caps the shuffle buffer).
-        seed: shuffle and augmentation seed.
-
-    Returns:
-        `(train, val)`: train shuffled, augmented and batched with
-        `drop_remainder=True`; val batched; both prefetched.
-    """
-    batch_size = data_cfg["batch_size"]
-    train = train.shuffle(min(data_cfg["shuffle_buffer"], num_train), seed=seed, reshuffle_each_iteration=True)
-    augment_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    train = tf.data.Dataset.zip((train, augment_seeds)).map(
-        lambda example, augment_seed: augment(*example, augment_seed),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    train = train.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return train, val.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dataset, tf.data.Dataset, dict]:

@@ -1,11 +1,13 @@
 """Image files: finding, reading, decoding, letterboxing.
 
-Two readers, on purpose: `decode_image_file` is the tf.data decoder of the
-training pipelines (`tf.io.decode_image`, so it reads `TRAINING_IMAGE_EXTENSIONS`),
+Two readers, on purpose: `decode_image` / `decode_image_file` are the tf.data
+decoders of the training pipelines (`tf.io.decode_image`, so they read
+`TRAINING_IMAGE_EXTENSIONS`; `to_channels` converts the channels),
 `read_image`/`load_image` read with PIL for prediction, export samples and
 parity checks, so they also read WebP and TIFF (`IMAGE_EXTENSIONS`). Both
 convert to the model's channel count the same way (alpha dropped, gray <-> RGB)
-and resize bilinearly.
+and resize bilinearly. `letterbox_images` is the one letterbox of prediction,
+export and the detection pipeline.
 """
 
 from __future__ import annotations
@@ -123,48 +125,79 @@ def image_problem(path: str) -> str | None:
     return None
 
 
-def decode_image_file(path: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:
-    """Read, decode, convert channels and resize one image to float32 (H, W, C) in 0..255."""
-    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
-    decoded_channels = tf.shape(image)[-1]
-    # Drop alpha: gray+alpha keeps 1 channel, RGBA keeps 3.
-    image = image[..., : tf.where(decoded_channels >= 3, 3, 1)]
-    image = tf.cast(image, tf.float32)
+def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """`(h, w, 1|2|3|4)` -> `(h, w, channels)`: drops alpha, converts gray <-> RGB, keeps the dtype.
+
+    Gray+alpha keeps 1 channel, RGBA keeps 3; the conversions are
+    `tf.image.grayscale_to_rgb` / `tf.image.rgb_to_grayscale` (which rounds
+    integer pixels, so convert after casting to float to keep fractions).
+    """
+    if image.shape[-1] is not None:  # arrays: the channel count is static
+        image = image[..., :3] if image.shape[-1] >= 3 else image[..., :1]
+        if image.shape[-1] == channels:
+            return image
+        return tf.image.grayscale_to_rgb(image) if channels == 3 else tf.image.rgb_to_grayscale(image)
+    image = image[..., : tf.where(tf.shape(image)[-1] >= 3, 3, 1)]
+    gray = lambda: tf.ensure_shape(image, [None, None, 1])  # noqa: E731
+    rgb = lambda: tf.ensure_shape(image, [None, None, 3])  # noqa: E731
     is_gray = tf.equal(tf.shape(image)[-1], 1)
     if channels == 3:
-        image = tf.cond(
-            is_gray,
-            lambda: tf.image.grayscale_to_rgb(tf.ensure_shape(image, [None, None, 1])),
-            lambda: tf.ensure_shape(image, [None, None, 3]),
-        )
+        image = tf.cond(is_gray, lambda: tf.image.grayscale_to_rgb(gray()), rgb)
     else:
-        image = tf.cond(
-            is_gray,
-            lambda: tf.ensure_shape(image, [None, None, 1]),
-            lambda: tf.image.rgb_to_grayscale(tf.ensure_shape(image, [None, None, 3])),
-        )
-    image = tf.image.resize(image, [height, width], method="bilinear")
+        image = tf.cond(is_gray, gray, lambda: tf.image.rgb_to_grayscale(rgb()))
+    return tf.ensure_shape(image, [None, None, channels])
+
+
+def decode_image(path: tf.Tensor, channels: int, as_float: bool = True) -> tf.Tensor:
+    """Read and decode one image file at its own size, converted to `channels` (see `to_channels`).
+
+    Args:
+        path: string tensor.
+        channels: 1 or 3.
+        as_float: cast to float32 (0..255) before converting channels;
+            False keeps the decoded dtype (uint8, or uint16 for 16-bit PNGs).
+    """
+    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    if as_float:
+        image = tf.cast(image, tf.float32)
+    return to_channels(image, channels)
+
+
+def decode_image_file(path: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:
+    """Read, decode, convert channels and resize one image to float32 (H, W, C) in 0..255."""
+    image = tf.image.resize(decode_image(path, channels), [height, width], method="bilinear")
     return tf.ensure_shape(image, [height, width, channels])
 
 
-def letterbox_images(images, height: int, width: int):
-    """Letterbox a batch of same-size images to `(height, width)` in TensorFlow.
+def letterbox_scale(height: int, width: int, input_height: int, input_width: int) -> float:
+    """The letterbox factor ``min(input_height / height, input_width / width)``."""
+    return min(input_height / height, input_width / width)
 
-    The batch form of `keras_resnet.data.detection.pipeline.letterbox` (validation):
-    scale `s = min(height / h, width / w)`, bilinear resize with
-    antialiasing to `round((h, w) * s)`, rounded to uint8, padded
-    bottom/right with 0.
+
+def letterbox_images(images, height: int, width: int, scale=None):
+    """Letterbox images to `(height, width)` in TensorFlow.
+
+    Scale `s = min(height / h, width / w)`, bilinear resize with
+    antialiasing to `round((h, w) * s)`, rounded to 0..255, padded
+    bottom/right with 0. The one implementation behind prediction, export
+    and the detection pipeline (`keras_resnet.data.detection.letterbox`).
 
     Args:
-        images: `(N, h, w, C)` uint8 or float pixels 0..255.
+        images: `(N, h, w, C)` batch of same-size images, or one `(h, w, C)`
+            image; uint8 or float pixels 0..255.
         height, width: the model input size.
+        scale: the factor, when already known (`letterbox_scale`); default
+            computed in float32 from the image size.
 
     Returns:
-        `(float32 (N, height, width, C) pixels, scale)`.
+        `(float32 (N, height, width, C) or (height, width, C) pixels, scale)`.
     """
     images = tf.convert_to_tensor(images)
-    size = tf.cast(tf.shape(images)[1:3], tf.float32)
-    scale = tf.minimum(height / size[0], width / size[1])
+    size = tf.cast(tf.shape(images)[-3:-1], tf.float32)
+    if scale is None:
+        scale = tf.minimum(height / size[0], width / size[1])
+    else:
+        scale = tf.cast(scale, tf.float32)
     new_size = tf.clip_by_value(tf.cast(tf.round(size * scale), tf.int32), 1, [height, width])
     resized = tf.image.resize(tf.cast(images, tf.float32), new_size, method="bilinear", antialias=True)
     resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)

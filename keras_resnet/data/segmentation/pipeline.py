@@ -1,0 +1,165 @@
+"""Segmentation input pipelines: mask folders, Pascal VOC and a synthetic mosaic.
+
+:func:`build_segmentation_datasets` turns a recipe into batched ``tf.data``
+pipelines of ``(float32 images (H, W, C) in 0..255, int32 masks (H, W))``
+at ``model.input_shape``, plus an ``info`` dict. Mask value 255 means
+"ignore" (VOC borders, augmentation padding). Sources (``data.source``):
+``mask_folder`` and ``voc`` (:mod:`keras_resnet.data.segmentation.masks`),
+``mosaic`` (:mod:`keras_resnet.data.segmentation.mosaic`).
+
+Validation images are resized to the input size (bilinear; masks nearest).
+Training adds, with the same geometry for image and mask, a random rescale
+by ``data.augment.scale_range``, a random crop or pad back to the input size
+(images padded with 0, masks with 255) and a horizontal flip
+(``data.augment.horizontal_flip``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from keras_resnet.data.common import RescaleCrop, seeded_subset, shuffle_augment_batch
+from keras_resnet.data.images import decode_image_file
+from keras_resnet.data.segmentation.masks import (
+    IGNORE_INDEX,
+    VOC_CLASSES,
+    pair_dataset,
+    scan_mask_folder,
+    scan_voc,
+)
+from keras_resnet.data.segmentation.mosaic import MOSAIC_CLASSES, mosaic_datasets
+from keras_resnet.errors import SegmentationDataError
+
+STATS_SAMPLE_SIZE = 500
+
+
+def resize_pair(image: tf.Tensor, mask: tf.Tensor, height: int, width: int):
+    """Resize an image (bilinear) and its mask (nearest) to `(height, width)`."""
+    image = tf.image.resize(image, [height, width], method="bilinear")
+    mask = tf.image.resize(mask[..., None], [height, width], method="nearest")[..., 0]
+    return image, mask
+
+
+def _make_train_augment(augment_cfg: dict, input_shape):
+    """`(image, mask, seed) -> (image, mask)`: rescale jitter, crop/pad, flip; same geometry for both."""
+    height, width, channels = input_shape
+    low, high = augment_cfg["scale_range"]
+    flip = augment_cfg["horizontal_flip"]
+
+    def augment(image, mask, seed):
+        scale_seed, pad_seed, crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+        if low == high == 1.0 and tuple(image.shape[:2]) == (height, width):
+            # No rescale and already the input size: resize, pad and crop are identities; skip their ops.
+            return _random_flip(image, mask, flip_seed) if flip else (image, mask)
+        # Rescale, pad (at a random offset) up to the input size, crop: zeros pad the image, ignore the mask.
+        window = RescaleCrop.random(scale_seed, pad_seed, crop_seed, height, width, (low, high))
+        image = window.apply(image)
+        mask = window.apply(mask[..., None], "nearest", IGNORE_INDEX)[..., 0]
+        if flip:
+            image, mask = _random_flip(image, mask, flip_seed)
+        return tf.ensure_shape(image, [height, width, channels]), tf.ensure_shape(mask, [height, width])
+
+    return augment
+
+
+def _random_flip(image, mask, seed):
+    """Flips image and mask left-right together with probability 1/2."""
+    flipped = tf.random.stateless_uniform([], seed) < 0.5
+    return (tf.cond(flipped, lambda: tf.reverse(image, [1]), lambda: image),
+            tf.cond(flipped, lambda: tf.reverse(mask, [1]), lambda: mask))
+
+
+def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    values = images.reshape(-1, images.shape[-1]).astype(np.float64)
+    return values.mean(axis=0).tolist(), np.maximum(values.std(axis=0), 1e-3).tolist()
+
+
+def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
+    """Build the batched train and validation pipelines of a segmentation recipe.
+
+    Args:
+        cfg: full recipe dict from :func:`keras_resnet.config.load_config`
+            (``data.source`` one of mask_folder, voc, mosaic).
+        seed: seed of the subset selection, the shuffle, the augmentation
+            and the training mosaic.
+        start_epoch: the epoch training starts at (a resumed run's); with
+            ``data.mosaic_fresh_each_epoch`` it picks the canvases of the
+            first training pass, so a resumed run trains on the canvases an
+            uninterrupted one would have (shuffle order and augmentation
+            still restart). Other sources ignore it.
+
+    Returns:
+        ``(train_ds, val_ds, info)``: batches of ``(float32 images (B, H, W, C)
+        in 0..255, int32 masks (B, H, W))`` (train drops the last partial
+        batch), and ``info`` with ``class_names``, ``num_train``, ``num_val``
+        and per-channel ``mean`` / ``std`` (0..255) of up to 500 training
+        images at the input size.
+
+    Raises:
+        SegmentationDataError: missing or bad data (naming the file), or
+            ``data.batch_size`` larger than the training set.
+
+    Example:
+    >>> cfg = load_config("tasks/segmentation/mosaic_deeplabv3plus_resnet18.yaml")
+    >>> train_ds, val_ds, info = build_segmentation_datasets(cfg)
+    """
+    data_cfg = cfg["data"]
+    input_shape = list(cfg["model"]["input_shape"])
+    height, width, channels = input_shape
+    num_classes = cfg["model"]["num_classes"]
+    source = data_cfg["source"]
+    if source in ("mask_folder", "voc"):
+        for key in ("train", "val"):
+            if not data_cfg[key]:
+                what = "a folder with images/ and masks/" if source == "mask_folder" else "the VOC20xx root"
+                raise SegmentationDataError(f"data.{key} is required when data.source is {source}; set it to {what}")
+        if source == "mask_folder":
+            train_pairs, class_names = scan_mask_folder(data_cfg["train"], num_classes, config_key="data.train")
+            val_pairs, _ = scan_mask_folder(data_cfg["val"], num_classes, config_key="data.val")
+        else:
+            train_pairs = scan_voc(data_cfg["train"], "train", num_classes, config_key="data.train")
+            val_pairs = scan_voc(data_cfg["val"], "val", num_classes, config_key="data.val")
+            class_names = list(VOC_CLASSES)
+        train_pairs = [train_pairs[i] for i in seeded_subset(len(train_pairs), data_cfg["limit_train"], seed)]
+        val_pairs = [val_pairs[i] for i in seeded_subset(len(val_pairs), data_cfg["limit_val"], seed + 1)]
+        train, val = pair_dataset(train_pairs, channels), pair_dataset(val_pairs, channels)
+        num_train, num_val = len(train_pairs), len(val_pairs)
+        stats_images = np.stack([
+            decode_image_file(path, height, width, channels).numpy()
+            for path, _ in train_pairs[:STATS_SAMPLE_SIZE]
+        ])
+    elif source == "mosaic":
+        if num_classes != len(MOSAIC_CLASSES):
+            raise SegmentationDataError(
+                f"data.source=mosaic has {len(MOSAIC_CLASSES)} classes (background + 10 Fashion-MNIST) but "
+                f"model.num_classes is {num_classes}; set model.num_classes={len(MOSAIC_CLASSES)}"
+            )
+        train, val, class_names = mosaic_datasets(cfg, seed, start_epoch)
+        num_train, num_val = data_cfg["mosaic_train_size"], data_cfg["mosaic_val_size"]
+        if data_cfg["limit_train"]:
+            num_train = min(num_train, data_cfg["limit_train"])
+            train = train.take(num_train)
+        if data_cfg["limit_val"]:
+            num_val = min(num_val, data_cfg["limit_val"])
+            val = val.take(num_val)
+        stats_images = np.stack([image for image, _ in train.take(STATS_SAMPLE_SIZE).as_numpy_iterator()])
+    else:
+        raise SegmentationDataError(f"data.source {source!r} is not one of mask_folder, voc, mosaic")
+    batch_size = data_cfg["batch_size"]
+    if batch_size > num_train:
+        raise SegmentationDataError(
+            f"data.batch_size={batch_size} is larger than the {num_train} training examples; "
+            "lower data.batch_size or add data"
+        )
+    mean, std = _channel_stats(stats_images)
+    if data_cfg["cache"]:
+        val = val.cache()
+        if not (source == "mosaic" and data_cfg["mosaic_fresh_each_epoch"]):  # a cache would freeze epoch 1's
+            train = train.cache()
+    val = val.map(lambda image, mask: resize_pair(image, mask, height, width), num_parallel_calls=tf.data.AUTOTUNE)
+    train, val = shuffle_augment_batch(
+        train, val, _make_train_augment(data_cfg["augment"], input_shape), data_cfg, num_train, seed
+    )
+    info = {"class_names": class_names, "num_train": num_train, "num_val": num_val, "mean": mean, "std": std}
+    return train, val, info
