@@ -20,7 +20,7 @@ import time
 import tensorflow as tf
 
 from keras_resnet.config import load_config
-from keras_resnet.training.engine import train_from_config
+from keras_resnet.training.runner import train_from_config
 
 
 def main():

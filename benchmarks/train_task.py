@@ -22,7 +22,7 @@ import time
 import tensorflow as tf
 
 from keras_resnet.config import load_config
-from keras_resnet.training.engine import train_from_config
+from keras_resnet.training.runner import train_from_config
 
 DEFAULT_RECIPE = "tasks/segmentation/mosaic_deeplabv3plus_resnet18.yaml"
 

@@ -7,20 +7,29 @@
     keras-resnet export MODEL [--format F]   export to SavedModel, TFLite or ONNX
     keras-resnet predict MODEL IMAGE...      top-k classes, mask overlays of a segmenter, boxes of a detector
 
-User errors (a bad config key, a missing file, an unknown preset...) print
-one line and exit with status 2; set KERAS_RESNET_DEBUG=1 for tracebacks.
+User errors (a bad config key, a missing file, an unknown preset...: any
+`keras_resnet.errors.KerasResNetError`, and a path that is missing, unreadable
+or unwritable) print one line and exit with status 2; set KERAS_RESNET_DEBUG=1
+for their tracebacks. Anything else is an internal error (a bug in keras_resnet,
+Keras or TensorFlow): its traceback is shown, with a request to report it, and
+the exit status is 1.
 """
 
 import argparse
+import errno
 import os
 import sys
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from keras_resnet.errors import ConfigError, KerasResNetError  # noqa: E402  (imports nothing heavy)
 
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback."""
+
+# OSErrors about the user's paths or machine, not bugs: one line, exit 2.
+USER_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG)
 
 
 def _cmd_models(args):
@@ -63,13 +72,13 @@ def _cmd_summary(args):
 
 
 def _cmd_train(args):
-    from keras_resnet.training.engine import train_from_config
+    from keras_resnet.training.runner import train_from_config
 
     train_from_config(args.config, args.set)
 
 
 def _cmd_evaluate(args):
-    from keras_resnet.training.engine import evaluate_from_config
+    from keras_resnet.training.runner import evaluate_from_config
 
     evaluate_from_config(args.config, args.set)
 
@@ -87,7 +96,7 @@ def _batch_size_arg(text):
 
 
 def _cmd_export(args):
-    from keras_resnet.export.api import export_model
+    from keras_resnet.export import export_model
 
     export_model(
         args.model,
@@ -126,15 +135,16 @@ def _cmd_predict(args):
     from rich.console import Console
     from rich.table import Table
 
-    from keras_resnet.export.api import DETECTION, SEGMENTATION, model_task
+    from keras_resnet.export.loading import model_task
     from keras_resnet.predict.classification import predict_files
+    from keras_resnet.registry import DETECTION, SEGMENTATION
 
     task = model_task(args.model)
     if task == DETECTION:
         _predict_detections(args)
         return
     if args.score_threshold is not None or args.max_detections is not None:
-        raise UserError("--score-threshold and --max-detections apply to detectors only")
+        raise ConfigError("--score-threshold and --max-detections apply to detectors only")
     if task == SEGMENTATION:
         from keras_resnet.predict.segmentation import predict_masks
 
@@ -264,6 +274,13 @@ def build_parser():
     return parser
 
 
+def is_user_error(error: BaseException) -> bool:
+    """True for errors caused by the user's input or machine: printed as one line, exit status 2."""
+    if isinstance(error, KerasResNetError):
+        return True
+    return isinstance(error, USER_PATH_ERRORS) or (isinstance(error, OSError) and error.errno in USER_OS_ERRNOS)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -271,7 +288,16 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, FileNotFoundError, PermissionError) as error:
+    except Exception as error:
+        if not is_user_error(error):
+            traceback.print_exc()
+            print(
+                f"keras-resnet {args.command}: internal error ({type(error).__name__}): this is a bug in "
+                "keras_resnet, Keras or TensorFlow, not in your input; please report it to the keras_resnet "
+                "maintainers with the traceback above and the command you ran",
+                file=sys.stderr,
+            )
+            return 1
         if os.environ.get("KERAS_RESNET_DEBUG"):
             raise
         print(f"keras-resnet {args.command}: error: {error}", file=sys.stderr)

@@ -254,15 +254,15 @@ def test_multi_worker_two_processes(toy_data, tmp_path):
 def test_fit_keeps_one_iterator_per_run_for_datasets_of_known_length():
     import tensorflow as tf
 
-    from keras_resnet.training.engine import _one_iterator_per_run
+    from keras_resnet.training.engine import one_iterator_per_run
 
     batches = tf.data.Dataset.range(10).shuffle(10, seed=0, reshuffle_each_iteration=True).batch(3, drop_remainder=True)
-    repeated, steps = _one_iterator_per_run(batches, None)
+    repeated, steps = one_iterator_per_run(batches, None)
     assert steps == 3
     iterator = iter(repeated)
     passes = [sorted(int(v) for _ in range(steps) for v in next(iterator)) for _ in range(2)]
     assert len(passes[0]) == len(passes[1]) == 9  # every pass is a full pass of the dataset, then the next one
     # Given steps_per_epoch, or a length tf.data cannot know, the dataset is left as it is.
-    assert _one_iterator_per_run(batches, 2) == (batches, 2)
+    assert one_iterator_per_run(batches, 2) == (batches, 2)
     unknown = batches.filter(lambda batch: tf.reduce_sum(batch) >= 0)
-    assert _one_iterator_per_run(unknown, None) == (unknown, None)
+    assert one_iterator_per_run(unknown, None) == (unknown, None)

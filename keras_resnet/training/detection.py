@@ -1,8 +1,7 @@
 """Training and evaluation of object detection recipes (`task: detection`).
 
-`train_detection` runs a recipe end to end with the helpers of
-`keras_resnet.training.engine` (strategy, precision, optimizer and schedule, run
-directory, resume) and writes:
+`train_detection` runs a recipe end to end on `keras_resnet.training.engine`
+(strategy, precision, optimizer and schedule, run directory, resume) and writes:
 
     output_dir/
       recipe.yaml               the resolved recipe
@@ -23,16 +22,14 @@ decoded, NMS-ed detections mapped back to original image pixels.
 """
 
 import os
-import shutil
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.config import ConfigError, dump_config
-from keras_resnet.data.classification import DataError
-from keras_resnet.data.detection.pipeline import build_detection_datasets
+from keras_resnet.data import build_detection_datasets
+from keras_resnet.errors import ConfigError, DataError
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.retinanet.evaluation import (
     coco_evaluate,
@@ -40,19 +37,10 @@ from keras_resnet.models.retinanet.evaluation import (
     print_detection_table,
 )
 from keras_resnet.models.retinanet.losses import RetinaNetLoss
-from keras_resnet.training.engine import (
-    _check_classes,
-    _run_paths,
-    _write_json,
-    build_backbone_from_config,
-    fit_run,
-    load_pretrained_weights,
-    make_optimizer,
-    make_strategy,
-    prepare_output_dir,
-    resolve_precision,
-    run_summary,
-)
+from keras_resnet.registry import DETECTION
+from keras_resnet.runs import write_json
+from keras_resnet.training import engine
+from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
 from keras_resnet.training.plots import DETECTION_PANELS
 from keras_resnet.visualize import plot_detections
 
@@ -71,16 +59,7 @@ _NOT_FOR_DETECTION = {
 
 
 def _check_detection_recipe(cfg):
-    if cfg["train"]["strategy"] == "multi_worker":
-        raise ConfigError(
-            "train.strategy=multi_worker is not supported for task=detection; use auto, one_device or mirrored"
-        )
-    for (section, key), neutral in _NOT_FOR_DETECTION.items():
-        if cfg[section][key] != neutral:
-            raise ConfigError(
-                f"{section}.{key}={cfg[section][key]!r} does not apply to task=detection; "
-                f"set {section}.{key}={neutral if neutral is not None else 'null'}"
-            )
+    engine.check_task_settings(cfg, DETECTION, _NOT_FOR_DETECTION, "does not apply to task=detection; set {key}={neutral}")
     for key, allowed in (("head_args", HEAD_ARGS), ("decoder_args", DECODER_ARGS)):
         unknown = sorted(set(cfg["model"][key]) - set(allowed))
         if unknown:
@@ -134,23 +113,8 @@ def build_detector(cfg, info):
     keras.applications `.h5`) initialises the backbone;
     `model.freeze_stages` freezes its first stages.
     """
-    model_cfg = cfg["model"]
-    backbone, preprocessing = build_backbone_from_config(cfg, info)
-    try:
-        model = RetinaNetDetector(
-            backbone,
-            model_cfg["num_classes"],
-            preprocessing=preprocessing,
-            name=f"{model_cfg['backbone']}_retinanet",
-            **model_cfg["head_args"],
-        )
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"model.head_args / model.backbone_args: {error}") from None
-    if model_cfg["weights"]:
-        load_pretrained_weights(model, model_cfg["weights"])
-    if model_cfg["freeze_stages"] >= 0:
-        backbone.freeze_stages(model_cfg["freeze_stages"])
-    return model
+    return build_model_from_config(cfg, info, RetinaNetDetector, "retinanet",
+                                   "model.head_args / model.backbone_args: {error}", **cfg["model"]["head_args"])
 
 
 def _encode_targets(dataset, encoder):
@@ -213,7 +177,7 @@ def evaluate_detector(model, val_ds, info, decoder_args, output_dir=None, title=
     metrics = coco_evaluate(info["val_coco"], rows, info["class_names"])
     metrics["num_examples"] = start
     if output_dir is not None:
-        _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+        write_json(os.path.join(output_dir, "metrics.json"), metrics)
         images, outputs = first
         count = min(NUM_PREDICTION_EXAMPLES, len(images))
         plot_detections(images[:count], {key: value[:count] for key, value in outputs.items()},
@@ -241,37 +205,24 @@ class _COCOEvaluation(keras.callbacks.Callback):
 # Entry points
 # ----------------------------------------------------------------------------
 def train_detection(cfg):
-    """Trains a detection recipe and evaluates its best model with pycocotools.
+    """Trains a `task: detection` recipe (a `load_config` dict) and evaluates its best model with pycocotools.
 
-    Args:
-        cfg: a recipe dict from `keras_resnet.config.load_config` with
-            `task: detection`.
-
-    Returns:
-        The validation metrics of the best model (also in metrics.json),
-        plus `epochs`, `train_seconds_this_session` and
-        `train_images_per_second`.
-
-    Example:
+    Returns its validation metrics (also in metrics.json) with `run_summary`'s epochs and speed, e.g.
     >>> train_detection(load_config("tasks/detection/mosaic_retinanet_resnet18.yaml"))
     """
     _check_detection_recipe(cfg)
     train_cfg, data_cfg, model_cfg = cfg["train"], cfg["data"], cfg["model"]
-    strategy = make_strategy(train_cfg["strategy"])
-    keras.utils.set_random_seed(train_cfg["seed"])
-    keras.mixed_precision.set_global_policy(resolve_precision(train_cfg["mixed_precision"]))
-    output_dir = prepare_output_dir(cfg["output_dir"])
-    paths = _run_paths(output_dir)
+    strategy, paths, _ = engine.start_run(cfg)
+    output_dir = paths.root
 
     train_ds, val_ds, info = _datasets(cfg)
-    _check_classes(cfg, info)
+    engine.check_num_classes(cfg, info)
     info["mean"], info["std"] = pixel_statistics(train_ds)
-    steps_per_epoch = train_cfg["steps_per_epoch"] or info["num_train"] // data_cfg["batch_size"]
+    steps_per_epoch = engine.epoch_steps(cfg, info)
     print(
         f"{model_cfg['backbone']} + RetinaNet on {data_cfg['source']}: {info['num_train']} train / "
-        f"{info['num_val']} val images ({info['num_train_boxes']} / {info['num_val_boxes']} boxes), batch "
-        f"{data_cfg['batch_size']} over {strategy.num_replicas_in_sync} replica(s), "
-        f"policy {keras.mixed_precision.dtype_policy().name}, output {output_dir}"
+        f"{info['num_val']} val images ({info['num_train_boxes']} / {info['num_val_boxes']} boxes), "
+        f"{engine.describe_run(cfg, strategy, paths)}"
     )
     with strategy.scope():
         model = build_detector(cfg, info)
@@ -280,14 +231,13 @@ def train_detection(cfg):
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model.decoder_args: {error}") from None
         model.compile(
-            optimizer=make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"]),
+            optimizer=engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"]),
             loss=RetinaNetLoss(model_cfg["num_classes"], box_loss=train_cfg["box_loss"],
                                box_variance=model.box_variance),
             jit_compile=train_cfg["jit_compile"],
         )
     encoder = model.make_label_encoder()
-    dump_config(cfg, os.path.join(output_dir, "recipe.yaml"))
-    _write_json(os.path.join(output_dir, "run.json"), {
+    engine.write_run_files(cfg, paths, {
         "task": "detection",
         "preset": model_cfg["backbone"],
         "head": "retinanet",
@@ -296,27 +246,26 @@ def train_detection(cfg):
         "class_names": info["class_names"],
         "num_anchors": int(model.num_anchors),
         "decoder": dict(model_cfg["decoder_args"]),
-        "preprocessing": {"mean": info["mean"], "std": info["std"], "input_range": [0, 255]},
+        "preprocessing": preprocessing_info(info),
         "resize": "letterbox: scale to fit keeping the aspect ratio, pad bottom/right with 0",
         "num_train": info["num_train"],
         "num_val": info["num_val"],
     })
     start = time.time()
     with strategy.scope():
-        fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
+        engine.fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
                 monitor="val_mAP", title=f"{model_cfg['backbone']} RetinaNet", panels=DETECTION_PANELS,
-                best_key="mAP", backup_dir=os.path.join(paths["backup_root"], "main"), epochs=train_cfg["epochs"],
+                best_key="mAP", backup_dir=os.path.join(paths.backup_root, "main"), epochs=train_cfg["epochs"],
                 extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg["decoder_args"])])
     train_seconds = time.time() - start
-    shutil.rmtree(paths["backup_root"], ignore_errors=True)
-    best_model = keras.saving.load_model(paths["best"], compile=False)
-    metrics = evaluate_detector(best_model, val_ds, info, model_cfg["decoder_args"], output_dir, title="best model")
-    metrics.update(run_summary(paths, steps_per_epoch, data_cfg["batch_size"], train_seconds))
-    epochs = metrics["epochs"]
-    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    metrics = engine.finish_run(
+        paths, lambda best: evaluate_detector(best, val_ds, info, model_cfg["decoder_args"], output_dir,
+                                              title="best model"),
+        steps_per_epoch, data_cfg["batch_size"], train_seconds,
+    )
     print(
         f"done: {model_cfg['backbone']} RetinaNet mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} "
-        f"AP75={metrics['AP75']:.4f} on {metrics['num_examples']} val images, {epochs} epochs, "
+        f"AP75={metrics['AP75']:.4f} on {metrics['num_examples']} val images, {metrics['epochs']} epochs, "
         f"{train_seconds / 60:.1f} min -> {output_dir}"
     )
     return metrics
@@ -327,13 +276,8 @@ def evaluate_detection(cfg):
 
     Rewrites metrics.json (COCO AP) and val_predictions.png and returns the metrics.
     """
-    from keras_resnet.training.engine import trained_model_path
-
     _check_detection_recipe(cfg)
-    model_path = trained_model_path(cfg)
-    _, val_ds, info = _datasets(cfg)
-    _check_classes(cfg, info)
-    model = keras.saving.load_model(model_path, compile=False)
+    model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
     metrics = evaluate_detector(model, val_ds, info, cfg["model"]["decoder_args"], cfg["output_dir"], title=model_path)
     print(
         f"evaluate: {model_path} mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} AP75={metrics['AP75']:.4f} "

@@ -1,27 +1,15 @@
-"""Training and evaluation of classification recipes.
+"""The task-agnostic training engine every task module runs on.
 
-`train_from_config` runs a YAML recipe end to end: data pipelines, the
-distribution strategy, mixed precision, the model (optionally initialised
-from a keras.applications `.h5` or a `.keras` file, with frozen stages and a
-two-phase head-then-fine-tune schedule), the optimizer and schedule, and the
-run directory:
+- Environment: `make_strategy`, `resolve_precision`, `task_info` (TF_CONFIG), and
+  `start_run`, which sets them up with the seed and the run folder.
+- Recipe checks shared by the tasks: `check_num_classes`, `check_task_settings`, `epoch_steps`.
+- `make_optimizer`: SGD or AdamW with a `WarmupSchedule`, optionally with weight averaging.
+- `fit_run`: `model.fit` with the run folder's callbacks (best/last checkpoints, history.csv,
+  TensorBoard, training_curves.png) and resume through `keras.callbacks.BackupAndRestore`
+  (`backup_epoch` reads where a run resumes; `previous_best` the best value so far).
+- After training: `run_summary`, `write_run_files`, `finish_run`; `load_trained_run` for evaluate.
 
-    output_dir/
-      recipe.yaml            the resolved recipe
-      run.json               preset, input shape, classes, preprocessing
-      best_model.keras       best validation top-1
-      last_model.keras       end of the last finished epoch
-      history.csv            one row per epoch (deduplicated on resume)
-      training_curves.png    loss / top-1 / learning-rate curves
-      confusion_matrix.png   of the best model on the validation set
-      metrics.json           {"top1", "top5", "loss", ...} of the best model
-      logs/                  TensorBoard
-      backup/                BackupAndRestore state while a run is unfinished
-
-A killed run started again with the same recipe continues from its last
-finished epoch. `train.strategy: multi_worker` uses a custom training loop
-(Keras `fit` fails under MultiWorkerMirroredStrategy with TF 2.21 / Keras
-3.15, keras-team/keras#20585) with `tf.train.CheckpointManager` resume.
+The run folder's file names are in `keras_resnet.runs`.
 """
 
 import inspect
@@ -29,22 +17,20 @@ import json
 import os
 import shutil
 import tempfile
-import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from keras_resnet.config import ConfigError, dump_config, load_config
-from keras_resnet.convert import from_keras_applications
-from keras_resnet.data import DataError, build_classification_datasets
-from keras_resnet.layers.core import ImageNormalization
-from keras_resnet.models.resnet.backbone import ResNetBackbone
-from keras_resnet.models.resnet.classifier import ResNetClassifier
-from keras_resnet.models.resnet.presets import get_preset_config
+from keras_resnet.config import dump_config
+from keras_resnet.errors import ConfigError, ModelError
+from keras_resnet.runs import (
+    RunPaths,
+    prepare_output_dir,
+    trained_model_path,
+    write_json,
+)
 from keras_resnet.training.plots import (
     CLASSIFICATION_PANELS,
-    plot_confusion_matrix,
     plot_history,
     read_history_csv,
 )
@@ -52,7 +38,7 @@ from keras_resnet.training.schedules import WarmupSchedule
 
 
 # ----------------------------------------------------------------------------
-# Environment: strategy and precision
+# Environment: strategy, precision, run folder
 # ----------------------------------------------------------------------------
 def make_strategy(name):
     """A tf.distribute strategy for `train.strategy`.
@@ -114,7 +100,7 @@ def resolve_precision(value):
     return value
 
 
-def _task_info():
+def task_info():
     """(task type, index, is_chief) from TF_CONFIG; single-process runs are chief."""
     tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     task = tf_config.get("task", {})
@@ -124,102 +110,80 @@ def _task_info():
     return task_type, index, is_chief
 
 
-# ----------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------
-def build_backbone_from_config(cfg, info):
-    """The recipe's backbone and the layer normalising raw pixels 0..255.
+def start_run(cfg):
+    """Sets up a recipe's training process: strategy, seed, dtype policy and run folder.
+
+    Under `train.strategy=multi_worker` only the chief writes into `output_dir`;
+    the other workers get a temporary folder (theirs to delete).
 
     Returns:
-        `(backbone, preprocessing)`; normalisation uses the training set's
-        per-channel mean/std from `info`.
+        `(strategy, paths, is_chief)`, `paths` the `RunPaths` of the (checked
+        writable) output folder.
     """
-    model_cfg = cfg["model"]
-    get_preset_config(model_cfg["backbone"])  # unknown preset -> ValueError listing the valid ones
-    try:
-        backbone = ResNetBackbone.from_preset(
-            model_cfg["backbone"], input_shape=tuple(model_cfg["input_shape"]), **model_cfg["backbone_args"]
+    train_cfg = cfg["train"]
+    strategy = make_strategy(train_cfg["strategy"])
+    keras.utils.set_random_seed(train_cfg["seed"])
+    keras.mixed_precision.set_global_policy(resolve_precision(train_cfg["mixed_precision"]))
+    is_chief = task_info()[2] if train_cfg["strategy"] == "multi_worker" else True
+    output_dir = cfg["output_dir"] if is_chief else tempfile.mkdtemp(prefix="keras_resnet_worker_out_")
+    prepare_output_dir(output_dir)
+    return strategy, RunPaths.of(output_dir), is_chief
+
+
+# ----------------------------------------------------------------------------
+# Recipe checks shared by the tasks
+# ----------------------------------------------------------------------------
+def check_num_classes(cfg, info):
+    """ConfigError when `model.num_classes` differs from the classes the data source has."""
+    expected = cfg["model"]["num_classes"]
+    found = len(info["class_names"])
+    if found != expected:
+        raise ConfigError(
+            f"model.num_classes={expected} but data.source={cfg['data']['source']!r} has {found} classes; "
+            f"set model.num_classes={found}."
         )
-    except TypeError as error:
-        raise ConfigError(f"model.backbone_args: {error}") from None
-    preprocessing = ImageNormalization(mean=info["mean"], std=info["std"], name="normalization")
-    return backbone, preprocessing
 
 
-def build_classifier(cfg, info):
-    """The recipe's `ResNetClassifier`, taking raw pixels 0..255.
+def check_task_settings(cfg, task, neutral_values, message):
+    """ConfigError for recipe settings that a task's training does not implement.
 
-    Normalisation by the training set's per-channel mean/std is a layer
-    inside the model.
+    Args:
+        cfg: the recipe.
+        task: the task name, for `train.strategy=multi_worker` (rejected: it is
+            implemented for classification only).
+        neutral_values: `{(section, key): value}` of keys the task ignores; any
+            other value is an error.
+        message: the error after `section.key=value`, formatted with `key`
+            (dotted), `neutral` ("null" for None).
     """
-    model_cfg = cfg["model"]
-    preset = model_cfg["backbone"]
-    backbone, preprocessing = build_backbone_from_config(cfg, info)
-    model = ResNetClassifier(
-        backbone,
-        model_cfg["num_classes"],
-        dropout=model_cfg["dropout"],
-        preprocessing=preprocessing,
-        name=f"{preset}_classifier",
+    if cfg["train"]["strategy"] == "multi_worker":
+        raise ConfigError(
+            f"train.strategy=multi_worker is not supported for task={task}; use auto, one_device or mirrored"
+        )
+    for (section, key), neutral in neutral_values.items():
+        if cfg[section][key] != neutral:
+            shown = "null" if neutral is None else neutral
+            raise ConfigError(
+                f"{section}.{key}={cfg[section][key]!r} " + message.format(key=f"{section}.{key}", neutral=shown)
+            )
+
+
+def describe_run(cfg, strategy, paths):
+    """The end of a run's first printed line: batch size, replicas, dtype policy and output folder."""
+    return (
+        f"batch {cfg['data']['batch_size']} over {strategy.num_replicas_in_sync} replica(s), "
+        f"policy {keras.mixed_precision.dtype_policy().name}, output {paths.root}"
     )
-    if model_cfg["weights"]:
-        load_pretrained_weights(model, model_cfg["weights"])
-    if model_cfg["freeze_stages"] >= 0:
-        backbone.freeze_stages(model_cfg["freeze_stages"])
-    return model
 
 
-def _copy_layer_weights(source_layers, target_layers, source_name, target_name):
-    by_name = {layer.name: layer for layer in source_layers if layer.weights}
-    copied = 0
-    for layer in target_layers:
-        if not layer.weights:
-            continue
-        source = by_name.get(layer.name)
-        if source is None:
-            raise ConfigError(
-                f"model.weights {source_name} is of another architecture: it has no layer {layer.name!r} "
-                f"needed by {target_name}; pick the matching model.backbone."
-            )
-        values = source.get_weights()
-        shapes = [tuple(w.shape) for w in layer.weights]
-        if [v.shape for v in values] != shapes:
-            raise ConfigError(
-                f"model.weights {source_name} does not fit {target_name}: layer {layer.name!r} has shapes "
-                f"{[v.shape for v in values]}, the model needs {shapes} (another architecture or input channels)."
-            )
-        layer.set_weights(values)
-        copied += 1
-    return copied
+def epoch_steps(cfg, info):
+    """Optimizer steps per epoch: `train.steps_per_epoch`, else whole batches of the training set."""
+    return cfg["train"]["steps_per_epoch"] or info["num_train"] // cfg["data"]["batch_size"]
 
 
-def load_pretrained_weights(model, path):
-    """Initialises `model` from a `.keras` model or a keras.applications `.h5`.
-
-    The backbone is copied by layer name (shapes checked); the head too when
-    the source is a classifier with the same number of classes.
-    """
-    if not os.path.exists(path):
-        raise ConfigError(f"model.weights file {path} does not exist.")
-    target_name = f"model.backbone={model.backbone.name!r}"
-    if path.endswith(".keras"):
-        source = keras.saving.load_model(path, compile=False)
-        source_backbone = getattr(source, "backbone", source)
-        _copy_layer_weights(source_backbone.layers, model.backbone.layers, path, target_name)
-        if isinstance(source, ResNetClassifier) and source.num_classes == model.num_classes:
-            model.get_layer("predictions").set_weights(source.get_layer("predictions").get_weights())
-        return model
-    if path.endswith(".h5"):
-        try:
-            source = from_keras_applications(path, input_shape=model.backbone.image_shape)
-        except ValueError as error:
-            raise ConfigError(f"model.weights: {error}") from None
-        source_backbone = getattr(source, "backbone", source)
-        _copy_layer_weights(source_backbone.layers, model.backbone.layers, path, target_name)
-        return model
-    raise ConfigError(f"model.weights {path} must be a .keras model or a keras.applications .h5 weight file.")
-
-
+# ----------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------
 def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmup=True):
     """SGD (momentum, Nesterov) or AdamW with a warm-up schedule.
 
@@ -249,38 +213,9 @@ def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmu
     return optimizer
 
 
-def classification_metrics():
-    return [
-        keras.metrics.CategoricalAccuracy(name="top1"),
-        keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"),
-    ]
-
-
-def _one_hot(dataset, num_classes):
-    return dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
-
-
 # ----------------------------------------------------------------------------
-# Run directory
+# Fit with the run folder's callbacks and resume
 # ----------------------------------------------------------------------------
-def prepare_output_dir(output_dir):
-    """Creates `output_dir` and checks that it is writable."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write_test_", delete=True)
-        probe.close()
-    except OSError as error:
-        raise ConfigError(
-            f"output_dir {output_dir} is not writable ({error.strerror}); set output_dir to a writable folder."
-        ) from None
-    return output_dir
-
-
-def _write_json(path, payload):
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-
-
 class _LogLearningRate(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -301,29 +236,12 @@ class _PlotCurves(keras.callbacks.Callback):
             plot_history(read_history_csv(self.history_path), self.plot_path, self.title, self.panels, self.best_key)
 
 
-def _previous_best(history_path):
+def previous_best(history_path, monitor):
+    """The highest `monitor` value in a (resumed) run's history.csv; None without one."""
     if not os.path.exists(history_path):
         return None
-    values = read_history_csv(history_path).get("val_top1")
+    values = read_history_csv(history_path).get(monitor)
     return max(values) if values else None
-
-
-# ----------------------------------------------------------------------------
-# Fit (single process: one device or MirroredStrategy)
-# ----------------------------------------------------------------------------
-def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per_epoch, learning_rate,
-               warmup, backup_dir, paths):
-    train_cfg = cfg["train"]
-    optimizer = make_optimizer(train_cfg, steps_per_epoch, epochs - initial_epoch, learning_rate, warmup)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
-        metrics=classification_metrics(),
-        jit_compile=train_cfg["jit_compile"],
-    )
-    fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg["model"]["backbone"],
-            panels=CLASSIFICATION_PANELS, best_key="top1", backup_dir=backup_dir, epochs=epochs,
-            initial_epoch=initial_epoch)
 
 
 def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best_key, backup_dir, epochs,
@@ -334,7 +252,7 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         model: a compiled model.
         cfg: the recipe (train.steps_per_epoch is read).
         train_ds, val_ds: datasets for `fit`.
-        paths: `_run_paths(output_dir)`.
+        paths: the run folder's `keras_resnet.runs.RunPaths`.
         monitor: the `val_*` log key (maximised) that picks best_model.keras; a
             resumed run starts from the best value in history.csv.
         title, panels, best_key: of training_curves.png (see `plot_history`).
@@ -343,25 +261,24 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         extra_callbacks: run first, so the logs they add (e.g. val_mAP) reach
             the CSV, the checkpoints and the plots.
     """
-    best = keras.callbacks.ModelCheckpoint(paths["best"], monitor=monitor, mode="max", save_best_only=True)
-    if os.path.exists(paths["history"]):
-        previous = read_history_csv(paths["history"]).get(monitor)
-        if previous:
-            best.best = max(previous)
+    best = keras.callbacks.ModelCheckpoint(paths.best, monitor=monitor, mode="max", save_best_only=True)
+    best_so_far = previous_best(paths.history, monitor)
+    if best_so_far is not None:
+        best.best = best_so_far
     # Weight averaging: validation, checkpoints and backups at each epoch end see the EMA weights.
     ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg["train"].get("ema_momentum") else []
     callbacks = [
         *ema,
         _LogLearningRate(),
         *extra_callbacks,
-        keras.callbacks.CSVLogger(paths["history"], append=True),
-        keras.callbacks.TensorBoard(paths["logs"]),
+        keras.callbacks.CSVLogger(paths.history, append=True),
+        keras.callbacks.TensorBoard(paths.logs),
         best,
-        keras.callbacks.ModelCheckpoint(paths["last"]),
-        _PlotCurves(paths["history"], paths["curves"], title, panels=panels, best_key=best_key),
+        keras.callbacks.ModelCheckpoint(paths.last),
+        _PlotCurves(paths.history, paths.curves, title, panels=panels, best_key=best_key),
         _backup_and_restore(backup_dir),
     ]
-    train_ds, steps_per_epoch = _one_iterator_per_run(train_ds, cfg["train"]["steps_per_epoch"])
+    train_ds, steps_per_epoch = one_iterator_per_run(train_ds, cfg["train"]["steps_per_epoch"])
     model.fit(
         train_ds,
         validation_data=val_ds,
@@ -373,7 +290,7 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
     )
 
 
-def _one_iterator_per_run(train_ds, steps_per_epoch):
+def one_iterator_per_run(train_ds, steps_per_epoch):
     """`(train_ds.repeat(), its batches per pass)` where the pass length is known, else unchanged.
 
     With a finite dataset Keras makes a new iterator every epoch, and deleting the
@@ -392,17 +309,6 @@ def _one_iterator_per_run(train_ds, steps_per_epoch):
     return train_ds.repeat(), batches
 
 
-def run_summary(paths, steps_per_epoch, batch_size, train_seconds):
-    """`epochs` (in history.csv), `train_seconds_this_session` and `train_images_per_second` of a run."""
-    epochs = len(read_history_csv(paths["history"]).get("epoch", []))
-    return {
-        "epochs": epochs,
-        "train_seconds_this_session": round(train_seconds, 1),
-        "train_images_per_second": round(steps_per_epoch * batch_size * max(epochs, 1) / train_seconds, 1)
-        if train_seconds > 0 else None,
-    }
-
-
 def backup_epoch(backup_dir):
     """The epoch a run resumed from `backup_dir` starts at: 0 without a backup.
 
@@ -411,7 +317,7 @@ def backup_epoch(backup_dir):
     `fit` will resume at (before `fit` restores it).
 
     Raises:
-        ValueError: the file exists but is not BackupAndRestore's JSON (a run
+        ModelError: the file exists but is not BackupAndRestore's JSON (a run
             killed while writing it), naming the file and how to restart.
     """
     path = os.path.join(backup_dir, "training_metadata.json")
@@ -421,7 +327,7 @@ def backup_epoch(backup_dir):
     except FileNotFoundError:
         return 0
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise ModelError(
             f"the resume backup {path} is unreadable ({type(error).__name__}: {error}); delete {backup_dir} to "
             "train from epoch 1 again (best_model.keras and last_model.keras in the run directory are kept)"
         ) from None
@@ -440,310 +346,57 @@ def _backup_and_restore(backup_dir):
     return keras.callbacks.BackupAndRestore(backup_dir, **kwargs)
 
 
-def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths):
-    train_cfg = cfg["train"]
-    epochs, head_epochs = train_cfg["epochs"], min(train_cfg["head_epochs"], train_cfg["epochs"])
-    head_done = os.path.join(paths["backup_root"], "head_phase.weights.h5")
-    if head_epochs:
-        if os.path.exists(head_done):
-            print(f"head phase already finished; restoring {head_done}")
-            model.load_weights(head_done)
-        else:
-            print(f"phase 1: {head_epochs} epoch(s) training the head with the backbone frozen")
-            model.backbone.trainable = False
-            _fit_phase(model, cfg, train_ds, val_ds, epochs=head_epochs, initial_epoch=0,
-                       steps_per_epoch=steps_per_epoch, learning_rate=None, warmup=True,
-                       backup_dir=os.path.join(paths["backup_root"], "head"), paths=paths)
-            model.save_weights(head_done)
-        model.backbone.trainable = True
-        model.backbone.freeze_stages(cfg["model"]["freeze_stages"])
-        if head_epochs < epochs:
-            print(f"phase 2: fine-tuning epochs {head_epochs + 1}-{epochs}")
-    if head_epochs < epochs:
-        learning_rate = train_cfg["fine_tune_learning_rate"] if head_epochs else None
-        if head_epochs and learning_rate is None:
-            learning_rate = train_cfg["learning_rate"] / 10
-        _fit_phase(model, cfg, train_ds, val_ds, epochs=epochs, initial_epoch=head_epochs,
-                   steps_per_epoch=steps_per_epoch, learning_rate=learning_rate, warmup=not head_epochs,
-                   backup_dir=os.path.join(paths["backup_root"], "main"), paths=paths)
-    shutil.rmtree(paths["backup_root"], ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------
-# Custom loop (MultiWorkerMirroredStrategy)
+# Run files, summary, evaluation of the trained model
 # ----------------------------------------------------------------------------
-def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, paths, is_chief):
-    """A distributed custom training loop with checkpoint resume.
-
-    Used for MultiWorkerMirroredStrategy. Every worker runs the same steps;
-    only the chief writes models, history and plots (the others checkpoint
-    into a temporary folder, as tf.distribute requires).
-    """
-    train_cfg = cfg["train"]
-    if train_cfg["ema_momentum"]:
-        raise ConfigError("train.ema_momentum is not supported with train.strategy=multi_worker; set it to null")
-    num_classes = cfg["model"]["num_classes"]
-    global_batch = cfg["data"]["batch_size"]
-    epochs = train_cfg["epochs"]
-    steps_per_epoch = train_cfg["steps_per_epoch"] or steps_per_epoch
-    with strategy.scope():
-        optimizer = make_optimizer(train_cfg, steps_per_epoch, epochs)
-        if keras.mixed_precision.dtype_policy().name == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        loss_fn = keras.losses.CategoricalCrossentropy(
-            label_smoothing=train_cfg["label_smoothing"], reduction=None
-        )
-        train_loss = keras.metrics.Mean(name="loss")
-        train_top1 = keras.metrics.CategoricalAccuracy(name="top1")
-        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
-    backup_dir = paths["backup_root"] if is_chief else tempfile.mkdtemp(prefix="keras_resnet_worker_")
-    manager = tf.train.CheckpointManager(checkpoint, backup_dir, max_to_keep=1)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint)
-        print(f"resuming from {manager.latest_checkpoint}: epoch {int(epoch_var.numpy()) + 1}")
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    distributed = strategy.experimental_distribute_dataset(train_ds.repeat().with_options(options))
-    iterator = iter(distributed)
-
-    def step_fn(images, labels):
-        with tf.GradientTape() as tape:
-            predictions = model(images, training=True)
-            per_example = loss_fn(labels, predictions)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
-        gradients = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        train_loss.update_state(per_example)
-        train_top1.update_state(labels, predictions)
-
-    @tf.function
-    def train_steps(iterator, steps):
-        for _ in tf.range(steps):
-            images, labels = next(iterator)
-            strategy.run(step_fn, args=(images, labels))
-
-    val_model_fn = tf.function(lambda images: model(images, training=False))
-    writer = tf.summary.create_file_writer(os.path.join(paths["logs"], "train")) if is_chief else None
-    best = _previous_best(paths["history"]) or -1.0
-    chunk = max(1, min(steps_per_epoch, 50))
-    for epoch in range(int(epoch_var.numpy()), epochs):
-        start = time.time()
-        train_loss.reset_state()
-        train_top1.reset_state()
-        progress = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "top1"], verbose=1 if is_chief else 0)
-        done = 0
-        while done < steps_per_epoch:
-            steps = min(chunk, steps_per_epoch - done)
-            train_steps(iterator, tf.constant(steps))
-            done += steps
-            progress.update(done, [("loss", float(train_loss.result())), ("top1", float(train_top1.result()))])
-        val_metrics = _evaluate_predictions(val_model_fn, val_ds, num_classes)
-        row = {
-            "epoch": epoch,
-            "loss": float(train_loss.result()),
-            "top1": float(train_top1.result()),
-            "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
-            "val_loss": val_metrics["loss"],
-            "val_top1": val_metrics["top1"],
-            "val_top5": val_metrics["top5"],
-        }
-        epoch_var.assign(epoch + 1)
-        manager.save()
-        if is_chief:
-            print(f"epoch {epoch + 1}/{epochs} ({time.time() - start:.1f}s): "
-                  + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-            _append_history_row(paths["history"], row)
-            with writer.as_default(step=epoch):
-                for key, value in row.items():
-                    if key != "epoch":
-                        tf.summary.scalar(key, value)
-            model.save(paths["last"])
-            if row["val_top1"] > best:
-                best = row["val_top1"]
-                model.save(paths["best"])
-            plot_history(read_history_csv(paths["history"]), paths["curves"], cfg["model"]["backbone"])
-    if is_chief:
-        shutil.rmtree(paths["backup_root"], ignore_errors=True)
-    else:
-        shutil.rmtree(backup_dir, ignore_errors=True)
+def write_run_files(cfg, paths, run_info):
+    """Writes the resolved recipe (recipe.yaml) and `run_info` (run.json) into the run folder."""
+    dump_config(cfg, paths.recipe)
+    write_json(paths.info, run_info)
 
 
-def _append_history_row(path, row):
-    new_file = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new_file:
-            f.write(",".join(row) + "\n")
-        f.write(",".join(str(v) for v in row.values()) + "\n")
-
-
-# ----------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------
-def _evaluate_predictions(predict_fn, dataset, num_classes, return_confusion=False):
-    """Top-1/top-5/loss (and the confusion matrix) of `predict_fn` on `dataset`.
-
-    `dataset` yields `(images, integer labels)`.
-    """
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    for images, labels in dataset:
-        probabilities = np.asarray(predict_fn(images), dtype=np.float64)
-        labels = labels.numpy().astype(np.int64)
-        top5 = np.argsort(-probabilities, axis=1)[:, :5]
-        predicted = top5[:, 0]
-        correct1 += int((predicted == labels).sum())
-        correct5 += int((top5 == labels[:, None]).any(axis=1).sum())
-        loss_sum += float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1.0)).sum())
-        total += len(labels)
-        np.add.at(confusion, (labels, predicted), 1)
-    if total == 0:
-        raise DataError("the validation set is empty; check data.val / data.limit_val")
-    metrics = {"top1": correct1 / total, "top5": correct5 / total, "loss": loss_sum / total, "num_examples": total}
-    return (metrics, confusion) if return_confusion else metrics
-
-
-def evaluate_model(model, val_ds, class_names, output_dir):
-    """Evaluates `model` on `val_ds`; writes metrics.json and confusion_matrix.png."""
-    predict = tf.function(lambda images: model(images, training=False))
-    metrics, confusion = _evaluate_predictions(predict, val_ds, len(class_names), return_confusion=True)
-    metrics["per_class_accuracy"] = {
-        name: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, name in enumerate(class_names)
-    }
-    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
-    np.savetxt(os.path.join(output_dir, "confusion_matrix.csv"), confusion, fmt="%d", delimiter=",")
-    plot_confusion_matrix(confusion, class_names, os.path.join(output_dir, "confusion_matrix.png"))
-    return metrics
-
-
-def _run_paths(output_dir):
+def run_summary(paths, steps_per_epoch, batch_size, train_seconds):
+    """`epochs` (in history.csv), `train_seconds_this_session` and `train_images_per_second` of a run."""
+    epochs = len(read_history_csv(paths.history).get("epoch", []))
     return {
-        "best": os.path.join(output_dir, "best_model.keras"),
-        "last": os.path.join(output_dir, "last_model.keras"),
-        "history": os.path.join(output_dir, "history.csv"),
-        "curves": os.path.join(output_dir, "training_curves.png"),
-        "logs": os.path.join(output_dir, "logs"),
-        "backup_root": os.path.join(output_dir, "backup"),
+        "epochs": epochs,
+        "train_seconds_this_session": round(train_seconds, 1),
+        "train_images_per_second": round(steps_per_epoch * batch_size * max(epochs, 1) / train_seconds, 1)
+        if train_seconds > 0 else None,
     }
 
 
-def _check_classes(cfg, info):
-    expected = cfg["model"]["num_classes"]
-    found = len(info["class_names"])
-    if found != expected:
-        raise ConfigError(
-            f"model.num_classes={expected} but data.source={cfg['data']['source']!r} has {found} classes; "
-            f"set model.num_classes={found}."
-        )
-
-
-def train_from_config(config, overrides=()):
-    """Trains a classification recipe and evaluates its best model.
+def finish_run(paths, evaluate, steps_per_epoch, batch_size, train_seconds):
+    """Ends a finished run: deletes its backup and evaluates its best model.
 
     Args:
-        config: path of a recipe YAML, or a dict.
-        overrides: `"dotted.key=value"` strings (values parsed as YAML).
+        paths: the run folder's `RunPaths`.
+        evaluate: `evaluate(model) -> metrics dict` of the task.
+        steps_per_epoch, batch_size, train_seconds: for `run_summary`.
 
     Returns:
-        The validation metrics of the best model (also in metrics.json).
+        The metrics of best_model.keras with the `run_summary`, as written to metrics.json.
     """
-    cfg = load_config(config, overrides)
-    if cfg["task"] == "segmentation":
-        from keras_resnet.training.segmentation import train_segmentation
-
-        return train_segmentation(cfg)
-    if cfg["task"] == "detection":
-        from keras_resnet.training.detection import train_detection
-
-        return train_detection(cfg)
-    train_cfg = cfg["train"]
-    strategy = make_strategy(train_cfg["strategy"])
-    keras.utils.set_random_seed(train_cfg["seed"])
-    keras.mixed_precision.set_global_policy(resolve_precision(train_cfg["mixed_precision"]))
-    multi_worker = train_cfg["strategy"] == "multi_worker"
-    _, _, is_chief = _task_info() if multi_worker else (None, 0, True)
-    output_dir = cfg["output_dir"] if is_chief else tempfile.mkdtemp(prefix="keras_resnet_worker_out_")
-    prepare_output_dir(output_dir)
-    paths = _run_paths(output_dir)
-
-    train_ds, val_ds, info = build_classification_datasets(cfg, seed=train_cfg["seed"])
-    _check_classes(cfg, info)
-    num_classes = cfg["model"]["num_classes"]
-    steps_per_epoch = train_cfg["steps_per_epoch"] or info["num_train"] // cfg["data"]["batch_size"]
-    print(
-        f"{cfg['model']['backbone']} on {cfg['data']['source']}: {info['num_train']} train / {info['num_val']} val "
-        f"images, batch {cfg['data']['batch_size']} over {strategy.num_replicas_in_sync} replica(s), "
-        f"policy {keras.mixed_precision.dtype_policy().name}, output {output_dir}"
-    )
-    with strategy.scope():
-        model = build_classifier(cfg, info)
-    if is_chief:
-        dump_config(cfg, os.path.join(output_dir, "recipe.yaml"))
-        _write_json(os.path.join(output_dir, "run.json"), {
-            "task": "classification",
-            "preset": cfg["model"]["backbone"],
-            "input_shape": list(cfg["model"]["input_shape"]),
-            "num_classes": num_classes,
-            "class_names": info["class_names"],
-            "preprocessing": {"mean": info["mean"], "std": info["std"], "input_range": [0, 255]},
-            "num_train": info["num_train"],
-            "num_val": info["num_val"],
-        })
-    start = time.time()
-    if multi_worker:
-        _fit_custom_loop(model, cfg, strategy, _one_hot(train_ds, num_classes), val_ds, steps_per_epoch, paths, is_chief)
-    else:
-        with strategy.scope():
-            _fit(model, cfg, _one_hot(train_ds, num_classes), _one_hot(val_ds, num_classes), steps_per_epoch, paths)
-    train_seconds = time.time() - start
-    if not is_chief:
-        shutil.rmtree(output_dir, ignore_errors=True)
-        return None
-    best_model = keras.saving.load_model(paths["best"], compile=False)
-    metrics = evaluate_model(best_model, val_ds, info["class_names"], output_dir)
-    metrics.update(run_summary(paths, steps_per_epoch, cfg["data"]["batch_size"], train_seconds))
-    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
-    print(
-        f"done: {cfg['model']['backbone']} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "
-        f"on {metrics['num_examples']} val images, {metrics['epochs']} epochs, {train_seconds / 60:.1f} min "
-        f"-> {output_dir}"
-    )
+    shutil.rmtree(paths.backup_root, ignore_errors=True)
+    best_model = keras.saving.load_model(paths.best, compile=False)
+    metrics = evaluate(best_model)
+    metrics.update(run_summary(paths, steps_per_epoch, batch_size, train_seconds))
+    write_json(paths.metrics, metrics)
     return metrics
 
 
-def trained_model_path(cfg):
-    """The best model of a recipe's output_dir; a ConfigError when there is none."""
-    model_path = os.path.join(cfg["output_dir"], "best_model.keras")
-    if not os.path.exists(model_path):
-        raise ConfigError(
-            f"no trained model at {model_path}; run `keras-resnet train` with this recipe first "
-            "(or --set output_dir=... to point at a run)."
-        )
-    return model_path
+def load_trained_run(cfg, build_datasets):
+    """The best model of a recipe's output_dir with the validation set to evaluate it on.
 
+    Args:
+        cfg: the recipe.
+        build_datasets: `build_datasets(cfg) -> (train_ds, val_ds, info)` of the task.
 
-def evaluate_from_config(config, overrides=()):
-    """Evaluates the best model of a recipe's output_dir on its validation set."""
-    cfg = load_config(config, overrides)
-    if cfg["task"] == "segmentation":
-        from keras_resnet.training.segmentation import evaluate_segmentation
-
-        return evaluate_segmentation(cfg)
-    if cfg["task"] == "detection":
-        from keras_resnet.training.detection import evaluate_detection
-
-        return evaluate_detection(cfg)
+    Returns:
+        `(model_path, model, val_ds, info)`; a ConfigError when the run has no
+        best_model.keras or the data's classes do not fit the recipe.
+    """
     model_path = trained_model_path(cfg)
-    _, val_ds, info = build_classification_datasets(cfg, seed=cfg["train"]["seed"])
-    _check_classes(cfg, info)
-    model = keras.saving.load_model(model_path, compile=False)
-    metrics = evaluate_model(model, val_ds, info["class_names"], cfg["output_dir"])
-    print(
-        f"evaluate: {model_path} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "
-        f"loss={metrics['loss']:.4f} on {metrics['num_examples']} val images"
-    )
-    return metrics
+    _, val_ds, info = build_datasets(cfg)
+    check_num_classes(cfg, info)
+    return model_path, keras.saving.load_model(model_path, compile=False), val_ds, info

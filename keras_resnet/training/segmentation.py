@@ -1,8 +1,7 @@
 """Training and evaluation of semantic segmentation recipes (`task: segmentation`).
 
-`train_segmentation` runs a recipe end to end with the helpers of
-`keras_resnet.training.engine` (strategy, precision, optimizer and schedule, run
-directory, resume) and writes:
+`train_segmentation` runs a recipe end to end on `keras_resnet.training.engine`
+(strategy, precision, optimizer and schedule, run directory, resume) and writes:
 
     output_dir/
       recipe.yaml               the resolved recipe
@@ -22,16 +21,13 @@ finished epoch. Supported strategies: auto, one_device, mirrored.
 """
 
 import os
-import shutil
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.config import ConfigError, dump_config
-from keras_resnet.data.classification import DataError
 from keras_resnet.data.segmentation import IGNORE_INDEX, build_segmentation_datasets
+from keras_resnet.errors import ConfigError, DataError
 from keras_resnet.models.segmentation.losses import make_segmentation_loss
 from keras_resnet.models.segmentation.metrics import (
     PixelAccuracy,
@@ -39,21 +35,10 @@ from keras_resnet.models.segmentation.metrics import (
     confusion_to_iou,
 )
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
-from keras_resnet.training.engine import (
-    _check_classes,
-    _run_paths,
-    _write_json,
-    backup_epoch,
-    build_backbone_from_config,
-    fit_run,
-    load_pretrained_weights,
-    make_optimizer,
-    make_strategy,
-    prepare_output_dir,
-    resolve_precision,
-    run_summary,
-    trained_model_path,
-)
+from keras_resnet.registry import SEGMENTATION
+from keras_resnet.runs import write_json
+from keras_resnet.training import engine
+from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
 from keras_resnet.training.plots import SEGMENTATION_PANELS, plt
 from keras_resnet.visualize import overlay_mask
 
@@ -67,16 +52,12 @@ _CLASSIFICATION_ONLY = {
 
 
 def _check_segmentation_recipe(cfg):
-    if cfg["train"]["strategy"] == "multi_worker":
-        raise ConfigError(
-            "train.strategy=multi_worker is not supported for task=segmentation; use auto, one_device or mirrored"
-        )
-    for (section, key), neutral in _CLASSIFICATION_ONLY.items():
-        if cfg[section][key] != neutral:
-            raise ConfigError(
-                f"{section}.{key}={cfg[section][key]!r} applies to classification only; "
-                f"set {section}.{key}={neutral} for task=segmentation"
-            )
+    engine.check_task_settings(cfg, SEGMENTATION, _CLASSIFICATION_ONLY,
+                        "applies to classification only; set {key}={neutral} for task=segmentation")
+
+
+def _datasets(cfg):
+    return build_segmentation_datasets(cfg, seed=cfg["train"]["seed"])
 
 
 def build_segmenter(cfg, info):
@@ -88,26 +69,11 @@ def build_segmenter(cfg, info):
     initialises the backbone; `model.freeze_stages` freezes its first stages.
     """
     model_cfg = cfg["model"]
-    preset = model_cfg["backbone"]
-    backbone, preprocessing = build_backbone_from_config(cfg, info)
-    try:
-        model = ResNetSegmenter(
-            backbone,
-            model_cfg["num_classes"],
-            head=model_cfg["head"],
-            preprocessing=preprocessing,
-            name=f"{preset}_{model_cfg['head']}",
-            **model_cfg["head_args"],
-        )
-    except (TypeError, ValueError) as error:
-        raise ConfigError(
-            f"model.head_args: {error}; allowed: head_width, decoder_width, aspp_rates, decoder_level"
-        ) from None
-    if model_cfg["weights"]:
-        load_pretrained_weights(model, model_cfg["weights"])
-    if model_cfg["freeze_stages"] >= 0:
-        backbone.freeze_stages(model_cfg["freeze_stages"])
-    return model
+    return build_model_from_config(
+        cfg, info, ResNetSegmenter, model_cfg["head"],
+        "model.head_args: {error}; allowed: head_width, decoder_width, aspp_rates, decoder_level",
+        head=model_cfg["head"], **model_cfg["head_args"],
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -189,7 +155,7 @@ def evaluate_segmenter(model, val_ds, class_names, output_dir, title="validation
         },
         "num_examples": examples,
     }
-    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
     np.savetxt(os.path.join(output_dir, "confusion_matrix.csv"), confusion, fmt="%d", delimiter=",")
     plot_predictions(*shown, num_classes, os.path.join(output_dir, "val_predictions.png"))
     print_iou_table(metrics["per_class_iou"], mean_iou, metrics["pixel_accuracy"], f"per-class IoU ({title})")
@@ -200,39 +166,26 @@ def evaluate_segmenter(model, val_ds, class_names, output_dir, title="validation
 # Entry points
 # ----------------------------------------------------------------------------
 def train_segmentation(cfg):
-    """Trains a segmentation recipe and evaluates its best model.
+    """Trains a `task: segmentation` recipe (a `load_config` dict) and evaluates its best model.
 
-    Args:
-        cfg: a recipe dict from `keras_resnet.config.load_config` with
-            `task: segmentation`.
-
-    Returns:
-        The validation metrics of the best model (also in metrics.json),
-        plus `epochs`, `train_seconds_this_session` and
-        `train_images_per_second`.
-
-    Example:
+    Returns its validation metrics (also in metrics.json) with `run_summary`'s epochs and speed, e.g.
     >>> train_segmentation(load_config("tasks/segmentation/mosaic_deeplabv3plus_resnet18.yaml"))
     """
     _check_segmentation_recipe(cfg)
     train_cfg, data_cfg = cfg["train"], cfg["data"]
-    strategy = make_strategy(train_cfg["strategy"])
-    keras.utils.set_random_seed(train_cfg["seed"])
-    keras.mixed_precision.set_global_policy(resolve_precision(train_cfg["mixed_precision"]))
-    output_dir = prepare_output_dir(cfg["output_dir"])
-    paths = _run_paths(output_dir)
+    strategy, paths, _ = engine.start_run(cfg)
+    output_dir = paths.root
 
-    backup_dir = os.path.join(paths["backup_root"], "main")
-    start_epoch = backup_epoch(backup_dir)
+    backup_dir = os.path.join(paths.backup_root, "main")
+    start_epoch = engine.backup_epoch(backup_dir)
     if start_epoch:
         print(f"resuming from the backup in {backup_dir} at epoch {start_epoch + 1}")
     train_ds, val_ds, info = build_segmentation_datasets(cfg, seed=train_cfg["seed"], start_epoch=start_epoch)
-    _check_classes(cfg, info)
-    steps_per_epoch = train_cfg["steps_per_epoch"] or info["num_train"] // data_cfg["batch_size"]
+    engine.check_num_classes(cfg, info)
+    steps_per_epoch = engine.epoch_steps(cfg, info)
     print(
         f"{cfg['model']['backbone']} + {cfg['model']['head']} on {data_cfg['source']}: {info['num_train']} train / "
-        f"{info['num_val']} val images, batch {data_cfg['batch_size']} over {strategy.num_replicas_in_sync} "
-        f"replica(s), policy {keras.mixed_precision.dtype_policy().name}, output {output_dir}"
+        f"{info['num_val']} val images, {engine.describe_run(cfg, strategy, paths)}"
     )
     with strategy.scope():
         model = build_segmenter(cfg, info)
@@ -241,13 +194,12 @@ def train_segmentation(cfg):
         except ValueError as error:
             raise ConfigError(str(error)) from None
         model.compile(
-            optimizer=make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"]),
+            optimizer=engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"]),
             loss=loss,
             metrics=[SegmentationMeanIoU(cfg["model"]["num_classes"], IGNORE_INDEX), PixelAccuracy(IGNORE_INDEX)],
             jit_compile=train_cfg["jit_compile"],
         )
-    dump_config(cfg, os.path.join(output_dir, "recipe.yaml"))
-    _write_json(os.path.join(output_dir, "run.json"), {
+    engine.write_run_files(cfg, paths, {
         "task": "segmentation",
         "preset": cfg["model"]["backbone"],
         "head": cfg["model"]["head"],
@@ -256,26 +208,24 @@ def train_segmentation(cfg):
         "num_classes": cfg["model"]["num_classes"],
         "class_names": info["class_names"],
         "ignore_index": IGNORE_INDEX,
-        "preprocessing": {"mean": info["mean"], "std": info["std"], "input_range": [0, 255]},
+        "preprocessing": preprocessing_info(info),
         "num_train": info["num_train"],
         "num_val": info["num_val"],
     })
     start = time.time()
     with strategy.scope():
-        fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",
+        engine.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",
                 title=f"{cfg['model']['backbone']} {cfg['model']['head']}", panels=SEGMENTATION_PANELS,
                 best_key="miou", backup_dir=backup_dir, epochs=train_cfg["epochs"])
     train_seconds = time.time() - start
-    shutil.rmtree(paths["backup_root"], ignore_errors=True)
-    best_model = keras.saving.load_model(paths["best"], compile=False)
-    metrics = evaluate_segmenter(best_model, val_ds, info["class_names"], output_dir, title="best model")
-    metrics.update(run_summary(paths, steps_per_epoch, data_cfg["batch_size"], train_seconds))
-    epochs = metrics["epochs"]
-    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    metrics = engine.finish_run(
+        paths, lambda best: evaluate_segmenter(best, val_ds, info["class_names"], output_dir, title="best model"),
+        steps_per_epoch, data_cfg["batch_size"], train_seconds,
+    )
     print(
         f"done: {cfg['model']['backbone']} {cfg['model']['head']} mIoU={metrics['mIoU']:.4f} "
         f"pixel_accuracy={metrics['pixel_accuracy']:.4f} on {metrics['num_examples']} val images, "
-        f"{epochs} epochs, {train_seconds / 60:.1f} min -> {output_dir}"
+        f"{metrics['epochs']} epochs, {train_seconds / 60:.1f} min -> {output_dir}"
     )
     return metrics
 
@@ -286,10 +236,7 @@ def evaluate_segmentation(cfg):
     Rewrites metrics.json (mIoU, pixel accuracy, per-class IoU),
     confusion_matrix.csv and val_predictions.png, and returns the metrics.
     """
-    model_path = trained_model_path(cfg)
-    _, val_ds, info = build_segmentation_datasets(cfg, seed=cfg["train"]["seed"])
-    _check_classes(cfg, info)
-    model = keras.saving.load_model(model_path, compile=False)
+    model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
     metrics = evaluate_segmenter(model, val_ds, info["class_names"], cfg["output_dir"], title=model_path)
     print(
         f"evaluate: {model_path} mIoU={metrics['mIoU']:.4f} pixel_accuracy={metrics['pixel_accuracy']:.4f} "

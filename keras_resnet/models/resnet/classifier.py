@@ -5,14 +5,13 @@ from keras import layers
 
 from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import ImageNormalization
-from keras_resnet.models.resnet.backbone import ResNetBackbone
+from keras_resnet.models.task import Task
 
 POOLINGS = ("avg", "max")
-_CLASSIFIER_ARGS = ("pooling", "dropout", "activation", "preprocessing", "name")
 
 
 @keras.saving.register_keras_serializable(package="keras_resnet")
-class ResNetClassifier(keras.Model):
+class ResNetClassifier(Task):
     """An image classifier on top of any `ResNetBackbone`.
 
     The graph is `images -> [preprocessing] -> backbone -> pooling ->
@@ -38,6 +37,8 @@ class ResNetClassifier(keras.Model):
     >>> model.predict(np.zeros((2, 32, 32, 3)), verbose=0).shape
     (2, 10)
     """
+
+    TASK_ARGS = ("pooling", "dropout", "activation", "preprocessing", "name")
 
     def __init__(
         self,
@@ -78,25 +79,11 @@ class ResNetClassifier(keras.Model):
 
     def get_config(self):
         return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "num_classes": self.num_classes,
+            **self.task_config(),
             "pooling": self.pooling,
             "dropout": self.dropout,
             "activation": self.activation,
-            "preprocessing": (
-                keras.saving.serialize_keras_object(self.preprocessing) if self.preprocessing is not None else None
-            ),
         }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        if config.get("preprocessing") is not None:
-            config["preprocessing"] = keras.saving.deserialize_keras_object(config["preprocessing"])
-        return cls(**config)
 
     @classmethod
     def from_preset(cls, preset, num_classes=1000, **overrides):
@@ -109,8 +96,7 @@ class ResNetClassifier(keras.Model):
                 `activation`, `preprocessing`, `name`) and backbone
                 arguments (anything else, e.g. `input_shape`).
         """
-        classifier_args = {k: overrides.pop(k) for k in _CLASSIFIER_ARGS if k in overrides}
-        backbone = ResNetBackbone.from_preset(preset, **overrides)
+        backbone, classifier_args = cls.backbone_from_preset(preset, overrides)
         classifier_args.setdefault("name", f"{preset}_classifier")
         return cls(backbone, num_classes, **classifier_args)
 

@@ -173,4 +173,10 @@ class DetectionDecoder(keras.layers.Layer):
         }
 
 
-__all__ = ["DetectionDecoder", "OUTPUT_KEYS"]
+def decoder_from_config(config: dict) -> DetectionDecoder:
+    """A `DetectionDecoder` from its config without the layer entries (an export's metadata "decoder")."""
+    config = {key: value for key, value in config.items() if key not in ("name", "trainable", "dtype")}
+    return DetectionDecoder(**config)
+
+
+__all__ = ["DetectionDecoder", "OUTPUT_KEYS", "decoder_from_config"]

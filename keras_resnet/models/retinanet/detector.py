@@ -36,6 +36,7 @@ from keras_resnet.models.retinanet.anchors import (
 from keras_resnet.models.retinanet.boxes import BOX_VARIANCE
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.encoder import RetinaNetLabelEncoder
+from keras_resnet.models.task import Task
 
 HEAD_NORMS = (None, "group")
 
@@ -98,7 +99,7 @@ class _Subnet:
 
 
 @keras.saving.register_keras_serializable(package="keras_resnet")
-class RetinaNetDetector(keras.Model):
+class RetinaNetDetector(Task):
     """RetinaNet: a one-stage dense detector on top of any `ResNetBackbone`.
 
     With a preprocessing layer inside (e.g. `ImageNormalization`) the model
@@ -256,10 +257,7 @@ class RetinaNetDetector(keras.Model):
 
     def get_config(self):
         return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "num_classes": self.num_classes,
+            **self.task_config(),
             "fpn_width": self.fpn_width,
             "min_level": self.anchor_generator.min_level,
             "max_level": self.anchor_generator.max_level,
@@ -272,18 +270,7 @@ class RetinaNetDetector(keras.Model):
             "extra_levels_from": self.extra_levels_from,
             "prior_probability": self.prior_probability,
             "box_variance": list(self.box_variance),
-            "preprocessing": (
-                keras.saving.serialize_keras_object(self.preprocessing) if self.preprocessing is not None else None
-            ),
         }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        if config.get("preprocessing") is not None:
-            config["preprocessing"] = keras.saving.deserialize_keras_object(config["preprocessing"])
-        return cls(**config)
 
 
 __all__ = ["RetinaNetDetector", "HEAD_NORMS"]

@@ -3,7 +3,7 @@
 Detections are rows ``(image_id, x_min, y_min, x_max, y_max, score,
 class_id)`` in original-image pixels; the ground truth is a COCO dict whose
 category ids are the contiguous class ids (as built by
-:func:`keras_resnet.data.detection.pipeline.coco_ground_truth`, ``info["val_coco"]``
+:func:`keras_resnet.data.detection.coco_ground_truth`, ``info["val_coco"]``
 of :func:`keras_resnet.data.detection.pipeline.build_detection_datasets`).
 """
 

@@ -24,7 +24,7 @@ from keras import layers
 
 from keras_resnet.errors import ConfigError
 from keras_resnet.layers.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn
-from keras_resnet.models.resnet.backbone import ResNetBackbone
+from keras_resnet.models.task import Task
 from keras_resnet.registry import SEGMENTATION_HEADS
 
 HEADS = SEGMENTATION_HEADS
@@ -32,9 +32,6 @@ ACTIVATIONS = (None, "softmax")
 # DeepLab's ASPP rates at output stride 16; scaled by 16 / stride otherwise
 # (output stride 8 -> (12, 24, 36), as in the paper).
 ASPP_RATES_AT_STRIDE_16 = (6, 12, 18)
-_SEGMENTER_ARGS = (
-    "head", "preprocessing", "activation", "head_width", "decoder_width", "aspp_rates", "decoder_level", "name",
-)
 
 
 def default_aspp_rates(feature_stride):
@@ -136,7 +133,7 @@ def _semantic_fpn_head(pyramid, strides, head_width):
 
 
 @keras.saving.register_keras_serializable(package="keras_resnet")
-class ResNetSegmenter(keras.Model):
+class ResNetSegmenter(Task):
     """A semantic segmentation model on top of any `ResNetBackbone`.
 
     The graph is `images -> [preprocessing] -> backbone pyramid -> head ->
@@ -177,6 +174,10 @@ class ResNetSegmenter(keras.Model):
     >>> model.predict(np.zeros((2, 40, 56, 3)), verbose=0).shape
     (2, 40, 56, 5)
     """
+
+    TASK_ARGS = (
+        "head", "preprocessing", "activation", "head_width", "decoder_width", "aspp_rates", "decoder_level", "name",
+    )
 
     def __init__(
         self,
@@ -247,28 +248,14 @@ class ResNetSegmenter(keras.Model):
 
     def get_config(self):
         return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "num_classes": self.num_classes,
+            **self.task_config(),
             "head": self.head,
-            "preprocessing": (
-                keras.saving.serialize_keras_object(self.preprocessing) if self.preprocessing is not None else None
-            ),
             "activation": self.activation,
             "head_width": self.head_width,
             "decoder_width": self.decoder_width,
             "aspp_rates": self.aspp_rates,
             "decoder_level": self.decoder_level,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        if config.get("preprocessing") is not None:
-            config["preprocessing"] = keras.saving.deserialize_keras_object(config["preprocessing"])
-        return cls(**config)
 
     @classmethod
     def from_preset(cls, preset, num_classes, head="deeplabv3plus", **overrides):
@@ -286,8 +273,7 @@ class ResNetSegmenter(keras.Model):
         Example:
         >>> model = ResNetSegmenter.from_preset("resnet50", 21, head="fpn", input_shape=(256, 256, 3))
         """
-        segmenter_args = {k: overrides.pop(k) for k in _SEGMENTER_ARGS if k in overrides}
-        backbone = ResNetBackbone.from_preset(preset, **overrides)
+        backbone, segmenter_args = cls.backbone_from_preset(preset, overrides)
         segmenter_args.setdefault("name", f"{preset}_{head}")
         return cls(backbone, num_classes, head=head, **segmenter_args)
 

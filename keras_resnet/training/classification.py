@@ -1,0 +1,341 @@
+"""Training and evaluation of classification recipes (`task: classification`).
+
+`train_classification` runs a recipe end to end on the engine (data
+pipelines, the distribution strategy, mixed precision, the model, optionally
+initialised from a keras.applications `.h5` or a `.keras` file, with frozen
+stages and a two-phase head-then-fine-tune schedule, the optimizer and
+schedule) and writes the run directory:
+
+    output_dir/
+      recipe.yaml            the resolved recipe
+      run.json               preset, input shape, classes, preprocessing
+      best_model.keras       best validation top-1
+      last_model.keras       end of the last finished epoch
+      history.csv            one row per epoch (deduplicated on resume)
+      training_curves.png    loss / top-1 / learning-rate curves
+      confusion_matrix.png   of the best model on the validation set
+      metrics.json           {"top1", "top5", "loss", ...} of the best model
+      logs/                  TensorBoard
+      backup/                BackupAndRestore state while a run is unfinished
+
+A killed run started again with the same recipe continues from its last
+finished epoch. `train.strategy: multi_worker` uses a custom training loop
+(Keras `fit` fails under MultiWorkerMirroredStrategy with TF 2.21 / Keras
+3.15, keras-team/keras#20585) with `tf.train.CheckpointManager` resume.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_resnet.data.classification import build_classification_datasets
+from keras_resnet.errors import ConfigError, DataError
+from keras_resnet.models.resnet.classifier import ResNetClassifier
+from keras_resnet.runs import write_json
+from keras_resnet.training import engine
+from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
+from keras_resnet.training.plots import (
+    CLASSIFICATION_PANELS,
+    plot_confusion_matrix,
+    plot_history,
+    read_history_csv,
+)
+
+
+# ----------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------
+def build_classifier(cfg, info):
+    """The recipe's `ResNetClassifier`, taking raw pixels 0..255.
+
+    Normalisation by the training set's per-channel mean/std is a layer
+    inside the model.
+    """
+    return build_model_from_config(cfg, info, ResNetClassifier, "classifier", dropout=cfg["model"]["dropout"])
+
+
+def classification_metrics():
+    return [
+        keras.metrics.CategoricalAccuracy(name="top1"),
+        keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"),
+    ]
+
+
+def _one_hot(dataset, num_classes):
+    return dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _datasets(cfg):
+    return build_classification_datasets(cfg, seed=cfg["train"]["seed"])
+
+
+# ----------------------------------------------------------------------------
+# Fit (single process: one device or MirroredStrategy): head phase, then fine-tuning
+# ----------------------------------------------------------------------------
+def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per_epoch, learning_rate,
+               warmup, backup_dir, paths):
+    train_cfg = cfg["train"]
+    optimizer = engine.make_optimizer(train_cfg, steps_per_epoch, epochs - initial_epoch, learning_rate, warmup)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
+        metrics=classification_metrics(),
+        jit_compile=train_cfg["jit_compile"],
+    )
+    engine.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg["model"]["backbone"],
+            panels=CLASSIFICATION_PANELS, best_key="top1", backup_dir=backup_dir, epochs=epochs,
+            initial_epoch=initial_epoch)
+
+
+def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths):
+    train_cfg = cfg["train"]
+    epochs, head_epochs = train_cfg["epochs"], min(train_cfg["head_epochs"], train_cfg["epochs"])
+    head_done = os.path.join(paths.backup_root, "head_phase.weights.h5")
+    if head_epochs:
+        if os.path.exists(head_done):
+            print(f"head phase already finished; restoring {head_done}")
+            model.load_weights(head_done)
+        else:
+            print(f"phase 1: {head_epochs} epoch(s) training the head with the backbone frozen")
+            model.backbone.trainable = False
+            _fit_phase(model, cfg, train_ds, val_ds, epochs=head_epochs, initial_epoch=0,
+                       steps_per_epoch=steps_per_epoch, learning_rate=None, warmup=True,
+                       backup_dir=os.path.join(paths.backup_root, "head"), paths=paths)
+            model.save_weights(head_done)
+        model.backbone.trainable = True
+        model.backbone.freeze_stages(cfg["model"]["freeze_stages"])
+        if head_epochs < epochs:
+            print(f"phase 2: fine-tuning epochs {head_epochs + 1}-{epochs}")
+    if head_epochs < epochs:
+        learning_rate = train_cfg["fine_tune_learning_rate"] if head_epochs else None
+        if head_epochs and learning_rate is None:
+            learning_rate = train_cfg["learning_rate"] / 10
+        _fit_phase(model, cfg, train_ds, val_ds, epochs=epochs, initial_epoch=head_epochs,
+                   steps_per_epoch=steps_per_epoch, learning_rate=learning_rate, warmup=not head_epochs,
+                   backup_dir=os.path.join(paths.backup_root, "main"), paths=paths)
+
+
+# ----------------------------------------------------------------------------
+# Custom loop (MultiWorkerMirroredStrategy)
+# ----------------------------------------------------------------------------
+def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, paths, is_chief):
+    """A distributed custom training loop with checkpoint resume.
+
+    Used for MultiWorkerMirroredStrategy. Every worker runs the same steps;
+    only the chief writes models, history and plots (the others checkpoint
+    into a temporary folder, as tf.distribute requires).
+    """
+    train_cfg = cfg["train"]
+    if train_cfg["ema_momentum"]:
+        raise ConfigError("train.ema_momentum is not supported with train.strategy=multi_worker; set it to null")
+    num_classes = cfg["model"]["num_classes"]
+    global_batch = cfg["data"]["batch_size"]
+    epochs = train_cfg["epochs"]
+    steps_per_epoch = train_cfg["steps_per_epoch"] or steps_per_epoch
+    with strategy.scope():
+        optimizer = engine.make_optimizer(train_cfg, steps_per_epoch, epochs)
+        if keras.mixed_precision.dtype_policy().name == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        loss_fn = keras.losses.CategoricalCrossentropy(
+            label_smoothing=train_cfg["label_smoothing"], reduction=None
+        )
+        train_loss = keras.metrics.Mean(name="loss")
+        train_top1 = keras.metrics.CategoricalAccuracy(name="top1")
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+    backup_dir = paths.backup_root if is_chief else tempfile.mkdtemp(prefix="keras_resnet_worker_")
+    manager = tf.train.CheckpointManager(checkpoint, backup_dir, max_to_keep=1)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint)
+        print(f"resuming from {manager.latest_checkpoint}: epoch {int(epoch_var.numpy()) + 1}")
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    distributed = strategy.experimental_distribute_dataset(train_ds.repeat().with_options(options))
+    iterator = iter(distributed)
+
+    def step_fn(images, labels):
+        with tf.GradientTape() as tape:
+            predictions = model(images, training=True)
+            per_example = loss_fn(labels, predictions)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        train_loss.update_state(per_example)
+        train_top1.update_state(labels, predictions)
+
+    @tf.function
+    def train_steps(iterator, steps):
+        for _ in tf.range(steps):
+            images, labels = next(iterator)
+            strategy.run(step_fn, args=(images, labels))
+
+    val_model_fn = tf.function(lambda images: model(images, training=False))
+    writer = tf.summary.create_file_writer(os.path.join(paths.logs, "train")) if is_chief else None
+    best = engine.previous_best(paths.history, "val_top1") or -1.0
+    chunk = max(1, min(steps_per_epoch, 50))
+    for epoch in range(int(epoch_var.numpy()), epochs):
+        start = time.time()
+        train_loss.reset_state()
+        train_top1.reset_state()
+        progress = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "top1"], verbose=1 if is_chief else 0)
+        done = 0
+        while done < steps_per_epoch:
+            steps = min(chunk, steps_per_epoch - done)
+            train_steps(iterator, tf.constant(steps))
+            done += steps
+            progress.update(done, [("loss", float(train_loss.result())), ("top1", float(train_top1.result()))])
+        val_metrics = _evaluate_predictions(val_model_fn, val_ds, num_classes)
+        row = {
+            "epoch": epoch,
+            "loss": float(train_loss.result()),
+            "top1": float(train_top1.result()),
+            "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
+            "val_loss": val_metrics["loss"],
+            "val_top1": val_metrics["top1"],
+            "val_top5": val_metrics["top5"],
+        }
+        epoch_var.assign(epoch + 1)
+        manager.save()
+        if is_chief:
+            print(f"epoch {epoch + 1}/{epochs} ({time.time() - start:.1f}s): "
+                  + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
+            _append_history_row(paths.history, row)
+            with writer.as_default(step=epoch):
+                for key, value in row.items():
+                    if key != "epoch":
+                        tf.summary.scalar(key, value)
+            model.save(paths.last)
+            if row["val_top1"] > best:
+                best = row["val_top1"]
+                model.save(paths.best)
+            plot_history(read_history_csv(paths.history), paths.curves, cfg["model"]["backbone"])
+    if is_chief:
+        shutil.rmtree(paths.backup_root, ignore_errors=True)
+    else:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+
+
+def _append_history_row(path, row):
+    new_file = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new_file:
+            f.write(",".join(row) + "\n")
+        f.write(",".join(str(v) for v in row.values()) + "\n")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+def _evaluate_predictions(predict_fn, dataset, num_classes, return_confusion=False):
+    """Top-1/top-5/loss (and the confusion matrix) of `predict_fn` on `dataset`.
+
+    `dataset` yields `(images, integer labels)`.
+    """
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    for images, labels in dataset:
+        probabilities = np.asarray(predict_fn(images), dtype=np.float64)
+        labels = labels.numpy().astype(np.int64)
+        top5 = np.argsort(-probabilities, axis=1)[:, :5]
+        predicted = top5[:, 0]
+        correct1 += int((predicted == labels).sum())
+        correct5 += int((top5 == labels[:, None]).any(axis=1).sum())
+        loss_sum += float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1.0)).sum())
+        total += len(labels)
+        np.add.at(confusion, (labels, predicted), 1)
+    if total == 0:
+        raise DataError("the validation set is empty; check data.val / data.limit_val")
+    metrics = {"top1": correct1 / total, "top5": correct5 / total, "loss": loss_sum / total, "num_examples": total}
+    return (metrics, confusion) if return_confusion else metrics
+
+
+def evaluate_classifier(model, val_ds, class_names, output_dir):
+    """Evaluates `model` on `val_ds`; writes metrics.json and confusion_matrix.png."""
+    predict = tf.function(lambda images: model(images, training=False))
+    metrics, confusion = _evaluate_predictions(predict, val_ds, len(class_names), return_confusion=True)
+    metrics["per_class_accuracy"] = {
+        name: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, name in enumerate(class_names)
+    }
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    np.savetxt(os.path.join(output_dir, "confusion_matrix.csv"), confusion, fmt="%d", delimiter=",")
+    plot_confusion_matrix(confusion, class_names, os.path.join(output_dir, "confusion_matrix.png"))
+    return metrics
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+def train_classification(cfg):
+    """Trains a `task: classification` recipe (a `load_config` dict) and evaluates its best model.
+
+    Returns its validation metrics (also in metrics.json) with `run_summary`'s epochs and speed;
+    None in a multi-worker process that is not the chief.
+    """
+    train_cfg, data_cfg, model_cfg = cfg["train"], cfg["data"], cfg["model"]
+    strategy, paths, is_chief = engine.start_run(cfg)
+    output_dir = paths.root
+
+    train_ds, val_ds, info = _datasets(cfg)
+    engine.check_num_classes(cfg, info)
+    num_classes = model_cfg["num_classes"]
+    steps_per_epoch = engine.epoch_steps(cfg, info)
+    print(
+        f"{model_cfg['backbone']} on {data_cfg['source']}: {info['num_train']} train / {info['num_val']} val "
+        f"images, {engine.describe_run(cfg, strategy, paths)}"
+    )
+    with strategy.scope():
+        model = build_classifier(cfg, info)
+    if is_chief:
+        engine.write_run_files(cfg, paths, {
+            "task": "classification",
+            "preset": model_cfg["backbone"],
+            "input_shape": list(model_cfg["input_shape"]),
+            "num_classes": num_classes,
+            "class_names": info["class_names"],
+            "preprocessing": preprocessing_info(info),
+            "num_train": info["num_train"],
+            "num_val": info["num_val"],
+        })
+    start = time.time()
+    if train_cfg["strategy"] == "multi_worker":
+        _fit_custom_loop(model, cfg, strategy, _one_hot(train_ds, num_classes), val_ds, steps_per_epoch, paths, is_chief)
+    else:
+        with strategy.scope():
+            _fit(model, cfg, _one_hot(train_ds, num_classes), _one_hot(val_ds, num_classes), steps_per_epoch, paths)
+    train_seconds = time.time() - start
+    if not is_chief:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return None
+    metrics = engine.finish_run(
+        paths, lambda best: evaluate_classifier(best, val_ds, info["class_names"], output_dir),
+        steps_per_epoch, data_cfg["batch_size"], train_seconds,
+    )
+    print(
+        f"done: {model_cfg['backbone']} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "
+        f"on {metrics['num_examples']} val images, {metrics['epochs']} epochs, {train_seconds / 60:.1f} min "
+        f"-> {output_dir}"
+    )
+    return metrics
+
+
+def evaluate_classification(cfg):
+    """Evaluates the best model of a classification recipe's output_dir on its validation set.
+
+    Rewrites metrics.json, confusion_matrix.csv and confusion_matrix.png, and returns the metrics.
+    """
+    model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
+    metrics = evaluate_classifier(model, val_ds, info["class_names"], cfg["output_dir"])
+    print(
+        f"evaluate: {model_path} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "
+        f"loss={metrics['loss']:.4f} on {metrics['num_examples']} val images"
+    )
+    return metrics

@@ -1,0 +1,46 @@
+"""Training and evaluation of any task recipe: `train_from_config` / `evaluate_from_config`.
+
+Each loads the recipe and hands it to its task's module (`classification`,
+`segmentation`, `detection`), picked by the recipe's `task`
+(`keras_resnet.registry`). This is the only module that imports the task modules.
+"""
+
+from keras_resnet.config import load_config
+from keras_resnet.registry import CLASSIFICATION, DETECTION, SEGMENTATION
+from keras_resnet.training.classification import (
+    evaluate_classification,
+    train_classification,
+)
+from keras_resnet.training.detection import evaluate_detection, train_detection
+from keras_resnet.training.segmentation import evaluate_segmentation, train_segmentation
+
+TRAIN_BY_TASK = {
+    CLASSIFICATION: train_classification,
+    SEGMENTATION: train_segmentation,
+    DETECTION: train_detection,
+}
+EVALUATE_BY_TASK = {
+    CLASSIFICATION: evaluate_classification,
+    SEGMENTATION: evaluate_segmentation,
+    DETECTION: evaluate_detection,
+}
+
+
+def train_from_config(config, overrides=()):
+    """Trains a recipe and evaluates its best model.
+
+    Args:
+        config: path of a recipe YAML, or a dict.
+        overrides: `"dotted.key=value"` strings (values parsed as YAML).
+
+    Returns:
+        The validation metrics of the best model (also in metrics.json).
+    """
+    cfg = load_config(config, overrides)
+    return TRAIN_BY_TASK[cfg["task"]](cfg)
+
+
+def evaluate_from_config(config, overrides=()):
+    """Evaluates the best model of a recipe's output_dir on its validation set."""
+    cfg = load_config(config, overrides)
+    return EVALUATE_BY_TASK[cfg["task"]](cfg)
