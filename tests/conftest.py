@@ -1,11 +1,8 @@
-import gzip
 import os
-import struct
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -15,40 +12,3 @@ def _float32_policy():
     keras.mixed_precision.set_global_policy("float32")
     yield
     keras.mixed_precision.set_global_policy("float32")
-
-
-def randomize_batch_norm(model, seed=0):
-    """Random BN statistics, so parity tests exercise every BN weight."""
-    rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights([
-                rng.uniform(0.5, 1.5, gamma.shape),
-                rng.normal(0.0, 0.2, beta.shape),
-                rng.normal(0.0, 0.2, mean.shape),
-                rng.uniform(0.5, 2.0, var.shape),
-            ])
-
-
-def write_idx_gz(path, array):
-    """Writes `array` as a gzipped IDX file (the Fashion-MNIST format)."""
-    array = np.ascontiguousarray(array, np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as stream:
-        stream.write(header + array.tobytes())
-
-
-def write_shape_fashion_mnist(directory, train_count=40, test_count=12):
-    """A Fashion-MNIST stand-in in `directory`: bright rectangles whose width and brightness encode the class."""
-    from keras_resnet.data.fashion_mnist import FASHION_MNIST_FILES
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", train_count), ("test", test_count)):
-        labels = np.arange(count) % 10
-        items = np.zeros((count, 28, 28), np.uint8)
-        for item, label in zip(items, labels):
-            item[4:24, 6 + label // 2: 22 - label // 2] = 60 + 19 * label
-        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_images"], items)
-        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_labels"], labels)
-    return directory

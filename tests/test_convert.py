@@ -4,7 +4,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import randomize_batch_norm
+from tests.helpers import randomize_batch_norm
 
 from keras_resnet import ResNetBackbone, ResNetClassifier
 from keras_resnet.convert import ConversionError, from_keras_applications

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import write_idx_gz
+from tests.helpers import write_idx_gz
 
 from keras_resnet.config import load_config
 from keras_resnet.data import (

@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 import keras_resnet.data.detection.mosaic_reader as mosaic_reader
-from conftest import write_idx_gz
+from tests.helpers import write_idx_gz
 from keras_resnet.data import DataError
 from keras_resnet.data.detection import (
     build_detection_datasets,
