@@ -1,6 +1,6 @@
 """Per-image latency of a trained RetinaNet detector in every deployed form, side by side.
 
-Exports the detection run (`keras_resnet.export.api.export_model`, each export
+Exports the detection run (`keras_resnet.export.export_model`, each export
 checked against Keras on the run's validation images) or, with `--reuse`,
 loads exports already in `--work-dir`, then times batch-1 calls on the same
 real validation images (letterboxed by the recipe's pipeline), forms
@@ -58,7 +58,8 @@ DEFAULT_FORMS = ("keras", "saved_model", "tflite_fp32", "tflite_int8", "onnx")
 
 def export_or_load(run_dir: Path, form: str, work_dir: Path, args):
     """`(ExportedModel, parity figures)` of one export form."""
-    from keras_resnet.export.api import ExportParityError, export_model, load_exported_model
+    from keras_resnet.errors import ExportParityError
+    from keras_resnet.export import export_model, load_exported_model
 
     fmt, quantize, outputs, batch = EXPORTS[form]
     output = work_dir / form
@@ -83,8 +84,7 @@ def export_or_load(run_dir: Path, form: str, work_dir: Path, args):
 
 
 def keras_runner(run_dir: Path):
-    from keras_resnet.export.detection import make_decoder
-    from keras_resnet.export.api import load_model_source
+    from keras_resnet.export.source import load_model_source, make_decoder
 
     source = load_model_source(run_dir)
     model = source.model
@@ -141,14 +141,14 @@ def main(argv=None):
     args = parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from keras_resnet.export.detection import recipe_samples
+    from keras_resnet.export.samples import detection_recipe_images
 
     run_dir = Path(args.run_dir)
     work_dir = Path(args.work_dir) if args.work_dir else run_dir / "latency_exports"
     keras_run, source = keras_runner(run_dir)
     if source.recipe_path is None:
         raise SystemExit(f"{run_dir} has no recipe.yaml: the benchmark times the run's validation images")
-    images, _ = recipe_samples(source.recipe_path, source.model.input_shape[1:], "val", args.images)
+    images, _ = detection_recipe_images(source.recipe_path, source.model.input_shape[1:], "val", args.images)
     images = [image[None] for image in images]
     runners, parities = {}, {}
     for form in args.forms:

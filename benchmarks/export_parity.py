@@ -2,7 +2,7 @@
 
 Exports a training run (default: the Fashion-MNIST default recipe's run) to
 SavedModel, ONNX and TFLite fp32/float16/dynamic/int8 through
-`keras_resnet.export.api.export_model`, then runs the Keras model and each
+`keras_resnet.export.export_model`, then runs the Keras model and each
 artefact on the full validation split of the run's recipe and prints one
 markdown row per format: relative max difference, top-1 agreement with
 Keras, top-1 accuracy and its difference from Keras, and latency per image.
@@ -19,7 +19,8 @@ import numpy as np
 
 from keras_resnet.config import load_config
 from keras_resnet.data.classification import build_classification_datasets
-from keras_resnet.export.api import export_model, load_exported_model, parity_figures
+from keras_resnet.export import export_model, load_exported_model
+from keras_resnet.export.parity import parity_figures
 
 EXPORTS = [("saved_model", "none"), ("onnx", "none"), ("tflite", "none"), ("tflite", "float16"),
            ("tflite", "dynamic"), ("tflite", "int8")]

@@ -14,7 +14,7 @@ after `--warmup` calls, in each form:
 * onnx_fp32: the ONNX export run by onnxruntime with `--threads` intra-op
   threads.
 
-Every export goes through `keras_resnet.export.api.export_model` (the stock
+Every export goes through `keras_resnet.export.export_model` (the stock
 TFLite converter and tf2onnx), including keras.applications ResNet50
 (`keras_applications_resnet50`, no preprocessing layer inside), so the
 comparison with our `resnet50_v1` (same layout plus an `ImageNormalization`
@@ -90,7 +90,7 @@ def write_calibration_folder(folder: Path, count: int, size: int) -> Path:
 
 def build_runners(model, name: str, forms, work_dir: Path, calibration: Path, parity_samples: int, threads: int):
     """`{form: callable(batch) -> outputs}` for the requested forms (exports written to work_dir)."""
-    from keras_resnet.export.api import export_model, load_exported_model
+    from keras_resnet.export import export_model, load_exported_model
 
     runners = {}
     if "keras_eager" in forms:

@@ -7,7 +7,7 @@ so machine drift hits all alike (benchmarks/inference.py times forms one after a
 import time, tempfile, numpy as np, keras
 from pathlib import Path
 from keras_resnet import ResNetClassifier, ImageNormalization
-from keras_resnet.export.api import export_model, load_exported_model
+from keras_resnet.export import export_model, load_exported_model
 out = Path(tempfile.mkdtemp())
 models = {
   "ours_with_norm": ResNetClassifier.from_preset("resnet50_v1", num_classes=1000, input_shape=(224,224,3), preprocessing=ImageNormalization.from_mode("caffe")),

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_resnet.models.retinanet import AnchorGenerator, DetectionDecoder  # noqa: E402
+from keras_resnet.export.tflite import tflite_ops  # noqa: E402
 
 IMAGE_SHAPE = (128, 128)
 NUM_CLASSES = 4
@@ -98,25 +99,11 @@ def images(batch, seed=0):
     return np.random.default_rng(seed).uniform(0, 255, (batch, *IMAGE_SHAPE, 3)).astype(np.float32)
 
 
-def tflite_ops(model_bytes):
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model_bytes, 0))
-    names = {value: key for key, value in vars(schema.BuiltinOperator).items() if not key.startswith("_")}
-    ops = set()
-    for subgraph in model.subgraphs:
-        for op in subgraph.operators:
-            code = model.operatorCodes[op.opcodeIndex]
-            builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-            ops.add(names.get(builtin, str(builtin)) if builtin != 32 else f"CUSTOM:{code.customCode}")
-    return sorted(ops)
-
-
 def check_tflite(fn, batch, raw):
     spec = tf.TensorSpec([batch, *raw.shape[1:]], tf.float32, name="raw")
     try:
         with tempfile.TemporaryDirectory() as directory:
-            if hasattr(fn, "model"):  # as keras_resnet.export.api does: variables frozen by the converter
+            if hasattr(fn, "model"):  # as keras_resnet.export does: variables frozen by the converter
                 archive = keras.export.ExportArchive()
                 archive.track(fn.model)
                 archive.add_endpoint("serving_default", fn, input_signature=[spec])

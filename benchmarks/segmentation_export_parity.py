@@ -1,7 +1,7 @@
 """Parity and mIoU of every export of a trained segmenter on its whole validation set.
 
 Exports a segmentation training run to SavedModel, ONNX and TFLite
-fp32/float16/dynamic/int8 through `keras_resnet.export.api.export_model`, then
+fp32/float16/dynamic/int8 through `keras_resnet.export.export_model`, then
 runs the Keras model and each artefact on the full validation split of the
 run's recipe and prints one markdown row per format: relative max
 difference of the per-pixel probabilities, pixel agreement of the masks
@@ -21,7 +21,8 @@ import numpy as np
 
 from keras_resnet.config import load_config
 from keras_resnet.data.segmentation import IGNORE_INDEX, build_segmentation_datasets
-from keras_resnet.export.api import export_model, load_exported_model, segmentation_parity_figures
+from keras_resnet.export import export_model, load_exported_model
+from keras_resnet.export.parity import segmentation_parity_figures
 from keras_resnet.models.segmentation.metrics import confusion_to_iou
 
 EXPORTS = [("saved_model", "none"), ("onnx", "none"), ("tflite", "none"), ("tflite", "float16"),

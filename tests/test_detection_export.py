@@ -27,13 +27,15 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import write_shape_fashion_mnist
 from PIL import Image
 
 from keras_resnet.cli import main
-from keras_resnet.export.detection import detection_parity, tflite_ops
+from keras_resnet.export import export_model, load_exported_model
+from keras_resnet.export.detection_parity import detection_parity
+from keras_resnet.export.loading import model_task
+from keras_resnet.export.tflite import tflite_ops
 from keras_resnet.predict.detection import predict_boxes
-from keras_resnet.export.api import export_model, load_exported_model, model_task
+from tests.helpers import write_shape_fashion_mnist
 
 RECIPE = "tasks/detection/mosaic_retinanet_resnet18.yaml"
 TINY = [

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import write_shape_fashion_mnist
+from tests.helpers import write_shape_fashion_mnist
 
 from keras_resnet.cli import main
 from keras_resnet.config import ConfigError, load_config

@@ -1,4 +1,4 @@
-"""Tests for keras_resnet.export.api and keras_resnet.predict.classification and their CLI commands.
+"""Tests for keras_resnet.export (classifiers) and keras_resnet.predict.classification and their CLI commands.
 
 Models are tiny (one block per stage, 32x32 inputs). A module-scoped run
 dir holds a classifier trained for a few seconds on three colour classes
@@ -27,20 +27,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import randomize_batch_norm
 from PIL import Image
 
 from keras_resnet import ImageNormalization, ResNetClassifier
-from keras_resnet.export.api import api as export_module
 from keras_resnet.cli import main
-from keras_resnet.export.api import (
-    ExportParityError,
-    export_model,
-    load_exported_model,
-    load_model_source,
-)
 from keras_resnet.data.images import find_image_files
+from keras_resnet.errors import ExportParityError
+from keras_resnet.export import export_model, load_exported_model
+from keras_resnet.export import parity as export_parity
+from keras_resnet.export.source import load_model_source
 from keras_resnet.predict.classification import predict_files
+from tests.helpers import randomize_batch_norm
 
 CLASS_COLOURS = {"blue": (30, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
 TRAIN_PER_CLASS = 16
@@ -241,7 +238,7 @@ def test_input_size_override_rebuilds_the_model(run_dir, tmp_path):
 
 
 def test_parity_failure_raises_after_writing_metadata(run_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "FLOAT_RELATIVE_TOLERANCE", -1.0)
+    monkeypatch.setattr(export_parity, "FLOAT_RELATIVE_TOLERANCE", -1.0)
     with pytest.raises(ExportParityError, match="fails its parity check"):
         export_model(run_dir, format="onnx", output=tmp_path, parity_samples=4)
     metadata = json.loads((tmp_path / "output.onnx.json").read_text())
@@ -400,6 +397,6 @@ def test_cli_errors_return_2(run_dir, tmp_path, capsys, monkeypatch):
     assert main(["export", str(run_dir), "--format", "onnx", "--quantize", "int8", "--output", str(tmp_path)]) == 2
     assert main(["predict", str(run_dir), str(tmp_path / "missing.png")]) == 2
     assert "missing.png does not exist" in capsys.readouterr().err
-    monkeypatch.setattr(export_module, "FLOAT_RELATIVE_TOLERANCE", -1.0)
+    monkeypatch.setattr(export_parity, "FLOAT_RELATIVE_TOLERANCE", -1.0)
     assert main(["export", str(run_dir), "--format", "onnx", "--output", str(tmp_path), "--parity-samples", "4"]) == 2
     assert "fails its parity check" in capsys.readouterr().err

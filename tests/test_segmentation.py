@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from conftest import write_idx_gz
+from tests.helpers import write_idx_gz
 
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.config import ConfigError, load_config

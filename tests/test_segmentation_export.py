@@ -31,17 +31,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from conftest import randomize_batch_norm
 from PIL import Image
 
-from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.cli import main
-from keras_resnet.export.api import export_model, load_exported_model, model_task
+from keras_resnet.export import export_model, load_exported_model
+from keras_resnet.export.loading import model_task
 from keras_resnet.layers.core import ImageNormalization
+from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.segmentation.losses import SegmentationCrossEntropy
+from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 from keras_resnet.predict.classification import predict_files
 from keras_resnet.predict.segmentation import predict_masks
-from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
+from tests.helpers import randomize_batch_norm
 
 SIZE = 32
 CLASS_NAMES = ["background", "red", "green"]

@@ -15,17 +15,18 @@ import os
 import numpy as np
 
 from keras_resnet.data.images import find_image_files, load_images
-from keras_resnet.export.api import load_exported_model
+from keras_resnet.errors import ConfigError, ModelError
+from keras_resnet.export.loading import load_exported_model
+from keras_resnet.registry import CLASSIFICATION
 
 LOAD_CHUNK = 256  # images decoded and run at a time
-
 
 
 def predict_files(model_path: str | os.PathLike, images, top_k: int = 5) -> list[dict]:
     """Classify image files with a `.keras` file, run dir, SavedModel, `.tflite` or `.onnx`.
 
     Args:
-        model_path: the model or export (see `keras_resnet.export.api.load_exported_model`).
+        model_path: the model or export (see `keras_resnet.export.loading.load_exported_model`).
         images: an image file or folder, or a list of them (folders expanded recursively).
         top_k: classes reported per image (capped at the number of classes).
 
@@ -35,13 +36,15 @@ def predict_files(model_path: str | os.PathLike, images, top_k: int = 5) -> list
         metadata has them, else the index as a string.
 
     Raises:
-        ValueError: missing model or image path, unreadable image, bad `top_k`.
+        ModelError: missing model path, or a model that is not a classifier.
+        DataError: missing or unreadable image.
+        ConfigError: bad `top_k`.
     """
     if int(top_k) < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
     model = load_exported_model(model_path)
-    if model.task != "classification":
-        raise ValueError(
+    if model.task != CLASSIFICATION:
+        raise ModelError(
             f"{model_path} is a {model.task} model; use keras_resnet.predict.segmentation.predict_masks "
             "(or `keras-resnet predict`, which writes mask overlays)"
         )

@@ -1,7 +1,7 @@
 """Boxes from a trained `RetinaNetDetector` or its exports, drawn onto the images.
 
 `predict_boxes` runs a `.keras` detector (or a training run folder), or a
-detector exported by `keras_resnet.export.api` (SavedModel dir, `.tflite`,
+detector exported by `keras_resnet.export.export_model` (SavedModel dir, `.tflite`,
 `.onnx`; decoded or raw outputs), on image files of any size: each image
 is converted to the model's channel count (PIL "L" or "RGB") and
 letterboxed to the model's input size with `letterbox_images` (scaled to
@@ -18,13 +18,19 @@ Class names come from the run's `run.json` or the export's metadata JSON.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from keras_resnet.data.images import find_image_files, letterbox_images, read_image
+from keras_resnet.errors import ModelError
+from keras_resnet.export.contract import RAW_NAME
+from keras_resnet.export.loading import as_exported_model
+from keras_resnet.models.retinanet.decoder import decoder_from_config
+from keras_resnet.registry import DETECTION
+from keras_resnet.runs import BEST_MODEL_FILE, RUN_INFO_FILE, read_json, read_run_info
 from keras_resnet.visualize import draw_detections
 
 
@@ -33,10 +39,6 @@ def _letterboxed(path, height, width, channels):
     original = read_image(path, channels)
     letterboxed, scale = letterbox_images(original[None], height, width)
     return original, letterboxed.numpy()[0], float(scale)
-
-
-def _is_export(path: Path) -> bool:
-    return path.suffix in (".tflite", ".onnx") or (path.is_dir() and (path / "saved_model.pb").is_file())
 
 
 def load_detector(model_path, score_threshold=None, max_detections=None):
@@ -55,24 +57,16 @@ def load_detector(model_path, score_threshold=None, max_detections=None):
         `(input_shape, class_names, run)`: `run(float32 (1, H, W, C))`
         returns the decoded dict of NumPy arrays (boxes in model-input pixels).
     """
-    from keras_resnet.export.api import (
-        DETECTION,
-        ExportedModel,
-        load_exported_model,
-    )
-
     overrides = {"score_threshold": score_threshold, "max_detections": max_detections}
-    if isinstance(model_path, ExportedModel) or _is_export(Path(model_path)):
-        exported = model_path if isinstance(model_path, ExportedModel) else load_exported_model(model_path)
+    exported = as_exported_model(model_path)
+    if exported is not None:
         if exported.task != DETECTION:
-            raise ValueError(f"{exported.path} is not a detector (its task is {exported.task})")
+            raise ModelError(f"{exported.path} is not a detector (its task is {exported.task})")
         num_classes = exported.num_classes
         class_names = exported.class_names or [str(i) for i in range(num_classes or 0)]
         decoder_config = (exported.metadata.get("detection") or {}).get("decoder") or {}
         built_in = RAW_NAME not in exported.output_names or exported.metadata.get("detection_outputs") != "raw"
         if not built_in and any(v is not None for v in overrides.values()):
-            from keras_resnet.export.detection import decoder_from_config
-
             decoder = decoder_from_config({**decoder_config, **{k: v for k, v in overrides.items() if v is not None}})
 
             def run(images):
@@ -97,9 +91,6 @@ def load_detector(model_path, score_threshold=None, max_detections=None):
     return model.input_shape[1:], class_names, run
 
 
-RAW_NAME = "raw"
-
-
 def _filter(outputs, score_threshold, max_detections):
     """Decoded outputs with detections under `score_threshold` and past `max_detections` made padding."""
     if score_threshold is None and max_detections is None:
@@ -121,22 +112,18 @@ def _filter(outputs, score_threshold, max_detections):
 
 def _load_detector(model_path):
     """(detector, class_names, decoder_args) from a `.keras` file or a run folder."""
-    import keras
-
     path = Path(model_path)
     run_info = {}
     if path.is_dir():
-        run_json = path / "run.json"
-        if run_json.exists():
-            run_info = json.loads(run_json.read_text())
-        path = path / "best_model.keras"
-    elif (path.parent / "run.json").is_file():
-        run_info = json.loads((path.parent / "run.json").read_text())
+        run_info = read_run_info(path)
+        path = path / BEST_MODEL_FILE
+    elif (path.parent / RUN_INFO_FILE).is_file():
+        run_info = read_json(path.parent / RUN_INFO_FILE)
     if not path.exists():
         raise FileNotFoundError(f"no detector at {path}; pass a .keras file or a detection run's output_dir")
     model = keras.saving.load_model(path, compile=False)
     if not hasattr(model, "make_decoder"):
-        raise ValueError(f"{path} is a {type(model).__name__}, not a RetinaNetDetector")
+        raise ModelError(f"{path} is a {type(model).__name__}, not a RetinaNetDetector")
     class_names = run_info.get("class_names") or [str(i) for i in range(model.num_classes)]
     return model, class_names, run_info.get("decoder", {})
 

@@ -1,7 +1,7 @@
 """Masks and colour overlays from a trained `ResNetSegmenter` or its exports.
 
 `predict_masks` runs a `.keras` segmenter (or a training run folder), or a
-segmenter exported by `keras_resnet.export.api` (SavedModel dir, `.tflite`,
+segmenter exported by `keras_resnet.export.export_model` (SavedModel dir, `.tflite`,
 `.onnx`), on image files of any size: each image is converted to the
 model's channel count, resized (bilinear) to the model's input size when
 the model has a fixed one (exports always do), segmented, and the
@@ -19,48 +19,42 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import keras
 import numpy as np
 from PIL import Image
 
+import keras_resnet.models.segmentation.segmenter  # noqa: F401  (registers the custom objects)
+from keras_resnet.data.images import find_image_files, load_image
+from keras_resnet.errors import DataError, ModelError
+from keras_resnet.export.contract import MASK_NAME
+from keras_resnet.export.loading import as_exported_model
+from keras_resnet.registry import SEGMENTATION
+from keras_resnet.runs import BEST_MODEL_FILE
 from keras_resnet.visualize import overlay_mask, save_index_mask
 
 
 def load_segmenter(model_path_or_run_dir: str | os.PathLike):
     """Load a `.keras` segmenter, or the `best_model.keras` of a training run folder."""
-    import keras
-
-    import keras_resnet.models.segmentation.segmenter  # noqa: F401  (registers the custom objects)
-
     path = Path(model_path_or_run_dir)
     if path.is_dir():
-        path = path / "best_model.keras"
+        path = path / BEST_MODEL_FILE
     if not path.is_file():
-        raise ValueError(f"no segmentation model at {path}; pass a .keras file or a training run folder")
+        raise ModelError(f"no segmentation model at {path}; pass a .keras file or a training run folder")
     model = keras.saving.load_model(path, compile=False)
     if not hasattr(model, "num_classes") or len(model.output_shape) != 4:
-        raise ValueError(f"{path} is not a segmentation model (its output shape is {model.output_shape})")
+        raise ModelError(f"{path} is not a segmentation model (its output shape is {model.output_shape})")
     return model
-
-
-def _is_export(path: Path) -> bool:
-    return path.suffix in (".tflite", ".onnx") or (path.is_dir() and (path / "saved_model.pb").is_file())
 
 
 def _mask_predictor(model_or_path):
     """`(input_shape, num_classes, image (H, W, C) float32 -> int32 mask (H, W))` of a segmenter or export."""
-    from keras_resnet.export.api import (
-        SEGMENTATION,
-        ExportedModel,
-        load_exported_model,
-    )
-
-    if isinstance(model_or_path, ExportedModel) or _is_export(Path(model_or_path)):
-        exported = model_or_path if isinstance(model_or_path, ExportedModel) else load_exported_model(model_or_path)
+    exported = as_exported_model(model_or_path)
+    if exported is not None:
         if exported.task != SEGMENTATION:
-            raise ValueError(f"{exported.path} is not a segmentation model: its output is not per-pixel")
+            raise ModelError(f"{exported.path} is not a segmentation model: its output is not per-pixel")
 
         def predict(image):
-            return exported.predict_outputs(image[None])["mask"][0]
+            return exported.predict_outputs(image[None])[MASK_NAME][0]
 
         num_classes = exported.num_classes or int(exported.predict(np.zeros((1, *exported.input_shape))).shape[-1])
         return exported.input_shape, num_classes, predict
@@ -79,7 +73,7 @@ def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
     Args:
         model_path_or_run_dir: a `.keras` `ResNetSegmenter`, a run folder
             holding `best_model.keras`, a segmenter export (SavedModel dir,
-            `.tflite` or `.onnx` written by `keras_resnet.export.api`) or an
+            `.tflite` or `.onnx` written by `keras_resnet.export.export_model`) or an
             `ExportedModel`.
         images: an image file or folder, or a list of them (folders are
             searched recursively).
@@ -90,15 +84,13 @@ def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
         `[{"image": path, "mask": path, "overlay": path}, ...]` in input order.
 
     Raises:
-        ValueError: missing model or image, an unreadable image, or a model
-            that is not a segmenter.
+        ModelError: a missing model, or a model that is not a segmenter.
+        DataError: a missing or unreadable image.
 
     Example:
     >>> predict_masks("runs/mosaic_deeplabv3plus_resnet18", "photos/", "masks_out")
     >>> predict_masks("saved_models/mosaic/mosaic_int8.tflite", "photos/", "masks_out")
     """
-    from keras_resnet.data.images import find_image_files, load_image
-
     (height, width, channels), num_classes, predict = _mask_predictor(model_path_or_run_dir)
     files = find_image_files(images)
     output_dir = Path(output_dir)
@@ -109,7 +101,7 @@ def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
             with Image.open(path) as image:
                 original = np.asarray(image.convert("RGB"))
         except Exception as error:  # PIL raises many exception types for bad files
-            raise ValueError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
+            raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
         original_height, original_width = original.shape[:2]
         model_input = load_image(path, height or original_height, width or original_width, channels)
         mask = np.asarray(predict(model_input), np.int32)

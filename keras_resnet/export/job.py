@@ -1,0 +1,253 @@
+"""One export, step by step: sample images, conversion, the check against Keras, the metadata JSON.
+
+`ExportJob.run` is the sequence every task goes through; each task's job
+(`keras_resnet.export.classification`, `.segmentation`, `.detection`)
+fills in what differs: how the model is prepared, what it serves, how its
+parity is measured and judged, and its metadata.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from keras_resnet.errors import ExportParityError
+from keras_resnet.export.contract import image_spec, metadata_path
+from keras_resnet.export.loading import load_exported_model
+from keras_resnet.export.onnx import convert_onnx
+from keras_resnet.export.parity import judge, parity_line
+from keras_resnet.export.samples import SampleReader, calibration_images, parity_images
+from keras_resnet.export.saved_model import clear_saved_model, write_saved_model
+from keras_resnet.export.source import ModelSource, dtype_policies, find_preprocessing
+from keras_resnet.export.tflite import tflite_bytes
+
+TOOL_PACKAGES = {"saved_model": [], "tflite": ["ai-edge-litert"], "onnx": ["tf2onnx", "onnx", "onnxruntime"]}
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """The checked arguments of `export_model` (see there); `batch_size` is None for a dynamic batch."""
+
+    format: str
+    quantize: str
+    calibration: object
+    input_size: object
+    batch_size: int | None
+    output: object
+    parity_samples: int
+    calibration_samples: int
+    int8_min_agreement: float | None
+    name: str | None
+    detection_outputs: str
+    decoder_args: dict | None
+
+    @property
+    def label(self) -> str:
+        return self.format if self.quantize == "none" else f"{self.format} {self.quantize}"
+
+
+@contextmanager
+def step(description: str):
+    """A rich spinner on stderr while a conversion step runs."""
+    from rich.console import Console
+
+    with Console(stderr=True).status(description):
+        yield
+
+
+def tool_versions(format: str) -> dict:
+    versions = {"keras_resnet": importlib_metadata.version("keras_resnet"), "tensorflow": tf.__version__}
+    versions["keras"] = keras.__version__
+    for package in TOOL_PACKAGES[format]:
+        versions[package] = importlib_metadata.version(package)
+    return versions
+
+
+def artefact_path(output_dir: Path, name: str, format: str, quantize: str) -> Path:
+    if format == "saved_model":
+        return output_dir / "saved_model"
+    if format == "onnx":
+        return output_dir / f"{name}.onnx"
+    return output_dir / f"{name}_{'fp32' if quantize == 'none' else quantize}.tflite"
+
+
+def write_metadata(path: Path, metadata: dict) -> None:
+    path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+
+
+class ExportJob:
+    """Exports one model of one task: `run` converts it, checks it against Keras and writes its metadata.
+
+    Subclasses set the class attributes and implement `prepare`,
+    `outputs_fn`, `saved_model_endpoints`, `parity`, `int8_rule`,
+    `float_rule`, `summary`, `failure` and `metadata`.
+    """
+
+    task: str
+    samples: SampleReader
+    default_int8_min_agreement: float
+    prepare_step = "preparing the Keras model"
+    reference_step: str | None = None  # the spinner text of `keras_reference`, None: no reference up front
+    count_key = "samples"  # the figure counting the images compared
+    output_names: tuple
+    int8_ops: str
+    int8_io: str
+
+    def __init__(self, source: ModelSource, request: ExportRequest):
+        self.source, self.request = source, request
+        self.check_request()
+        self.int8_min_agreement = request.int8_min_agreement
+        if self.int8_min_agreement is None:
+            self.int8_min_agreement = self.default_int8_min_agreement
+        with step(self.prepare_step):
+            self.policies = dtype_policies(source.model)
+            self.model = self.prepare()
+        self.input_shape = tuple(self.model.input_shape[1:])
+        self.name = request.name or source.name
+        self.output_dir = Path(request.output) if request.output is not None else Path("saved_models") / self.name
+        self.path = self.artefact_path()
+
+    # ------------------------------------------------------------------ the sequence
+
+    def run(self) -> dict:
+        """Converts, checks and describes the export; returns `export_model`'s dict (see there)."""
+        request = self.request
+        calibration, calibration_text = None, None
+        if request.quantize == "int8":
+            with step("loading calibration images"):
+                calibration, calibration_text = calibration_images(
+                    self.samples, request.calibration, self.source, self.input_shape, request.calibration_samples
+                )
+        with step("loading parity images"):
+            images, sample_source, info = parity_images(
+                self.samples, request.calibration, self.source, self.input_shape, request.parity_samples
+            )
+        if self.reference_step is not None:
+            with step(self.reference_step):
+                self.keras_reference(images)
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with step(f"converting to {request.label}: {self.path}"):
+            self.convert(calibration)
+        metadata = self.metadata()
+        metadata_file = metadata_path(self.path)
+        write_metadata(metadata_file, metadata)  # load_exported_model reads it (a raw detector's decoder)
+
+        with step(f"checking {request.label} against Keras"):
+            figures = self.parity(load_exported_model(self.path), images, info)
+            figures["sample_source"] = sample_source
+            judge(figures, request.quantize, self.float_rule, self.int8_rule)
+        metadata["parity"] = figures
+        metadata.update(self.checked_metadata())
+        if request.quantize == "int8":
+            metadata["int8"] = {
+                "ops": self.int8_ops,
+                "io": self.int8_io,
+                "calibration": calibration_text,
+                "calibration_samples": int(len(calibration)),
+                "min_agreement": self.int8_min_agreement,
+            }
+        write_metadata(metadata_file, metadata)
+        summary = self.summary(figures)
+        print(parity_line(request.format, request.quantize, figures, summary, figures[self.count_key],
+                          sample_source), flush=True)
+        if not figures["passed"]:
+            raise ExportParityError(
+                f"{self.path} fails its parity check against Keras ({figures['criterion']}): {self.failure(figures)}"
+            )
+        return {
+            "format": request.format,
+            "quantize": request.quantize,
+            "task": self.task,
+            **self.result_entries(metadata),
+            "path": str(self.path),
+            "metadata_path": str(metadata_file),
+            "input_shape": list(self.input_shape),
+            "batch_size": metadata["batch_size"],
+            "parity": figures,
+        }
+
+    # ------------------------------------------------------------------ steps with a default
+
+    def check_request(self) -> None:
+        """Raises an `ExportError` for arguments that do not apply to the task."""
+
+    def artefact_path(self) -> Path:
+        return artefact_path(self.output_dir, self.name, self.request.format, self.request.quantize)
+
+    def keras_reference(self, images) -> None:
+        """Computes the Keras outputs the export is compared with (when `reference_step` is set)."""
+
+    def convert(self, calibration) -> None:
+        """Writes the artefact at `self.path` (`calibration`: int8 calibration images, else None)."""
+        request = self.request
+        if request.format == "saved_model":
+            clear_saved_model(self.path)
+            write_saved_model(self.path, self.model, self.saved_model_endpoints())
+        elif request.format == "tflite":
+            self.path.write_bytes(self.tflite_model(calibration))
+        else:
+            convert_onnx(self.outputs_fn(), self.image_spec(), self.output_names, self.path, request.batch_size)
+
+    def tflite_model(self, calibration) -> bytes:
+        return tflite_bytes(
+            self.outputs_fn(), [self.image_spec()], track=self.model, quantize=self.request.quantize,
+            calibration_images=calibration, batch_size=self.request.batch_size,
+        )
+
+    def image_spec(self):
+        """The float32 "images" signature at the model size and the requested batch size."""
+        return image_spec(self.model, self.request.batch_size)
+
+    def checked_metadata(self) -> dict:
+        """Metadata entries known once the artefact is checked, after "parity"."""
+        return {}
+
+    def result_entries(self, metadata: dict) -> dict:
+        """Task entries of the returned dict, after "task"."""
+        return {}
+
+    # ------------------------------------------------------------------ metadata pieces
+
+    def metadata_head(self) -> dict:
+        """The first entries of every export's metadata: the artefact and where it comes from."""
+        return {
+            "format": self.request.format,
+            "quantization": self.request.quantize,
+            "artefact": self.path.name,
+            "source_model": str(Path(self.source.path).resolve()) if self.source.path else None,
+            "model_name": self.model.name,
+            "preset": self.source.run_info.get("preset"),
+            "task": self.task,
+        }
+
+    def metadata_shape(self) -> dict:
+        """The dtype policies of the source model, the input shape and the batch size."""
+        batch_size = self.request.batch_size
+        return {
+            "source_dtype_policies": self.policies,
+            "input_shape": list(self.input_shape),
+            "batch_size": batch_size if batch_size is not None else "dynamic",
+        }
+
+    def preprocessing(self) -> dict | None:
+        return find_preprocessing(self.model) or self.source.run_info.get("preprocessing")
+
+    def metadata_tail(self) -> dict:
+        """The tool versions and the time of the export."""
+        return {
+            "tool_versions": tool_versions(self.request.format),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    @property
+    def batch_text(self):
+        """The batch dimension in the metadata's output shapes: the fixed size, or "N"."""
+        return self.request.batch_size if self.request.batch_size is not None else "N"
