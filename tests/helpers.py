@@ -6,6 +6,8 @@ import struct
 import keras
 import numpy as np
 
+from keras_resnet import ImageNormalization, ResNetClassifier
+
 
 def randomize_batch_norm(model, seed=0):
     """Random BN statistics, so parity tests exercise every BN weight."""
@@ -42,3 +44,31 @@ def write_shape_fashion_mnist(directory, train_count=40, test_count=12):
         write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_images"], items)
         write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_labels"], labels)
     return directory
+
+
+# Segmentation tests: a tiny backbone, the default recipe, and fresh-mosaic settings.
+TINY_BACKBONE = {"stackwise_num_blocks": [1, 1, 1, 1], "stackwise_num_filters": [8, 16, 16, 16], "stem_width": 8}
+SEGMENTATION_RECIPE = "tasks/segmentation/mosaic_deeplabv3plus_resnet18.yaml"
+# 24 training canvases of 32x32 (3 batches), no random geometry, new canvases each epoch (the flag last)
+FRESH_MOSAIC_OVERRIDES = ("data.mosaic_train_size=24", "data.mosaic_val_size=8", "data.batch_size=8",
+                          "model.input_shape=[32,32,1]", "data.augment.horizontal_flip=false",
+                          "data.augment.scale_range=[1.0,1.0]", "data.mosaic_fresh_each_epoch=true")
+
+
+
+
+def mask_epochs(dataset, count):
+    """The masks of `count` passes over a segmentation dataset, one array per epoch."""
+    return [np.concatenate([masks for _, masks in dataset.as_numpy_iterator()]) for _ in range(count)]
+
+
+def tiny_classifier(channels=3, num_classes=3, preset="resnet20_cifar", size=32, **overrides):
+    """A one-block-per-stage classifier with in-model normalisation, `size`x`size` inputs."""
+    overrides.setdefault("stackwise_num_blocks", [1, 1, 1])
+    return ResNetClassifier.from_preset(
+        preset,
+        num_classes=num_classes,
+        input_shape=(size, size, channels),
+        preprocessing=ImageNormalization(mean=[0.5] * channels, std=[0.25] * channels, scale=1 / 255),
+        **overrides,
+    )

@@ -4,10 +4,10 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from tests.helpers import randomize_batch_norm
 
 from keras_resnet import ResNetBackbone, ResNetClassifier
 from keras_resnet.convert import ConversionError, from_keras_applications
+from tests.helpers import randomize_batch_norm
 
 SHAPE = (64, 64, 3)
 

@@ -6,7 +6,6 @@ import logging
 import numpy as np
 import pytest
 from PIL import Image
-from tests.helpers import write_idx_gz
 
 from keras_resnet.config import load_config
 from keras_resnet.data import (
@@ -17,7 +16,11 @@ from keras_resnet.data import (
     load_fashion_mnist,
     scan_image_folder,
 )
-from keras_resnet.data.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_FILES
+from keras_resnet.data.fashion_mnist import (
+    DEBIAN_FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
+)
+from tests.helpers import write_idx_gz
 
 CLASS_VALUES = {"cat": 40, "dog": 210}  # each class is a flat image of this brightness
 

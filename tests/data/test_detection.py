@@ -9,7 +9,6 @@ import tensorflow as tf
 from PIL import Image
 
 import keras_resnet.data.detection.mosaic_reader as mosaic_reader
-from tests.helpers import write_idx_gz
 from keras_resnet.data import DataError
 from keras_resnet.data.detection import (
     build_detection_datasets,
@@ -27,6 +26,7 @@ from keras_resnet.models.retinanet.evaluation import (
     detections_to_original,
     print_detection_table,
 )
+from tests.helpers import write_idx_gz
 
 # --------------------------------------------------------------------------- fixtures
 

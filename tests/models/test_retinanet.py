@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from keras_resnet import ImageNormalization, ResNetBackbone
+from keras_resnet.layers.fpn import FPN, upsample_nearest_like
 from keras_resnet.models.retinanet import (
     AnchorGenerator,
     DetectionDecoder,
@@ -20,7 +21,6 @@ from keras_resnet.models.retinanet import (
     pairwise_iou,
     sigmoid_focal_loss,
 )
-from keras_resnet.layers.fpn import FPN, upsample_nearest_like
 
 TINY = dict(stackwise_num_filters=[16, 32, 64, 128])
 

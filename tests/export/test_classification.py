@@ -29,7 +29,6 @@ import tensorflow as tf
 import yaml
 from PIL import Image
 
-from keras_resnet import ImageNormalization, ResNetClassifier
 from keras_resnet.cli import main
 from keras_resnet.data.images import find_image_files
 from keras_resnet.errors import ExportParityError
@@ -37,23 +36,12 @@ from keras_resnet.export import export_model, load_exported_model
 from keras_resnet.export import parity as export_parity
 from keras_resnet.export.source import load_model_source
 from keras_resnet.predict.classification import predict_files
-from tests.helpers import randomize_batch_norm
+from tests.helpers import randomize_batch_norm, tiny_classifier
 
 CLASS_COLOURS = {"blue": (30, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
 TRAIN_PER_CLASS = 16
 VAL_PER_CLASS = 8
 SIZE = 32
-
-
-def tiny_classifier(channels=3, num_classes=3, preset="resnet20_cifar", **overrides):
-    overrides.setdefault("stackwise_num_blocks", [1, 1, 1])
-    return ResNetClassifier.from_preset(
-        preset,
-        num_classes=num_classes,
-        input_shape=(SIZE, SIZE, channels),
-        preprocessing=ImageNormalization(mean=[0.5] * channels, std=[0.25] * channels, scale=1 / 255),
-        **overrides,
-    )
 
 
 def colour_images(colour, count, rng):
@@ -346,23 +334,6 @@ def test_predict_same_top_class_in_every_form(run_dir, run_exports):
         assert [r["image"] for r in result] == find_image_files(val_folder)
         assert [r["top"][0]["class"] for r in result] == expected_classes, form
         assert all(len(r["top"]) == 2 and r["top"][0]["score"] >= r["top"][1]["score"] for r in result)
-
-
-def test_predict_converts_channels_and_names_bad_files(tmp_path):
-    model_file = tmp_path / "gray.keras"
-    tiny_classifier(channels=1, num_classes=2).save(model_file)
-    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "rgb.png")
-    Image.fromarray(np.zeros((40, 40, 4), np.uint8)).save(tmp_path / "rgba.png")
-    result = predict_files(model_file, [tmp_path / "rgb.png", tmp_path / "rgba.png"], top_k=5)
-    assert [len(r["top"]) for r in result] == [2, 2]
-    assert result[0]["top"][0]["class"] == str(result[0]["top"][0]["index"])  # no class names: index
-    (tmp_path / "corrupt.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="corrupt.png"):
-        predict_files(model_file, tmp_path / "corrupt.png")
-    with pytest.raises(ValueError, match="missing.png does not exist"):
-        predict_files(model_file, tmp_path / "missing.png")
-    with pytest.raises(ValueError, match="does not exist"):
-        predict_files(tmp_path / "missing.onnx", tmp_path / "rgb.png")
 
 
 # --------------------------------------------------------------------------- CLI

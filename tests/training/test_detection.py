@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from tests.helpers import write_shape_fashion_mnist
 
 from keras_resnet.cli import main
 from keras_resnet.config import ConfigError, load_config
+from tests.helpers import write_shape_fashion_mnist
 
 RECIPE = "tasks/detection/mosaic_retinanet_resnet18.yaml"
 TINY = [
