@@ -180,11 +180,28 @@ def _finish_block(x, shortcut, *, version, se_ratio, drop_path_rate, name):
     return layers.Activation("relu", name=f"{name}_out")(x)
 
 
-def _preactivate(x, *, version, bn_epsilon, bn_momentum, name):
-    if version != "v2":
-        return x
-    x = apply_batch_norm(x, epsilon=bn_epsilon, momentum=bn_momentum, name=f"{name}_preact_bn")
-    return layers.Activation("relu", name=f"{name}_preact_relu")(x)
+def _block_input(x, out_channels, *, strides, shortcut_type, version, use_conv_bias, bn_epsilon, bn_momentum, name):
+    """A block's residual-branch input (pre-activated for v2) and its shortcut."""
+    preact = x
+    if version == "v2":
+        preact = apply_batch_norm(x, epsilon=bn_epsilon, momentum=bn_momentum, name=f"{name}_preact_bn")
+        preact = layers.Activation("relu", name=f"{name}_preact_relu")(preact)
+    shortcut = apply_shortcut(
+        x, preact, out_channels, strides=strides, shortcut_type=shortcut_type, version=version,
+        use_conv_bias=use_conv_bias, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, name=name,
+    )
+    return preact, shortcut
+
+
+def _last_conv(y, filters, kernel_size, *, index, version, use_conv_bias, zero_init_last_bn, bn, name, dilation_rate=1):
+    """A block's last conv: v2 has no norm after it (zero-init its kernel), v1 its BN (zero-init gamma)."""
+    if version == "v2":
+        return apply_conv(
+            y, filters, kernel_size, dilation_rate=dilation_rate, use_bias=use_conv_bias,
+            kernel_initializer="zeros" if zero_init_last_bn else "he_normal", name=f"{name}_{index}_conv",
+        )
+    y = apply_conv(y, filters, kernel_size, dilation_rate=dilation_rate, use_bias=use_conv_bias, name=f"{name}_{index}_conv")
+    return apply_batch_norm(y, name=f"{name}_{index}_bn", zero_init=zero_init_last_bn, **bn)
 
 
 def apply_basic_block(
@@ -225,22 +242,17 @@ def apply_basic_block(
     """
     bn = dict(epsilon=bn_epsilon, momentum=bn_momentum)
     post_bias = use_conv_bias and version != "v2"
-    preact = _preactivate(x, version=version, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, name=name)
-    shortcut = apply_shortcut(
-        x, preact, filters, strides=strides, shortcut_type=shortcut_type, version=version,
+    preact, shortcut = _block_input(
+        x, filters, strides=strides, shortcut_type=shortcut_type, version=version,
         use_conv_bias=use_conv_bias, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, name=name,
     )
     y = apply_conv(preact, filters, 3, strides=strides, dilation_rate=dilation_rate, use_bias=post_bias, name=f"{name}_1_conv")
     y = apply_batch_norm(y, name=f"{name}_1_bn", **bn)
     y = layers.Activation("relu", name=f"{name}_1_relu")(y)
-    if version == "v2":
-        y = apply_conv(
-            y, filters, 3, dilation_rate=dilation_rate, use_bias=use_conv_bias,
-            kernel_initializer="zeros" if zero_init_last_bn else "he_normal", name=f"{name}_2_conv",
-        )
-    else:
-        y = apply_conv(y, filters, 3, dilation_rate=dilation_rate, use_bias=post_bias, name=f"{name}_2_conv")
-        y = apply_batch_norm(y, name=f"{name}_2_bn", zero_init=zero_init_last_bn, **bn)
+    y = _last_conv(
+        y, filters, 3, index=2, dilation_rate=dilation_rate, version=version, use_conv_bias=use_conv_bias,
+        zero_init_last_bn=zero_init_last_bn, bn=bn, name=name,
+    )
     return _finish_block(y, shortcut, version=version, se_ratio=se_ratio, drop_path_rate=drop_path_rate, name=name)
 
 
@@ -297,9 +309,8 @@ def apply_bottleneck_block(
     reduce_strides = strides if version == "v1" else 1
     spatial_strides = 1 if version == "v1" else strides
 
-    preact = _preactivate(x, version=version, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, name=name)
-    shortcut = apply_shortcut(
-        x, preact, out_channels, strides=strides, shortcut_type=shortcut_type, version=version,
+    preact, shortcut = _block_input(
+        x, out_channels, strides=strides, shortcut_type=shortcut_type, version=version,
         use_conv_bias=use_conv_bias, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, name=name,
     )
     y = apply_conv(preact, width, 1, strides=reduce_strides, use_bias=post_bias, name=f"{name}_1_conv")
@@ -311,12 +322,8 @@ def apply_bottleneck_block(
     )
     y = apply_batch_norm(y, name=f"{name}_2_bn", **bn)
     y = layers.Activation("relu", name=f"{name}_2_relu")(y)
-    if version == "v2":
-        y = apply_conv(
-            y, out_channels, 1, use_bias=use_conv_bias,
-            kernel_initializer="zeros" if zero_init_last_bn else "he_normal", name=f"{name}_3_conv",
-        )
-    else:
-        y = apply_conv(y, out_channels, 1, use_bias=post_bias, name=f"{name}_3_conv")
-        y = apply_batch_norm(y, name=f"{name}_3_bn", zero_init=zero_init_last_bn, **bn)
+    y = _last_conv(
+        y, out_channels, 1, index=3, version=version, use_conv_bias=use_conv_bias,
+        zero_init_last_bn=zero_init_last_bn, bn=bn, name=name,
+    )
     return _finish_block(y, shortcut, version=version, se_ratio=se_ratio, drop_path_rate=drop_path_rate, name=name)

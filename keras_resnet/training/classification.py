@@ -287,11 +287,7 @@ def train_classification(cfg):
     train_ds, val_ds, info = _datasets(cfg)
     engine.check_num_classes(cfg, info)
     num_classes = model_cfg["num_classes"]
-    steps_per_epoch = engine.epoch_steps(cfg, info)
-    print(
-        f"{model_cfg['backbone']} on {data_cfg['source']}: {info['num_train']} train / {info['num_val']} val "
-        f"images, {engine.describe_run(cfg, strategy, paths)}"
-    )
+    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, model_cfg["backbone"])
     with strategy.scope():
         model = build_classifier(cfg, info)
     if is_chief:

@@ -218,12 +218,8 @@ def train_detection(cfg):
     train_ds, val_ds, info = _datasets(cfg)
     engine.check_num_classes(cfg, info)
     info["mean"], info["std"] = pixel_statistics(train_ds)
-    steps_per_epoch = engine.epoch_steps(cfg, info)
-    print(
-        f"{model_cfg['backbone']} + RetinaNet on {data_cfg['source']}: {info['num_train']} train / "
-        f"{info['num_val']} val images ({info['num_train_boxes']} / {info['num_val_boxes']} boxes), "
-        f"{engine.describe_run(cfg, strategy, paths)}"
-    )
+    boxes = f" ({info['num_train_boxes']} / {info['num_val_boxes']} boxes)"
+    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, f"{model_cfg['backbone']} + RetinaNet", boxes)
     with strategy.scope():
         model = build_detector(cfg, info)
         try:

@@ -2,7 +2,7 @@
 
 - Environment: `make_strategy`, `resolve_precision`, `task_info` (TF_CONFIG), and
   `start_run`, which sets them up with the seed and the run folder.
-- Recipe checks shared by the tasks: `check_num_classes`, `check_task_settings`, `epoch_steps`.
+- Recipe checks shared by the tasks: `check_num_classes`, `check_task_settings`, `epoch_steps`, `announce_run`.
 - `make_optimizer`: SGD or AdamW with a `WarmupSchedule`, optionally with weight averaging.
 - `fit_run`: `model.fit` with the run folder's callbacks (best/last checkpoints, history.csv,
   TensorBoard, training_curves.png) and resume through `keras.callbacks.BackupAndRestore`
@@ -168,12 +168,18 @@ def check_task_settings(cfg, task, neutral_values, message):
             )
 
 
-def describe_run(cfg, strategy, paths):
-    """The end of a run's first printed line: batch size, replicas, dtype policy and output folder."""
-    return (
-        f"batch {cfg['data']['batch_size']} over {strategy.num_replicas_in_sync} replica(s), "
+def announce_run(cfg, info, strategy, paths, model_name, details=""):
+    """Prints a run's first line and returns its optimizer steps per epoch.
+
+    The line names the model, the data source, the image counts (then
+    `details`), the batch size, the replicas, the dtype policy and the output folder.
+    """
+    print(
+        f"{model_name} on {cfg['data']['source']}: {info['num_train']} train / {info['num_val']} val images"
+        f"{details}, batch {cfg['data']['batch_size']} over {strategy.num_replicas_in_sync} replica(s), "
         f"policy {keras.mixed_precision.dtype_policy().name}, output {paths.root}"
     )
+    return epoch_steps(cfg, info)
 
 
 def epoch_steps(cfg, info):

@@ -182,11 +182,8 @@ def train_segmentation(cfg):
         print(f"resuming from the backup in {backup_dir} at epoch {start_epoch + 1}")
     train_ds, val_ds, info = build_segmentation_datasets(cfg, seed=train_cfg["seed"], start_epoch=start_epoch)
     engine.check_num_classes(cfg, info)
-    steps_per_epoch = engine.epoch_steps(cfg, info)
-    print(
-        f"{cfg['model']['backbone']} + {cfg['model']['head']} on {data_cfg['source']}: {info['num_train']} train / "
-        f"{info['num_val']} val images, {engine.describe_run(cfg, strategy, paths)}"
-    )
+    model_name = f"{cfg['model']['backbone']} + {cfg['model']['head']}"
+    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, model_name)
     with strategy.scope():
         model = build_segmenter(cfg, info)
         try:

@@ -9,10 +9,12 @@
 - `evaluation`: COCO mAP with pycocotools, boxes mapped back to image pixels.
 """
 
+from keras_resnet.models.retinanet import boxes
 from keras_resnet.models.retinanet.anchors import AnchorGenerator
 from keras_resnet.models.retinanet.boxes import (
     BOX_FORMATS,
     BOX_VARIANCE,
+    box_area,
     clip_boxes,
     convert_format,
     decode_boxes,
@@ -23,26 +25,15 @@ from keras_resnet.models.retinanet.boxes import (
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.retinanet.encoder import RetinaNetLabelEncoder
-from keras_resnet.models.retinanet.losses import (
-    RetinaNetLoss,
-    sigmoid_focal_loss,
-    smooth_l1_loss,
-)
+from keras_resnet.models.retinanet.losses import RetinaNetLoss, sigmoid_focal_loss, smooth_l1_loss
 
 __all__ = [
     "AnchorGenerator",
-    "BOX_FORMATS",
-    "BOX_VARIANCE",
     "DetectionDecoder",
     "RetinaNetDetector",
     "RetinaNetLabelEncoder",
     "RetinaNetLoss",
-    "clip_boxes",
-    "convert_format",
-    "decode_boxes",
-    "encode_boxes",
-    "generalized_iou",
-    "pairwise_iou",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
+    *boxes.__all__,  # box formats, IoU, encoding
 ]
