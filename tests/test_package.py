@@ -226,3 +226,28 @@ def test_import_keras_resnet_registers_every_serialisable_class():
     registered = int(out.split("REGISTERED ")[1].split()[0])
     assert registered >= 15, out  # layers, models, losses, metrics, schedule
     assert "MISSING []" in out, out
+
+
+def test_public_api_paths_are_unchanged():
+    # The names users import; the classes keep their registered names (package "keras_resnet").
+    out = run_fresh("""
+        import importlib
+        import keras
+        paths = [
+            "keras_resnet.ResNetBackbone", "keras_resnet.ResNetClassifier", "keras_resnet.RetinaNetDetector",
+            "keras_resnet.ResNetSegmenter", "keras_resnet.FPN", "keras_resnet.list_presets", "keras_resnet.PRESETS",
+            "keras_resnet.ImageNormalization", "keras_resnet.convert.from_keras_applications",
+            "keras_resnet.export.export_model", "keras_resnet.export.load_exported_model",
+            "keras_resnet.training.train_from_config", "keras_resnet.training.evaluate_from_config",
+            "keras_resnet.predict.predict_files", "keras_resnet.config.load_config", "keras_resnet.cli.main",
+        ]
+        for path in paths:
+            module, _, name = path.rpartition(".")
+            assert getattr(importlib.import_module(module), name) is not None, path
+        import keras_resnet
+        for cls in (keras_resnet.ResNetBackbone, keras_resnet.ResNetClassifier, keras_resnet.RetinaNetDetector,
+                    keras_resnet.ResNetSegmenter, keras_resnet.WarmupSchedule):
+            assert keras.saving.get_registered_name(cls) == f"keras_resnet>{cls.__name__}", cls
+        print("OK")
+    """)
+    assert "OK" in out

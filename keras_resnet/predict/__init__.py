@@ -1,1 +1,12 @@
-"""Prediction from a `.keras` file, a run folder or an export, one module per task."""
+"""Prediction from a `.keras` file, a run folder or an export, one module per task.
+
+- `classification.predict_files`: top-k classes.
+- `segmentation.predict_masks`: index masks and colour overlays at the image size.
+- `detection.predict_boxes`: boxes drawn on the images, in image pixels.
+"""
+
+from keras_resnet.predict.classification import predict_files
+from keras_resnet.predict.detection import predict_boxes
+from keras_resnet.predict.segmentation import predict_masks
+
+__all__ = ["predict_boxes", "predict_files", "predict_masks"]

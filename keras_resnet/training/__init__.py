@@ -1,9 +1,24 @@
 """Training: one train/evaluate runner for every task.
 
 - `runner`: `train_from_config` / `evaluate_from_config`, dispatching to a task by the registry.
-- `engine`: strategy, precision, optimizer, fit with resume, history and plots, run files.
-- `backbones`: the recipe's backbone and task model: preset, normalisation, pretrained weights, frozen stages.
+- `engine`: strategy, precision, optimizer, fit with resume, run files.
+- `backbones`: a recipe's backbone, pretrained weights, frozen stages.
 - `schedules`: `WarmupSchedule` (warm-up + cosine / one-cycle / constant).
 - `plots`: training curves and confusion matrices.
 - `classification`, `segmentation`, `detection`: one module per task.
+
+`keras_resnet.training.train_from_config` and `evaluate_from_config` (their
+path before the restructuring) still work: they are loaded from `runner` on
+first use, so `import keras_resnet` (which registers `WarmupSchedule` from
+`schedules`) does not load the training code.
 """
+
+RUNNER_NAMES = ("train_from_config", "evaluate_from_config")
+
+
+def __getattr__(name):
+    if name in RUNNER_NAMES:
+        from keras_resnet.training import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'keras_resnet.training' has no attribute {name!r}")
