@@ -5,6 +5,8 @@ import math
 import keras
 from keras import ops
 
+from keras_resnet.errors import ConfigError
+
 
 @keras.saving.register_keras_serializable(package="keras_resnet")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -27,7 +29,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, learning_rate, total_steps, warmup_steps=0, schedule="cosine", final_fraction=0.0):
         if schedule not in ("cosine", "onecycle", "constant"):
-            raise ValueError(f"schedule={schedule!r}; allowed: 'cosine', 'onecycle', 'constant'.")
+            raise ConfigError(f"schedule={schedule!r}; allowed: 'cosine', 'onecycle', 'constant'.")
         self.learning_rate = float(learning_rate)
         self.total_steps = max(int(total_steps), 1)
         self.warmup_steps = int(warmup_steps)

@@ -9,7 +9,6 @@
 - `evaluation`: COCO mAP with pycocotools, boxes mapped back to image pixels.
 """
 
-from keras_resnet.models.retinanet import boxes
 from keras_resnet.models.retinanet.anchors import AnchorGenerator
 from keras_resnet.models.retinanet.boxes import (
     BOX_FORMATS,
@@ -35,5 +34,14 @@ __all__ = [
     "RetinaNetLoss",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
-    *boxes.__all__,  # box formats, IoU, encoding
+    # boxes.py: formats, IoU, encoding
+    "BOX_FORMATS",
+    "BOX_VARIANCE",
+    "box_area",
+    "clip_boxes",
+    "convert_format",
+    "decode_boxes",
+    "encode_boxes",
+    "generalized_iou",
+    "pairwise_iou",
 ]

@@ -153,16 +153,3 @@ def clip_boxes(boxes, image_shape):
         [ops.clip(x1, 0.0, width), ops.clip(y1, 0.0, height), ops.clip(x2, 0.0, width), ops.clip(y2, 0.0, height)],
         axis=-1,
     )
-
-
-__all__ = [
-    "BOX_FORMATS",
-    "BOX_VARIANCE",
-    "box_area",
-    "clip_boxes",
-    "convert_format",
-    "decode_boxes",
-    "encode_boxes",
-    "generalized_iou",
-    "pairwise_iou",
-]

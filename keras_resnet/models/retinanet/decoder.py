@@ -30,6 +30,7 @@ max class score per anchor, one NMS over all classes) and runs
 import keras
 import tensorflow as tf
 
+from keras_resnet.errors import ConfigError
 from keras_resnet.models.retinanet.anchors import AnchorGenerator
 from keras_resnet.models.retinanet.boxes import BOX_VARIANCE, clip_boxes, decode_boxes
 
@@ -91,12 +92,12 @@ class DetectionDecoder(keras.layers.Layer):
         self.max_detections = int(max_detections)
         self.pre_nms_top_k = int(pre_nms_top_k)
         if self.num_classes < 1 or self.max_detections < 1 or self.pre_nms_top_k < 1:
-            raise ValueError(
+            raise ConfigError(
                 "num_classes, max_detections and pre_nms_top_k must be >= 1, got "
                 f"{num_classes}, {max_detections}, {pre_nms_top_k}."
             )
         if not 0.0 <= self.iou_threshold <= 1.0:
-            raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}.")
+            raise ConfigError(f"iou_threshold must be in [0, 1], got {iou_threshold}.")
         self.anchors = self.anchor_generator(self.image_shape)
 
     def _decode_image(self, raw, anchors):
@@ -134,7 +135,7 @@ class DetectionDecoder(keras.layers.Layer):
         raw = tf.cast(inputs, tf.float32)
         expected = (self.anchors.shape[0], 4 + self.num_classes)
         if tuple(raw.shape[1:]) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"DetectionDecoder expects raw outputs (batch, {expected[0]}, {expected[1]}) for image_shape="
                 f"{self.image_shape} and num_classes={self.num_classes}, got {tuple(raw.shape)}."
             )
