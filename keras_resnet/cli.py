@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_resnet.errors import ConfigError, KerasResNetError  # noqa: E402  (imports nothing heavy)
-
+from keras_resnet.runs import finite_json  # noqa: E402  (imports nothing heavy)
 
 # OSErrors about the user's paths or machine, not bugs: one line, exit 2.
 USER_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -74,7 +74,7 @@ def _cmd_summary(args):
 def _cmd_train(args):
     from keras_resnet.training.runner import train_from_config
 
-    train_from_config(args.config, args.set)
+    train_from_config(args.config, args.set, restart=args.restart)
 
 
 def _cmd_evaluate(args):
@@ -150,14 +150,14 @@ def _cmd_predict(args):
 
         results = predict_masks(args.model, args.images, args.output or _predictions_dir(args.model))
         if args.json:
-            print(json.dumps(results, indent=2))
+            print(json.dumps(finite_json(results), indent=2, allow_nan=False))
         else:
             for result in results:
                 print(f"{result['image']}: mask {result['mask']}, overlay {result['overlay']}")
         return
     results = predict_files(args.model, args.images, top_k=args.top_k)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(finite_json(results), indent=2, allow_nan=False))
         return
     table = Table(title=f"predictions of {args.model}")
     table.add_column("image", overflow="fold")
@@ -183,7 +183,7 @@ def _predict_detections(args):
         score_threshold=args.score_threshold, max_detections=args.max_detections,
     )
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(finite_json(results), indent=2, allow_nan=False))
         return
     table = Table(title=f"detections of {args.model}")
     table.add_column("image", overflow="fold")
@@ -225,6 +225,11 @@ def build_parser():
             "--set", nargs="+", default=[], metavar="KEY=VALUE",
             help="override recipe keys; values parse as YAML (train.epochs=3 model.input_shape=[20,20,1])",
         )
+        if name == "train":
+            p.add_argument(
+                "--restart", action="store_true",
+                help="start the run over: move the output_dir's earlier run (backup, models, history) to previous/",
+            )
         p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="export a trained model to SavedModel, TFLite or ONNX, checking parity")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -396,6 +397,8 @@ def _validate(config: dict, schema: Mapping, source: str, prefix: str) -> None:
             raise ConfigError(f"'{name}' must be one of {options}, got {_describe(value)}")
         if isinstance(value, tuple):
             value = config[key] = list(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"'{name}' must be a finite number, got {_describe(value)}")
         if spec.check is not None:
             problem = spec.check(value)
             if problem:

@@ -42,6 +42,18 @@ class ExportParityError(ExportError):
     """An exported artefact disagrees with the Keras model beyond tolerance."""
 
 
+class DiskFullError(KerasResNetError, OSError):
+    """No space left on device while writing an artefact: names the file (the previous complete one is kept)."""
+
+
+class RunFolderError(KerasResNetError, ValueError):
+    """A run folder that cannot be trained into now: locked by another run, or an unfinished run of another recipe."""
+
+
+class TrainingDivergedError(KerasResNetError, ValueError):
+    """The training loss became NaN or infinite: names the epoch and step and what to lower."""
+
+
 __all__ = [
     "KerasResNetError",
     "ConfigError",
@@ -51,4 +63,6 @@ __all__ = [
     "ModelError",
     "ExportError",
     "ExportParityError",
+    "RunFolderError",
+    "TrainingDivergedError",
 ]

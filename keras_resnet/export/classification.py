@@ -69,7 +69,7 @@ class ClassificationExport(DenseExport):
         """Parity of the SavedModel's uint8 `serving_default` on the rounded images."""
         pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)
         reference = keras_outputs(self.model, pixels.astype(np.float32))
-        outputs = signature_runtime(load_saved_model(self.path), "serving_default").run(pixels)
+        outputs = signature_runtime(load_saved_model(self.written), "serving_default").run(pixels)
         figures = parity_figures(reference, outputs[OUTPUT_NAME])
         figures["top_class_matches_argmax"] = bool(
             np.array_equal(outputs["top_class"], np.argmax(outputs[OUTPUT_NAME], axis=-1))

@@ -261,7 +261,7 @@ class DetectionExport(ExportJob):
 
     def saved_model_checks(self, images) -> dict:
         """serving_default (uint8, rounded images at the model size) and serve_raw figures."""
-        loaded = load_saved_model(self.path)
+        loaded = load_saved_model(self.written)
         pixels = np.clip(np.round(images), 0, 255)
         uint8_raw, uint8_reference = keras_reference(self.model, self.decoder, pixels.astype(np.float32))
         outputs = signature_runtime(loaded, "serving_default").run(pixels.astype(np.uint8))

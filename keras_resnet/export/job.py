@@ -9,7 +9,6 @@ parity is measured and judged, and its metadata.
 from __future__ import annotations
 
 import datetime
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -24,9 +23,10 @@ from keras_resnet.export.loading import load_exported_model
 from keras_resnet.export.onnx import convert_onnx
 from keras_resnet.export.parity import judge, parity_line
 from keras_resnet.export.samples import SampleReader, calibration_images, parity_images
-from keras_resnet.export.saved_model import clear_saved_model, write_saved_model
+from keras_resnet.export.saved_model import check_saved_model_target, write_saved_model
 from keras_resnet.export.source import ModelSource, dtype_policies, find_preprocessing
 from keras_resnet.export.tflite import tflite_bytes
+from keras_resnet.runs import atomic_output, write_json
 
 TOOL_PACKAGES = {"saved_model": [], "tflite": ["ai-edge-litert"], "onnx": ["tf2onnx", "onnx", "onnxruntime"]}
 
@@ -78,10 +78,6 @@ def artefact_path(output_dir: Path, name: str, format: str, quantize: str) -> Pa
     return output_dir / f"{name}_{'fp32' if quantize == 'none' else quantize}.tflite"
 
 
-def write_metadata(path: Path, metadata: dict) -> None:
-    path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-
-
 class ExportJob:
     """Exports one model of one task: `run` converts it, checks it against Keras and writes its metadata.
 
@@ -113,6 +109,7 @@ class ExportJob:
         self.name = request.name or source.name
         self.output_dir = Path(request.output) if request.output is not None else Path("saved_models") / self.name
         self.path = self.artefact_path()
+        self.written = self.path  # where the artefact is being written (a temporary name during `run`)
 
     # ------------------------------------------------------------------ the sequence
 
@@ -134,27 +131,36 @@ class ExportJob:
                 self.keras_reference(images)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with step(f"converting to {request.label}: {self.path}"):
-            self.convert(calibration)
-        metadata = self.metadata()
+        if request.format == "saved_model":
+            check_saved_model_target(self.path)
         metadata_file = metadata_path(self.path)
-        write_metadata(metadata_file, metadata)  # load_exported_model reads it (a raw detector's decoder)
-
-        with step(f"checking {request.label} against Keras"):
-            figures = self.parity(load_exported_model(self.path), images, info)
-            figures["sample_source"] = sample_source
-            judge(figures, request.quantize, self.float_rule, self.int8_rule)
-        metadata["parity"] = figures
-        metadata.update(self.checked_metadata())
-        if request.quantize == "int8":
-            metadata["int8"] = {
-                "ops": self.int8_ops,
-                "io": self.int8_io,
-                "calibration": calibration_text,
-                "calibration_samples": int(len(calibration)),
-                "min_agreement": self.int8_min_agreement,
-            }
-        write_metadata(metadata_file, metadata)
+        # Written and checked under a temporary name; the old artefact is replaced whole only then.
+        with atomic_output(self.path) as self.written:
+            written_metadata = metadata_path(self.written)
+            try:
+                with step(f"converting to {request.label}: {self.path}"):
+                    self.convert(calibration)
+                metadata = self.metadata()
+                write_json(written_metadata, metadata)  # load_exported_model reads it (a raw detector's decoder)
+                with step(f"checking {request.label} against Keras"):
+                    figures = self.parity(load_exported_model(self.written), images, info)
+                    figures["sample_source"] = sample_source
+                    judge(figures, request.quantize, self.float_rule, self.int8_rule)
+            finally:
+                written_metadata.unlink(missing_ok=True)
+            metadata["parity"] = figures
+            metadata.update(self.checked_metadata())
+            if request.quantize == "int8":
+                metadata["int8"] = {
+                    "ops": self.int8_ops,
+                    "io": self.int8_io,
+                    "calibration": calibration_text,
+                    "calibration_samples": int(len(calibration)),
+                    "min_agreement": self.int8_min_agreement,
+                }
+            metadata_file.unlink(missing_ok=True)  # never the old metadata beside the new artefact
+        self.written = self.path
+        write_json(metadata_file, metadata)
         summary = self.summary(figures)
         print(parity_line(request.format, request.quantize, figures, summary, figures[self.count_key],
                           sample_source), flush=True)
@@ -186,15 +192,14 @@ class ExportJob:
         """Computes the Keras outputs the export is compared with (when `reference_step` is set)."""
 
     def convert(self, calibration) -> None:
-        """Writes the artefact at `self.path` (`calibration`: int8 calibration images, else None)."""
+        """Writes the artefact at `self.written` (`calibration`: int8 calibration images, else None)."""
         request = self.request
         if request.format == "saved_model":
-            clear_saved_model(self.path)
-            write_saved_model(self.path, self.model, self.saved_model_endpoints())
+            write_saved_model(self.written, self.model, self.saved_model_endpoints())
         elif request.format == "tflite":
-            self.path.write_bytes(self.tflite_model(calibration))
+            self.written.write_bytes(self.tflite_model(calibration))
         else:
-            convert_onnx(self.outputs_fn(), self.image_spec(), self.output_names, self.path, request.batch_size)
+            convert_onnx(self.outputs_fn(), self.image_spec(), self.output_names, self.written, request.batch_size)
 
     def tflite_model(self, calibration) -> bytes:
         return tflite_bytes(

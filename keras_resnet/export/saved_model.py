@@ -9,7 +9,6 @@ converter can freeze, and the converted model outputs NaN.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import keras
@@ -43,12 +42,10 @@ def is_saved_model(path) -> bool:
     return path.is_dir() and (path / SAVED_MODEL_FILE).is_file()
 
 
-def clear_saved_model(path: Path) -> None:
-    """Removes the SavedModel at `path` before it is written again; an `ExportError` for anything else there."""
-    if path.exists():
-        if not (path / SAVED_MODEL_FILE).is_file():
-            raise ExportError(f"{path} exists and is not a SavedModel; choose another output folder")
-        shutil.rmtree(path)
+def check_saved_model_target(path: Path) -> None:
+    """An `ExportError` when `path` exists and is not a SavedModel (a SavedModel there is replaced whole)."""
+    if path.exists() and not (path / SAVED_MODEL_FILE).is_file():
+        raise ExportError(f"{path} exists and is not a SavedModel; choose another output folder")
 
 
 def load_saved_model(path):

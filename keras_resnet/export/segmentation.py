@@ -88,7 +88,7 @@ class SegmentationExport(DenseExport):
     def check_serving_default(self, images: np.ndarray) -> dict:
         """Parity of the SavedModel's uint8 `serving_default` on the rounded images (model size)."""
         pixels = np.clip(np.round(images), 0, 255).astype(np.float32)
-        runtime = signature_runtime(load_saved_model(self.path), "serving_default")
+        runtime = signature_runtime(load_saved_model(self.written), "serving_default")
         serve = runtime.runner(runtime.outputs)
         return self.chunked_parity(lambda chunk: serve(chunk.astype(np.uint8)), pixels)
 

@@ -36,9 +36,11 @@ import tensorflow as tf
 from keras_resnet.data.classification import build_classification_datasets
 from keras_resnet.errors import ConfigError, DataError
 from keras_resnet.models.resnet.classifier import ResNetClassifier
-from keras_resnet.runs import write_json
+from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
 from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
+from keras_resnet.training.checkpoints import save_model
+from keras_resnet.training.guard import check_finite_loss, trim_history
 from keras_resnet.training.plots import (
     CLASSIFICATION_PANELS,
     plot_confusion_matrix,
@@ -106,7 +108,8 @@ def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths):
             _fit_phase(model, cfg, train_ds, val_ds, epochs=head_epochs, initial_epoch=0,
                        steps_per_epoch=steps_per_epoch, learning_rate=None, warmup=True,
                        backup_dir=os.path.join(paths.backup_root, "head"), paths=paths)
-            model.save_weights(head_done)
+            with atomic_output(head_done) as temporary:
+                model.save_weights(temporary)
         model.backbone.trainable = True
         model.backbone.freeze_stages(cfg["model"]["freeze_stages"])
         if head_epochs < epochs:
@@ -154,6 +157,8 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint)
         print(f"resuming from {manager.latest_checkpoint}: epoch {int(epoch_var.numpy()) + 1}")
+    if is_chief:
+        trim_history(paths.history, int(epoch_var.numpy()))  # epochs trained again leave history.csv
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -179,7 +184,7 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
 
     val_model_fn = tf.function(lambda images: model(images, training=False))
     writer = tf.summary.create_file_writer(os.path.join(paths.logs, "train")) if is_chief else None
-    best = engine.previous_best(paths.history, "val_top1") or -1.0
+    best = (engine.previous_best(paths.history, "val_top1") if os.path.exists(paths.best) else None) or -1.0
     chunk = max(1, min(steps_per_epoch, 50))
     for epoch in range(int(epoch_var.numpy()), epochs):
         start = time.time()
@@ -191,8 +196,11 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
             steps = min(chunk, steps_per_epoch - done)
             train_steps(iterator, tf.constant(steps))
             done += steps
-            progress.update(done, [("loss", float(train_loss.result())), ("top1", float(train_top1.result()))])
+            loss = float(train_loss.result())
+            check_finite_loss(loss, epoch + 1, done, train_cfg["learning_rate"])  # before anything is saved
+            progress.update(done, [("loss", loss), ("top1", float(train_top1.result()))])
         val_metrics = _evaluate_predictions(val_model_fn, val_ds, num_classes)
+        check_finite_loss(val_metrics["loss"], epoch + 1, None, train_cfg["learning_rate"], what="validation loss")
         row = {
             "epoch": epoch,
             "loss": float(train_loss.result()),
@@ -212,10 +220,10 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
                 for key, value in row.items():
                     if key != "epoch":
                         tf.summary.scalar(key, value)
-            model.save(paths.last)
+            save_model(model, paths.last)
             if row["val_top1"] > best:
                 best = row["val_top1"]
-                model.save(paths.best)
+                save_model(model, paths.best)
             plot_history(read_history_csv(paths.history), paths.curves, cfg["model"]["backbone"])
     if is_chief:
         shutil.rmtree(paths.backup_root, ignore_errors=True)
@@ -266,7 +274,8 @@ def evaluate_classifier(model, val_ds, class_names, output_dir):
         name: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, name in enumerate(class_names)
     }
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
-    np.savetxt(os.path.join(output_dir, "confusion_matrix.csv"), confusion, fmt="%d", delimiter=",")
+    with atomic_output(os.path.join(output_dir, "confusion_matrix.csv")) as temporary:
+        np.savetxt(temporary, confusion, fmt="%d", delimiter=",")
     plot_confusion_matrix(confusion, class_names, os.path.join(output_dir, "confusion_matrix.png"))
     return metrics
 

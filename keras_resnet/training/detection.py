@@ -38,7 +38,7 @@ from keras_resnet.models.retinanet.evaluation import (
 )
 from keras_resnet.models.retinanet.losses import RetinaNetLoss
 from keras_resnet.registry import DETECTION
-from keras_resnet.runs import write_json
+from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
 from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
 from keras_resnet.training.plots import DETECTION_PANELS
@@ -180,8 +180,9 @@ def evaluate_detector(model, val_ds, info, decoder_args, output_dir=None, title=
         write_json(os.path.join(output_dir, "metrics.json"), metrics)
         images, outputs = first
         count = min(NUM_PREDICTION_EXAMPLES, len(images))
-        plot_detections(images[:count], {key: value[:count] for key, value in outputs.items()},
-                        info["class_names"], os.path.join(output_dir, "val_predictions.png"))
+        with atomic_output(os.path.join(output_dir, "val_predictions.png")) as temporary:
+            plot_detections(images[:count], {key: value[:count] for key, value in outputs.items()},
+                            info["class_names"], temporary)
     if verbose:
         print_detection_table(metrics, title=f"COCO box AP ({title})")
     return metrics

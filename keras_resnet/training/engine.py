@@ -6,7 +6,8 @@
 - `make_optimizer`: SGD or AdamW with a `WarmupSchedule`, optionally with weight averaging.
 - `fit_run`: `model.fit` with the run folder's callbacks (best/last checkpoints, history.csv,
   TensorBoard, training_curves.png) and resume through `keras.callbacks.BackupAndRestore`
-  (`backup_epoch` reads where a run resumes; `previous_best` the best value so far).
+  (`backup_epoch` reads where a run resumes; `previous_best` the best value so far); it drops
+  the history.csv rows of epochs trained again and stops at the first NaN/inf loss (`guard`).
 - After training: `run_summary`, `write_run_files`, `finish_run`; `load_trained_run` for evaluate.
 
 The run folder's file names are in `keras_resnet.runs`.
@@ -25,10 +26,14 @@ from keras_resnet.config import dump_config
 from keras_resnet.errors import ConfigError, ModelError
 from keras_resnet.runs import (
     RunPaths,
+    atomic_output,
     prepare_output_dir,
+    set_aside_unreadable_models,
     trained_model_path,
     write_json,
 )
+from keras_resnet.training.checkpoints import ModelCheckpoint
+from keras_resnet.training.guard import StopOnNonFinite, trim_history
 from keras_resnet.training.plots import (
     CLASSIFICATION_PANELS,
     plot_history,
@@ -110,6 +115,11 @@ def task_info():
     return task_type, index, is_chief
 
 
+def is_chief_process(cfg):
+    """False only in a multi-worker run's non-chief workers (which write nothing into output_dir)."""
+    return task_info()[2] if cfg["train"]["strategy"] == "multi_worker" else True
+
+
 def start_run(cfg):
     """Sets up a recipe's training process: strategy, seed, dtype policy and run folder.
 
@@ -124,9 +134,10 @@ def start_run(cfg):
     strategy = make_strategy(train_cfg["strategy"])
     keras.utils.set_random_seed(train_cfg["seed"])
     keras.mixed_precision.set_global_policy(resolve_precision(train_cfg["mixed_precision"]))
-    is_chief = task_info()[2] if train_cfg["strategy"] == "multi_worker" else True
+    is_chief = is_chief_process(cfg)
     output_dir = cfg["output_dir"] if is_chief else tempfile.mkdtemp(prefix="keras_resnet_worker_out_")
     prepare_output_dir(output_dir)
+    set_aside_unreadable_models(output_dir)  # a model file a kill left truncated never blocks a re-run
     return strategy, RunPaths.of(output_dir), is_chief
 
 
@@ -267,20 +278,22 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         extra_callbacks: run first, so the logs they add (e.g. val_mAP) reach
             the CSV, the checkpoints and the plots.
     """
-    best = keras.callbacks.ModelCheckpoint(paths.best, monitor=monitor, mode="max", save_best_only=True)
-    best_so_far = previous_best(paths.history, monitor)
-    if best_so_far is not None:
-        best.best = best_so_far
+    # Epochs at and after the one fit resumes at are trained again: their rows leave history.csv.
+    trim_history(paths.history, backup_epoch(backup_dir) or initial_epoch)
+    # A best_model.keras set aside as unreadable (start_run) is written again at the next epoch end.
+    best = ModelCheckpoint(paths.best, monitor, previous_best(paths.history, monitor) if os.path.exists(paths.best)
+                           else None)
     # Weight averaging: validation, checkpoints and backups at each epoch end see the EMA weights.
     ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg["train"].get("ema_momentum") else []
     callbacks = [
+        StopOnNonFinite(cfg["train"]["learning_rate"]),  # before any save: a diverged epoch is never saved
         *ema,
         _LogLearningRate(),
         *extra_callbacks,
         keras.callbacks.CSVLogger(paths.history, append=True),
         keras.callbacks.TensorBoard(paths.logs),
         best,
-        keras.callbacks.ModelCheckpoint(paths.last),
+        ModelCheckpoint(paths.last),
         _PlotCurves(paths.history, paths.curves, title, panels=panels, best_key=best_key),
         _backup_and_restore(backup_dir),
     ]
@@ -357,7 +370,8 @@ def _backup_and_restore(backup_dir):
 # ----------------------------------------------------------------------------
 def write_run_files(cfg, paths, run_info):
     """Writes the resolved recipe (recipe.yaml) and `run_info` (run.json) into the run folder."""
-    dump_config(cfg, paths.recipe)
+    with atomic_output(paths.recipe) as temporary:
+        dump_config(cfg, temporary)
     write_json(paths.info, run_info)
 
 

@@ -8,6 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keras_resnet.runs import atomic_output  # noqa: E402
+
 
 def read_history_csv(path):
     """Reads a Keras CSVLogger file into {column: [floats]}, one row per epoch.
@@ -29,6 +31,15 @@ def read_history_csv(path):
             except (TypeError, ValueError):
                 continue
     return history
+
+
+def save_figure(fig, path):
+    """Writes a matplotlib figure as PNG, whole or not at all (`atomic_output`), and closes it."""
+    try:
+        with atomic_output(path) as temporary:
+            fig.savefig(temporary, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 CLASSIFICATION_PANELS = (("loss", "loss"), ("top1", "top-1 accuracy"), ("learning_rate", "learning rate"))
@@ -74,8 +85,7 @@ def plot_history(history, path, title="training", panels=CLASSIFICATION_PANELS, 
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -98,6 +108,5 @@ def plot_confusion_matrix(matrix, class_names, path, title="confusion matrix (va
     fig.colorbar(image, ax=ax, fraction=0.046)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

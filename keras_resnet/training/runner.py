@@ -7,11 +7,14 @@ Each loads the recipe and hands it to its task's module (`classification`,
 
 from keras_resnet.config import load_config
 from keras_resnet.registry import CLASSIFICATION, DETECTION, SEGMENTATION
+from keras_resnet.runs import RunPaths
 from keras_resnet.training.classification import (
     evaluate_classification,
     train_classification,
 )
 from keras_resnet.training.detection import evaluate_detection, train_detection
+from keras_resnet.training.engine import is_chief_process
+from keras_resnet.training.guard import guard_run
 from keras_resnet.training.segmentation import evaluate_segmentation, train_segmentation
 
 TRAIN_BY_TASK = {
@@ -26,18 +29,25 @@ EVALUATE_BY_TASK = {
 }
 
 
-def train_from_config(config, overrides=()):
+def train_from_config(config, overrides=(), restart=False):
     """Trains a recipe and evaluates its best model.
+
+    The run folder is locked while it trains (a second `train` into it is a
+    `RunFolderError`). An unfinished run there continues only with its own
+    recipe (a higher `train.epochs` allowed); `restart=True` moves it to
+    `output_dir/previous/` and starts over.
 
     Args:
         config: path of a recipe YAML, or a dict.
         overrides: `"dotted.key=value"` strings (values parsed as YAML).
+        restart: start over instead of resuming an unfinished run.
 
     Returns:
         The validation metrics of the best model (also in metrics.json).
     """
     cfg = load_config(config, overrides)
-    return TRAIN_BY_TASK[cfg["task"]](cfg)
+    with guard_run(cfg, RunPaths.of(cfg["output_dir"]), is_chief=is_chief_process(cfg), restart=restart):
+        return TRAIN_BY_TASK[cfg["task"]](cfg)
 
 
 def evaluate_from_config(config, overrides=()):

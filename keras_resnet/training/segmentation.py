@@ -36,10 +36,10 @@ from keras_resnet.models.segmentation.metrics import (
 )
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 from keras_resnet.registry import SEGMENTATION
-from keras_resnet.runs import write_json
+from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
 from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
-from keras_resnet.training.plots import SEGMENTATION_PANELS, plt
+from keras_resnet.training.plots import SEGMENTATION_PANELS, plt, save_figure
 from keras_resnet.visualize import overlay_mask
 
 NUM_PREDICTION_EXAMPLES = 4
@@ -94,8 +94,7 @@ def plot_predictions(images, masks, predictions, num_classes, path):
             if row == 0:
                 ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -156,7 +155,8 @@ def evaluate_segmenter(model, val_ds, class_names, output_dir, title="validation
         "num_examples": examples,
     }
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
-    np.savetxt(os.path.join(output_dir, "confusion_matrix.csv"), confusion, fmt="%d", delimiter=",")
+    with atomic_output(os.path.join(output_dir, "confusion_matrix.csv")) as temporary:
+        np.savetxt(temporary, confusion, fmt="%d", delimiter=",")
     plot_predictions(*shown, num_classes, os.path.join(output_dir, "val_predictions.png"))
     print_iou_table(metrics["per_class_iou"], mean_iou, metrics["pixel_accuracy"], f"per-class IoU ({title})")
     return metrics

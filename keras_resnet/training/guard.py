@@ -1,0 +1,284 @@
+"""Guards of a run folder while `train` writes into it.
+
+- `guard_run`: the exclusive lock on the run folder (`RunLock`: a `train.lock`
+  file with the pid and host, created with O_CREAT|O_EXCL; a stale lock of a
+  dead process on this host is taken over with a warning) and the resume rule
+  (`check_resume`): an unfinished run (a backup) continues only with the recipe
+  it was started with, except for a higher `train.epochs`; `restart=True`
+  moves the earlier run into `previous/<timestamp>/` first.
+- `trim_history`: drops the history.csv rows of epochs a resumed run trains again,
+  so each epoch is listed once.
+- `StopOnNonFinite` / `check_finite_loss`: stop at the first NaN or infinite
+  training loss with a `TrainingDivergedError`, before anything is saved.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import keras
+import yaml
+
+from keras_resnet.errors import RunFolderError, TrainingDivergedError
+from keras_resnet.runs import prepare_output_dir
+
+# Recipe keys that may change between a run and its resume.
+RESUMABLE_CHANGES = ("output_dir", "train.epochs")
+
+
+# ----------------------------------------------------------------------------
+# The run-folder lock
+# ----------------------------------------------------------------------------
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run folder: the file `paths.lock` holding the owner's pid and host."""
+
+    def __init__(self, paths):
+        self.paths = paths
+        self.held = False
+
+    def _owner(self):
+        try:
+            with open(self.paths.lock) as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self):
+        owner_line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        for _ in range(3):
+            try:
+                descriptor = os.open(self.paths.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(owner_line)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.held = True
+            return self
+        raise RunFolderError(f"cannot lock {self.paths.root}: {self.paths.lock} keeps reappearing; try again")
+
+    def _take_over_if_stale(self):
+        owner = self._owner()
+        if owner is None:  # being written by its owner, or left empty by a kill during that write
+            try:
+                age = time.time() - os.path.getmtime(self.paths.lock)
+            except FileNotFoundError:
+                return
+            if age < 10:
+                time.sleep(0.5)
+                owner = self._owner()
+                if owner is None:
+                    return
+        if owner is not None:
+            pid, host = owner.get("pid"), owner.get("host")
+            if host != socket.gethostname() or not isinstance(pid, int) or _process_alive(pid):
+                raise RunFolderError(
+                    f"{self.paths.root} is in use by another `keras-resnet train` (pid {pid} on {host}); "
+                    f"wait for it to finish or set another output_dir (the lock is {self.paths.lock})"
+                )
+            print(f"warning: taking over the stale lock of pid {pid} (no longer running) in {self.paths.root}",
+                  file=sys.stderr)
+        else:
+            print(f"warning: taking over the unreadable lock {self.paths.lock}", file=sys.stderr)
+        try:
+            os.remove(self.paths.lock)
+        except FileNotFoundError:
+            pass
+
+    def release(self):
+        if self.held and (self._owner() or {}).get("pid") == os.getpid():
+            os.remove(self.paths.lock)
+        self.held = False
+
+
+# ----------------------------------------------------------------------------
+# Resume rules
+# ----------------------------------------------------------------------------
+def has_backup(paths):
+    """True while the run folder holds the backup of an unfinished run."""
+    return os.path.isdir(paths.backup_root) and any(os.scandir(paths.backup_root))
+
+
+def _flatten(value, prefix=""):
+    if isinstance(value, dict):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def recipe_changes(stored, cfg):
+    """The dotted keys in which recipe `cfg` differs from the `stored` one, beyond a resumable change."""
+    old = _flatten(stored)
+    new = _flatten(json.loads(json.dumps(cfg)))  # tuples -> lists, as in recipe.yaml
+    changed = sorted(key for key in old.keys() | new.keys()
+                     if key not in RESUMABLE_CHANGES and old.get(key, "<unset>") != new.get(key, "<unset>"))
+    old_epochs, new_epochs = old.get("train.epochs"), new.get("train.epochs")
+    if isinstance(old_epochs, int) and isinstance(new_epochs, int) and new_epochs < old_epochs:
+        changed.append(f"train.epochs (lowered from {old_epochs} to {new_epochs})")
+    return changed
+
+
+def check_resume(cfg, paths):
+    """RunFolderError when `paths` holds an unfinished run of a recipe other than `cfg`.
+
+    Raising `train.epochs` continues the run; anything else must match the
+    recipe.yaml the run was started with.
+    """
+    if not has_backup(paths) or not os.path.isfile(paths.recipe):
+        return
+    try:
+        with open(paths.recipe, encoding="utf-8") as handle:
+            stored = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(stored, dict):
+        return
+    changed = recipe_changes(stored, cfg)
+    if changed:
+        raise RunFolderError(
+            f"{paths.root} holds an unfinished run of another recipe (differs in {', '.join(changed)}); "
+            f"resume it with its own recipe ({paths.recipe}), start over with `keras-resnet train ... --restart` "
+            "(moves the earlier run to previous/), or set another output_dir"
+        )
+
+
+def move_earlier_run(paths):
+    """Moves an earlier run (backup, models, history, ...) into `previous/<timestamp>/`; its folder, or None."""
+    keep = {os.path.basename(paths.lock), os.path.basename(paths.previous)}
+    entries = [name for name in os.listdir(paths.root) if name not in keep and not name.startswith(".")]
+    if not entries:
+        return None
+    target = os.path.join(paths.previous, time.strftime("%Y%m%d-%H%M%S"))
+    suffix = 1
+    while os.path.exists(target):
+        target = os.path.join(paths.previous, f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}")
+        suffix += 1
+    os.makedirs(target)
+    for name in entries:
+        shutil.move(os.path.join(paths.root, name), os.path.join(target, name))
+    print(f"--restart: moved the earlier run in {paths.root} to {target}")
+    return target
+
+
+@contextmanager
+def guard_run(cfg, paths, *, is_chief=True, restart=False):
+    """Holds the run folder's lock for a `train` and applies the resume rules.
+
+    Non-chief workers of a multi-worker run write elsewhere and take no lock.
+    """
+    if not is_chief:
+        yield
+        return
+    prepare_output_dir(paths.root)
+    lock = RunLock(paths).acquire()
+    try:
+        if restart:
+            move_earlier_run(paths)
+        else:
+            check_resume(cfg, paths)
+        yield
+    finally:
+        lock.release()
+
+
+# ----------------------------------------------------------------------------
+# history.csv on resume
+# ----------------------------------------------------------------------------
+def trim_history(history_path, start_epoch):
+    """Rewrites history.csv without the rows of epochs >= `start_epoch` (trained again on resume)."""
+    if not os.path.exists(history_path):
+        return
+    with open(history_path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or "epoch" not in rows[0]:
+        return
+    column = rows[0].index("epoch")
+
+    def keep(row):
+        try:
+            return int(float(row[column])) < start_epoch
+        except (ValueError, IndexError):
+            return False
+
+    kept = [rows[0]] + [row for row in rows[1:] if keep(row)]
+    if len(kept) == len(rows):
+        return
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(kept if len(kept) > 1 else [])
+    directory = os.path.dirname(os.path.abspath(history_path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".history.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            stream.write(text.getvalue())
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, history_path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+# ----------------------------------------------------------------------------
+# NaN / inf stop
+# ----------------------------------------------------------------------------
+def check_finite_loss(loss, epoch, step, learning_rate, what="loss"):
+    """TrainingDivergedError when `loss` is NaN or infinite (`epoch`, `step` counted from 1)."""
+    loss = float(loss)
+    if math.isfinite(loss):
+        return
+    where = f"epoch {epoch} step {step}" if step is not None else f"epoch {epoch}"
+    raise TrainingDivergedError(
+        f"{what} became {'NaN' if math.isnan(loss) else 'inf'} at {where}; lower train.learning_rate "
+        f"(now {learning_rate:g}) or raise train.warmup_epochs, then train again with --restart "
+        "(best_model.keras and last_model.keras keep the last finite epoch)"
+    )
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Raises `TrainingDivergedError` at the first non-finite training loss or validation loss.
+
+    Put it before the checkpoint and log callbacks: an epoch that diverged
+    reaches none of them, so best/last models and history keep the last finite epoch.
+    """
+
+    def __init__(self, learning_rate):
+        super().__init__()
+        self.learning_rate = learning_rate
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and "loss" in logs:
+            check_finite_loss(logs["loss"], self.epoch + 1, batch + 1, self.learning_rate)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        for key in ("loss", "val_loss"):
+            if key in logs:
+                check_finite_loss(logs[key], epoch + 1, None, self.learning_rate,
+                                  what="validation loss" if key == "val_loss" else "loss")
