@@ -83,16 +83,18 @@ def _cmd_evaluate(args):
     evaluate_from_config(args.config, args.set)
 
 
-def _batch_size_arg(text):
-    if text == "dynamic":
-        return text
+def _positive_int_arg(text, alternative=""):
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'dynamic', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive int{alternative}, got {text!r}")
     return value
+
+
+def _batch_size_arg(text):
+    return text if text == "dynamic" else _positive_int_arg(text, " or 'dynamic'")
 
 
 def _cmd_export(args):
@@ -210,7 +212,7 @@ def build_parser():
 
     p = sub.add_parser("summary", help="print the Keras summary of a preset")
     p.add_argument("name", help="preset name (see `keras-resnet models`)")
-    p.add_argument("--input-size", type=int, default=None, help="square input size (224; 32 for *_cifar)")
+    p.add_argument("--input-size", type=_positive_int_arg, default=None, help="square input size (224; 32 for *_cifar)")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3))
     p.add_argument("--num-classes", type=int, default=1000)
     p.set_defaults(func=_cmd_summary)
@@ -243,7 +245,7 @@ def build_parser():
         "--calibration", default=None, metavar="RECIPE_OR_FOLDER",
         help="recipe YAML or image folder: int8 calibration and parity images (default: the run's recipe)",
     )
-    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--input-size", type=_positive_int_arg, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--batch-size", type=_batch_size_arg, default=1, metavar="N|dynamic")
     p.add_argument("--output", default=None, metavar="DIR", help="output folder (default saved_models/<name>/)")
     p.add_argument("--parity-samples", type=int, default=100, help="images compared with the Keras model")

@@ -276,12 +276,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # before `<<` merges, which may be overridden
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(
+                    f"duplicate key {key!r} in {mark.name} at line {mark.line + 1}, column {mark.column + 1}; "
+                    "keep one of them"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"recipe file not found: {path!r}; pass an existing YAML file")
     try:
         with open(path, encoding="utf-8") as stream:
-            recipe = yaml.safe_load(stream)
+            recipe = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

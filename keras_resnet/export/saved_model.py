@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from keras_resnet.errors import ExportError
+from keras_resnet.errors import ExportError, ModelError
 from keras_resnet.export.contract import INPUT_NAME, Runtime
 
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -49,8 +49,14 @@ def check_saved_model_target(path: Path) -> None:
 
 
 def load_saved_model(path):
-    """The restored SavedModel (`tf.saved_model.load`)."""
-    return tf.saved_model.load(str(path))
+    """The restored SavedModel (`tf.saved_model.load`); a `ModelError` naming `path` when it cannot be read."""
+    try:
+        return tf.saved_model.load(str(path))
+    except Exception as error:  # truncated saved_model.pb / variables: OSError, IndexError, DecodeError...
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ModelError(
+            f"SavedModel {path} is corrupt or incomplete ({type(error).__name__}: {reason}); export it again"
+        ) from None
 
 
 def signature_runtime(loaded, name: str) -> Runtime:

@@ -22,6 +22,7 @@ from keras_resnet.runs import (
     RUN_INFO_FILE,
     RUN_MODEL_FILES,
     RUN_RECIPE_FILE,
+    keras_archive_problem,
     read_run_info,
     run_model_file,
 )
@@ -87,10 +88,7 @@ def load_model_source(model_or_dir) -> ModelSource:
         run_dir = path.parent if (path.parent / RUN_INFO_FILE).is_file() else None
     else:
         raise ModelError(f"{path} is not a Keras model: expected a .keras file or a training run output_dir")
-    try:
-        model = keras.saving.load_model(model_file, compile=False)
-    except Exception as error:  # zip, JSON and deserialisation errors
-        raise ModelError(f"cannot load Keras model {model_file}: {type(error).__name__}: {error}") from None
+    model = load_keras_model(model_file)
     recipe = run_dir / RUN_RECIPE_FILE if run_dir else None
     return ModelSource(
         model=model,
@@ -99,6 +97,22 @@ def load_model_source(model_or_dir) -> ModelSource:
         run_info=read_run_info(run_dir) if run_dir else {},
         recipe_path=str(recipe) if recipe and recipe.is_file() else None,
     )
+
+
+def load_keras_model(path) -> keras.Model:
+    """`keras.saving.load_model(path, compile=False)`; a one-line `ModelError` naming `path` when it fails.
+
+    A truncated, empty or damaged archive is reported as such (Keras itself says "File not found").
+    """
+    problem = keras_archive_problem(path)
+    if problem:
+        problem = problem.removeprefix("not a .keras archive: ")
+        raise ModelError(f"{path} is not a valid .keras archive ({problem}); save or export the model again")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # JSON and deserialisation errors
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ModelError(f"cannot load Keras model {path}: {type(error).__name__}: {reason}") from None
 
 
 def walk_layers(model: keras.Model):

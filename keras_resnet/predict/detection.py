@@ -21,13 +21,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from keras_resnet.data.images import find_image_files, letterbox_images, read_image
 from keras_resnet.errors import ModelError
 from keras_resnet.export.contract import RAW_NAME
 from keras_resnet.export.loading import as_exported_model
+from keras_resnet.export.source import load_keras_model
 from keras_resnet.models.retinanet.decoder import decoder_from_config
 from keras_resnet.registry import DETECTION
 from keras_resnet.runs import BEST_MODEL_FILE, RUN_INFO_FILE, read_json, read_run_info
@@ -121,7 +121,7 @@ def _load_detector(model_path):
         run_info = read_json(path.parent / RUN_INFO_FILE)
     if not path.exists():
         raise FileNotFoundError(f"no detector at {path}; pass a .keras file or a detection run's output_dir")
-    model = keras.saving.load_model(path, compile=False)
+    model = load_keras_model(path)
     if not hasattr(model, "make_decoder"):
         raise ModelError(f"{path} is a {type(model).__name__}, not a RetinaNetDetector")
     class_names = run_info.get("class_names") or [str(i) for i in range(model.num_classes)]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import keras
 import numpy as np
 from PIL import Image
 
@@ -28,6 +27,7 @@ from keras_resnet.data.images import find_image_files, load_image
 from keras_resnet.errors import DataError, ModelError
 from keras_resnet.export.contract import MASK_NAME
 from keras_resnet.export.loading import as_exported_model
+from keras_resnet.export.source import load_keras_model
 from keras_resnet.registry import SEGMENTATION
 from keras_resnet.runs import BEST_MODEL_FILE
 from keras_resnet.visualize import overlay_mask, save_index_mask
@@ -40,7 +40,7 @@ def load_segmenter(model_path_or_run_dir: str | os.PathLike):
         path = path / BEST_MODEL_FILE
     if not path.is_file():
         raise ModelError(f"no segmentation model at {path}; pass a .keras file or a training run folder")
-    model = keras.saving.load_model(path, compile=False)
+    model = load_keras_model(path)
     if not hasattr(model, "num_classes") or len(model.output_shape) != 4:
         raise ModelError(f"{path} is not a segmentation model (its output shape is {model.output_shape})")
     return model

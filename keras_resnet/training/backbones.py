@@ -7,8 +7,11 @@
   `model.freeze_stages` applied to a built task model.
 - `load_pretrained_weights`: copies weights into a model's backbone by layer name.
 - `preprocessing_info`: the `preprocessing` entry of run.json.
+- `check_recipe_args`: a ConfigError for a `model.*_args` key that the constructor does not take.
 """
 
+import difflib
+import inspect
 import os
 
 import keras
@@ -21,6 +24,25 @@ from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.presets import get_preset_config
 
 
+def check_recipe_args(section, args, constructor, allowed=None):
+    """A ConfigError for the first key of `model.<section>` that is not an argument of `constructor`.
+
+    Args:
+        section: the recipe key (`"backbone_args"`, `"head_args"`, `"decoder_args"`).
+        args: its dict.
+        constructor: the class it is passed to; its `__init__` signature gives the
+            allowed names unless `allowed` lists them.
+    """
+    if allowed is None:
+        parameters = inspect.signature(constructor.__init__).parameters.values()
+        allowed = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)][1:]
+    for key in args:
+        if key not in allowed:
+            suggestion = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {suggestion[0]}?" if suggestion else f"allowed: {', '.join(allowed)}"
+            raise ConfigError(f"model.{section}.{key} is not an argument of {constructor.__name__}; {hint}")
+
+
 def build_backbone_from_config(cfg, info):
     """The recipe's backbone and the layer normalising raw pixels 0..255.
 
@@ -30,6 +52,7 @@ def build_backbone_from_config(cfg, info):
     """
     model_cfg = cfg["model"]
     get_preset_config(model_cfg["backbone"])  # unknown preset -> ValueError listing the valid ones
+    check_recipe_args("backbone_args", model_cfg["backbone_args"], ResNetBackbone)
     try:
         backbone = ResNetBackbone.from_preset(
             model_cfg["backbone"], input_shape=tuple(model_cfg["input_shape"]), **model_cfg["backbone_args"]

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from keras_resnet.data import build_detection_datasets
 from keras_resnet.errors import ConfigError, DataError
+from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.retinanet.evaluation import (
     coco_evaluate,
@@ -40,7 +41,11 @@ from keras_resnet.models.retinanet.losses import RetinaNetLoss
 from keras_resnet.registry import DETECTION
 from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
-from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
+from keras_resnet.training.backbones import (
+    build_model_from_config,
+    check_recipe_args,
+    preprocessing_info,
+)
 from keras_resnet.training.plots import DETECTION_PANELS
 from keras_resnet.visualize import plot_detections
 
@@ -60,10 +65,8 @@ _NOT_FOR_DETECTION = {
 
 def _check_detection_recipe(cfg):
     engine.check_task_settings(cfg, DETECTION, _NOT_FOR_DETECTION, "does not apply to task=detection; set {key}={neutral}")
-    for key, allowed in (("head_args", HEAD_ARGS), ("decoder_args", DECODER_ARGS)):
-        unknown = sorted(set(cfg["model"][key]) - set(allowed))
-        if unknown:
-            raise ConfigError(f"unknown model.{key} key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    check_recipe_args("head_args", cfg["model"]["head_args"], RetinaNetDetector, HEAD_ARGS)
+    check_recipe_args("decoder_args", cfg["model"]["decoder_args"], DetectionDecoder, DECODER_ARGS)
 
 
 def _datasets(cfg):

@@ -38,7 +38,11 @@ from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 from keras_resnet.registry import SEGMENTATION
 from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
-from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
+from keras_resnet.training.backbones import (
+    build_model_from_config,
+    check_recipe_args,
+    preprocessing_info,
+)
 from keras_resnet.training.plots import SEGMENTATION_PANELS, plt, save_figure
 from keras_resnet.visualize import overlay_mask
 
@@ -69,6 +73,7 @@ def build_segmenter(cfg, info):
     initialises the backbone; `model.freeze_stages` freezes its first stages.
     """
     model_cfg = cfg["model"]
+    check_recipe_args("head_args", model_cfg["head_args"], ResNetSegmenter)
     return build_model_from_config(
         cfg, info, ResNetSegmenter, model_cfg["head"],
         "model.head_args: {error}; allowed: head_width, decoder_width, aspp_rates, decoder_level",

@@ -157,7 +157,7 @@ def test_load_model_source_errors(tmp_path):
     with pytest.raises(ValueError, match="not a Keras model"):
         load_model_source(tmp_path / "notes.txt")
     (tmp_path / "broken.keras").write_text("not a zip")
-    with pytest.raises(ValueError, match="cannot load Keras model"):
+    with pytest.raises(ValueError, match="broken.keras is not a valid .keras archive"):
         load_model_source(tmp_path / "broken.keras")
 
 

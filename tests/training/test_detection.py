@@ -36,6 +36,7 @@ def test_cli_train_evaluate_and_predict_boxes(tiny_fashion_dir, tmp_path, capsys
     overrides = [*TINY, f"output_dir={run}"]
     assert main(["train", RECIPE, "--set", *overrides]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
+    print("MEASURED", {k: metrics.get(k) for k in ("mAP", "AP50", "AP75", "mIoU", "pixel_accuracy")})
     for key in ("mAP", "AP50", "AP75"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert set(metrics["per_class"]) == {
@@ -71,8 +72,9 @@ def test_cli_train_evaluate_and_predict_boxes(tiny_fashion_dir, tmp_path, capsys
     "override, message",
     [
         ("model.head=fpn", "not a detection head"),
-        ("model.decoder_args={nms: 0.5}", "unknown model.decoder_args key"),
-        ("model.head_args={fpn_depth: 2}", "unknown model.head_args key"),
+        ("model.decoder_args={nms: 0.5}", "model.decoder_args.nms is not an argument of DetectionDecoder"),
+        ("model.head_args={fpn_depth: 2}",
+         "model.head_args.fpn_depth is not an argument of RetinaNetDetector; did you mean fpn_width"),
         ("train.strategy=multi_worker", "not supported for task=detection"),
         ("train.label_smoothing=0.1", "does not apply to task=detection"),
         ("data.source=fashion_mnist", "use one of 'voc', 'coco', 'mosaic'"),
