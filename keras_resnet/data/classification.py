@@ -112,7 +112,7 @@ def scan_image_folder(
             logger.warning("skipping unreadable image %s (%s)", path, problem)
         else:
             raise DataError(
-                f"unreadable image {path} ({problem}); fix or delete it, or set data.skip_corrupt=true to skip it"
+                f"unreadable image {path} ({problem}); delete or replace it, or set data.skip_corrupt=true to skip it"
             )
     if not kept_paths:
         raise DataError(f"{config_key} folder {root} has no readable images")

@@ -1,13 +1,16 @@
 """Image files: finding, reading, decoding, letterboxing.
 
-Two readers, on purpose: `decode_image` / `decode_image_file` are the tf.data
-decoders of the training pipelines (`tf.io.decode_image`, so they read
-`TRAINING_IMAGE_EXTENSIONS`; `to_channels` converts the channels),
-`read_image`/`load_image` read with PIL for prediction, export samples and
-parity checks, so they also read WebP and TIFF (`IMAGE_EXTENSIONS`). Both
-convert to the model's channel count the same way (alpha dropped, gray <-> RGB)
-and resize bilinearly. `letterbox_images` is the one letterbox of prediction,
-export and the detection pipeline.
+One decoder for every path: `read_image` (PIL) decodes the training pipelines'
+images (`decode_image` / `decode_image_file` call it through
+`tf.numpy_function` inside tf.data), evaluation, calibration, parity samples
+and prediction (`load_image(s)`), so they all see the same pixels. It loads the
+whole file (a truncated file fails) and converts modes explicitly: palette ->
+RGB (or L) through the palette, 16-bit -> 8-bit by /257, 1-bit -> 0/255, CMYK
+-> RGB, alpha dropped, then L or RGB for the model's channel count.
+`image_problem` is the same full decode, for the data scans. Resizing and
+augmentation stay in TensorFlow. Training scans read `TRAINING_IMAGE_EXTENSIONS`.
+`letterbox_images` is the one letterbox of prediction, export and the
+detection pipeline.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from keras_resnet.errors import DataError
 
 # What the PIL readers (prediction, export samples) accept.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# What tf.io.decode_image (the training pipelines) reads.
+# What the training data scans list.
 TRAINING_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 LETTERBOX_TEXT = (
     "letterbox: scale s = min(H / h, W / w); resize to round(h * s) x round(w * s) (bilinear, antialias), "
@@ -70,6 +73,58 @@ def find_image_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
     return files
 
 
+# PIL modes of 16- and 32-bit integer pixels; scaled to 8 bits by /257 (65535 -> 255).
+WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def pixels_of(image: Image.Image, channels: int) -> np.ndarray:
+    """uint8 `(h, w, channels)` pixels of an open PIL image, its mode converted explicitly.
+
+    Palette (P, PA) -> RGB through the palette (L when `channels` is 1),
+    16-bit / 32-bit integer -> 8-bit by /257 (full range, rounded), 1-bit ->
+    0/255, CMYK -> RGB, alpha dropped; then L or RGB.
+    """
+    if channels not in (1, 3):
+        raise DataError(f"models take 1 or 3 channel images, not {channels}")
+    if image.mode in WIDE_INTEGER_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    elif image.mode in ("1", "CMYK"):
+        image = image.convert("L" if image.mode == "1" else "RGB")
+    pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
+
+
+def _decoded(path: str, channels: int) -> np.ndarray:
+    with Image.open(path) as image:
+        image.load()
+        return pixels_of(image, channels)
+
+
+def read_image(path: str | os.PathLike | bytes, channels: int) -> np.ndarray:
+    """Decode an image file to uint8 `(h, w, channels)`: the one decoder of training and prediction.
+
+    The whole file is loaded (a truncated file fails here, not later) and
+    converted by `pixels_of`.
+
+    Raises:
+        DataError: the file is missing or cannot be decoded (names the file).
+    """
+    path = os.fsdecode(path)
+    try:
+        return _decoded(path, channels)
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except DataError:
+        raise
+    except Exception as error:  # PIL raises many exception types for bad files
+        raise DataError(
+            f"cannot decode image {path} ({type(error).__name__}: {error}); delete or replace it"
+        ) from None
+
+
 def load_image(path: str | os.PathLike, height: int, width: int, channels: int) -> np.ndarray:
     """Read one image as float32 raw pixels 0..255, shape `(height, width, channels)`.
 
@@ -81,17 +136,7 @@ def load_image(path: str | os.PathLike, height: int, width: int, channels: int) 
     Raises:
         DataError: the file is missing or is not a readable image (names the file).
     """
-    if channels not in (1, 3):
-        raise DataError(f"models take 1 or 3 channel images, not {channels}")
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
-    except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
-    except Exception as error:  # PIL raises many exception types for bad files
-        raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
-    if channels == 1:
-        array = array[..., None]
+    array = read_image(path, channels).astype(np.float32)
     if array.shape[:2] == (height, width):
         return array
     return tf.image.resize(array, [height, width], method="bilinear").numpy()
@@ -102,24 +147,10 @@ def load_images(paths: Sequence[str], height: int, width: int, channels: int) ->
     return np.stack([load_image(path, height, width, channels) for path in paths]).astype(np.float32)
 
 
-def read_image(path, channels):
-    """uint8 `(h, w, channels)` pixels of an image file (PIL "L" or "RGB"; alpha dropped)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-    except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"cannot read image {path}: {error}; pass a PNG/JPEG/BMP file") from None
-    return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
-
-
 def image_problem(path: str) -> str | None:
-    """Header-level check; returns the error text, or None when the image looks valid."""
+    """Full decode check (as `read_image`); returns the error text, or None when the image decodes."""
     try:
-        with Image.open(path) as image:
-            image.verify()
+        _decoded(os.fsdecode(path), 3)
     except Exception as error:  # PIL raises many exception types for bad files
         return f"{type(error).__name__}: {error}"
     return None
@@ -149,18 +180,16 @@ def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
 
 
 def decode_image(path: tf.Tensor, channels: int, as_float: bool = True) -> tf.Tensor:
-    """Read and decode one image file at its own size, converted to `channels` (see `to_channels`).
+    """Decode one image file at its own size inside tf.data, with `read_image` (`tf.numpy_function`).
 
     Args:
         path: string tensor.
         channels: 1 or 3.
-        as_float: cast to float32 (0..255) before converting channels;
-            False keeps the decoded dtype (uint8, or uint16 for 16-bit PNGs).
+        as_float: cast to float32 (0..255); False keeps uint8.
     """
-    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
-    if as_float:
-        image = tf.cast(image, tf.float32)
-    return to_channels(image, channels)
+    image = tf.numpy_function(lambda name: read_image(np.asarray(name).item(), channels), [path], tf.uint8, stateful=False)
+    image = tf.ensure_shape(image, [None, None, channels])
+    return tf.cast(image, tf.float32) if as_float else image
 
 
 def decode_image_file(path: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:

@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 import keras_resnet.models.segmentation.segmenter  # noqa: F401  (registers the custom objects)
-from keras_resnet.data.images import find_image_files, load_image
-from keras_resnet.errors import DataError, ModelError
+from keras_resnet.data.images import find_image_files, load_image, read_image
+from keras_resnet.errors import ModelError
 from keras_resnet.export.contract import MASK_NAME
 from keras_resnet.export.loading import as_exported_model
 from keras_resnet.export.source import load_keras_model
@@ -97,11 +97,7 @@ def predict_masks(model_path_or_run_dir, images, output_dir) -> list[dict]:
     output_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for path in files:
-        try:
-            with Image.open(path) as image:
-                original = np.asarray(image.convert("RGB"))
-        except Exception as error:  # PIL raises many exception types for bad files
-            raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
+        original = read_image(path, 3)
         original_height, original_width = original.shape[:2]
         model_input = load_image(path, height or original_height, width or original_width, channels)
         mask = np.asarray(predict(model_input), np.int32)

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from keras_resnet.data.images import image_problem
 from keras_resnet.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -58,18 +59,14 @@ class DetectionRecord:
 
 
 def checked_image_size(path: Path, owner: str) -> tuple[int, int]:
-    """``(width, height)`` of an image after a PIL header check, or DataError naming it."""
+    """``(width, height)`` of an image after a full decode check (`image_problem`), or DataError naming it."""
     if not path.is_file():
         raise DataError(f"{owner} refers to image {path}, which does not exist; add the image or remove the annotation")
-    try:
-        with Image.open(path) as image:
-            size = image.size
-            image.verify()
-    except Exception as error:  # PIL raises many exception types for bad files
-        raise DataError(
-            f"unreadable image {path} ({type(error).__name__}: {error}); fix or delete it and its annotation"
-        ) from None
-    return size
+    problem = image_problem(str(path))
+    if problem:
+        raise DataError(f"unreadable image {path} ({problem}); delete or replace it, or remove its annotation")
+    with Image.open(path) as image:
+        return image.size
 
 
 class BoxIssues:

@@ -23,7 +23,11 @@ import tensorflow as tf
 from PIL import Image
 
 from keras_resnet.data.common import progress
-from keras_resnet.data.images import TRAINING_IMAGE_EXTENSIONS, decode_image
+from keras_resnet.data.images import (
+    TRAINING_IMAGE_EXTENSIONS,
+    decode_image,
+    image_problem,
+)
 from keras_resnet.data.pascal_voc import VOC_SEGMENTATION_CLASSES, read_split_ids
 from keras_resnet.errors import SegmentationDataError
 
@@ -34,12 +38,12 @@ VOC_CLASSES = VOC_SEGMENTATION_CLASSES
 
 
 def _mask_problem(image_path: str, mask_path: str, num_classes: int) -> str | None:
-    """Why an image/mask pair is unusable, or None. Reads the whole mask."""
-    try:
-        with Image.open(image_path) as image:
-            image_size = image.size
-    except Exception as error:  # PIL raises many exception types for bad files
-        return f"unreadable image {image_path} ({type(error).__name__}: {error}); fix or delete it"
+    """Why an image/mask pair is unusable, or None. Decodes the whole image and mask."""
+    problem = image_problem(image_path)
+    if problem:
+        return f"unreadable image {image_path} ({problem}); delete or replace it"
+    with Image.open(image_path) as image:
+        image_size = image.size
     try:
         with Image.open(mask_path) as mask:
             mode, mask_size = mask.mode, mask.size
