@@ -36,7 +36,6 @@ def test_cli_train_evaluate_and_predict_boxes(tiny_fashion_dir, tmp_path, capsys
     overrides = [*TINY, f"output_dir={run}"]
     assert main(["train", RECIPE, "--set", *overrides]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    print("MEASURED", {k: metrics.get(k) for k in ("mAP", "AP50", "AP75", "mIoU", "pixel_accuracy")})
     for key in ("mAP", "AP50", "AP75"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert set(metrics["per_class"]) == {
