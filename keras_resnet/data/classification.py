@@ -21,6 +21,7 @@ from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_
 from keras_resnet.data.images import (
     TRAINING_IMAGE_EXTENSIONS,
     decode_image_file,
+    encoded_paths,
     image_problem,
 )
 from keras_resnet.errors import DataError
@@ -249,7 +250,7 @@ def _image_folder_sources(cfg: dict, seed: int):
         return decode_image_file(path, height, width, channels), label
 
     def decoded(paths, labels):
-        dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        dataset = tf.data.Dataset.from_tensor_slices((encoded_paths(paths), labels)).map(
             decode, num_parallel_calls=tf.data.AUTOTUNE
         )
         return dataset.ignore_errors(log_warning=True) if data_cfg["skip_corrupt"] else dataset

@@ -125,6 +125,16 @@ def read_image(path: str | os.PathLike | bytes, channels: int) -> np.ndarray:
         ) from None
 
 
+def encoded_paths(paths) -> np.ndarray:
+    """File paths as bytes for tf.data (`os.fsencode`): names that are not valid UTF-8 survive.
+
+    TensorFlow strings must be UTF-8 when built from Python `str`; a file name
+    with other bytes (read by Python with surrogate escapes) becomes its
+    original bytes instead, and `read_image` decodes it back with `os.fsdecode`.
+    """
+    return np.asarray([os.fsencode(path) for path in paths], dtype=object)
+
+
 def load_image(path: str | os.PathLike, height: int, width: int, channels: int) -> np.ndarray:
     """Read one image as float32 raw pixels 0..255, shape `(height, width, channels)`.
 

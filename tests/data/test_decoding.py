@@ -1,6 +1,7 @@
 """One image decoder for training and prediction: truncated files, 1-bit/palette BMP, 16-bit PNG, CMYK JPEG."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -119,3 +120,17 @@ def test_undecodable_file_is_named_in_prediction(tmp_path):
     broken = truncated_jpeg(tmp_path / "cut.jpg")
     with pytest.raises(DataError, match=r"cannot decode image .*cut.jpg .*delete or replace it"):
         load_image(broken, 16, 16, 3)
+
+
+def test_a_file_name_that_is_not_utf8_trains_and_predicts(tmp_path):
+    # Python reads such a name with surrogate escapes; a TF string built from it failed without naming the file.
+    train, val = write_image_folder(tmp_path / "train"), write_image_folder(tmp_path / "val", images_per_class=3)
+    odd = os.fsdecode(os.fsencode(train / "dog") + b"/\xff\xfe.png")
+    Image.fromarray(np.full((8, 8, 3), 77, np.uint8)).save(odd)
+    cfg = folder_config(train, val, "model.input_shape=[8,8,3]", "data.augment.random_crop_padding=0",
+                        "data.augment.horizontal_flip=false", "data.augment.random_erasing=0.0")
+    dataset, _, info = build_classification_datasets(cfg)
+    assert info["num_train"] == 13
+    seen = np.concatenate([images.numpy().reshape(-1, 3) for images, _ in dataset])
+    assert (seen == 77.0).all(axis=1).sum() == 64  # the odd file's 8x8 pixels reached training
+    np.testing.assert_array_equal(load_image(odd, 8, 8, 3), np.full((8, 8, 3), 77.0, np.float32))

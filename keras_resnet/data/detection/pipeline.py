@@ -50,7 +50,12 @@ from keras_resnet.data.detection.geometry import (
 from keras_resnet.data.detection.mosaic_reader import MOSAIC_VAL_SEED, mosaic
 from keras_resnet.data.detection.records import DetectionRecord, coco_ground_truth
 from keras_resnet.data.detection.voc_reader import voc
-from keras_resnet.data.images import decode_image, letterbox_scale, to_channels
+from keras_resnet.data.images import (
+    decode_image,
+    encoded_paths,
+    letterbox_scale,
+    to_channels,
+)
 from keras_resnet.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +92,7 @@ def _records_dataset(records, input_shape, max_boxes: int, what: str) -> tf.data
         sources = tf.data.Dataset.from_tensor_slices((images, boxes, classes, scales))
         load = lambda image: to_channels(image, channels)  # noqa: E731
     else:
-        paths = np.asarray([r.image for r in records])
+        paths = encoded_paths([r.image for r in records])
         sources = tf.data.Dataset.from_tensor_slices((paths, boxes, classes, scales))
         load = lambda path: decode_image(path, channels, as_float=False)  # noqa: E731
 

@@ -26,6 +26,7 @@ from keras_resnet.data.common import progress
 from keras_resnet.data.images import (
     TRAINING_IMAGE_EXTENSIONS,
     decode_image,
+    encoded_paths,
     image_problem,
 )
 from keras_resnet.data.pascal_voc import VOC_SEGMENTATION_CLASSES, read_split_ids
@@ -173,7 +174,7 @@ def scan_voc(root: str | os.PathLike, split: str, num_classes: int, *, config_ke
 
 
 def _read_mask(path) -> np.ndarray:
-    with Image.open(path.decode() if isinstance(path, bytes) else path) as mask:
+    with Image.open(os.fsdecode(path)) as mask:
         return np.asarray(mask, dtype=np.int32)
 
 
@@ -187,7 +188,7 @@ def decode_pair(image_path, mask_path, channels):
 
 def pair_dataset(pairs, channels) -> tf.data.Dataset:
     """Unbatched ``(image, mask)`` examples (see :func:`decode_pair`) of ``(image_path, mask_path)`` pairs."""
-    paths = np.asarray(pairs, dtype=str)
-    return tf.data.Dataset.from_tensor_slices((paths[:, 0], paths[:, 1])).map(
+    images, masks = encoded_paths([image for image, _ in pairs]), encoded_paths([mask for _, mask in pairs])
+    return tf.data.Dataset.from_tensor_slices((images, masks)).map(
         lambda image, mask: decode_pair(image, mask, channels), num_parallel_calls=tf.data.AUTOTUNE
     )
