@@ -13,14 +13,12 @@
 """
 
 import csv
-import io
 import json
 import math
 import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 
@@ -28,7 +26,7 @@ import keras
 import yaml
 
 from keras_resnet.errors import RunFolderError, TrainingDivergedError
-from keras_resnet.runs import prepare_output_dir
+from keras_resnet.runs import atomic_output, prepare_output_dir
 
 # Recipe keys that may change between a run and its resume.
 RESUMABLE_CHANGES = ("output_dir", "train.epochs")
@@ -225,20 +223,9 @@ def trim_history(history_path, start_epoch):
     kept = [rows[0]] + [row for row in rows[1:] if keep(row)]
     if len(kept) == len(rows):
         return
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(kept if len(kept) > 1 else [])
-    directory = os.path.dirname(os.path.abspath(history_path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".history.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            stream.write(text.getvalue())
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, history_path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_output(history_path) as temporary:
+        with open(temporary, "w", newline="") as stream:
+            csv.writer(stream, lineterminator="\n").writerows(kept if len(kept) > 1 else [])
 
 
 # ----------------------------------------------------------------------------
