@@ -72,3 +72,14 @@ def tiny_classifier(channels=3, num_classes=3, preset="resnet20_cifar", size=32,
         preprocessing=ImageNormalization(mean=[0.5] * channels, std=[0.25] * channels, scale=1 / 255),
         **overrides,
     )
+
+
+# Detection tests: the default mosaic recipe shrunk to a few seconds (add the epochs and output_dir).
+DETECTION_RECIPE = "tasks/detection/mosaic_retinanet_resnet18.yaml"
+TINY_DETECTOR = [
+    "model.backbone_args={stackwise_num_filters: [8, 16, 32, 64]}",
+    "model.head_args={fpn_width: 16, head_depth: 1, min_level: 3, max_level: 5, anchor_sizes: [8, 16, 32]}",
+    "model.input_shape=[64,64,1]",
+    "data.mosaic_train_size=32", "data.mosaic_val_size=8", "data.batch_size=8",
+    "train.mixed_precision=false",
+]

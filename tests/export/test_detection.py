@@ -35,16 +35,10 @@ from keras_resnet.export.detection_parity import detection_parity
 from keras_resnet.export.loading import model_task
 from keras_resnet.export.tflite import tflite_ops
 from keras_resnet.predict.detection import predict_boxes
-from tests.helpers import write_shape_fashion_mnist
+from tests.helpers import DETECTION_RECIPE, TINY_DETECTOR, write_shape_fashion_mnist
 
-RECIPE = "tasks/detection/mosaic_retinanet_resnet18.yaml"
-TINY = [
-    "model.backbone_args={stackwise_num_filters: [8, 16, 32, 64]}",
-    "model.head_args={fpn_width: 16, head_depth: 1, min_level: 3, max_level: 5, anchor_sizes: [8, 16, 32]}",
-    "model.input_shape=[64,64,1]",
-    "data.mosaic_train_size=32", "data.mosaic_val_size=8", "data.batch_size=8",
-    "train.epochs=1", "train.steps_per_epoch=2", "train.mixed_precision=false",
-]
+RECIPE = DETECTION_RECIPE
+TINY = [*TINY_DETECTOR, "train.epochs=1", "train.steps_per_epoch=2"]
 DECODER = {"score_threshold": 0.01, "max_detections": 50}
 SAMPLES = 8
 

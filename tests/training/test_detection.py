@@ -8,16 +8,10 @@ from PIL import Image
 
 from keras_resnet.cli import main
 from keras_resnet.config import ConfigError, load_config
-from tests.helpers import write_shape_fashion_mnist
+from tests.helpers import DETECTION_RECIPE, TINY_DETECTOR, write_shape_fashion_mnist
 
-RECIPE = "tasks/detection/mosaic_retinanet_resnet18.yaml"
-TINY = [
-    "model.backbone_args={stackwise_num_filters: [8, 16, 32, 64]}",
-    "model.head_args={fpn_width: 16, head_depth: 1, min_level: 3, max_level: 5, anchor_sizes: [8, 16, 32]}",
-    "model.input_shape=[64,64,1]",
-    "data.mosaic_train_size=32", "data.mosaic_val_size=8", "data.batch_size=8",
-    "train.epochs=2", "train.mixed_precision=false",
-]
+RECIPE = DETECTION_RECIPE
+TINY = [*TINY_DETECTOR, "train.epochs=2"]
 
 
 @pytest.fixture
