@@ -158,6 +158,11 @@ SCHEMA: dict[str, Any] = {
             ("float",), None, check=lambda v: None if v > 0 else "must be > 0"
         ),
         "steps_per_epoch": Field(("int",), None, check=_at_least(1)),
+        # Classification: train the epochs (at most `epochs`) that fit in this many minutes, measured
+        # on the machine before training; the schedule is laid out over them (training/budget.py).
+        "time_budget_minutes": Field(
+            ("float",), None, check=lambda v: None if v > 0 else "must be > 0 (minutes), or null for no budget"
+        ),
         "loss": Field(("str",), "ce", allowed=SEGMENTATION_LOSSES),
         "class_weights": Field(("list",), None, check=_check_class_weights),
         "box_loss": Field(("str",), "smooth_l1", allowed=BOX_LOSSES),

@@ -37,7 +37,7 @@ from keras_resnet.data.classification import build_classification_datasets
 from keras_resnet.errors import ConfigError, DataError
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.runs import atomic_output, write_json
-from keras_resnet.training import engine
+from keras_resnet.training import budget, engine
 from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
 from keras_resnet.training.checkpoints import save_model
 from keras_resnet.training.guard import check_finite_loss, trim_history
@@ -79,16 +79,20 @@ def _datasets(cfg):
 # ----------------------------------------------------------------------------
 # Fit (single process: one device or MirroredStrategy): head phase, then fine-tuning
 # ----------------------------------------------------------------------------
-def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per_epoch, learning_rate,
-               warmup, backup_dir, paths):
-    train_cfg = cfg["train"]
-    optimizer = engine.make_optimizer(train_cfg, steps_per_epoch, epochs - initial_epoch, learning_rate, warmup)
+def _compile(model, train_cfg, optimizer):
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
         metrics=classification_metrics(),
         jit_compile=train_cfg["jit_compile"],
     )
+
+
+def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per_epoch, learning_rate,
+               warmup, backup_dir, paths):
+    train_cfg = cfg["train"]
+    _compile(model, train_cfg,
+             engine.make_optimizer(train_cfg, steps_per_epoch, epochs - initial_epoch, learning_rate, warmup))
     engine.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg["model"]["backbone"],
             panels=CLASSIFICATION_PANELS, best_key="top1", backup_dir=backup_dir, epochs=epochs,
             initial_epoch=initial_epoch)
@@ -190,7 +194,8 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
         start = time.time()
         train_loss.reset_state()
         train_top1.reset_state()
-        progress = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "top1"], verbose=1 if is_chief else 0)
+        progress = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "top1"],
+                                       verbose=engine.fit_verbosity() if is_chief else 0)
         done = 0
         while done < steps_per_epoch:
             steps = min(chunk, steps_per_epoch - done)
@@ -199,14 +204,15 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
             loss = float(train_loss.result())
             check_finite_loss(loss, epoch + 1, done, train_cfg["learning_rate"])  # before anything is saved
             progress.update(done, [("loss", loss), ("top1", float(train_top1.result()))])
-        val_metrics = _evaluate_predictions(val_model_fn, val_ds, num_classes)
-        check_finite_loss(val_metrics["loss"], epoch + 1, None, train_cfg["learning_rate"], what="validation loss")
+        val_metrics = _evaluate_predictions(val_model_fn, val_ds, num_classes, label_smoothing=train_cfg["label_smoothing"])
+        val_loss = val_metrics.get("loss_label_smoothed", val_metrics["loss"])  # the training loss's definition
+        check_finite_loss(val_loss, epoch + 1, None, train_cfg["learning_rate"], what="validation loss")
         row = {
             "epoch": epoch,
             "loss": float(train_loss.result()),
             "top1": float(train_top1.result()),
             "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
-            "val_loss": val_metrics["loss"],
+            "val_loss": val_loss,
             "val_top1": val_metrics["top1"],
             "val_top5": val_metrics["top5"],
         }
@@ -242,14 +248,18 @@ def _append_history_row(path, row):
 # ----------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------
-def _evaluate_predictions(predict_fn, dataset, num_classes, return_confusion=False):
+def _evaluate_predictions(predict_fn, dataset, num_classes, return_confusion=False, label_smoothing=0.0):
     """Top-1/top-5/loss (and the confusion matrix) of `predict_fn` on `dataset`.
 
-    `dataset` yields `(images, integer labels)`.
+    `dataset` yields `(images, integer labels)`. `loss` is the cross-entropy
+    with the true labels; with `label_smoothing` > 0, `loss_label_smoothed`
+    is the cross-entropy with smoothed targets (Keras'
+    `CategoricalCrossentropy(label_smoothing=...)`: what training reports as
+    `loss` and `val_loss`).
     """
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     correct1 = correct5 = total = 0
-    loss_sum = 0.0
+    loss_sum = smoothed_sum = 0.0
     for images, labels in dataset:
         probabilities = np.asarray(predict_fn(images), dtype=np.float64)
         labels = labels.numpy().astype(np.int64)
@@ -257,19 +267,29 @@ def _evaluate_predictions(predict_fn, dataset, num_classes, return_confusion=Fal
         predicted = top5[:, 0]
         correct1 += int((predicted == labels).sum())
         correct5 += int((top5 == labels[:, None]).any(axis=1).sum())
-        loss_sum += float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, 1.0)).sum())
+        log_probabilities = np.log(np.clip(probabilities, 1e-7, 1.0))
+        true_class = -log_probabilities[np.arange(len(labels)), labels]
+        loss_sum += float(true_class.sum())
+        smoothed_sum += float(((1.0 - label_smoothing) * true_class
+                               - label_smoothing / num_classes * log_probabilities.sum(axis=1)).sum())
         total += len(labels)
         np.add.at(confusion, (labels, predicted), 1)
     if total == 0:
         raise DataError("the validation set is empty; check data.val / data.limit_val")
     metrics = {"top1": correct1 / total, "top5": correct5 / total, "loss": loss_sum / total, "num_examples": total}
+    if label_smoothing:
+        metrics["loss_label_smoothed"] = smoothed_sum / total
     return (metrics, confusion) if return_confusion else metrics
 
 
-def evaluate_classifier(model, val_ds, class_names, output_dir):
-    """Evaluates `model` on `val_ds`; writes metrics.json and confusion_matrix.png."""
+def evaluate_classifier(model, val_ds, class_names, output_dir, label_smoothing=0.0):
+    """Evaluates `model` on `val_ds`; writes metrics.json and confusion_matrix.png.
+
+    `label_smoothing` (the recipe's) adds `loss_label_smoothed`, comparable with training's `val_loss`.
+    """
     predict = tf.function(lambda images: model(images, training=False))
-    metrics, confusion = _evaluate_predictions(predict, val_ds, len(class_names), return_confusion=True)
+    metrics, confusion = _evaluate_predictions(predict, val_ds, len(class_names), return_confusion=True,
+                                               label_smoothing=label_smoothing)
     metrics["per_class_accuracy"] = {
         name: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, name in enumerate(class_names)
     }
@@ -289,7 +309,9 @@ def train_classification(cfg):
     Returns its validation metrics (also in metrics.json) with `run_summary`'s epochs and speed;
     None in a multi-worker process that is not the chief.
     """
+    run_started = time.time()
     train_cfg, data_cfg, model_cfg = cfg["train"], cfg["data"], cfg["model"]
+    budget.check_budget_settings(cfg)
     strategy, paths, is_chief = engine.start_run(cfg)
     output_dir = paths.root
 
@@ -311,18 +333,28 @@ def train_classification(cfg):
             "num_val": info["num_val"],
         })
     start = time.time()
+    plan = None
     if train_cfg["strategy"] == "multi_worker":
         _fit_custom_loop(model, cfg, strategy, _one_hot(train_ds, num_classes), val_ds, steps_per_epoch, paths, is_chief)
     else:
         with strategy.scope():
-            _fit(model, cfg, _one_hot(train_ds, num_classes), _one_hot(val_ds, num_classes), steps_per_epoch, paths)
+            train_onehot, val_onehot = _one_hot(train_ds, num_classes), _one_hot(val_ds, num_classes)
+            fit_cfg, plan = budget.plan_epochs(
+                cfg, model,
+                lambda probe: _compile(probe, train_cfg,
+                                       engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"])),
+                train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
+            )
+            _fit(model, fit_cfg, train_onehot, val_onehot, steps_per_epoch, paths)
     train_seconds = time.time() - start
     if not is_chief:
         shutil.rmtree(output_dir, ignore_errors=True)
         return None
     metrics = engine.finish_run(
-        paths, lambda best: evaluate_classifier(best, val_ds, info["class_names"], output_dir),
+        paths, lambda best: evaluate_classifier(best, val_ds, info["class_names"], output_dir,
+                                                train_cfg["label_smoothing"]),
         steps_per_epoch, data_cfg["batch_size"], train_seconds,
+        extra={"time_budget": plan} if plan else None,
     )
     print(
         f"done: {model_cfg['backbone']} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "
@@ -338,9 +370,13 @@ def evaluate_classification(cfg):
     Rewrites metrics.json, confusion_matrix.csv and confusion_matrix.png, and returns the metrics.
     """
     model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
-    metrics = evaluate_classifier(model, val_ds, info["class_names"], cfg["output_dir"])
+    metrics = evaluate_classifier(model, val_ds, info["class_names"], cfg["output_dir"],
+                                  cfg["train"]["label_smoothing"])
+    smoothed = (f"; with the recipe's label_smoothing={cfg['train']['label_smoothing']:g}, as in training's "
+                f"val_loss: {metrics['loss_label_smoothed']:.4f}" if "loss_label_smoothed" in metrics else "")
     print(
         f"evaluate: {model_path} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "
-        f"loss={metrics['loss']:.4f} on {metrics['num_examples']} val images"
+        f"loss={metrics['loss']:.4f} (cross-entropy with the true labels{smoothed}) "
+        f"on {metrics['num_examples']} val images"
     )
     return metrics

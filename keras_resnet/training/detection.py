@@ -60,6 +60,7 @@ _NOT_FOR_DETECTION = {
     ("train", "label_smoothing"): 0.0,
     ("train", "class_weights"): None,
     ("model", "dropout"): 0.0,
+    ("train", "time_budget_minutes"): None,
 }
 
 

@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import keras
@@ -279,7 +280,10 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
             the CSV, the checkpoints and the plots.
     """
     # Epochs at and after the one fit resumes at are trained again: their rows leave history.csv.
-    trim_history(paths.history, backup_epoch(backup_dir) or initial_epoch)
+    resume_epoch = backup_epoch(backup_dir)
+    trim_history(paths.history, resume_epoch or initial_epoch)
+    if resume_epoch:
+        print(f"resuming from epoch {resume_epoch + 1} of {epochs} (backup in {backup_dir})")
     # A best_model.keras set aside as unreadable (start_run) is written again at the next epoch end.
     best = ModelCheckpoint(paths.best, monitor, previous_best(paths.history, monitor) if os.path.exists(paths.best)
                            else None)
@@ -305,8 +309,14 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         initial_epoch=initial_epoch,
         steps_per_epoch=steps_per_epoch,
         callbacks=callbacks,
-        verbose=1 if os.environ.get("CI") is None else 2,
+        shuffle=False,  # the tf.data pipelines shuffle; Keras would warn that shuffle=True is ignored
+        verbose=fit_verbosity(),
     )
+
+
+def fit_verbosity():
+    """Keras `verbose`: progress bars (1) on a terminal, one line per epoch (2) in a log file or CI."""
+    return 1 if sys.stdout.isatty() and os.environ.get("CI") is None else 2
 
 
 def one_iterator_per_run(train_ds, steps_per_epoch):
@@ -386,13 +396,14 @@ def run_summary(paths, steps_per_epoch, batch_size, train_seconds):
     }
 
 
-def finish_run(paths, evaluate, steps_per_epoch, batch_size, train_seconds):
+def finish_run(paths, evaluate, steps_per_epoch, batch_size, train_seconds, extra=None):
     """Ends a finished run: deletes its backup and evaluates its best model.
 
     Args:
         paths: the run folder's `RunPaths`.
         evaluate: `evaluate(model) -> metrics dict` of the task.
         steps_per_epoch, batch_size, train_seconds: for `run_summary`.
+        extra: more entries for metrics.json (e.g. the time-budget plan).
 
     Returns:
         The metrics of best_model.keras with the `run_summary`, as written to metrics.json.
@@ -401,6 +412,7 @@ def finish_run(paths, evaluate, steps_per_epoch, batch_size, train_seconds):
     best_model = keras.saving.load_model(paths.best, compile=False)
     metrics = evaluate(best_model)
     metrics.update(run_summary(paths, steps_per_epoch, batch_size, train_seconds))
+    metrics.update(extra or {})
     write_json(paths.metrics, metrics)
     return metrics
 

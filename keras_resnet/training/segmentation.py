@@ -52,6 +52,7 @@ _CLASSIFICATION_ONLY = {
     ("train", "head_epochs"): 0,
     ("train", "label_smoothing"): 0.0,
     ("model", "dropout"): 0.0,
+    ("train", "time_budget_minutes"): None,
 }
 
 

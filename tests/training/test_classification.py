@@ -178,6 +178,7 @@ def test_killed_run_resumes_from_last_finished_epoch(toy_data, tmp_path):
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert f"Epoch {done_epochs + 1}/3" in output and "Epoch 1/3" not in output
+    assert f"resuming from epoch {done_epochs + 1} of 3 (backup in " in output
     from keras_resnet.training.plots import read_history_csv
 
     assert read_history_csv(tmp_path / "run" / "history.csv")["epoch"] == [0, 1, 2]

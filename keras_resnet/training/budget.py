@@ -1,0 +1,199 @@
+"""A time budget for a training run: the epochs that fit, measured on this machine first.
+
+With `train.time_budget_minutes` set, `plan_epochs` times a few training and
+validation steps of a throwaway copy of the model (same architecture, dtype
+policy, loss and input pipeline) before training starts, estimates one
+epoch, and chooses the number of epochs that fit in what is left of the
+budget, at most `train.epochs`. The learning-rate schedule is then laid out
+over the chosen epochs (the warm-up shrinks in proportion), so a short run
+is a complete run, not the first part of a long one. The plan is printed up
+front and kept in the run's backup folder: a resumed run follows it instead
+of measuring again.
+
+The budget covers the `train` command: data loading, the measurement, the
+epochs and the final evaluation of the best model; not installation or exports.
+"""
+
+import copy
+import math
+import os
+import time
+
+import keras
+
+from keras_resnet.errors import ConfigError
+from keras_resnet.runs import read_json, write_json
+
+PLAN_FILE = "time_budget.json"
+# Per epoch beyond the steps: best/last .keras saves, the backup, history.csv and the plot.
+EPOCH_OVERHEAD_SECONDS = 4.0
+# Epoch estimates are multiplied by this before fitting them into the budget (noisy machines).
+SAFETY_FACTOR = 1.1
+WARMUP_STEPS = 3
+TIMED_STEPS = 10
+
+
+class _BatchClock(keras.callbacks.Callback):
+    """Timestamps of the end of every training and validation batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.train, self.test = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.train.append(time.perf_counter())
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.test.append(time.perf_counter())
+
+
+def _seconds_per_step(stamps, warmup):
+    """Mean seconds per step after the first `warmup` steps (tracing, pipeline start-up)."""
+    timed = stamps[warmup - 1:]
+    return (timed[-1] - timed[0]) / (len(timed) - 1)
+
+
+def _batches(dataset):
+    count = int(dataset.cardinality())
+    if count < 0:  # unknown (a filter) or infinite: count once
+        count = sum(1 for _ in dataset)
+    return count
+
+
+def measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch):
+    """Seconds of one epoch of `model` on this machine, from a few timed steps of a copy.
+
+    Args:
+        model: the model to train (not modified: a `clone_model` copy is timed).
+        compile_model: `compile_model(model)` compiles a model as training will
+            (loss, metrics, jit_compile); its optimizer's state is thrown away.
+        train_ds, val_ds: the datasets `fit` will get.
+        steps_per_epoch: optimizer steps per epoch.
+
+    Returns:
+        A dict: `train_step_seconds`, `val_step_seconds`, `val_batches`,
+        `epoch_seconds` (steps + validation + `EPOCH_OVERHEAD_SECONDS`) and
+        `measure_seconds` (what the measurement itself took).
+    """
+    start = time.perf_counter()
+    probe = keras.models.clone_model(model)
+    compile_model(probe)
+    clock = _BatchClock()
+    train_steps = WARMUP_STEPS + TIMED_STEPS
+    probe.fit(train_ds.repeat(), steps_per_epoch=train_steps, epochs=1, verbose=0, callbacks=[clock], shuffle=False)
+    val_batches = _batches(val_ds)
+    val_steps = min(val_batches, WARMUP_STEPS + TIMED_STEPS)
+    probe.evaluate(val_ds.take(val_steps), verbose=0, callbacks=[clock])
+    train_step = _seconds_per_step(clock.train, WARMUP_STEPS)
+    val_step = _seconds_per_step(clock.test, min(WARMUP_STEPS, val_steps - 1)) if val_steps > 1 else 0.0
+    del probe
+    return {
+        "train_step_seconds": round(train_step, 4),
+        "val_step_seconds": round(val_step, 4),
+        "val_batches": val_batches,
+        "epoch_seconds": round(steps_per_epoch * train_step + val_batches * val_step + EPOCH_OVERHEAD_SECONDS, 1),
+        "measure_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def choose_epochs(budget_minutes, elapsed_seconds, measured, max_epochs):
+    """Epochs (>= 1, <= `max_epochs`) whose estimated time fits in the rest of the budget.
+
+    The rest is the budget minus `elapsed_seconds` (data loading and the
+    measurement) minus one validation pass for the final evaluation of the
+    best model; each epoch counts `SAFETY_FACTOR` times its estimate.
+    """
+    final_evaluation = measured["val_batches"] * measured["val_step_seconds"]
+    available = budget_minutes * 60.0 - elapsed_seconds - final_evaluation
+    fits = math.floor(available / (measured["epoch_seconds"] * SAFETY_FACTOR))
+    return max(1, min(max_epochs, fits))
+
+
+def check_budget_settings(cfg):
+    """ConfigError where `train.time_budget_minutes` cannot be honoured."""
+    train_cfg = cfg["train"]
+    if train_cfg["time_budget_minutes"] is None:
+        return
+    if train_cfg["head_epochs"]:
+        raise ConfigError(
+            f"train.time_budget_minutes={train_cfg['time_budget_minutes']} does not combine with "
+            f"train.head_epochs={train_cfg['head_epochs']} (a two-phase run); set one of them to null/0"
+        )
+    if train_cfg["strategy"] == "multi_worker":
+        raise ConfigError(
+            "train.time_budget_minutes is not supported with train.strategy=multi_worker; set it to null "
+            "and choose train.epochs"
+        )
+
+
+def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, backup_root, run_started):
+    """The recipe to train under `train.time_budget_minutes`: `cfg` with the epochs that fit.
+
+    Without a budget, returns `(cfg, None)`. Otherwise measures an epoch
+    (`measure_epoch`), chooses the epochs (`choose_epochs`), prints the plan,
+    stores it in `backup_root` (a resumed run reuses it) and returns
+    `(planned cfg, plan)`: `train.epochs` is the chosen count and
+    `train.warmup_epochs` shrinks in the same proportion, so the schedule
+    spans the run that will happen.
+
+    Args:
+        cfg: the recipe.
+        model, compile_model, train_ds, val_ds, steps_per_epoch: see `measure_epoch`.
+        backup_root: the run's backup folder (deleted when the run finishes).
+        run_started: `time.time()` when the `train` command started.
+    """
+    budget = cfg["train"]["time_budget_minutes"]
+    if budget is None:
+        return cfg, None
+    path = os.path.join(backup_root, PLAN_FILE)
+    recipe_epochs = cfg["train"]["epochs"]
+    if os.path.exists(path):
+        plan = read_json(path)
+        print(f"time budget: resuming the plan made when this run started ({path}): "
+              f"{plan['epochs']} of {recipe_epochs} epochs")
+    else:
+        measured = measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch)
+        elapsed = time.time() - run_started
+        epochs = choose_epochs(budget, elapsed, measured, recipe_epochs)
+        plan = {
+            "budget_minutes": budget,
+            "recipe_epochs": recipe_epochs,
+            "epochs": epochs,
+            "warmup_epochs": round(cfg["train"]["warmup_epochs"] * epochs / recipe_epochs, 4),
+            "steps_per_epoch": steps_per_epoch,
+            "policy": keras.mixed_precision.dtype_policy().name,
+            "elapsed_seconds_before_training": round(elapsed, 1),
+            "estimated_minutes": round((elapsed + epochs * measured["epoch_seconds"]
+                                        + measured["val_batches"] * measured["val_step_seconds"]) / 60.0, 1),
+            **measured,
+        }
+        print(describe_plan(plan))
+        os.makedirs(backup_root, exist_ok=True)
+        write_json(path, plan)
+    planned = copy.deepcopy(cfg)
+    planned["train"]["epochs"] = plan["epochs"]
+    planned["train"]["warmup_epochs"] = plan["warmup_epochs"]
+    return planned, plan
+
+
+def describe_plan(plan):
+    """The plan in words: the measurement, the epochs chosen and why, the expected time."""
+    epochs, recipe_epochs = plan["epochs"], plan["recipe_epochs"]
+    epoch_minutes = plan["epoch_seconds"] / 60.0
+    head = (
+        f"time budget {plan['budget_minutes']:g} min: one epoch takes ~{epoch_minutes:.1f} min here "
+        f"({plan['steps_per_epoch']} steps x {plan['train_step_seconds']:.3f} s + {plan['val_batches']} validation "
+        f"batches x {plan['val_step_seconds']:.3f} s, policy {plan['policy']}); "
+        f"{plan['elapsed_seconds_before_training'] / 60.0:.1f} min used before training. "
+    )
+    if epochs == recipe_epochs:
+        return head + f"All {recipe_epochs} epochs fit: expect ~{plan['estimated_minutes']:.0f} min."
+    reason = ("even one epoch is over the budget, so training 1" if epochs == 1 and
+              epoch_minutes * SAFETY_FACTOR > plan["budget_minutes"] else f"training {epochs}")
+    return head + (
+        f"{reason} of the recipe's {recipe_epochs} epochs, with the learning-rate schedule laid out over "
+        f"{epochs} (warm-up {plan['warmup_epochs']:g} epochs): expect ~{plan['estimated_minutes']:.0f} min. "
+        "Accuracy will be lower than a full run; set train.time_budget_minutes=null (or raise it) for all "
+        f"{recipe_epochs}."
+    )
+

@@ -1,0 +1,120 @@
+"""train.time_budget_minutes: measure an epoch, choose the epochs that fit, lay the schedule over them."""
+
+import json
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_resnet.cli import main
+from keras_resnet.config import load_config
+from keras_resnet.errors import ConfigError
+from keras_resnet.training import budget
+from keras_resnet.training.classification import evaluate_classifier
+from keras_resnet.training.plots import read_history_csv
+from tests.helpers import tiny_classifier
+from tests.training.test_classification import make_toy_folders, write_recipe
+
+MEASURED = {"train_step_seconds": 0.5, "val_step_seconds": 0.25, "val_batches": 8, "epoch_seconds": 60.0,
+            "measure_seconds": 1.0}
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return make_toy_folders(tmp_path_factory.mktemp("toy"))
+
+
+def test_choose_epochs_fits_the_rest_of_the_budget():
+    # 10 min - 60 s used - 2 s final evaluation = 538 s; 538 / (60 * 1.1) = 8.15 -> 8 epochs.
+    assert budget.choose_epochs(10, 60.0, MEASURED, max_epochs=16) == 8
+    assert budget.choose_epochs(10, 60.0, MEASURED, max_epochs=5) == 5  # never more than the recipe's
+    assert budget.choose_epochs(0.5, 60.0, MEASURED, max_epochs=16) == 1  # at least one epoch
+    assert budget.choose_epochs(10, 0.0, {**MEASURED, "epoch_seconds": 600.0}, max_epochs=16) == 1
+
+
+def test_measure_epoch_times_a_copy_and_leaves_the_model_alone():
+    model = tiny_classifier(channels=1, num_classes=3, size=16)
+    before = [w.numpy().copy() for w in model.weights]
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (64, 16, 16, 1)).astype("float32")
+    labels = tf.one_hot(rng.integers(0, 3, 64), 3)
+    train_ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    val_ds = tf.data.Dataset.from_tensor_slices((images[:40], labels[:40])).batch(8)
+
+    def compile_model(probe):
+        probe.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+
+    measured = budget.measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch=100)
+    assert measured["train_step_seconds"] > 0 and measured["val_step_seconds"] > 0
+    assert measured["val_batches"] == 5
+    expected = 100 * measured["train_step_seconds"] + 5 * measured["val_step_seconds"] + budget.EPOCH_OVERHEAD_SECONDS
+    assert measured["epoch_seconds"] == pytest.approx(expected, abs=0.2)
+    for old, new in zip(before, model.weights):
+        np.testing.assert_array_equal(old, new.numpy())
+    assert getattr(model, "optimizer", None) is None  # the copy was compiled, not the model
+
+
+def test_budget_run_trains_the_epochs_that_fit_with_the_schedule_over_them(toy_data, tmp_path, monkeypatch, capsys):
+    # An epoch "takes" 60 s (66 s with the safety factor): a 3-minute budget fits 2 of the recipe's 30 epochs (whatever this machine's speed).
+    monkeypatch.setattr(budget, "measure_epoch", lambda *args: dict(MEASURED))
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=30, optimizer="sgd",
+                          learning_rate=0.05, warmup_epochs=3, schedule="cosine", time_budget_minutes=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "time budget 3 min: one epoch takes ~1.0 min here" in out
+    assert "training 2 of the recipe's 30 epochs" in out and "warm-up 0.2 epochs" in out
+    history = read_history_csv(tmp_path / "run" / "history.csv")
+    assert history["epoch"] == [0, 1]
+    # The cosine ends at 0 after the 2 chosen epochs (over 30 it would still be near its 0.05 peak).
+    assert history["learning_rate"][-1] < 1e-6 < history["learning_rate"][0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["time_budget"]["epochs"] == 2 and metrics["epochs"] == 2
+    assert not (tmp_path / "run" / "backup").exists()
+    # Not a terminal: one line per epoch (verbose=2), no progress-bar redraws, no shuffle warning.
+    assert "\x08" not in out and "\r" not in out
+    assert not [w for w in caught if "shuffle" in str(w.message)]
+
+
+def test_a_resumed_run_follows_its_stored_plan(tmp_path, monkeypatch, capsys):
+    def must_not_measure(*args):
+        raise AssertionError("a resumed run measured again")
+
+    monkeypatch.setattr(budget, "measure_epoch", must_not_measure)
+    cfg = load_config(None, ["train.epochs=30", "train.time_budget_minutes=5", "train.warmup_epochs=3"])
+    (tmp_path / budget.PLAN_FILE).write_text(json.dumps({"epochs": 4, "warmup_epochs": 0.4}))
+    planned, plan = budget.plan_epochs(cfg, None, None, None, None, 10, str(tmp_path), 0.0)
+    assert (planned["train"]["epochs"], planned["train"]["warmup_epochs"]) == (4, 0.4)
+    assert cfg["train"]["epochs"] == 30  # the recipe itself is unchanged
+    assert "resuming the plan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.head_epochs=1"], "does not combine with train.head_epochs=1"),
+    (["train.strategy=multi_worker"], "not supported with train.strategy=multi_worker"),
+])
+def test_budget_settings_it_cannot_honour_are_config_errors(overrides, message):
+    cfg = load_config(None, ["train.time_budget_minutes=5", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        budget.check_budget_settings(cfg)
+
+
+def test_evaluate_names_the_loss_training_reports(tmp_path):
+    rng = np.random.default_rng(1)
+    dense = keras.layers.Dense(3, activation="softmax")
+    model = keras.Sequential([keras.Input((16, 16, 1)), keras.layers.Flatten(), dense])
+    dense.set_weights([rng.normal(0, 2e-3, (256, 3)).astype("float32"), np.zeros(3, "float32")])
+    images = rng.uniform(0, 255, (24, 16, 16, 1)).astype("float32")
+    labels = rng.integers(0, 3, 24)
+    val_ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    metrics = evaluate_classifier(model, val_ds, ["a", "b", "c"], str(tmp_path), label_smoothing=0.4)
+    probabilities = model.predict(images, verbose=0)
+    onehot = keras.ops.one_hot(labels, 3)
+    plain = float(keras.losses.CategoricalCrossentropy()(onehot, probabilities))
+    smoothed = float(keras.losses.CategoricalCrossentropy(label_smoothing=0.4)(onehot, probabilities))
+    assert metrics["loss"] == pytest.approx(plain, rel=1e-4)
+    assert metrics["loss_label_smoothed"] == pytest.approx(smoothed, rel=1e-4)
+    assert abs(smoothed - plain) > 1e-3  # the two definitions differ, so the check can fail
