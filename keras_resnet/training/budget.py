@@ -109,6 +109,31 @@ def choose_epochs(budget_minutes, elapsed_seconds, measured, max_epochs):
     return max(1, min(max_epochs, fits))
 
 
+class StopAtDeadline(keras.callbacks.Callback):
+    """Ends `fit` after an epoch when one more epoch would end past `deadline` (a `time.time()`).
+
+    The plan's safety net: when the machine gets slower after the measurement
+    (other work starts), the run stops within its budget, and says so,
+    instead of overrunning it.
+    """
+
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+        self.epoch_started = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        took = time.time() - self.epoch_started
+        if epoch + 1 < self.params["epochs"] and time.time() + took > self.deadline:
+            self.model.stop_training = True
+            print(f"time budget: epoch {epoch + 1} took {took / 60:.1f} min, more than measured before training "
+                  f"(the machine is busier now); another would end past the budget, so training stops after "
+                  f"epoch {epoch + 1} of {self.params['epochs']}")
+
+
 def check_budget_settings(cfg):
     """ConfigError where `train.time_budget_minutes` cannot be honoured."""
     train_cfg = cfg["train"]
@@ -134,7 +159,8 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     stores it in `backup_root` (a resumed run reuses it) and returns
     `(planned cfg, plan)`: `train.epochs` is the chosen count and
     `train.warmup_epochs` shrinks in the same proportion, so the schedule
-    spans the run that will happen.
+    spans the run that will happen. A new plan's `deadline` (a
+    `time.time()`) is for `StopAtDeadline`.
 
     Args:
         cfg: the recipe.
@@ -149,6 +175,7 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     recipe_epochs = cfg["train"]["epochs"]
     if os.path.exists(path):
         plan = read_json(path)
+        plan.pop("deadline", None)  # a resumed run has no clock to keep
         print(f"time budget: resuming the plan made when this run started ({path}): "
               f"{plan['epochs']} of {recipe_epochs} epochs")
     else:
@@ -170,6 +197,8 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
         print(describe_plan(plan))
         os.makedirs(backup_root, exist_ok=True)
         write_json(path, plan)
+        final_evaluation = measured["val_batches"] * measured["val_step_seconds"]
+        plan["deadline"] = run_started + budget * 60.0 - final_evaluation
     planned = copy.deepcopy(cfg)
     planned["train"]["epochs"] = plan["epochs"]
     planned["train"]["warmup_epochs"] = plan["warmup_epochs"]

@@ -89,16 +89,16 @@ def _compile(model, train_cfg, optimizer):
 
 
 def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per_epoch, learning_rate,
-               warmup, backup_dir, paths):
+               warmup, backup_dir, paths, extra_callbacks=()):
     train_cfg = cfg["train"]
     _compile(model, train_cfg,
              engine.make_optimizer(train_cfg, steps_per_epoch, epochs - initial_epoch, learning_rate, warmup))
     engine.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg["model"]["backbone"],
             panels=CLASSIFICATION_PANELS, best_key="top1", backup_dir=backup_dir, epochs=epochs,
-            initial_epoch=initial_epoch)
+            initial_epoch=initial_epoch, extra_callbacks=extra_callbacks)
 
 
-def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths):
+def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths, extra_callbacks=()):
     train_cfg = cfg["train"]
     epochs, head_epochs = train_cfg["epochs"], min(train_cfg["head_epochs"], train_cfg["epochs"])
     head_done = os.path.join(paths.backup_root, "head_phase.weights.h5")
@@ -124,7 +124,7 @@ def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths):
             learning_rate = train_cfg["learning_rate"] / 10
         _fit_phase(model, cfg, train_ds, val_ds, epochs=epochs, initial_epoch=head_epochs,
                    steps_per_epoch=steps_per_epoch, learning_rate=learning_rate, warmup=not head_epochs,
-                   backup_dir=os.path.join(paths.backup_root, "main"), paths=paths)
+                   backup_dir=os.path.join(paths.backup_root, "main"), paths=paths, extra_callbacks=extra_callbacks)
 
 
 # ----------------------------------------------------------------------------
@@ -345,7 +345,8 @@ def train_classification(cfg):
                                        engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"])),
                 train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
             )
-            _fit(model, fit_cfg, train_onehot, val_onehot, steps_per_epoch, paths)
+            deadline = [budget.StopAtDeadline(plan.pop("deadline"))] if plan and "deadline" in plan else []
+            _fit(model, fit_cfg, train_onehot, val_onehot, steps_per_epoch, paths, extra_callbacks=deadline)
     train_seconds = time.time() - start
     if not is_chief:
         shutil.rmtree(output_dir, ignore_errors=True)

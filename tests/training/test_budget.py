@@ -1,6 +1,7 @@
 """train.time_budget_minutes: measure an epoch, choose the epochs that fit, lay the schedule over them."""
 
 import json
+import time
 import warnings
 
 import keras
@@ -118,3 +119,14 @@ def test_evaluate_names_the_loss_training_reports(tmp_path):
     assert metrics["loss"] == pytest.approx(plain, rel=1e-4)
     assert metrics["loss_label_smoothed"] == pytest.approx(smoothed, rel=1e-4)
     assert abs(smoothed - plain) > 1e-3  # the two definitions differ, so the check can fail
+
+
+def test_stop_at_deadline_ends_fit_when_another_epoch_would_overrun(capsys):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((8, 4), "float32"), np.zeros((8, 2), "float32")
+    history = model.fit(x, y, epochs=5, verbose=0, callbacks=[budget.StopAtDeadline(time.time() + 3600)])
+    assert len(history.history["loss"]) == 5  # far from the deadline: every epoch
+    history = model.fit(x, y, epochs=5, verbose=0, callbacks=[budget.StopAtDeadline(time.time())])
+    assert len(history.history["loss"]) == 1
+    assert "training stops after epoch 1 of 5" in capsys.readouterr().out
