@@ -97,7 +97,8 @@ SCHEMA: dict[str, Any] = {
     "task": Field(("str",), "classification", allowed=TASKS),
     "model": {
         "backbone": Field(("str",), "resnet20_cifar"),
-        "num_classes": Field(("int",), 10, check=_at_least(2)),
+        # Detection: >= 1 (sigmoid focal loss, no background class); classification and segmentation: >= 2.
+        "num_classes": Field(("int",), 10, check=_at_least(1)),
         "input_shape": Field(("list",), [28, 28, 1], check=_check_input_shape),
         "weights": Field(("str",), None),
         "freeze_stages": Field(("int",), -1, check=_at_least(-1)),
@@ -227,6 +228,13 @@ def load_config(path_or_dict: str | os.PathLike | Mapping | None = None, overrid
 def _check_task_fits(config: dict, source: str) -> None:
     """The data source must serve the task; per-class lists must match model.num_classes."""
     task, data_source = config["task"], config["data"]["source"]
+    num_classes = config["model"]["num_classes"]
+    if num_classes < 2 and task != "detection":
+        needs = "background + at least one class" if task == "segmentation" else "at least two classes"
+        raise ConfigError(
+            f"'model.num_classes'={num_classes} in {source}: task {task!r} needs {needs}, so >= 2 "
+            "(detection alone takes 1: one object class, no background class)"
+        )
     fitting = SOURCES_BY_TASK[task]
     if data_source not in fitting:
         raise ConfigError(
@@ -394,6 +402,14 @@ def _apply_override(config: dict, override: str) -> None:
         prefix += part + "."
 
 
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
@@ -413,7 +429,11 @@ def _validate(config: dict, schema: Mapping, source: str, prefix: str) -> None:
             expected = " or ".join(_ARTICLES[t] for t in spec.types)
             if spec.default is None:
                 expected += " or null"
-            raise ConfigError(f"'{name}' must be {expected}, got {_describe(value)}")
+            hint = ""
+            if "float" in spec.types and isinstance(value, str) and _looks_like_float(value):
+                # YAML 1.1 (PyYAML) reads 1e-3 as text: a float needs a dot (1.0e-3) or plain digits (0.001).
+                hint = f"; YAML reads {value} as text: write {float(value)!r} or put a dot in the mantissa (1.0e-3)"
+            raise ConfigError(f"'{name}' must be {expected}, got {_describe(value)}{hint}")
         if spec.allowed is not None and not any(
             value == option and type(value) is type(option) for option in spec.allowed
         ):

@@ -59,6 +59,12 @@ def test_unknown_key_names_allowed_keys_and_suggests(tmp_path):
     assert "allowed keys under 'train'" in message and "did you mean 'train.epochs'" in message
 
 
+def test_one_class_is_for_detection_only():
+    assert load_config(None, ["task=detection", "data.source=voc", "model.num_classes=1"])["model"]["num_classes"] == 1
+    with pytest.raises(ConfigError, match="task 'segmentation' needs background \\+ at least one class"):
+        load_config(None, ["task=segmentation", "data.source=mosaic", "model.num_classes=1"])
+
+
 def test_unknown_override_key_is_rejected():
     with pytest.raises(ConfigError, match="unknown key 'modle'"):
         load_config(None, ["modle.num_classes=3"])
@@ -70,8 +76,10 @@ def test_unknown_override_key_is_rejected():
         ("train.epochs=ten", "'train.epochs' must be an int, got 'ten' (str)"),
         ("train.epochs=true", "'train.epochs' must be an int, got True (bool)"),
         ("train.learning_rate=fast", "'train.learning_rate' must be a float"),
+        ("train.learning_rate=3e-3", "YAML reads 3e-3 as text: write 0.003"),
         ("train.epochs=null", "'train.epochs' must not be null"),
-        ("model.num_classes=1", "'model.num_classes' must be >= 2"),
+        ("model.num_classes=0", "'model.num_classes' must be >= 1"),
+        ("model.num_classes=1", "task 'classification' needs at least two classes, so >= 2"),
         ("model.input_shape=[20,20,2]", "'model.input_shape' must have 1 or 3 channels"),
         ("model.dropout=1.0", "'model.dropout' must be in [0, 1)"),
     ],

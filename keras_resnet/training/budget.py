@@ -96,38 +96,52 @@ def measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch):
     }
 
 
-def choose_epochs(budget_minutes, elapsed_seconds, measured, max_epochs):
-    """Epochs (>= 1, <= `max_epochs`) whose estimated time fits in the rest of the budget.
+def choose_run_length(budget_minutes, elapsed_seconds, measured, max_epochs, steps_per_epoch):
+    """`(epochs, steps per epoch)` whose estimated time fits in the rest of the budget.
 
     The rest is the budget minus `elapsed_seconds` (data loading and the
     measurement) minus one validation pass for the final evaluation of the
-    best model; each epoch counts `SAFETY_FACTOR` times its estimate.
+    best model; everything counts `SAFETY_FACTOR` times its estimate. Whole
+    epochs (at most `max_epochs`) where at least one fits; otherwise one
+    shortened epoch of the training steps that fit (at least 1), validated
+    on the whole validation set.
     """
-    final_evaluation = measured["val_batches"] * measured["val_step_seconds"]
-    available = budget_minutes * 60.0 - elapsed_seconds - final_evaluation
-    fits = math.floor(available / (measured["epoch_seconds"] * SAFETY_FACTOR))
-    return max(1, min(max_epochs, fits))
+    validation = measured["val_batches"] * measured["val_step_seconds"]
+    available = (budget_minutes * 60.0 - elapsed_seconds - validation) / SAFETY_FACTOR
+    fits = math.floor(available / measured["epoch_seconds"])
+    if fits >= 1:
+        return min(max_epochs, fits), steps_per_epoch
+    steps = math.floor((available - validation - EPOCH_OVERHEAD_SECONDS) / measured["train_step_seconds"])
+    return 1, max(1, min(steps_per_epoch, steps))
 
 
 class StopAtDeadline(keras.callbacks.Callback):
-    """Ends `fit` after an epoch when one more epoch would end past `deadline` (a `time.time()`).
+    """Ends `fit` before it would run past `deadline` (a `time.time()`).
 
-    The plan's safety net: when the machine gets slower after the measurement
-    (other work starts), the run stops within its budget, and says so,
-    instead of overrunning it.
+    The plan's safety net for a machine that gets slower after the
+    measurement (other work starts): after an epoch, training stops when one
+    more epoch like it would end past the deadline; within an epoch, it stops
+    at the step that leaves just `reserve_seconds` (validation, checkpoints)
+    before it. Either way the epoch is validated and saved, and the run says so.
     """
 
-    def __init__(self, deadline):
+    def __init__(self, deadline, reserve_seconds=0.0):
         super().__init__()
-        self.deadline = deadline
+        self.deadline, self.reserve_seconds = deadline, reserve_seconds
         self.epoch_started = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.time()
 
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.model.stop_training and time.time() + self.reserve_seconds > self.deadline:
+            self.model.stop_training = True
+            print(f"\ntime budget: the machine is slower than measured before training (busier now?); stopping "
+                  f"at step {batch + 1} of this epoch to validate and save within the budget")
+
     def on_epoch_end(self, epoch, logs=None):
         took = time.time() - self.epoch_started
-        if epoch + 1 < self.params["epochs"] and time.time() + took > self.deadline:
+        if not self.model.stop_training and epoch + 1 < self.params["epochs"] and time.time() + took > self.deadline:
             self.model.stop_training = True
             print(f"time budget: epoch {epoch + 1} took {took / 60:.1f} min, more than measured before training "
                   f"(the machine is busier now); another would end past the budget, so training stops after "
@@ -181,48 +195,57 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     else:
         measured = measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch)
         elapsed = time.time() - run_started
-        epochs = choose_epochs(budget, elapsed, measured, recipe_epochs)
+        epochs, steps = choose_run_length(budget, elapsed, measured, recipe_epochs, steps_per_epoch)
+        validation = measured["val_batches"] * measured["val_step_seconds"]
+        run_seconds = epochs * (steps * measured["train_step_seconds"] + validation + EPOCH_OVERHEAD_SECONDS)
         plan = {
             "budget_minutes": budget,
             "recipe_epochs": recipe_epochs,
             "epochs": epochs,
+            "steps_per_epoch": steps,
+            "full_steps_per_epoch": steps_per_epoch,
+            # The same fraction of the run as the recipe's warm-up (in epochs of `steps`).
             "warmup_epochs": round(cfg["train"]["warmup_epochs"] * epochs / recipe_epochs, 4),
-            "steps_per_epoch": steps_per_epoch,
             "policy": keras.mixed_precision.dtype_policy().name,
             "elapsed_seconds_before_training": round(elapsed, 1),
-            "estimated_minutes": round((elapsed + epochs * measured["epoch_seconds"]
-                                        + measured["val_batches"] * measured["val_step_seconds"]) / 60.0, 1),
+            "estimated_minutes": round((elapsed + run_seconds + validation) / 60.0, 1),
             **measured,
         }
         print(describe_plan(plan))
         os.makedirs(backup_root, exist_ok=True)
         write_json(path, plan)
-        final_evaluation = measured["val_batches"] * measured["val_step_seconds"]
-        plan["deadline"] = run_started + budget * 60.0 - final_evaluation
+        plan["deadline"] = run_started + budget * 60.0 - validation
+        plan["reserve_seconds"] = validation + EPOCH_OVERHEAD_SECONDS
     planned = copy.deepcopy(cfg)
     planned["train"]["epochs"] = plan["epochs"]
     planned["train"]["warmup_epochs"] = plan["warmup_epochs"]
+    if plan.get("steps_per_epoch", steps_per_epoch) < steps_per_epoch:
+        planned["train"]["steps_per_epoch"] = plan["steps_per_epoch"]
     return planned, plan
 
 
 def describe_plan(plan):
     """The plan in words: the measurement, the epochs chosen and why, the expected time."""
     epochs, recipe_epochs = plan["epochs"], plan["recipe_epochs"]
+    steps, full_steps = plan["steps_per_epoch"], plan["full_steps_per_epoch"]
     epoch_minutes = plan["epoch_seconds"] / 60.0
     head = (
         f"time budget {plan['budget_minutes']:g} min: one epoch takes ~{epoch_minutes:.1f} min here "
-        f"({plan['steps_per_epoch']} steps x {plan['train_step_seconds']:.3f} s + {plan['val_batches']} validation "
+        f"({full_steps} steps x {plan['train_step_seconds']:.3f} s + {plan['val_batches']} validation "
         f"batches x {plan['val_step_seconds']:.3f} s, policy {plan['policy']}); "
         f"{plan['elapsed_seconds_before_training'] / 60.0:.1f} min used before training. "
     )
-    if epochs == recipe_epochs:
-        return head + f"All {recipe_epochs} epochs fit: expect ~{plan['estimated_minutes']:.0f} min."
-    reason = ("even one epoch is over the budget, so training 1" if epochs == 1 and
-              epoch_minutes * SAFETY_FACTOR > plan["budget_minutes"] else f"training {epochs}")
+    expect = f"expect ~{plan['estimated_minutes']:.0f} min"
+    if epochs == recipe_epochs and steps == full_steps:
+        return head + f"All {recipe_epochs} epochs fit: {expect}."
+    if steps < full_steps:
+        what = (f"not even one epoch fits, so training 1 shortened epoch of {steps} of its {full_steps} steps "
+                f"({steps / full_steps:.0%} of the training images)")
+    else:
+        what = f"training {epochs} of the recipe's {recipe_epochs} epochs"
     return head + (
-        f"{reason} of the recipe's {recipe_epochs} epochs, with the learning-rate schedule laid out over "
-        f"{epochs} (warm-up {plan['warmup_epochs']:g} epochs): expect ~{plan['estimated_minutes']:.0f} min. "
-        "Accuracy will be lower than a full run; set train.time_budget_minutes=null (or raise it) for all "
-        f"{recipe_epochs}."
+        f"{what}, with the learning-rate schedule laid out over that (warm-up {plan['warmup_epochs']:g} epochs): "
+        f"{expect}. Accuracy will be lower than a full run; set train.time_budget_minutes=null (or raise it) "
+        f"for all {recipe_epochs} epochs."
     )
 

@@ -333,7 +333,7 @@ def train_classification(cfg):
             "num_val": info["num_val"],
         })
     start = time.time()
-    plan = None
+    plan, fit_steps = None, steps_per_epoch
     if train_cfg["strategy"] == "multi_worker":
         _fit_custom_loop(model, cfg, strategy, _one_hot(train_ds, num_classes), val_ds, steps_per_epoch, paths, is_chief)
     else:
@@ -345,8 +345,10 @@ def train_classification(cfg):
                                        engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"])),
                 train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
             )
-            deadline = [budget.StopAtDeadline(plan.pop("deadline"))] if plan and "deadline" in plan else []
-            _fit(model, fit_cfg, train_onehot, val_onehot, steps_per_epoch, paths, extra_callbacks=deadline)
+            deadline = ([budget.StopAtDeadline(plan.pop("deadline"), plan.pop("reserve_seconds"))]
+                        if plan and "deadline" in plan else [])
+            fit_steps = fit_cfg["train"]["steps_per_epoch"] or steps_per_epoch
+            _fit(model, fit_cfg, train_onehot, val_onehot, fit_steps, paths, extra_callbacks=deadline)
     train_seconds = time.time() - start
     if not is_chief:
         shutil.rmtree(output_dir, ignore_errors=True)
@@ -354,7 +356,7 @@ def train_classification(cfg):
     metrics = engine.finish_run(
         paths, lambda best: evaluate_classifier(best, val_ds, info["class_names"], output_dir,
                                                 train_cfg["label_smoothing"]),
-        steps_per_epoch, data_cfg["batch_size"], train_seconds,
+        fit_steps, data_cfg["batch_size"], train_seconds,
         extra={"time_budget": plan} if plan else None,
     )
     print(

@@ -27,12 +27,15 @@ def toy_data(tmp_path_factory):
     return make_toy_folders(tmp_path_factory.mktemp("toy"))
 
 
-def test_choose_epochs_fits_the_rest_of_the_budget():
-    # 10 min - 60 s used - 2 s final evaluation = 538 s; 538 / (60 * 1.1) = 8.15 -> 8 epochs.
-    assert budget.choose_epochs(10, 60.0, MEASURED, max_epochs=16) == 8
-    assert budget.choose_epochs(10, 60.0, MEASURED, max_epochs=5) == 5  # never more than the recipe's
-    assert budget.choose_epochs(0.5, 60.0, MEASURED, max_epochs=16) == 1  # at least one epoch
-    assert budget.choose_epochs(10, 0.0, {**MEASURED, "epoch_seconds": 600.0}, max_epochs=16) == 1
+def test_run_length_fits_the_rest_of_the_budget():
+    # (10 min - 60 s used - 2 s final evaluation) / 1.1 = 489 s; 489 / 60 s per epoch = 8.15 -> 8 whole epochs.
+    assert budget.choose_run_length(10, 60.0, MEASURED, max_epochs=16, steps_per_epoch=100) == (8, 100)
+    assert budget.choose_run_length(10, 60.0, MEASURED, max_epochs=5, steps_per_epoch=100) == (5, 100)
+    # Not even one 600-s epoch fits in 5 min: one shortened epoch, (270.9 - 2 - 4) / 0.5 = 529 -> all 100 steps
+    # would not fit at 5 s a step: (270.9 - 2 - 4) / 5 = 52 steps.
+    slow = {**MEASURED, "epoch_seconds": 600.0, "train_step_seconds": 5.0}
+    assert budget.choose_run_length(5, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 52)
+    assert budget.choose_run_length(0.1, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 1)  # at least a step
 
 
 def test_measure_epoch_times_a_copy_and_leaves_the_model_alone():
@@ -121,12 +124,31 @@ def test_evaluate_names_the_loss_training_reports(tmp_path):
     assert abs(smoothed - plain) > 1e-3  # the two definitions differ, so the check can fail
 
 
-def test_stop_at_deadline_ends_fit_when_another_epoch_would_overrun(capsys):
+def test_stop_at_deadline_stops_within_the_budget(capsys, monkeypatch):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse")
     x, y = np.zeros((8, 4), "float32"), np.zeros((8, 2), "float32")
-    history = model.fit(x, y, epochs=5, verbose=0, callbacks=[budget.StopAtDeadline(time.time() + 3600)])
+    history = model.fit(x, y, batch_size=2, epochs=5, verbose=0,
+                        callbacks=[budget.StopAtDeadline(time.time() + 3600, reserve_seconds=60)])
     assert len(history.history["loss"]) == 5  # far from the deadline: every epoch
-    history = model.fit(x, y, epochs=5, verbose=0, callbacks=[budget.StopAtDeadline(time.time())])
-    assert len(history.history["loss"]) == 1
-    assert "training stops after epoch 1 of 5" in capsys.readouterr().out
+    # Past the deadline minus the reserve: the first step ends the epoch, which is still validated and logged.
+    history = model.fit(x, y, batch_size=2, epochs=5, verbose=0, validation_data=(x, y),
+                        callbacks=[budget.StopAtDeadline(time.time() + 30, reserve_seconds=60)])
+    assert len(history.history["val_loss"]) == 1
+    assert "stopping at step 1 of this epoch" in capsys.readouterr().out
+    # At an epoch end: another epoch as long as this one (100 s) would end past the deadline (at 150 s).
+    clock = {"now": 0.0}
+    monkeypatch.setattr(budget.time, "time", lambda: clock["now"])
+    callback = budget.StopAtDeadline(150.0)
+    callback.set_model(model)
+    callback.set_params({"epochs": 5})
+    model.stop_training = False
+    callback.on_epoch_begin(0)
+    clock["now"] = 40.0
+    callback.on_epoch_end(0)
+    assert not model.stop_training  # 40 s + 40 s < 150 s
+    callback.on_epoch_begin(1)
+    clock["now"] = 140.0
+    callback.on_epoch_end(1)
+    assert model.stop_training
+    assert "training stops after epoch 2 of 5" in capsys.readouterr().out
