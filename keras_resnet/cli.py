@@ -1,63 +1,17 @@
-"""The `keras-resnet` command line.
+"""The commands of `keras-resnet` that need Keras and TensorFlow: summary, train, evaluate, export, predict.
 
-    keras-resnet models                      presets with params and GMACs
-    keras-resnet summary NAME                Keras summary of a preset
-    keras-resnet train CONFIG [--set k=v]    train a task recipe
-    keras-resnet evaluate CONFIG [--set k=v] evaluate a recipe's model
-    keras-resnet export MODEL [--format F]   export to SavedModel, TFLite or ONNX
-    keras-resnet predict MODEL IMAGE...      top-k classes, mask overlays of a segmenter, boxes of a detector
-
-User errors (a bad config key, a missing file, an unknown preset...: any
-`keras_resnet.errors.KerasResNetError`, and a path that is missing, unreadable
-or unwritable) print one line and exit with status 2; set KERAS_RESNET_DEBUG=1
-for their tracebacks. Anything else is an internal error (a bug in keras_resnet,
-Keras or TensorFlow): its traceback is shown, with a request to report it, and
-the exit status is 1.
+The command line itself (flags, `--help`, `models`, exit statuses) is the
+`keras_resnet_cli` package, which starts without TensorFlow and imports this
+module only for these commands. `main(argv)` runs the whole command line from
+Python (as `python -m keras_resnet.cli` does).
 """
 
-import argparse
-import errno
-import os
 import sys
-import traceback
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from keras_resnet.errors import ConfigError, KerasResNetError  # noqa: E402  (imports nothing heavy)
-from keras_resnet.runs import finite_json  # noqa: E402  (imports nothing heavy)
-
-# OSErrors about the user's paths or machine, not bugs: one line, exit 2.
-USER_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG)
-
-
-def _cmd_models(args):
-    from rich.console import Console
-    from rich.progress import track
-    from rich.table import Table
-
-    from keras_resnet import ResNetClassifier
-    from keras_resnet.models.resnet.analysis import count_macs, count_trainable_params
-    from keras_resnet.models.resnet.presets import PRESETS
-
-    names = [n for n in PRESETS if not args.filter or args.filter in n]
-    table = Table(title="keras_resnet presets")
-    for column in ("preset", "input", "classes", "params (M)", "GMACs", "description"):
-        table.add_column(column, justify="right" if column in ("params (M)", "GMACs", "classes") else "left")
-    for name in track(names, description="building presets", transient=True, console=Console(stderr=True)):
-        cifar = name.endswith("_cifar")
-        size, classes = (32, 10) if cifar else (224, 1000)
-        model = ResNetClassifier.from_preset(name, num_classes=classes, input_shape=(size, size, 3))
-        table.add_row(
-            name,
-            f"{size}x{size}",
-            str(classes),
-            f"{count_trainable_params(model) / 1e6:.2f}",
-            f"{count_macs(model) / 1e9:.3f}",
-            PRESETS[name]["description"],
-        )
-    Console().print(table)
+from keras_resnet.errors import ConfigError
+from keras_resnet.runs import finite_json
+from keras_resnet_cli.dispatch import run
 
 
 def _cmd_summary(args):
@@ -81,20 +35,6 @@ def _cmd_evaluate(args):
     from keras_resnet.training.runner import evaluate_from_config
 
     evaluate_from_config(args.config, args.set)
-
-
-def _positive_int_arg(text, alternative=""):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int{alternative}, got {text!r}")
-    return value
-
-
-def _batch_size_arg(text):
-    return text if text == "dynamic" else _positive_int_arg(text, " or 'dynamic'")
 
 
 def _cmd_export(args):
@@ -202,114 +142,18 @@ def _predict_detections(args):
     console.print(f"boxes drawn in {Path(results[0]['output']).parent}" if results else "no images")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="keras-resnet", description="Residual networks for Keras 3.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("models", help="list the backbone presets with params and GMACs")
-    p.add_argument("--filter", default="", help="only presets whose name contains this")
-    p.set_defaults(func=_cmd_models)
-
-    p = sub.add_parser("summary", help="print the Keras summary of a preset")
-    p.add_argument("name", help="preset name (see `keras-resnet models`)")
-    p.add_argument("--input-size", type=_positive_int_arg, default=None, help="square input size (224; 32 for *_cifar)")
-    p.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.set_defaults(func=_cmd_summary)
-
-    for name, func, text in (
-        ("train", _cmd_train, "train a task recipe (YAML)"),
-        ("evaluate", _cmd_evaluate, "evaluate the trained model of a recipe"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("config", help="recipe YAML, e.g. tasks/classification/fashion_mnist_resnet20.yaml")
-        p.add_argument(
-            "--set", nargs="+", default=[], metavar="KEY=VALUE",
-            help="override recipe keys; values parse as YAML (train.epochs=3 model.input_shape=[20,20,1])",
-        )
-        if name == "train":
-            p.add_argument(
-                "--restart", action="store_true",
-                help="start the run over: move the output_dir's earlier run (backup, models, history) to previous/",
-            )
-        p.set_defaults(func=func)
-
-    p = sub.add_parser("export", help="export a trained model to SavedModel, TFLite or ONNX, checking parity")
-    p.add_argument("model", help="a .keras file or a training run output_dir (classifier, segmenter or detector)")
-    p.add_argument("--format", default="saved_model", choices=("saved_model", "tflite", "onnx"))
-    p.add_argument(
-        "--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
-        help="TFLite quantization (int8: full integer, needs calibration images)",
-    )
-    p.add_argument(
-        "--calibration", default=None, metavar="RECIPE_OR_FOLDER",
-        help="recipe YAML or image folder: int8 calibration and parity images (default: the run's recipe)",
-    )
-    p.add_argument("--input-size", type=_positive_int_arg, nargs=2, default=None, metavar=("H", "W"))
-    p.add_argument("--batch-size", type=_batch_size_arg, default=1, metavar="N|dynamic")
-    p.add_argument("--output", default=None, metavar="DIR", help="output folder (default saved_models/<name>/)")
-    p.add_argument("--parity-samples", type=int, default=100, help="images compared with the Keras model")
-    p.add_argument(
-        "--int8-min-agreement", type=float, default=None,
-        help="minimum int8 agreement with the Keras model: top-1 over images for classifiers (default 0.99), "
-        "argmax over pixels for segmenters (default 0.98), Keras detections matched by class at IoU >= 0.5 "
-        "for detectors (default 0.9)",
-    )
-    p.add_argument(
-        "--detection-outputs", default="decoded", choices=("decoded", "raw"),
-        help="detectors, TFLite/ONNX: 'decoded' (boxes, scores, classes, num_detections; NMS inside) or 'raw' "
-        "(anchor deltas and logits; decode with the decoder in the metadata JSON)",
-    )
-    p.add_argument("--score-threshold", type=float, default=None, help="detectors: decoder score threshold "
-                   "(default: the run's)")
-    p.add_argument("--iou-threshold", type=float, default=None, help="detectors: NMS IoU threshold")
-    p.add_argument("--max-detections", type=int, default=None, help="detectors: detections per image")
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("predict", help="top-k classes, mask overlays (segmenters) or boxes (detectors) of images")
-    p.add_argument("model", help="a .keras file, run dir, SavedModel dir, .tflite or .onnx")
-    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--output", default=None, metavar="DIR",
-                   help="segmentation and detection: folder for mask/overlay or <stem>_boxes.png PNGs "
-                   "(default: predictions/ in the run dir, or beside the model file or export)")
-    p.add_argument("--score-threshold", type=float, default=None,
-                   help="detectors: minimum score (default: the model's decoder setting)")
-    p.add_argument("--max-detections", type=int, default=None, help="detectors: at most this many boxes per image")
-    p.set_defaults(func=_cmd_predict)
-    return parser
-
-
-def is_user_error(error: BaseException) -> bool:
-    """True for errors caused by the user's input or machine: printed as one line, exit status 2."""
-    if isinstance(error, KerasResNetError):
-        return True
-    return isinstance(error, USER_PATH_ERRORS) or (isinstance(error, OSError) and error.errno in USER_OS_ERRNOS)
+COMMANDS = {
+    "summary": _cmd_summary,
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "export": _cmd_export,
+    "predict": _cmd_predict,
+}
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if not is_user_error(error):
-            traceback.print_exc()
-            print(
-                f"keras-resnet {args.command}: internal error ({type(error).__name__}): this is a bug in "
-                "keras_resnet, Keras or TensorFlow, not in your input; please report it to the keras_resnet "
-                "maintainers with the traceback above and the command you ran",
-                file=sys.stderr,
-            )
-            return 1
-        if os.environ.get("KERAS_RESNET_DEBUG"):
-            raise
-        print(f"keras-resnet {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    """Run `keras-resnet` with `argv` (default: the command line); returns the exit status."""
+    return run(argv, lambda: COMMANDS)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,25 @@
-"""`keras-resnet models` and `summary`, and how the CLI reports user and internal errors."""
+"""`keras-resnet models` and `summary`, the flags, start-up without TensorFlow, and how the CLI
+reports user and internal errors."""
 
+import argparse
 import errno
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from importlib.metadata import entry_points
 
 import pytest
 
-from keras_resnet import ResNetClassifier
+from keras_resnet import PRESETS, ResNetClassifier
 from keras_resnet.cli import main
 from keras_resnet.errors import ConfigError, DataError
+from keras_resnet_cli.dispatch import quiet_tensorflow
+from keras_resnet_cli.parser import build_parser
+
+# TensorFlow's C++ start-up lines (absl::InitializeLog, cpu_feature_guard) and absl's Python ones.
+TF_LOG_MARKERS = ("absl", "cpu_feature_guard", "tensorflow", "oneDNN", "I0000", "W0000", "E0000")
 
 
 def test_models_lists_presets_with_params_and_gmacs(capsys):
@@ -56,3 +69,111 @@ def test_user_errors_print_one_line_and_exit_2(monkeypatch, capsys, error):
     assert main(["summary", "resnet18"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("keras-resnet summary: error: ") and "Traceback" not in err[0]
+
+
+def run_front_door(commands, env=None):
+    """Run `keras_resnet_cli.main` on each argv in a fresh interpreter with TensorFlow's log defaults:
+    (seconds per argv, stdout, stderr); fails if Keras or TensorFlow got imported."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        start = time.perf_counter()
+        import keras_resnet_cli
+        for argv in {commands!r}:
+            try:
+                keras_resnet_cli.main(argv)
+            except SystemExit:
+                pass
+            print("SECONDS", argv, time.perf_counter() - start, file=sys.stderr)
+            start = time.perf_counter()
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "keras_resnet"))
+        print("HEAVY", heavy, file=sys.stderr)
+    """)
+    env = {key: value for key, value in os.environ.items() if key not in ("TF_CPP_MIN_LOG_LEVEL", "COLUMNS")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stderr.splitlines()
+    assert "HEAVY []" in lines, result.stderr[-4000:]
+    seconds = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("SECONDS")]
+    others = [line for line in lines if not line.startswith(("SECONDS", "HEAVY"))]
+    return seconds, result.stdout, others
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["models"], ["models", "--wide"]])
+def test_help_and_models_start_without_tensorflow_or_its_logs(argv):
+    started = time.perf_counter()
+    (seconds,), out, err = run_front_door([argv])
+    print(f"keras-resnet {' '.join(argv)}: {seconds:.3f} s in main, {time.perf_counter() - started:.2f} s in all")
+    assert not [line for line in err if any(marker in line for marker in TF_LOG_MARKERS)], err
+    assert err == [] and out
+    assert seconds < 5  # about 0.1 s on a quiet machine; loaded CI runners are slow
+
+
+def test_the_console_script_is_the_front_door():
+    (script,) = entry_points(group="console_scripts", name="keras-resnet")
+    assert script.value == "keras_resnet_cli:main"
+
+
+def test_a_usage_error_is_argparse_s_without_tensorflow():
+    _, _, err = run_front_door([["export", "m.keras", "--batch-size", "0"]])
+    assert err[-1] == "keras-resnet export: error: argument --batch-size: expected a positive int or 'dynamic', got '0'"
+
+
+def test_tensorflow_start_up_logs_are_silenced_unless_debugging(monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.setenv("KERAS_RESNET_DEBUG", "1")
+    quiet_tensorflow()
+    assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    monkeypatch.delenv("KERAS_RESNET_DEBUG")
+    quiet_tensorflow()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+
+
+def test_a_tensorflow_command_prints_no_tensorflow_log_lines():
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_resnet_cli", "summary", "resnet20_cifar", "--channels", "1"],
+        check=False, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0 and "conv4_block3_out" in result.stdout, result.stderr[-4000:]
+    assert result.stderr == ""
+
+
+def parsers(parser):
+    """The parser and, recursively, each subcommand's."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from parsers(sub)
+
+
+def test_every_flag_and_subcommand_has_help_text():
+    missing = [
+        f"{parser.prog}: {'/'.join(action.option_strings) or action.dest}"
+        for parser in parsers(build_parser())
+        for action in parser._actions
+        if not (action.help or "").strip()
+    ]
+    subcommands = [sub for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)
+                   for sub in action._choices_actions]
+    missing += [f"keras-resnet {sub.dest}" for sub in subcommands if not (sub.help or "").strip()]
+    assert len(subcommands) == 6 and not missing, missing
+
+
+def test_models_fits_100_columns_one_line_per_preset(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 100
+    rows = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    assert rows == list(PRESETS)  # no wrapped row: a continuation line has an empty preset cell
+
+
+def test_models_wide_shows_the_full_descriptions_unwrapped(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["models", "--wide", "--filter", "cifar"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    cifar = [name for name in PRESETS if "cifar" in name]
+    assert len(rows) == len(cifar) and all(PRESETS[n]["description"] in row for n, row in zip(cifar, rows))

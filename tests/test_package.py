@@ -2,6 +2,8 @@
 
 These read the source with `ast` (imports inside functions count too) and
 run fresh interpreters, so they hold whatever the test session imported.
+Both packages count: keras_resnet and keras_resnet_cli, the CLI's front door,
+which must start without Keras or TensorFlow (`import keras_resnet` imports them).
 """
 
 import ast
@@ -14,6 +16,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "keras_resnet"
+CLI_ROOT = PACKAGE_ROOT.with_name("keras_resnet_cli")
+PACKAGES = ("keras_resnet", "keras_resnet_cli")
 TESTS_ROOT = Path(__file__).resolve().parent
 MAX_MODULE_LINES = 700
 
@@ -32,8 +36,10 @@ ALLOWED_IMPORTS = {
     "export": {"models", "layers", "data", "config", "runs", "errors", "registry"},
     "predict": {"export", "models", "layers", "data", "config", "runs", "visualize", "errors", "registry"},
     "cli": {"models", "layers", "data", "config", "runs", "convert", "training", "export", "predict", "errors",
-            "registry", "visualize", "__init__"},
+            "registry", "visualize", "__init__", "keras_resnet_cli"},
     "__init__": {"layers", "models", "training"},
+    # The front door: keras_resnet.cli only, and only inside functions (test_the_cli_front_door_...).
+    "keras_resnet_cli": {"cli"},
 }
 # Inside these packages only the dispatching module imports the per-task modules.
 TASK_MODULES = ("classification", "segmentation", "detection")
@@ -41,11 +47,12 @@ DISPATCHERS = {"training": "keras_resnet.training.runner", "export": "keras_resn
 
 
 def module_name(path: Path) -> str:
-    parts = ["keras_resnet", *path.relative_to(PACKAGE_ROOT).with_suffix("").parts]
+    root = CLI_ROOT if path.is_relative_to(CLI_ROOT) else PACKAGE_ROOT
+    parts = [root.name, *path.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1]) if parts[-1] == "__init__" else ".".join(parts)
 
 
-MODULES = {module_name(path): path for path in sorted(PACKAGE_ROOT.rglob("*.py"))}
+MODULES = {module_name(path): path for root in (PACKAGE_ROOT, CLI_ROOT) for path in sorted(root.rglob("*.py"))}
 
 
 def is_package(name: str) -> bool:
@@ -54,17 +61,19 @@ def is_package(name: str) -> bool:
 
 def part_of(name: str) -> str:
     parts = name.split(".")
+    if parts[0] == "keras_resnet_cli":
+        return "keras_resnet_cli"
     return parts[1] if len(parts) > 1 else "__init__"
 
 
 def imports_of(name: str):
-    """(imported keras_resnet module, names taken from it, line) for every import in a module."""
+    """(imported keras_resnet(_cli) module, names taken from it, line) for every import in a module."""
     path = MODULES[name]
     package = name if is_package(name) else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] == "keras_resnet":
+                if alias.name.split(".")[0] in PACKAGES:
                     yield alias.name, [], node.lineno
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -73,7 +82,7 @@ def imports_of(name: str):
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target.split(".")[0] != "keras_resnet":
+            if target.split(".")[0] not in PACKAGES:
                 continue
             names = [alias.name for alias in node.names]
             submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
@@ -120,6 +129,9 @@ def test_import_graph_checker_finds_cycles_and_known_modules():
     assert "keras_resnet.training.runner" in MODULES and "keras_resnet.export.api" in MODULES
     targets = {target for target, _, _ in imports_of("keras_resnet.cli")}
     assert "keras_resnet.training.runner" in targets  # imported inside a function
+    assert "keras_resnet_cli.dispatch" in targets and "keras_resnet_cli.parser" in MODULES
+    assert {target for target, _, _ in imports_of("keras_resnet_cli")} == {"keras_resnet_cli.dispatch",
+                                                                            "keras_resnet.cli"}
 
 
 def test_no_import_cycles():
@@ -147,6 +159,40 @@ def test_only_the_dispatcher_imports_the_task_modules(package):
         if name != DISPATCHERS[package] and name not in task_modules
         for target, _, line in imports_of(name)
         if target in task_modules
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def module_level_imports(path: Path):
+    """(top-level package, line) of each import run when the module is imported: not those in functions."""
+    found, pending = [], list(ast.parse(path.read_text(), str(path)).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[0], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append(((node.module or "").split(".")[0] if not node.level else "keras_resnet_cli", node.lineno))
+        pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def test_module_level_import_checker_skips_functions(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import os\nif True:\n    import keras\ndef f():\n    import tensorflow\n")
+    assert sorted(module_level_imports(planted)) == [("keras", 3), ("os", 1)]
+
+
+def test_the_cli_front_door_imports_only_the_standard_library_at_module_level():
+    # `keras-resnet --help` and `models` stay fast: keras_resnet (and so Keras, TensorFlow), rich
+    # and absl are imported inside functions, only by the commands that need them.
+    wrong = [
+        f"{name}:{line} imports {package} at module level"
+        for name, path in MODULES.items()
+        if part_of(name) == "keras_resnet_cli"
+        for package, line in module_level_imports(path)
+        if package != "keras_resnet_cli" and package not in sys.stdlib_module_names
     ]
     assert not wrong, "\n".join(wrong)
 
@@ -240,6 +286,7 @@ def test_public_api_paths_are_unchanged():
             "keras_resnet.export.export_model", "keras_resnet.export.load_exported_model",
             "keras_resnet.training.train_from_config", "keras_resnet.training.evaluate_from_config",
             "keras_resnet.predict.predict_files", "keras_resnet.config.load_config", "keras_resnet.cli.main",
+            "keras_resnet_cli.main",
         ]
         for path in paths:
             module, _, name = path.rpartition(".")

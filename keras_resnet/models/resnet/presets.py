@@ -1,6 +1,8 @@
 """Named backbone configurations: a table, not code.
 
-Each entry is `{"description": ..., "config": {...ResNetBackbone args}}`.
+Each entry is `{"description": ..., "short": ..., "config": {...ResNetBackbone args}}`;
+`short` is the description that `keras-resnet models` prints (`--wide`: the long
+one).
 Adding a variant is adding a row. Reference parameter counts (1000-class
 head, trainable) are in `REFERENCE_PARAMS` and checked by the tests.
 """
@@ -42,12 +44,17 @@ def _cifar(depth):
 
 PRESETS = {
     **{
-        f"resnet{d}": {"description": f"ResNet-{d} v1.5 (stride in 3x3; torchvision layout)", "config": _imagenet(d)}
+        f"resnet{d}": {
+            "description": f"ResNet-{d} v1.5 (stride in 3x3; torchvision layout)",
+            "short": "v1.5, torchvision layout",
+            "config": _imagenet(d),
+        }
         for d in (18, 34, 50, 101, 152, 200)
     },
     **{
         f"resnet{d}_v1": {
             "description": f"ResNet-{d} v1 (keras.applications ResNet{d} layout, conv biases)",
+            "short": "v1, keras.applications layout",
             "config": _imagenet(d, version="v1", **_KERAS_APPLICATIONS),
         }
         for d in (50, 101, 152)
@@ -55,37 +62,45 @@ PRESETS = {
     **{
         f"resnet{d}_v2": {
             "description": f"ResNet-{d} v2, pre-activation (keras.applications ResNet{d}V2 layout)",
+            "short": "pre-activation, keras.applications",
             "config": _imagenet(d, version="v2", **_KERAS_APPLICATIONS),
         }
         for d in (50, 101, 152)
     },
     "resnet50d": {
         "description": "ResNet-50-D: deep 3x3 stem and average-pool shortcuts (Bag of Tricks)",
+        "short": "deep stem, avg-pool shortcuts",
         "config": _imagenet(50, stem_type="deep", shortcut_type="D"),
     },
     "resnext50_32x4d": {
         "description": "ResNeXt-50 32x4d (Xie et al., 2017)",
+        "short": "ResNeXt 32x4d",
         "config": _imagenet(50, cardinality=32, base_width=4),
     },
     "resnext101_32x8d": {
         "description": "ResNeXt-101 32x8d (Xie et al., 2017)",
+        "short": "ResNeXt 32x8d",
         "config": _imagenet(101, cardinality=32, base_width=8),
     },
     "wide_resnet50_2": {
         "description": "Wide ResNet-50-2: bottleneck width x2 (Zagoruyko & Komodakis, 2016)",
+        "short": "Wide ResNet, bottleneck width x2",
         "config": _imagenet(50, width_multiplier=2.0),
     },
     "wide_resnet101_2": {
         "description": "Wide ResNet-101-2: bottleneck width x2",
+        "short": "Wide ResNet, bottleneck width x2",
         "config": _imagenet(101, width_multiplier=2.0),
     },
     "seresnet50": {
         "description": "SE-ResNet-50, squeeze-and-excitation ratio 1/16 (Hu et al., 2018)",
+        "short": "squeeze-and-excitation, ratio 1/16",
         "config": _imagenet(50, se_ratio=1.0 / 16),
     },
     **{
         f"resnet{d}_cifar": {
             "description": f"ResNet-{d} for CIFAR (He et al., 2015, Sec. 4.2; option-A shortcuts)",
+            "short": "CIFAR, option-A shortcuts",
             "config": _cifar(d),
         }
         for d in (20, 32, 44, 56, 110, 1202)

@@ -1,0 +1,71 @@
+"""One `keras-resnet` invocation: parse, run the command, turn errors into exit statuses."""
+
+import errno
+import os
+import sys
+import traceback
+
+from keras_resnet_cli.parser import build_parser
+from keras_resnet_cli.presets_table import print_presets
+
+# OSErrors about the user's paths or machine, not bugs: one line, exit 2.
+USER_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG)
+
+
+def debugging() -> bool:
+    """KERAS_RESNET_DEBUG is set: tracebacks of user errors, TensorFlow's own log settings."""
+    return bool(os.environ.get("KERAS_RESNET_DEBUG"))
+
+
+def quiet_tensorflow():
+    """Silence TensorFlow's C++ and absl start-up lines, unless debugging; call before importing TensorFlow."""
+    if debugging():
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the absl::InitializeLog and cpu_feature_guard lines
+    from absl import logging as absl_logging  # absl-py alone, not TensorFlow
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """True for errors caused by the user's input or machine: printed as one line, exit status 2."""
+    # keras_resnet.errors is loaded whenever one of its errors can have been raised; not importing it
+    # here keeps a failing `models` (or a failing TensorFlow import) from importing TensorFlow again.
+    errors = sys.modules.get("keras_resnet.errors")
+    if errors is not None and isinstance(error, errors.KerasResNetError):
+        return True
+    return isinstance(error, USER_PATH_ERRORS) or (isinstance(error, OSError) and error.errno in USER_OS_ERRNOS)
+
+
+def run(argv, load_commands) -> int:
+    """Parse `argv` and run its command; `load_commands()` returns {command name: function(args)}.
+
+    `models` is served from the precomputed table; `load_commands` is called
+    (importing Keras) only for the other commands, after `quiet_tensorflow`.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "models":
+            print_presets(args.filter, wide=args.wide)
+        else:
+            quiet_tensorflow()
+            load_commands()[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if not is_user_error(error):
+            traceback.print_exc()
+            print(
+                f"keras-resnet {args.command}: internal error ({type(error).__name__}): this is a bug in "
+                "keras_resnet, Keras or TensorFlow, not in your input; please report it to the keras_resnet "
+                "maintainers with the traceback above and the command you ran",
+                file=sys.stderr,
+            )
+            return 1
+        if debugging():
+            raise
+        print(f"keras-resnet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

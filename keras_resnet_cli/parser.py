@@ -1,0 +1,106 @@
+"""The `keras-resnet` flags: one parser, every argument with its help text (argparse only)."""
+
+import argparse
+
+
+def _positive_int_arg(text, alternative=""):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int{alternative}, got {text!r}")
+    return value
+
+
+def _batch_size_arg(text):
+    return text if text == "dynamic" else _positive_int_arg(text, " or 'dynamic'")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="keras-resnet", description="Residual networks for Keras 3.")
+    sub = parser.add_subparsers(
+        dest="command", required=True, title="commands", help="`keras-resnet COMMAND --help` lists its flags",
+    )
+
+    def command(name, text):
+        return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.")
+
+    p = command("models", "list the backbone presets with params and GMACs")
+    p.add_argument("--filter", default="", help="only presets whose name contains this")
+    p.add_argument("--wide", action="store_true", help="full descriptions (the table may exceed the terminal)")
+
+    p = command("summary", "print the Keras summary of a preset")
+    p.add_argument("name", help="preset name (see `keras-resnet models`)")
+    p.add_argument("--input-size", type=_positive_int_arg, default=None, help="square input size (224; 32 for *_cifar)")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="input channels (default 3)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the classifier head (default 1000)")
+
+    for name, text in (
+        ("train", "train a task recipe (YAML)"),
+        ("evaluate", "evaluate the trained model of a recipe"),
+    ):
+        p = command(name, text)
+        p.add_argument("config", help="recipe YAML, e.g. tasks/classification/fashion_mnist_resnet20.yaml")
+        p.add_argument(
+            "--set", nargs="+", default=[], metavar="KEY=VALUE",
+            help="override recipe keys; values parse as YAML (train.epochs=3 model.input_shape=[20,20,1])",
+        )
+        if name == "train":
+            p.add_argument(
+                "--restart", action="store_true",
+                help="start the run over: move the output_dir's earlier run (backup, models, history) to previous/",
+            )
+
+    p = command("export", "export a trained model to SavedModel, TFLite or ONNX, checking parity")
+    p.add_argument("model", help="a .keras file or a training run output_dir (classifier, segmenter or detector)")
+    p.add_argument(
+        "--format", default="saved_model", choices=("saved_model", "tflite", "onnx"),
+        help="export format (default saved_model)",
+    )
+    p.add_argument(
+        "--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
+        help="TFLite quantization (int8: full integer, needs calibration images)",
+    )
+    p.add_argument(
+        "--calibration", default=None, metavar="RECIPE_OR_FOLDER",
+        help="recipe YAML or image folder: int8 calibration and parity images (default: the run's recipe)",
+    )
+    p.add_argument(
+        "--input-size", type=_positive_int_arg, nargs=2, default=None, metavar=("H", "W"),
+        help="input height and width of the export (default: the model's)",
+    )
+    p.add_argument(
+        "--batch-size", type=_batch_size_arg, default=1, metavar="N|dynamic",
+        help="batch size of the export: a fixed N (default 1) or 'dynamic'",
+    )
+    p.add_argument("--output", default=None, metavar="DIR", help="output folder (default saved_models/<name>/)")
+    p.add_argument("--parity-samples", type=int, default=100, help="images compared with the Keras model")
+    p.add_argument(
+        "--int8-min-agreement", type=float, default=None,
+        help="minimum int8 agreement with the Keras model: top-1 over images for classifiers (default 0.99), "
+        "argmax over pixels for segmenters (default 0.98), Keras detections matched by class at IoU >= 0.5 "
+        "for detectors (default 0.9)",
+    )
+    p.add_argument(
+        "--detection-outputs", default="decoded", choices=("decoded", "raw"),
+        help="detectors, TFLite/ONNX: 'decoded' (boxes, scores, classes, num_detections; NMS inside) or 'raw' "
+        "(anchor deltas and logits; decode with the decoder in the metadata JSON)",
+    )
+    p.add_argument("--score-threshold", type=float, default=None, help="detectors: decoder score threshold "
+                   "(default: the run's)")
+    p.add_argument("--iou-threshold", type=float, default=None, help="detectors: NMS IoU threshold")
+    p.add_argument("--max-detections", type=int, default=None, help="detectors: detections per image")
+
+    p = command("predict", "top-k classes, mask overlays (segmenters) or boxes (detectors) of images")
+    p.add_argument("model", help="a .keras file, run dir, SavedModel dir, .tflite or .onnx")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, help="classifiers: best classes listed per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help="segmentation and detection: folder for mask/overlay or <stem>_boxes.png PNGs "
+                   "(default: predictions/ in the run dir, or beside the model file or export)")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="detectors: minimum score (default: the model's decoder setting)")
+    p.add_argument("--max-detections", type=int, default=None, help="detectors: at most this many boxes per image")
+    return parser
