@@ -133,13 +133,20 @@ def load_fashion_mnist() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
     """
     try:
         paths = find_fashion_mnist()
-    except DataError:
+    except DataError as not_found:
         if os.environ.get(FASHION_MNIST_DIR_ENV):
             raise
         logger.info("Fashion-MNIST not found locally; downloading with keras.datasets")
         import keras
 
-        return keras.datasets.fashion_mnist.load_data()
+        try:
+            return keras.datasets.fashion_mnist.load_data()
+        except Exception as error:  # Keras raises a bare Exception ("URL fetch failure ...") offline
+            raise DataError(
+                f"{not_found}; the download failed too ({type(error).__name__}: {str(error).splitlines()[0]}). "
+                "Offline? Copy the four *-idx*-ubyte.gz files to a folder and set "
+                f"{FASHION_MNIST_DIR_ENV} to it"
+            ) from None
     splits = []
     for split in ("train", "test"):
         images = read_idx_gz(paths[f"{split}_images"])

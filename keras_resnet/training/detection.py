@@ -131,19 +131,27 @@ def _encode_targets(dataset, encoder):
 # ----------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------
-def predict_detections(model, dataset, decoder_args):
-    """Decoded detections of `model` over a `(images, targets)` dataset.
-
-    Returns:
-        `(images, outputs)` of the first batch (for plots) and a list of
-        per-batch dicts of NumPy arrays (boxes, scores, classes, num_detections).
-    """
+def detection_function(model, decoder_args):
+    """A traced `images -> decoded detections` function of `model` (reuse it: each one traces anew)."""
     decoder = model.make_decoder(**decoder_args)
 
     @tf.function(reduce_retracing=True)
     def detect(images):
         return decoder(model(images, training=False))
 
+    return detect
+
+
+def predict_detections(model, dataset, decoder_args, detect=None):
+    """Decoded detections of `model` over a `(images, targets)` dataset.
+
+    `detect`: a `detection_function(model, decoder_args)` to reuse (made here when None).
+
+    Returns:
+        `(images, outputs)` of the first batch (for plots) and a list of
+        per-batch dicts of NumPy arrays (boxes, scores, classes, num_detections).
+    """
+    detect = detect or detection_function(model, decoder_args)
     batches, first = [], None
     for images, _ in dataset:
         outputs = {key: value.numpy() for key, value in detect(images).items()}
@@ -153,7 +161,8 @@ def predict_detections(model, dataset, decoder_args):
     return first, batches
 
 
-def evaluate_detector(model, val_ds, info, decoder_args, output_dir=None, title="validation", verbose=True):
+def evaluate_detector(model, val_ds, info, decoder_args, output_dir=None, title="validation", verbose=True,
+                      detect=None):
     """COCO box AP of `model` on `val_ds` by pycocotools, in original image pixels.
 
     Args:
@@ -164,11 +173,12 @@ def evaluate_detector(model, val_ds, info, decoder_args, output_dir=None, title=
         output_dir: where to write metrics.json and val_predictions.png (None: nowhere).
         title: title of the printed per-class table.
         verbose: print the per-class table.
+        detect: a `detection_function` of `model` to reuse (the per-epoch evaluation traces it once).
 
     Returns:
         `{"mAP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "per_class", "num_examples"}`.
     """
-    first, batches = predict_detections(model, val_ds, decoder_args)
+    first, batches = predict_detections(model, val_ds, decoder_args, detect)
     if first is None:
         raise DataError("the validation set is empty; check data.val / data.limit_val")
     rows, start = [], 0
@@ -198,9 +208,12 @@ class _COCOEvaluation(keras.callbacks.Callback):
     def __init__(self, val_ds, info, decoder_args):
         super().__init__()
         self.val_ds, self.info, self.decoder_args = val_ds, info, decoder_args
+        self.detect = None  # traced once, at the first epoch end, then reused
 
     def on_epoch_end(self, epoch, logs=None):
-        metrics = evaluate_detector(self.model, self.val_ds, self.info, self.decoder_args, verbose=False)
+        self.detect = self.detect or detection_function(self.model, self.decoder_args)
+        metrics = evaluate_detector(self.model, self.val_ds, self.info, self.decoder_args, verbose=False,
+                                    detect=self.detect)
         if logs is not None:
             for key in ("mAP", "AP50", "AP75"):
                 logs[f"val_{key}"] = metrics[key]

@@ -196,6 +196,23 @@ def test_fashion_mnist_env_dir_incomplete(tiny_fashion_dir):
         load_fashion_mnist()
 
 
+def test_fashion_mnist_offline_with_no_local_copy_is_one_data_error(tmp_path, monkeypatch):
+    import keras
+
+    import keras_resnet.data.fashion_mnist as fashion_mnist
+
+    monkeypatch.delenv("KERAS_RESNET_FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+
+    def offline():
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]")
+
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
+    with pytest.raises(DataError, match="download failed too .*URL fetch failure.*set KERAS_RESNET_FASHION_MNIST_DIR"):
+        load_fashion_mnist()
+
+
 @pytest.mark.parametrize("damage", ["truncated_payload", "bad_magic", "truncated_gzip"])
 def test_corrupt_idx_file_is_named(tiny_fashion_dir, damage):
     path = tiny_fashion_dir / FASHION_MNIST_FILES["train_images"]
