@@ -1,6 +1,7 @@
 """One `keras-resnet` invocation: parse, run the command, turn errors into exit statuses."""
 
 import errno
+import logging
 import os
 import sys
 import traceback
@@ -26,6 +27,8 @@ def quiet_tensorflow():
     from absl import logging as absl_logging  # absl-py alone, not TensorFlow
 
     absl_logging.set_verbosity(absl_logging.ERROR)
+    # TensorFlow's Python warnings (e.g. the deprecations tf2onnx triggers while exporting).
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def is_user_error(error: BaseException) -> bool:
