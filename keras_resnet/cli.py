@@ -49,6 +49,7 @@ def _cmd_export(args):
         batch_size=args.batch_size,
         output=args.output,
         parity_samples=args.parity_samples,
+        calibration_samples=args.calibration_samples,
         int8_min_agreement=args.int8_min_agreement,
         detection_outputs=args.detection_outputs,
         decoder_args={

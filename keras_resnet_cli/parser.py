@@ -77,6 +77,10 @@ def build_parser():
     p.add_argument("--output", default=None, metavar="DIR", help="output folder (default saved_models/<name>/)")
     p.add_argument("--parity-samples", type=int, default=100, help="images compared with the Keras model")
     p.add_argument(
+        "--calibration-samples", type=int, default=200,
+        help="int8: images whose activations set the quantization ranges (more: steadier ranges, slower export)",
+    )
+    p.add_argument(
         "--int8-min-agreement", type=float, default=None,
         help="minimum int8 agreement with the Keras model: top-1 over images for classifiers (default 0.99), "
         "argmax over pixels for segmenters (default 0.98), Keras detections matched by class at IoU >= 0.5 "

@@ -177,3 +177,11 @@ def test_models_wide_shows_the_full_descriptions_unwrapped(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
     cifar = [name for name in PRESETS if "cifar" in name]
     assert len(rows) == len(cifar) and all(PRESETS[n]["description"] in row for n, row in zip(cifar, rows))
+
+
+def test_export_flag_defaults_are_the_library_defaults():
+    from keras_resnet.export.api import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_PARITY_SAMPLES
+    from keras_resnet_cli.parser import build_parser
+
+    args = build_parser().parse_args(["export", "run"])
+    assert (args.calibration_samples, args.parity_samples) == (DEFAULT_CALIBRATION_SAMPLES, DEFAULT_PARITY_SAMPLES)
