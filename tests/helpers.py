@@ -33,17 +33,7 @@ def write_idx_gz(path, array):
 
 def write_shape_fashion_mnist(directory, train_count=40, test_count=12):
     """A Fashion-MNIST stand-in in `directory`: bright rectangles whose width and brightness encode the class."""
-    from keras_resnet.data.fashion_mnist import FASHION_MNIST_FILES
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", train_count), ("test", test_count)):
-        labels = np.arange(count) % 10
-        items = np.zeros((count, 28, 28), np.uint8)
-        for item, label in zip(items, labels):
-            item[4:24, 6 + label // 2: 22 - label // 2] = 60 + 19 * label
-        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_images"], items)
-        write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_labels"], labels)
-    return directory
+    return write_shape_items(directory, classes=range(10), train_count=train_count, test_count=test_count)
 
 
 # Segmentation tests: a tiny backbone, the default recipe, and fresh-mosaic settings.
@@ -86,7 +76,7 @@ TINY_DETECTOR = [
 
 
 def write_shape_items(directory, classes, train_count=40, test_count=12):
-    """`write_shape_fashion_mnist`'s rectangles for the Fashion-MNIST class ids in `classes` only (cycled).
+    """Rectangles whose width and brightness encode the class, for the Fashion-MNIST class ids in `classes` (cycled).
 
     With few, well-separated classes (e.g. (0, 9): wide and dim vs narrow and bright) a tiny
     detector or segmenter learns them in a few dozen steps, so tests can assert real metric floors.
@@ -95,7 +85,7 @@ def write_shape_items(directory, classes, train_count=40, test_count=12):
 
     directory.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", train_count), ("test", test_count)):
-        labels = np.asarray(classes, np.uint8)[np.arange(count) % len(classes)]
+        labels = np.asarray(list(classes), np.uint8)[np.arange(count) % len(classes)]
         items = np.zeros((count, 28, 28), np.uint8)
         for item, label in zip(items, labels):
             item[4:24, 6 + label // 2: 22 - label // 2] = 60 + 19 * label
