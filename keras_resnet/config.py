@@ -120,6 +120,8 @@ SCHEMA: dict[str, Any] = {
         "shuffle_buffer": Field(("int",), 10000, check=_at_least(1)),
         "limit_train": Field(("int",), None, check=_at_least(1)),
         "limit_val": Field(("int",), None, check=_at_least(1)),
+        # Each training example this many times per epoch (a handful of images filling an epoch).
+        "repeat": Field(("int",), 1, check=_at_least(1)),
         "skip_corrupt": Field(("bool",), False),
         "augment": {
             "random_crop_padding": Field(("int",), 4, check=_at_least(0)),

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.data.common import progress, seeded_subset, shuffle_augment_batch
+from keras_resnet.data.common import check_batch_fits, progress, seeded_subset, shuffle_augment_batch
 from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from keras_resnet.data.images import (
     TRAINING_IMAGE_EXTENSIONS,
@@ -298,11 +298,7 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
     else:
         raise DataError(f"data.source {data_cfg['source']!r} is not one of fashion_mnist, image_folder")
     train, val, num_train, num_val, class_names, stats_sample = sources
-    if batch_size > num_train:
-        raise DataError(
-            f"data.batch_size={batch_size} is larger than the {num_train} training examples; "
-            "lower data.batch_size or raise data.limit_train"
-        )
+    check_batch_fits(batch_size, num_train, data_cfg["repeat"])
     mean, std = _channel_stats(stats_sample, input_shape[-1])
     if data_cfg["cache"]:
         train, val = train.cache(), val.cache()

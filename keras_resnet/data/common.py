@@ -8,12 +8,15 @@ the Keras dataset cache folder.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from keras_resnet.errors import DataError
 
 PROGRESS_BAR_MIN_FILES = 2000
 
@@ -39,6 +42,18 @@ def keras_datasets_dir() -> Path:
     return Path(keras_home) / "datasets"
 
 
+def check_batch_fits(batch_size, num_train, repeat=1, what="training examples", error=DataError):
+    """`error` (a DataError) when one training batch needs more than the `num_train` examples x `repeat` of an epoch."""
+    if batch_size <= num_train * repeat:
+        return
+    times = f" x data.repeat={repeat}" if repeat > 1 else ""
+    raise error(
+        f"data.batch_size={batch_size} is larger than the {num_train} {what}{times}; lower data.batch_size, add "
+        f"data, or set data.repeat={math.ceil(batch_size / num_train)} (every training example that many times "
+        "per epoch, each time augmented anew)"
+    )
+
+
 def shuffle_augment_batch(train, val, augment, data_cfg, num_train, seed):
     """The tail of every training pipeline: shuffle, seeded augmentation, batching.
 
@@ -46,7 +61,8 @@ def shuffle_augment_batch(train, val, augment, data_cfg, num_train, seed):
         train, val: unbatched (and possibly cached) datasets of examples.
         augment: `(*example, seed) -> example`, tf ops only; the seed is a
             per-example `[2]` int64 tensor that changes every epoch.
-        data_cfg: the recipe's `data` section (`shuffle_buffer`, `batch_size`).
+        data_cfg: the recipe's `data` section (`shuffle_buffer`, `batch_size`,
+            `repeat`: each example that many times per epoch, default 1).
         num_train: training examples (caps the shuffle buffer).
         seed: shuffle and augmentation seed.
 
@@ -54,8 +70,11 @@ def shuffle_augment_batch(train, val, augment, data_cfg, num_train, seed):
         `(train, val)`: train shuffled, augmented and batched with
         `drop_remainder=True`; val batched; both prefetched.
     """
-    batch_size = data_cfg["batch_size"]
-    train = train.shuffle(min(data_cfg["shuffle_buffer"], num_train), seed=seed, reshuffle_each_iteration=True)
+    batch_size, repeat = data_cfg["batch_size"], data_cfg.get("repeat", 1)
+    if repeat > 1:
+        train = train.repeat(repeat)
+    train = train.shuffle(min(data_cfg["shuffle_buffer"], num_train * repeat), seed=seed,
+                          reshuffle_each_iteration=True)
     augment_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     train = tf.data.Dataset.zip((train, augment_seeds)).map(
         lambda example, augment_seed: augment(*example, augment_seed),

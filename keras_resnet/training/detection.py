@@ -88,6 +88,7 @@ def _datasets(cfg):
         cache=data_cfg["cache"],
         limit_train=data_cfg["limit_train"],
         limit_val=data_cfg["limit_val"],
+        repeat=data_cfg["repeat"],
         clip_boxes=data_cfg["clip_boxes"],
         train_images=data_cfg["train_images"],
         val_images=data_cfg["val_images"],

@@ -195,8 +195,8 @@ def announce_run(cfg, info, strategy, paths, model_name, details=""):
 
 
 def epoch_steps(cfg, info):
-    """Optimizer steps per epoch: `train.steps_per_epoch`, else whole batches of the training set."""
-    return cfg["train"]["steps_per_epoch"] or info["num_train"] // cfg["data"]["batch_size"]
+    """Optimizer steps per epoch: `train.steps_per_epoch`, else whole batches of the training set x `data.repeat`."""
+    return cfg["train"]["steps_per_epoch"] or info["num_train"] * cfg["data"]["repeat"] // cfg["data"]["batch_size"]
 
 
 # ----------------------------------------------------------------------------

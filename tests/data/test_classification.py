@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from keras_resnet.config import load_config
+from keras_resnet.training.engine import epoch_steps
 from keras_resnet.data import (
     FASHION_MNIST_CLASSES,
     DataError,
@@ -165,8 +166,23 @@ def test_image_folder_requires_val(folders):
 
 
 def test_batch_size_larger_than_training_set(folders):
-    with pytest.raises(DataError, match="data.batch_size=64"):
+    with pytest.raises(DataError, match=r"data.batch_size=64 is larger than the \d+ training examples; .*"
+                                        r"or set data.repeat=\d+"):
         build_classification_datasets(folder_config(*folders, "data.batch_size=64"))
+
+
+def test_repeat_fills_an_epoch_from_a_handful_of_images(folders):
+    plain = folder_config(*folders)
+    _, _, info = build_classification_datasets(plain)
+    num_train = info["num_train"]
+    cfg = folder_config(*folders, f"data.batch_size={num_train + 2}", "data.repeat=3")
+    train, _, info = build_classification_datasets(cfg)
+    batches = list(train.as_numpy_iterator())
+    assert len(batches) == 3 * num_train // (num_train + 2) == epoch_steps(cfg, info)
+    assert all(len(labels) == num_train + 2 for _, labels in batches)
+    labels = np.concatenate([labels for _, labels in batches])
+    # Every example up to 3 times in the epoch: each class 3x as often as once over the set.
+    assert np.bincount(labels).max() <= 3 * num_train // 2
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST

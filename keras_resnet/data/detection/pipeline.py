@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.data.common import seeded_subset, shuffle_augment_batch
+from keras_resnet.data.common import check_batch_fits, seeded_subset, shuffle_augment_batch
 from keras_resnet.data.detection.coco_reader import coco
 from keras_resnet.data.detection.geometry import (
     letterbox,
@@ -141,6 +141,7 @@ def build_detection_datasets(
     train_images: str | os.PathLike | None = None,
     val_images: str | os.PathLike | None = None,
     mosaic_args: dict | None = None,
+    repeat: int = 1,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, dict]:
     """Build the batched train and validation pipelines of a detection task.
 
@@ -172,6 +173,8 @@ def build_detection_datasets(
         mosaic_args: mosaic options: ``train_size`` (5000), ``val_size``
             (500), ``canvas_size``, ``items_per_canvas``, ``item_size``,
             ``cache_dir``, ``cache`` (see :func:`mosaic`).
+        repeat: each training image this many times per epoch (a handful
+            of large images filling an epoch; each pass augmented anew).
 
     Returns:
         ``(train_ds, val_ds, info)``. Elements are ``(uint8 (B, H, W, C),
@@ -204,11 +207,7 @@ def build_detection_datasets(
     val_records, _ = _read_source(source, val, val_split, names, clip_boxes, val_images, mosaic_args, seed, "val")
     train_records = [train_records[i] for i in seeded_subset(len(train_records), limit_train, seed)]
     val_records = [val_records[i] for i in seeded_subset(len(val_records), limit_val, seed + 1)]
-    if batch_size > len(train_records):
-        raise DataError(
-            f"batch_size={batch_size} is larger than the {len(train_records)} training images; "
-            "lower data.batch_size or add data"
-        )
+    check_batch_fits(batch_size, len(train_records), repeat, what="training images")
     train_ds = _records_dataset(train_records, input_shape, max_boxes, "training set")
     val_ds = _records_dataset(val_records, input_shape, max_boxes, "validation set")
     if cache:
@@ -225,7 +224,7 @@ def build_detection_datasets(
         return image, {"boxes": boxes, "classes": classes}
 
     val_ds = val_ds.map(val_example, num_parallel_calls=tf.data.AUTOTUNE)
-    data_cfg = {"batch_size": batch_size, "shuffle_buffer": shuffle_buffer}
+    data_cfg = {"batch_size": batch_size, "shuffle_buffer": shuffle_buffer, "repeat": repeat}
     train_ds, val_ds = shuffle_augment_batch(train_ds, val_ds, train_example, data_cfg, len(train_records), seed)
     height, width, _ = input_shape
     info = {

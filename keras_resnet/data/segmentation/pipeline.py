@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.data.common import RescaleCrop, seeded_subset, shuffle_augment_batch
+from keras_resnet.data.common import RescaleCrop, check_batch_fits, seeded_subset, shuffle_augment_batch
 from keras_resnet.data.images import decode_image_file
 from keras_resnet.data.segmentation.masks import (
     IGNORE_INDEX,
@@ -147,11 +147,7 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
     else:
         raise SegmentationDataError(f"data.source {source!r} is not one of mask_folder, voc, mosaic")
     batch_size = data_cfg["batch_size"]
-    if batch_size > num_train:
-        raise SegmentationDataError(
-            f"data.batch_size={batch_size} is larger than the {num_train} training examples; "
-            "lower data.batch_size or add data"
-        )
+    check_batch_fits(batch_size, num_train, data_cfg["repeat"], error=SegmentationDataError)
     mean, std = _channel_stats(stats_images)
     if data_cfg["cache"]:
         val = val.cache()
