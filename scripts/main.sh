@@ -28,6 +28,6 @@ step 4/4 "exporting $RUN_DIR: SavedModel, ONNX, TFLite float32, TFLite int8 (eac
 .venv/bin/keras-resnet export "$RUN_DIR" --format tflite --quantize int8 --calibration "$RECIPE" \
   --calibration-samples 1000 --parity-samples 1000
 # A plain statement (not inside echo "$(...)"), so a failure here fails the script.
-.venv/bin/python -c 'import json, sys; m = json.load(open(sys.argv[1])); print("metrics: top1=%.4f top5=%.4f after %d epochs" % (m["top1"], m["top5"], m["epochs"]))' "$RUN_DIR/metrics.json"
+.venv/bin/python -c 'import json, sys; m = json.load(open(sys.argv[1])); print("metrics: top1=%.4f top5=%.4f" % (m["top1"], m["top5"]))' "$RUN_DIR/metrics.json"
 printf '\ndone in %dm%02ds: model, metrics and plots in %s, exports in saved_models/%s/\n' \
   $((SECONDS / 60)) $((SECONDS % 60)) "$RUN_DIR" "$(basename "$RUN_DIR")"
