@@ -5,8 +5,8 @@
 #
 # Training stops at the recipe's time budget (train.time_budget_minutes: 20): it
 # measures an epoch on this machine first and trains the epochs that fit. Expect
-# about 30 minutes in all on 2 CPU cores (README "The main job"); the time of
-# each step and the total are printed.
+# about 22-25 minutes in all on 2 CPU cores (22.0 measured; BENCHMARKS.md); the time
+# of each step and the total are printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPE=tasks/classification/fashion_mnist_resnet18_narrow.yaml

