@@ -168,13 +168,13 @@ def check_budget_settings(cfg):
 def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, backup_root, run_started):
     """The recipe to train under `train.time_budget_minutes`: `cfg` with the epochs that fit.
 
-    Without a budget, returns `(cfg, None)`. Otherwise measures an epoch
-    (`measure_epoch`), chooses the epochs (`choose_epochs`), prints the plan,
+    Without a budget, returns `(cfg, None, [])`. Otherwise measures an epoch
+    (`measure_epoch`), chooses the run (`choose_run_length`), prints the plan,
     stores it in `backup_root` (a resumed run reuses it) and returns
-    `(planned cfg, plan)`: `train.epochs` is the chosen count and
+    `(planned cfg, plan, callbacks)`: `train.epochs` is the chosen count and
     `train.warmup_epochs` shrinks in the same proportion, so the schedule
-    spans the run that will happen. A new plan's `deadline` (a
-    `time.time()`) is for `StopAtDeadline`.
+    spans the run that will happen; `callbacks` holds the `StopAtDeadline`
+    of a new plan (a resumed run has no clock to keep: none).
 
     Args:
         cfg: the recipe.
@@ -184,12 +184,12 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     """
     budget = cfg["train"]["time_budget_minutes"]
     if budget is None:
-        return cfg, None
+        return cfg, None, []
     path = os.path.join(backup_root, PLAN_FILE)
     recipe_epochs = cfg["train"]["epochs"]
     if os.path.exists(path):
         plan = read_json(path)
-        plan.pop("deadline", None)  # a resumed run has no clock to keep
+        callbacks = []
         print(f"time budget: resuming the plan made when this run started ({path}): "
               f"{plan['epochs']} of {recipe_epochs} epochs")
     else:
@@ -214,14 +214,14 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
         print(describe_plan(plan))
         os.makedirs(backup_root, exist_ok=True)
         write_json(path, plan)
-        plan["deadline"] = run_started + budget * 60.0 - validation
-        plan["reserve_seconds"] = validation + EPOCH_OVERHEAD_SECONDS
+        callbacks = [StopAtDeadline(run_started + budget * 60.0 - validation,
+                                    reserve_seconds=validation + EPOCH_OVERHEAD_SECONDS)]
     planned = copy.deepcopy(cfg)
     planned["train"]["epochs"] = plan["epochs"]
     planned["train"]["warmup_epochs"] = plan["warmup_epochs"]
     if plan.get("steps_per_epoch", steps_per_epoch) < steps_per_epoch:
         planned["train"]["steps_per_epoch"] = plan["steps_per_epoch"]
-    return planned, plan
+    return planned, plan, callbacks
 
 
 def describe_plan(plan):

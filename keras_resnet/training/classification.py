@@ -339,16 +339,14 @@ def train_classification(cfg):
     else:
         with strategy.scope():
             train_onehot, val_onehot = _one_hot(train_ds, num_classes), _one_hot(val_ds, num_classes)
-            fit_cfg, plan = budget.plan_epochs(
+            fit_cfg, plan, budget_callbacks = budget.plan_epochs(
                 cfg, model,
                 lambda probe: _compile(probe, train_cfg,
                                        engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"])),
                 train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
             )
-            deadline = ([budget.StopAtDeadline(plan.pop("deadline"), plan.pop("reserve_seconds"))]
-                        if plan and "deadline" in plan else [])
             fit_steps = fit_cfg["train"]["steps_per_epoch"] or steps_per_epoch
-            _fit(model, fit_cfg, train_onehot, val_onehot, fit_steps, paths, extra_callbacks=deadline)
+            _fit(model, fit_cfg, train_onehot, val_onehot, fit_steps, paths, extra_callbacks=budget_callbacks)
     train_seconds = time.time() - start
     if not is_chief:
         shutil.rmtree(output_dir, ignore_errors=True)

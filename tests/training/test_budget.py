@@ -90,9 +90,10 @@ def test_a_resumed_run_follows_its_stored_plan(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(budget, "measure_epoch", must_not_measure)
     cfg = load_config(None, ["train.epochs=30", "train.time_budget_minutes=5", "train.warmup_epochs=3"])
     (tmp_path / budget.PLAN_FILE).write_text(json.dumps({"epochs": 4, "warmup_epochs": 0.4}))
-    planned, plan = budget.plan_epochs(cfg, None, None, None, None, 10, str(tmp_path), 0.0)
+    planned, _, callbacks = budget.plan_epochs(cfg, None, None, None, None, 10, str(tmp_path), 0.0)
     assert (planned["train"]["epochs"], planned["train"]["warmup_epochs"]) == (4, 0.4)
     assert cfg["train"]["epochs"] == 30  # the recipe itself is unchanged
+    assert callbacks == []  # no deadline for a resumed run
     assert "resuming the plan" in capsys.readouterr().out
 
 
