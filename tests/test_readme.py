@@ -66,10 +66,6 @@ SKIPPED = {
     "bash scripts/main.sh": "the main job: sets up .venv and trains for ~20 min; its train line runs here tiny "
     "(MADE_BY_MAIN_JOB) and its exports as the Export block",
     "bash .ci/run": "deletes and rebuilds .venv, then runs the whole suite (this test included)",
-    'python3 -m venv .venv && .venv/bin/python -m pip install -e ".[dev]"': "needs the package index (network) "
-    "and ~2 GB; CI's setup runs this install",
-    ".venv/bin/python -m pip uninstall -y tensorflow-cpu": "would remove TensorFlow from the .venv running the tests",
-    '.venv/bin/python -m pip install "tensorflow[and-cuda]>=2.18,<2.22"': "needs the package index and a GPU",
 }
 
 # Size-only overrides appended to every `keras-resnet train RECIPE` line.
