@@ -5,7 +5,8 @@ images (`decode_image` / `decode_image_file` call it through
 `tf.numpy_function` inside tf.data), evaluation, calibration, parity samples
 and prediction (`load_image(s)`), so they all see the same pixels. It loads the
 whole file (a truncated file fails) and converts modes explicitly: palette ->
-RGB (or L) through the palette, 16-bit -> 8-bit by /257, 1-bit -> 0/255, CMYK
+RGB (or L) through the palette, 16-bit -> 8-bit by the bit depth its values use
+(`wide_integer_scale`: /257 for full-range data), 1-bit -> 0/255, CMYK
 -> RGB, alpha dropped, then L or RGB for the model's channel count.
 `image_problem` is the same full decode, for the data scans. Resizing and
 augmentation stay in TensorFlow. Training scans read `TRAINING_IMAGE_EXTENSIONS`.
@@ -73,22 +74,38 @@ def find_image_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
     return files
 
 
-# PIL modes of 16- and 32-bit integer pixels; scaled to 8 bits by /257 (65535 -> 255).
+# PIL modes of 16- and 32-bit integer pixels; scaled to 8 bits by `wide_integer_scale`.
 WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def wide_integer_scale(maximum: float) -> float:
+    """The factor that maps a 16/32-bit image with this maximum to 8 bits.
+
+    Cameras write 10-, 12- and 14-bit data into 16-bit files, and many
+    microscopy images use a small part of the range, so the scale follows
+    the smallest container the image's values fit: maximum <= 255 -> 1 (the
+    values are kept; a plain /257 would turn a 0..235 fluorescence image
+    black), <= 1023 -> 255/1023, <= 4095 -> 255/4095, <= 16383 -> 255/16383,
+    else 255/65535 (= 1/257; 32-bit values above 65535 saturate).
+    """
+    for bits in (8, 10, 12, 14):
+        if maximum <= 2**bits - 1:
+            return 255.0 / (2**bits - 1)
+    return 1.0 / 257.0
 
 
 def pixels_of(image: Image.Image, channels: int) -> np.ndarray:
     """uint8 `(h, w, channels)` pixels of an open PIL image, its mode converted explicitly.
 
     Palette (P, PA) -> RGB through the palette (L when `channels` is 1),
-    16-bit / 32-bit integer -> 8-bit by /257 (full range, rounded), 1-bit ->
+    16-bit / 32-bit integer -> 8-bit by `wide_integer_scale` (rounded), 1-bit ->
     0/255, CMYK -> RGB, alpha dropped; then L or RGB.
     """
     if channels not in (1, 3):
         raise DataError(f"models take 1 or 3 channel images, not {channels}")
     if image.mode in WIDE_INTEGER_MODES:
         wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(np.round(wide * wide_integer_scale(wide.max())), 0, 255).astype(np.uint8), "L")
     elif image.mode in ("P", "PA"):
         image = image.convert("RGBA")
     elif image.mode in ("1", "CMYK"):

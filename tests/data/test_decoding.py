@@ -107,6 +107,19 @@ def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
         np.testing.assert_array_equal(ramp_pixels, np.round(ramp / 257.0))
 
 
+@pytest.mark.parametrize("maximum, scale", [(235, 1.0), (1000, 255 / 1023), (4095, 255 / 4095), (9000, 255 / 16383)])
+def test_sixteen_bit_data_of_fewer_bits_keep_their_contrast(tmp_path, maximum, scale):
+    # A dim 16-bit fluorescence image (values 0..235, as StarDist's DSB 2018 sample) or 10/12/14-bit
+    # camera data in a 16-bit file: /257 would make it black; the scale follows the bits the values use.
+    ramp = np.linspace(0, maximum, 8 * 10).reshape(8, 10).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "dim.png")
+    with Image.open(tmp_path / "dim.png") as saved:
+        assert saved.mode.startswith("I")
+    pixels = training_and_prediction(tmp_path / "dim.png", 1)[..., 0]
+    np.testing.assert_array_equal(pixels, np.clip(np.round(ramp * scale), 0, 255))
+    assert pixels.max() > 100  # /257 would give at most 35
+
+
 def test_cmyk_jpeg_decodes_to_rgb(tmp_path):
     rgb = np.zeros((16, 16, 3), np.uint8)
     rgb[:, :8] = (220, 30, 30)

@@ -1,0 +1,124 @@
+"""Crop-trained vs resize-trained models on real field data (issue 19), 2 CPU cores.
+
+Two small real datasets that packages on the Python package index ship
+inside their wheels (fetched with `pip download --no-deps`, never at test
+time):
+
+- **Trees (detection, one class).** DeepForest's sample NEON airborne RGB
+  tiles (10 cm/pixel, tree crowns ~15-60 px) with VOC XML boxes, from the
+  `deepforest` wheel (MIT licence; NEON data are public domain):
+  train = `2019_YELL_2_528000_4978000_image_crop2` (2472 x 2299, 574 trees)
+  + `OSBS_029` + `SOAP_061` (400 x 400, 61 + 37 trees),
+  val = `2019_YELL_2_541000_4977000_image_crop` (1035 x 1249, 279 trees).
+- **Nuclei (segmentation, background + nucleus).** StarDist's 2D test image,
+  a 512 x 512 16-bit fluorescence crop of the 2018 Data Science Bowl
+  (BBBC038, CC0) with its instance mask, from the `stardist` wheel (BSD-3):
+  the instance ids become one "nucleus" class; the image stays a 16-bit PNG
+  (values 0..235 of 65535: the reader keeps them, see
+  `keras_resnet.data.images.wide_integer_scale`, where /257 would make it
+  black); train = columns 0..319, val = columns 320..511.
+
+`prepare` writes them as a VOC flat folder and a mask folder under
+`data/field/`; `run` trains each task twice on the same data, steps and
+batch size -- `data.sampling: resize` (today's default) and `crop` -- and
+prints one markdown row per run: the metric on the full validation images at
+native resolution (detection: pycocotools mAP in original pixels;
+segmentation: mIoU of the mask predicted at the image's own size, resize
+runs resized in and out, crop runs tiled) and the minutes.
+
+    python benchmarks/field_data.py prepare
+    python benchmarks/field_data.py run --task detection --epochs 12
+    python benchmarks/field_data.py run --task segmentation --epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "field"
+WHEELS = {"deepforest": "deepforest==2.1.0", "stardist": "stardist==0.9.2"}
+TREES_TRAIN = ("2019_YELL_2_528000_4978000_image_crop2", "OSBS_029", "SOAP_061")
+TREES_VAL = ("2019_YELL_2_541000_4977000_image_crop",)
+NUCLEI_SPLIT_COLUMN = 320
+
+
+def fetch_wheel(requirement: str, cache: Path) -> Path:
+    """`pip download --no-deps` one wheel into `cache` (reused when there) and return its path."""
+    name = requirement.split("=")[0]
+    found = sorted(cache.glob(f"{name}-*.whl"))
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"pip download --no-deps {requirement} -> {cache}")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement,
+                        "-d", str(cache)], check=True)
+        found = sorted(cache.glob(f"{name}-*.whl"))
+    return found[-1]
+
+
+def _extract(wheel: Path, member: str, target: Path) -> Path:
+    with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(target, "wb") as out:
+        shutil.copyfileobj(source, out)
+    return target
+
+
+def prepare_trees(wheel: Path, root: Path) -> None:
+    """VOC flat folders `root/trees/{train,val}`: PNG + XML of the same stem (XML <filename> fixed to the PNG)."""
+    for split, stems in (("train", TREES_TRAIN), ("val", TREES_VAL)):
+        folder = root / "trees" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            _extract(wheel, f"deepforest/data/{stem}.png", folder / f"{stem}.png")
+            xml = folder / f"{stem}.xml"
+            _extract(wheel, f"deepforest/data/{stem}.xml", xml)
+            text = xml.read_text()
+            start, end = text.find("<filename>"), text.find("</filename>")
+            if start >= 0:
+                text = text[: start + len("<filename>")] + f"{stem}.png" + text[end:]
+            xml.write_text(text)
+
+
+def prepare_nuclei(wheel: Path, root: Path) -> None:
+    """Mask folders `root/nuclei/{train,val}/{images,masks}` and classes.txt (background, nucleus)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        image = np.asarray(Image.open(_extract(wheel, "stardist/data/images/img2d.tif", Path(scratch) / "i.tif")))
+        labels = np.asarray(Image.open(_extract(wheel, "stardist/data/images/mask2d.tif", Path(scratch) / "m.tif")))
+    mask = (labels > 0).astype(np.uint8)
+    for split, columns in (("train", slice(0, NUCLEI_SPLIT_COLUMN)), ("val", slice(NUCLEI_SPLIT_COLUMN, None))):
+        folder = root / "nuclei" / split
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(image[:, columns]).astype(np.uint16)).save(folder / "images" / "dsb2018_crop.png")
+        Image.fromarray(mask[:, columns]).save(folder / "masks" / "dsb2018_crop.png")
+        (folder / "classes.txt").write_text("background\nnucleus\n")
+
+
+def prepare(root: Path, cache: Path) -> None:
+    prepare_trees(fetch_wheel(WHEELS["deepforest"], cache), root)
+    prepare_nuclei(fetch_wheel(WHEELS["stardist"], cache), root)
+    print(f"wrote {root}/trees (VOC, 1 class) and {root}/nuclei (mask folder, 2 classes)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="fetch the two wheels and write data/field/")
+    p.add_argument("--root", type=Path, default=DATA)
+    p.add_argument("--wheels", type=Path, default=Path.home() / ".cache" / "keras_resnet" / "wheels")
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args.root, args.wheels)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
