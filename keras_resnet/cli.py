@@ -1,4 +1,4 @@
-"""The commands of `keras-resnet` that need Keras and TensorFlow: summary, train, evaluate, export, predict.
+"""The commands of `keras-resnet` that need Keras and TensorFlow: summary, convert, train, evaluate, export, predict.
 
 The command line itself (flags, `--help`, `models`, exit statuses) is the
 `keras_resnet_cli` package, which starts without TensorFlow and imports this
@@ -72,6 +72,11 @@ def _predictions_dir(model_path):
     return str(path.parent / "predictions")
 
 
+def _tile(args):
+    """`--tile` of `predict`: "auto" when not given."""
+    return "auto" if args.tile is None else args.tile
+
+
 def _cmd_predict(args):
     import json
 
@@ -83,6 +88,9 @@ def _cmd_predict(args):
     from keras_resnet.registry import DETECTION, SEGMENTATION
 
     task = model_task(args.model)
+    tiling = args.tile is not None or args.tile_overlap is not None
+    if task is not None and task not in (DETECTION, SEGMENTATION) and tiling:
+        raise ConfigError(f"--tile is for segmenters and detectors; {args.model} is a {task} model")
     if task == DETECTION:
         _predict_detections(args)
         return
@@ -91,12 +99,14 @@ def _cmd_predict(args):
     if task == SEGMENTATION:
         from keras_resnet.predict.segmentation import predict_masks
 
-        results = predict_masks(args.model, args.images, args.output or _predictions_dir(args.model))
+        results = predict_masks(args.model, args.images, args.output or _predictions_dir(args.model),
+                                tile=_tile(args), overlap=args.tile_overlap)
         if args.json:
             print(json.dumps(finite_json(results), indent=2, allow_nan=False))
         else:
             for result in results:
-                print(f"{result['image']}: mask {result['mask']}, overlay {result['overlay']}")
+                tiled = " (tiled)" if result["tiled"] else ""
+                print(f"{result['image']}: mask {result['mask']}, overlay {result['overlay']}{tiled}")
         return
     results = predict_files(args.model, args.images, top_k=args.top_k)
     if args.json:
@@ -124,6 +134,7 @@ def _predict_detections(args):
     results = predict_boxes(
         args.model, args.images, args.output or _predictions_dir(args.model),
         score_threshold=args.score_threshold, max_detections=args.max_detections,
+        tile=_tile(args), overlap=args.tile_overlap,
     )
     if args.json:
         print(json.dumps(finite_json(results), indent=2, allow_nan=False))
@@ -143,8 +154,24 @@ def _predict_detections(args):
     console.print(f"boxes drawn in {Path(results[0]['output']).parent}" if results else "no images")
 
 
+def _cmd_convert(args):
+    from keras_resnet.convert import convert_source
+    from keras_resnet.runs import atomic_output
+
+    if not args.output.endswith(".keras"):
+        raise ConfigError(f"--output {args.output} must end in .keras")
+    model, report = convert_source(args.source, arch=args.arch, include_top=args.include_top,
+                                   num_classes=args.num_classes, mean=args.mean, std=args.std)
+    with atomic_output(args.output) as temporary:
+        model.save(temporary)
+    for line in report:
+        print(line)
+    print(f"wrote {args.output}")
+
+
 COMMANDS = {
     "summary": _cmd_summary,
+    "convert": _cmd_convert,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "export": _cmd_export,

@@ -41,6 +41,10 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION_MODES = (False, True, "auto", "mixed_float16", "mixed_bfloat16", "float32")
 JIT_COMPILE_MODES = (False, True, "auto")
+SAMPLING_MODES = ("resize", "crop")
+# data.sampling=crop: the tasks and sources with images at their own size (not classification, not mosaics).
+CROP_TASKS = (SEGMENTATION, DETECTION)
+CROP_SOURCES = ("mask_folder", "voc", "coco")
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,15 @@ SCHEMA: dict[str, Any] = {
         # Each training example this many times per epoch (a handful of images filling an epoch).
         "repeat": Field(("int",), 1, check=_at_least(1)),
         "skip_corrupt": Field(("bool",), False),
+        # Segmentation / detection: resize (or letterbox) every image to the model input, or train on
+        # random input-size windows at native resolution (crop; validation on a grid of such tiles).
+        "sampling": Field(("str",), "resize", allowed=SAMPLING_MODES),
+        # sampling=crop only: windows per training image per pass (times `repeat`).
+        "crops_per_image": Field(("int",), 1, check=_at_least(1)),
+        # sampling=crop only: probability of keeping a window without objects (else moved onto an object).
+        "empty_crop_rate": Field(("float",), 0.1, check=_in_range(0, 1, high_inclusive=True)),
+        # Overlap (fraction of the input size) of neighbouring tiles in tiled evaluation / prediction.
+        "tile_overlap": Field(("float",), 0.25, check=_in_range(0, 0.9, high_inclusive=True)),
         "augment": {
             "random_crop_padding": Field(("int",), 4, check=_at_least(0)),
             "horizontal_flip": Field(("bool",), True),
@@ -257,12 +270,32 @@ def _check_task_fits(config: dict, source: str) -> None:
             f"'data.mosaic_fresh_each_epoch' in {source} only applies to task 'segmentation' with data.source "
             f"'mosaic' (here task {task!r}, source {data_source!r}); remove it or set it to false"
         )
+    _check_sampling(config["data"], task, source)
     weights = config["train"]["class_weights"]
     if weights is not None and len(weights) != config["model"]["num_classes"]:
         raise ConfigError(
             f"'train.class_weights' in {source} has {len(weights)} entries but model.num_classes is "
             f"{config['model']['num_classes']}; give one weight per class or null"
         )
+
+
+def _check_sampling(data: dict, task: str, source: str) -> None:
+    """`data.sampling=crop` needs a segmentation / detection source of own-size images; its keys need crop."""
+    data_source = data["source"]
+    if data["sampling"] == "crop":
+        if task not in CROP_TASKS or data_source not in CROP_SOURCES:
+            raise ConfigError(
+                f"'data.sampling'='crop' in {source} applies to task segmentation or detection with data.source "
+                f"{', '.join(CROP_SOURCES)} (here task {task!r}, source {data_source!r}); set data.sampling=resize"
+            )
+        return
+    for key in ("crops_per_image", "empty_crop_rate"):
+        default = SCHEMA["data"][key].default
+        if data[key] != default:
+            raise ConfigError(
+                f"'data.{key}'={data[key]!r} in {source} only applies with data.sampling=crop (here "
+                f"{data['sampling']!r}); set data.sampling=crop or remove data.{key} (default {default})"
+            )
 
 
 def _task_of_source(data_source: str) -> str:

@@ -17,6 +17,23 @@ def _batch_size_arg(text):
     return text if text == "dynamic" else _positive_int_arg(text, " or 'dynamic'")
 
 
+MAX_TILE_OVERLAP = 0.9  # as the recipe's data.tile_overlap
+
+
+def _tile_arg(text):
+    return text if text in ("auto", "off") else _positive_int_arg(text, " tile side, 'auto' or 'off'")
+
+
+def _overlap_arg(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= MAX_TILE_OVERLAP:
+        raise argparse.ArgumentTypeError(f"expected a fraction 0 <= F <= {MAX_TILE_OVERLAP}, got {text!r}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="keras-resnet", description="Residual networks for Keras 3.")
     sub = parser.add_subparsers(
@@ -35,6 +52,34 @@ def build_parser():
     p.add_argument("--input-size", type=_positive_int_arg, default=None, help="square input size (224; 32 for *_cifar)")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="input channels (default 3)")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the classifier head (default 1000)")
+
+    p = command("convert", "convert torchvision/timm or keras.applications ResNet weights to a .keras model")
+    p.add_argument(
+        "source", help="a torchvision/timm state dict (.pth, .pt, .bin, .safetensors) or a keras.applications .h5",
+    )
+    p.add_argument("--output", required=True, metavar="FILE.keras", help="the .keras model to write (atomically)")
+    p.add_argument(
+        "--arch", default=None,
+        help="source model name, e.g. resnet50 or resnet50d.ra2_in1k (default: inferred from keys and shapes)",
+    )
+    p.add_argument(
+        "--num-classes", type=_positive_int_arg, default=None,
+        help="classes of the classifier; another number than the source's keeps the backbone, fresh head",
+    )
+    p.add_argument(
+        "--include-top", dest="include_top", action="store_const", const=True, default=None,
+        help="write a classifier (default: when the source has a head)",
+    )
+    p.add_argument(
+        "--no-top", dest="include_top", action="store_const", const=False,
+        help="write the backbone only, without the source's head",
+    )
+    for flag, text in (("--mean", "mean"), ("--std", "standard deviation")):
+        p.add_argument(
+            flag, type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+            help=f"per-channel {text} of 0..1 pixels the source was trained with (default: ImageNet's, as "
+            "torchvision and most timm weights; timm's *.ra4_e3600_* weights use 0.5)",
+        )
 
     for name, text in (
         ("train", "train a task recipe (YAML)"),
@@ -107,4 +152,16 @@ def build_parser():
     p.add_argument("--score-threshold", type=float, default=None,
                    help="detectors: minimum score (default: the model's decoder setting)")
     p.add_argument("--max-detections", type=int, default=None, help="detectors: at most this many boxes per image")
+    p.add_argument(
+        "--tile", type=_tile_arg, default=None, metavar="auto|off|SIZE",
+        help="segmenters and detectors: run large images at their own resolution in windows of the model input, "
+        "blending masks and merging boxes (NMS): 'auto' (default: when the run trained on crops or the image is "
+        "at least twice the model input on a side), 'off' (resize/letterbox whole images) or the window side "
+        "(the model input size for fixed-size models)",
+    )
+    p.add_argument(
+        "--tile-overlap", type=_overlap_arg, default=None, metavar="F",
+        help="segmenters and detectors: fraction of a window shared with its neighbour, 0 <= F <= 0.9 "
+        "(default: the run's data.tile_overlap, else 0.25)",
+    )
     return parser

@@ -92,3 +92,40 @@ def write_shape_items(directory, classes, train_count=40, test_count=12):
         write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_images"], items)
         write_idx_gz(directory / FASHION_MNIST_FILES[f"{split}_labels"], labels)
     return directory
+
+
+# Native-resolution crop tests (tests/data/test_crops.py): images whose pixels say where they came from.
+def coordinate_image(height, width, marker=200):
+    """uint8 RGB `(height, width, 3)`: R = x, G = y, B = `marker` (padding reads B = 0); at most 256 x 256."""
+    assert height <= 256 and width <= 256, "R and G hold the coordinates in 8 bits"
+    rows, cols = np.mgrid[:height, :width]
+    return np.stack([cols, rows, np.full_like(rows, marker)], axis=-1).astype(np.uint8)
+
+
+def write_mask_pair(folder, stem, image, mask):
+    """`image` (PNG) and its index `mask` (mode L PNG) as `folder/images/<stem>.png` and `folder/masks/<stem>.png`."""
+    from PIL import Image
+
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / "images" / f"{stem}.png")
+    Image.fromarray(np.asarray(mask, np.uint8), mode="L").save(folder / "masks" / f"{stem}.png")
+    return folder
+
+
+def write_voc_image(folder, stem, image, boxes, name="cat"):
+    """`image` (PNG) and a VOC XML of `boxes` (0-based continuous int xyxy, written 1-based) in a flat VOC folder."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / f"{stem}.png")
+    height, width = image.shape[:2]
+    objects = "".join(
+        f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>"
+        f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>" for x0, y0, x1, y1 in boxes
+    )
+    (folder / f"{stem}.xml").write_text(
+        f"<annotation><filename>{stem}.png</filename><size><width>{width}</width><height>{height}</height>"
+        f"<depth>3</depth></size>{objects}</annotation>"
+    )
+    return folder

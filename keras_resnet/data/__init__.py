@@ -1,7 +1,8 @@
 """Input pipelines for keras_resnet tasks.
 
 Modules: ``images`` (image files: find, read, decode, letterbox), ``common``
-(what every pipeline shares), ``fashion_mnist``, ``pascal_voc`` (VOC class
+(what every pipeline shares), ``crops`` (native-resolution training windows
+and validation tiles, ``data.sampling: crop``), ``fashion_mnist``, ``pascal_voc`` (VOC class
 names and split lists), and one per task: ``classification``,
 ``segmentation`` and ``detection`` (packages of readers and a ``pipeline``).
 """

@@ -3,7 +3,8 @@
 A progress bar for long file checks, the seeded subset of `data.limit_*`,
 the shuffle / augment / batch tail of every training pipeline, the random
 rescale-pad-crop window of the segmentation and detection augmentations, and
-the Keras dataset cache folder.
+the Keras dataset cache folder. Native-resolution windows (``data.sampling:
+crop``) have their own module, :mod:`keras_resnet.data.crops`.
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ def keras_datasets_dir() -> Path:
     return Path(keras_home) / "datasets"
 
 
-def check_batch_fits(batch_size, num_train, repeat=1, what="training examples", error=DataError):
-    """`error` (a DataError) when one training batch needs more than the `num_train` examples x `repeat` of an epoch."""
-    if batch_size <= num_train * repeat:
+def check_batch_fits(batch_size, num_train, repeat=1, what="training examples", error=DataError, crops_per_image=1):
+    """`error` (a DataError) when one training batch needs more than the `num_train` examples x `repeat` x `crops_per_image` of an epoch."""
+    if batch_size <= num_train * repeat * crops_per_image:
         return
     times = f" x data.repeat={repeat}" if repeat > 1 else ""
+    if crops_per_image > 1:
+        times += f" x data.crops_per_image={crops_per_image}"
     raise error(
         f"data.batch_size={batch_size} is larger than the {num_train} {what}{times}; lower data.batch_size, add "
-        f"data, or set data.repeat={math.ceil(batch_size / num_train)} (every training example that many times "
-        "per epoch, each time augmented anew)"
+        f"data, or set data.repeat={math.ceil(batch_size / (num_train * crops_per_image))} (every training example "
+        "that many times per epoch, each time augmented anew)"
     )
 
 

@@ -28,6 +28,8 @@ from keras_resnet.export.source import ModelSource, dtype_policies, find_preproc
 from keras_resnet.export.tflite import tflite_bytes
 from keras_resnet.runs import atomic_output, write_json
 
+# run.json entries copied into every export's metadata: "sampling" ("resize" or "crop") and "tile_overlap".
+RUN_SAMPLING_KEYS = ("sampling", "tile_overlap")
 TOOL_PACKAGES = {"saved_model": [], "tflite": ["ai-edge-litert"], "onnx": ["tf2onnx", "onnx", "onnxruntime"]}
 
 
@@ -231,6 +233,8 @@ class ExportJob:
             "model_name": self.model.name,
             "preset": self.source.run_info.get("preset"),
             "task": self.task,
+            # how the run sampled its training images; `predict --tile auto` tiles crop-trained models
+            **{key: self.source.run_info[key] for key in RUN_SAMPLING_KEYS if key in self.source.run_info},
         }
 
     def metadata_shape(self) -> dict:

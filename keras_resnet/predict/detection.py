@@ -14,6 +14,12 @@ original image's pixels (`box / scale`, clipped). For each image it writes
     <stem>_boxes.png     the original image with boxes, class names and scores
 
 Class names come from the run's `run.json` or the export's metadata JSON.
+
+With `tile` ("auto", or the model input side) large images are not
+letterboxed but run at their own resolution in windows of the model input
+(`keras_resnet.predict.tiling`): each window's detections are shifted to
+image pixels, clipped, and merged across windows by class-wise NMS at the
+decoder's IoU threshold.
 """
 
 from __future__ import annotations
@@ -29,16 +35,11 @@ from keras_resnet.export.contract import RAW_NAME
 from keras_resnet.export.loading import as_exported_model
 from keras_resnet.export.source import load_keras_model
 from keras_resnet.models.retinanet.decoder import decoder_from_config
+from keras_resnet.models.tiling import DEFAULT_TILE_BATCH, detect_tiled
+from keras_resnet.predict.tiling import decoder_setting, tile_plan
 from keras_resnet.registry import DETECTION
 from keras_resnet.runs import BEST_MODEL_FILE, RUN_INFO_FILE, read_json, read_run_info
 from keras_resnet.visualize import draw_detections
-
-
-def _letterboxed(path, height, width, channels):
-    """`(original uint8 (h, w, C), letterboxed float32 (height, width, C), scale)` of an image file."""
-    original = read_image(path, channels)
-    letterboxed, scale = letterbox_images(original[None], height, width)
-    return original, letterboxed.numpy()[0], float(scale)
 
 
 def load_detector(model_path, score_threshold=None, max_detections=None):
@@ -54,9 +55,14 @@ def load_detector(model_path, score_threshold=None, max_detections=None):
             the built-in one has no effect).
 
     Returns:
-        `(input_shape, class_names, run)`: `run(float32 (1, H, W, C))`
+        `(input_shape, class_names, run)`: `run(float32 (N, H, W, C))`
         returns the decoded dict of NumPy arrays (boxes in model-input pixels).
     """
+    return _open_detector(model_path, score_threshold, max_detections)[:3]
+
+
+def _open_detector(model_path, score_threshold=None, max_detections=None):
+    """`load_detector`'s `(input_shape, class_names, run)` and the run.json or export metadata."""
     overrides = {"score_threshold": score_threshold, "max_detections": max_detections}
     exported = as_exported_model(model_path)
     if exported is not None:
@@ -73,22 +79,23 @@ def load_detector(model_path, score_threshold=None, max_detections=None):
                 raw = exported.predict(images)
                 return {key: value.numpy() for key, value in decoder(raw).items()}
 
-            return exported.input_shape, class_names, run
+            return exported.input_shape, class_names, run, exported.metadata
 
         def run(images):
             outputs = exported.predict_outputs(images)
             return _filter(outputs, score_threshold, max_detections)
 
-        return exported.input_shape, class_names, run
+        return exported.input_shape, class_names, run, exported.metadata
 
-    model, class_names, decoder_args = _load_detector(model_path)
+    model, class_names, run_info = _load_detector(model_path)
+    decoder_args = run_info.get("decoder", {})
     decoder_args = {**decoder_args, **{k: v for k, v in overrides.items() if v is not None}}
     inference = model.make_inference_model(**decoder_args)
 
     def run(images):
         return {key: np.asarray(value) for key, value in inference.predict_on_batch(images).items()}
 
-    return model.input_shape[1:], class_names, run
+    return model.input_shape[1:], class_names, run, run_info
 
 
 def _filter(outputs, score_threshold, max_detections):
@@ -111,7 +118,7 @@ def _filter(outputs, score_threshold, max_detections):
 
 
 def _load_detector(model_path):
-    """(detector, class_names, decoder_args) from a `.keras` file or a run folder."""
+    """(detector, class_names, run_info) from a `.keras` file or a run folder."""
     path = Path(model_path)
     run_info = {}
     if path.is_dir():
@@ -125,10 +132,11 @@ def _load_detector(model_path):
     if not hasattr(model, "make_decoder"):
         raise ModelError(f"{path} is a {type(model).__name__}, not a RetinaNetDetector")
     class_names = run_info.get("class_names") or [str(i) for i in range(model.num_classes)]
-    return model, class_names, run_info.get("decoder", {})
+    return model, class_names, run_info
 
 
-def predict_boxes(model_path, image_paths, output_dir, score_threshold=None, max_detections=None):
+def predict_boxes(model_path, image_paths, output_dir, score_threshold=None, max_detections=None, tile="off",
+                  overlap=None, batch_size=DEFAULT_TILE_BATCH):
     """Detects objects in image files and writes `<stem>_boxes.png` per image.
 
     Args:
@@ -138,36 +146,54 @@ def predict_boxes(model_path, image_paths, output_dir, score_threshold=None, max
         image_paths: image files of any size, or folders (searched recursively).
         output_dir: folder for the PNGs (created).
         score_threshold, max_detections: override the run's decoder
-            settings (for a decoded export: filter its detections).
+            settings (for a decoded export: filter its detections);
+            `max_detections` also caps a tiled image's merged detections.
+        tile: "off" (letterbox each image to the model input), "auto"
+            (windows of the model input when the run trained on crops,
+            `data.sampling: crop`, or the image is at least twice the input
+            on a side) or the model input side (an int).
+        overlap: tile overlap in [0, 1); None: the run's `data.tile_overlap`
+            (run.json or export metadata), else 0.25.
+        batch_size: tiles run at a time.
 
     Returns:
-        One dict per image: `{"image", "output", "detections": [{"class",
+        One dict per image: `{"image", "output", "tiled", "detections": [{"class",
         "class_id", "score", "box"}]}` with boxes as `[x_min, y_min, x_max,
         y_max]` in the original image's pixels.
 
     Example:
     >>> predict_boxes("runs/mosaic_retinanet_resnet18", ["street.jpg"], "predictions")
-    >>> predict_boxes("saved_models/mosaic/mosaic_fp32.tflite", "photos/", "predictions")
+    >>> predict_boxes("saved_models/aerial/aerial_fp32.tflite", "photos/", "predictions", tile="auto")
     """
 
-    (height, width, channels), class_names, run = load_detector(model_path, score_threshold, max_detections)
+    (height, width, channels), class_names, run, info = _open_detector(model_path, score_threshold, max_detections)
+    plan = tile_plan(tile, overlap, (height, width), info, True, model_path)
+    merged_max = max_detections or decoder_setting(info, "max_detections", 100)
     files = find_image_files(image_paths)
     os.makedirs(output_dir, exist_ok=True)
     results = []
     for image_path in files:
-        original, letterboxed, scale = _letterboxed(image_path, height, width, channels)
-        outputs = run(letterboxed[None])
-        count = int(outputs["num_detections"][0])
-        boxes = np.asarray(outputs["boxes"][0, :count], np.float32) / np.float32(scale)
-        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, original.shape[1])
-        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, original.shape[0])
-        scores, classes = outputs["scores"][0, :count], outputs["classes"][0, :count]
+        original = read_image(image_path, channels)
+        window = plan.window(*original.shape[:2])
+        if window is not None:
+            found = detect_tiled(run, original, window, plan.overlap, batch_size,
+                                 iou_threshold=decoder_setting(info, "iou_threshold", 0.5), max_detections=merged_max)
+            boxes, scores, classes = found["boxes"], found["scores"], found["classes"]
+        else:
+            letterboxed, scale = letterbox_images(original[None], height, width)
+            outputs = run(letterboxed.numpy())
+            count = int(outputs["num_detections"][0])
+            boxes = np.asarray(outputs["boxes"][0, :count], np.float32) / np.float32(float(scale))
+            boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, original.shape[1])
+            boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, original.shape[0])
+            scores, classes = outputs["scores"][0, :count], outputs["classes"][0, :count]
         names = [class_names[int(c)] if 0 <= int(c) < len(class_names) else str(int(c)) for c in classes]
         output = Path(output_dir) / f"{Path(image_path).stem}_boxes.png"
         draw_detections(original, boxes, scores, classes, names_for(class_names, classes)).save(output)
         results.append({
             "image": str(image_path),
             "output": str(output),
+            "tiled": window is not None,
             "detections": [
                 {"class": name, "class_id": int(c), "score": round(float(s), 4),
                  "box": [round(float(v), 1) for v in b]}

@@ -3,9 +3,10 @@
 - `build_backbone_from_config`: the `ResNetBackbone` of `model.backbone` / `model.backbone_args`
   and the `ImageNormalization` layer that takes raw pixels 0..255.
 - `build_model_from_config`: a task model on that backbone, with
-  `initialize_backbone`: `model.weights` (a `.keras` model or a keras.applications `.h5`) and
-  `model.freeze_stages` applied to a built task model.
-- `load_pretrained_weights`: copies weights into a model's backbone by layer name.
+  `initialize_backbone`: `model.weights` (a `.keras` model, a keras.applications `.h5`, or a
+  torchvision/timm state dict `.pth`/`.pt`/`.bin`/`.safetensors`) and `model.freeze_stages`
+  applied to a built task model.
+- `load_pretrained_weights`: loads those files into a model's backbone (and a classifier's head).
 - `preprocessing_info`: the `preprocessing` entry of run.json.
 - `check_recipe_args`: a ConfigError for a `model.*_args` key that the constructor does not take.
 """
@@ -16,12 +17,13 @@ import os
 
 import keras
 
-from keras_resnet.convert import from_keras_applications
 from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.presets import get_preset_config
+from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
+from keras_resnet.models.weight_files import is_torch_file
 
 
 def check_recipe_args(section, args, constructor, allowed=None):
@@ -135,10 +137,12 @@ def _copy_layer_weights(source_layers, target_layers, source_name, target_name):
 
 
 def load_pretrained_weights(model, path):
-    """Initialises `model` from a `.keras` model or a keras.applications `.h5`.
+    """Initialises `model` from a `.keras` model, a keras.applications `.h5` or a torchvision/timm state dict.
 
-    The backbone is copied by layer name (shapes checked); the head too when
-    the source is a classifier with the same number of classes.
+    The backbone is loaded (by layer name for `.keras`, through
+    `keras_resnet.models.resnet.pretrained` for the others; shapes checked,
+    another architecture refused); the head too when `model` is a classifier
+    and the source has a head with the same number of classes.
     """
     if not os.path.exists(path):
         raise ConfigError(f"model.weights file {path} does not exist.")
@@ -150,12 +154,15 @@ def load_pretrained_weights(model, path):
         if isinstance(source, ResNetClassifier) and source.num_classes == model.num_classes:
             model.get_layer("predictions").set_weights(source.get_layer("predictions").get_weights())
         return model
-    if path.endswith(".h5"):
+    if path.endswith(".h5") or is_torch_file(path):
+        head = model.get_layer("predictions") if isinstance(model, ResNetClassifier) else None
         try:
-            source = from_keras_applications(path, input_shape=model.backbone.image_shape)
+            weights = read_pretrained(path, preset=model.backbone.name)
+            load_pretrained(weights, model.backbone, head=head, preset=model.backbone.name)
         except ValueError as error:
             raise ConfigError(f"model.weights: {error}") from None
-        source_backbone = getattr(source, "backbone", source)
-        _copy_layer_weights(source_backbone.layers, model.backbone.layers, path, target_name)
         return model
-    raise ConfigError(f"model.weights {path} must be a .keras model or a keras.applications .h5 weight file.")
+    raise ConfigError(
+        f"model.weights {path} must be a .keras model, a keras.applications .h5 weight file or a torchvision/timm "
+        "state dict (.pth, .pt, .bin, .safetensors)."
+    )

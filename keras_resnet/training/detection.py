@@ -18,7 +18,11 @@
 Targets are encoded inside the tf.data pipeline (`RetinaNetLabelEncoder`),
 so `fit` sees `(images, (B, N, 5) targets)` and the model's raw
 `(B, N, 4 + num_classes)` output. mAP is computed by pycocotools on the
-decoded, NMS-ed detections mapped back to original image pixels.
+decoded, NMS-ed detections mapped back to original image pixels. A run
+with `data.sampling: crop` trains on input-size windows of images at their
+own resolution; its mAP (per epoch, val_mAP, and final) slides the model
+over each full validation image instead (`data.tile_overlap`), merging the
+windows' boxes by class-wise NMS (`keras_resnet.models.tiling.detect_tiled`).
 """
 
 import os
@@ -38,6 +42,7 @@ from keras_resnet.models.retinanet.evaluation import (
     print_detection_table,
 )
 from keras_resnet.models.retinanet.losses import RetinaNetLoss
+from keras_resnet.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, detect_tiled
 from keras_resnet.registry import DETECTION
 from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
@@ -54,6 +59,8 @@ NORMALIZATION_SAMPLE_BATCHES = 16
 HEAD_ARGS = ("fpn_width", "min_level", "max_level", "head_depth", "head_width", "head_norm", "anchor_sizes",
              "aspect_ratios", "anchor_scales", "extra_levels_from", "prior_probability")
 DECODER_ARGS = ("score_threshold", "iou_threshold", "max_detections", "pre_nms_top_k")
+# data.* keys build_detection_datasets takes as they are (native-resolution crop sampling).
+SAMPLING_ARGS = ("sampling", "crops_per_image", "empty_crop_rate")
 # Recipe keys that detection does not implement: key -> neutral value.
 _NOT_FOR_DETECTION = {
     ("train", "head_epochs"): 0,
@@ -93,6 +100,7 @@ def _datasets(cfg):
         train_images=data_cfg["train_images"],
         val_images=data_cfg["val_images"],
         mosaic_args={"train_size": data_cfg["mosaic_train_size"], "val_size": data_cfg["mosaic_val_size"]},
+        **{key: data_cfg[key] for key in SAMPLING_ARGS if key in data_cfg},
     )
 
 
@@ -162,8 +170,69 @@ def predict_detections(model, dataset, decoder_args, detect=None):
     return first, batches
 
 
+def tiled_detections(model, info, decoder_args, tile_overlap, detect=None, batch_size=DEFAULT_TILE_BATCH):
+    """Detections of `model` sliding over each full validation image (`info["val_full"]`).
+
+    Each image's model-input windows (overlap `tile_overlap`) are detected
+    and merged by class-wise NMS at the decoder's IoU threshold and
+    `max_detections` (`keras_resnet.models.tiling.detect_tiled`).
+
+    Returns:
+        `(rows, examples)`: float64 `(K, 7)` rows `(image_id, x_min, y_min,
+        x_max, y_max, score, class_id)` in original pixels, and the first
+        `NUM_PREDICTION_EXAMPLES` `(image, {"boxes", "scores", "classes",
+        "num_detections"})` pairs for plots.
+    """
+    decoder = model.make_decoder(**decoder_args)
+    detect = detect or detection_function(model, decoder_args)
+    tile_shape = tuple(model.input_shape[1:3])
+    rows, examples, count = [], [], 0
+    for image, meta in zip(info["val_full"], info["val_images"]):
+        image = np.asarray(image)
+        if image.shape[:2] != (meta["height"], meta["width"]):
+            raise DataError(
+                f"validation image {meta.get('file_name', meta['image_id'])} is {image.shape[1]}x{image.shape[0]} in "
+                f"val_full but {meta['width']}x{meta['height']} in its ground truth"
+            )
+        found = detect_tiled(
+            lambda windows: {key: value.numpy() for key, value in detect(tf.constant(windows)).items()},
+            image, tile_shape, tile_overlap, batch_size, iou_threshold=decoder.iou_threshold,
+            max_detections=decoder.max_detections, progress=False,
+        )
+        block = np.empty((len(found["scores"]), 7))
+        block[:, 0] = meta["image_id"]
+        block[:, 1:5] = found["boxes"]
+        block[:, 5] = found["scores"]
+        block[:, 6] = found["classes"]
+        rows.append(block)
+        if len(examples) < NUM_PREDICTION_EXAMPLES:
+            examples.append((image, {key: value[None] for key, value in found.items()}
+                             | {"num_detections": np.asarray([len(found["scores"])])}))
+        count += 1
+    if count != len(info["val_images"]):
+        raise DataError(f"val_full holds {count} images but the ground truth {len(info['val_images'])}")
+    return (np.concatenate(rows) if rows else np.zeros((0, 7))), examples
+
+
+def _untiled_detections(model, val_ds, info, decoder_args, detect):
+    """`tiled_detections`' `(rows, examples)` of the letterboxed validation batches, and the image count."""
+    first, batches = predict_detections(model, val_ds, decoder_args, detect)
+    if first is None:
+        return np.zeros((0, 7)), [], 0
+    rows, start = [], 0
+    for outputs in batches:
+        size = len(outputs["num_detections"])
+        rows.append(detections_to_original(outputs["boxes"], outputs["scores"], outputs["classes"],
+                                           info["val_images"][start:start + size], outputs["num_detections"]))
+        start += size
+    images, outputs = first
+    examples = [(images[i], {key: value[i:i + 1] for key, value in outputs.items()})
+                for i in range(min(NUM_PREDICTION_EXAMPLES, len(images)))]
+    return np.concatenate(rows), examples, start
+
+
 def evaluate_detector(model, val_ds, info, decoder_args, output_dir=None, title="validation", verbose=True,
-                      detect=None):
+                      detect=None, tile_overlap=None):
     """COCO box AP of `model` on `val_ds` by pycocotools, in original image pixels.
 
     Args:
@@ -175,46 +244,59 @@ def evaluate_detector(model, val_ds, info, decoder_args, output_dir=None, title=
         title: title of the printed per-class table.
         verbose: print the per-class table.
         detect: a `detection_function` of `model` to reuse (the per-epoch evaluation traces it once).
+        tile_overlap: None (the letterboxed `val_ds` batches), or the overlap
+            of the model-input windows that slide over each full validation
+            image (`info["val_full"]`, crop-sampled data; `val_ds` unused):
+            boxes merged across windows by class-wise NMS, at native resolution.
 
     Returns:
         `{"mAP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "per_class", "num_examples"}`.
+
+    Example:
+    >>> evaluate_detector(model, val_ds, info, {"score_threshold": 0.05}, tile_overlap=0.25)
     """
-    first, batches = predict_detections(model, val_ds, decoder_args, detect)
-    if first is None:
+    if tile_overlap is None:
+        rows, examples, count = _untiled_detections(model, val_ds, info, decoder_args, detect)
+    else:
+        rows, examples = tiled_detections(model, info, decoder_args, tile_overlap, detect)
+        count = len(info["val_images"])
+    if not examples:
         raise DataError("the validation set is empty; check data.val / data.limit_val")
-    rows, start = [], 0
-    for outputs in batches:
-        size = len(outputs["num_detections"])
-        rows.append(detections_to_original(outputs["boxes"], outputs["scores"], outputs["classes"],
-                                           info["val_images"][start:start + size], outputs["num_detections"]))
-        start += size
-    rows = np.concatenate(rows) if rows else np.zeros((0, 7))
     metrics = coco_evaluate(info["val_coco"], rows, info["class_names"])
-    metrics["num_examples"] = start
+    metrics["num_examples"] = count
+    if tile_overlap is not None:
+        metrics["tile_overlap"] = float(tile_overlap)
     if output_dir is not None:
         write_json(os.path.join(output_dir, "metrics.json"), metrics)
-        images, outputs = first
-        count = min(NUM_PREDICTION_EXAMPLES, len(images))
+        images = [image for image, _ in examples]
+        outputs = {key: [found[key][0] for _, found in examples] for key in examples[0][1]}
         with atomic_output(os.path.join(output_dir, "val_predictions.png")) as temporary:
-            plot_detections(images[:count], {key: value[:count] for key, value in outputs.items()},
-                            info["class_names"], temporary)
+            plot_detections(images, outputs, info["class_names"], temporary)
     if verbose:
         print_detection_table(metrics, title=f"COCO box AP ({title})")
     return metrics
 
 
-class _COCOEvaluation(keras.callbacks.Callback):
-    """Adds val_mAP / val_AP50 / val_AP75 to the epoch logs (pycocotools on the validation set)."""
+def evaluation_overlap(cfg):
+    """The tile overlap of the recipe's evaluation: `data.tile_overlap` with `data.sampling: crop`, else None."""
+    data_cfg = cfg["data"]
+    return float(data_cfg["tile_overlap"]) if data_cfg.get("sampling", "resize") == "crop" else None
 
-    def __init__(self, val_ds, info, decoder_args):
+
+class _COCOEvaluation(keras.callbacks.Callback):
+    """Adds val_mAP / val_AP50 / val_AP75 to the epoch logs (pycocotools on the validation set, tiled with
+    `tile_overlap` over the full images of a crop-sampled run)."""
+
+    def __init__(self, val_ds, info, decoder_args, tile_overlap=None):
         super().__init__()
         self.val_ds, self.info, self.decoder_args = val_ds, info, decoder_args
+        self.tile_overlap = tile_overlap  # crop-sampled runs: tiled over the full validation images
         self.detect = None  # traced once, at the first epoch end, then reused
 
     def on_epoch_end(self, epoch, logs=None):
         self.detect = self.detect or detection_function(self.model, self.decoder_args)
         metrics = evaluate_detector(self.model, self.val_ds, self.info, self.decoder_args, verbose=False,
-                                    detect=self.detect)
+                                    detect=self.detect, tile_overlap=self.tile_overlap)
         if logs is not None:
             for key in ("mAP", "AP50", "AP75"):
                 logs[f"val_{key}"] = metrics[key]
@@ -252,6 +334,7 @@ def train_detection(cfg):
             jit_compile=train_cfg["jit_compile"],
         )
     encoder = model.make_label_encoder()
+    tile_overlap = evaluation_overlap(cfg)
     engine.write_run_files(cfg, paths, {
         "task": "detection",
         "preset": model_cfg["backbone"],
@@ -262,20 +345,23 @@ def train_detection(cfg):
         "num_anchors": int(model.num_anchors),
         "decoder": dict(model_cfg["decoder_args"]),
         "preprocessing": preprocessing_info(info),
-        "resize": "letterbox: scale to fit keeping the aspect ratio, pad bottom/right with 0",
+        "resize": "letterbox: scale to fit keeping the aspect ratio, pad bottom/right with 0" if tile_overlap is None
+        else "none: input-size windows at native resolution (training crops, tiled evaluation and prediction)",
         "num_train": info["num_train"],
         "num_val": info["num_val"],
+        "sampling": data_cfg.get("sampling", "resize"),
+        "tile_overlap": data_cfg.get("tile_overlap", DEFAULT_OVERLAP),
     })
     start = time.time()
     with strategy.scope():
         engine.fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
                 monitor="val_mAP", title=f"{model_cfg['backbone']} RetinaNet", panels=DETECTION_PANELS,
                 best_key="mAP", backup_dir=os.path.join(paths.backup_root, "main"), epochs=train_cfg["epochs"],
-                extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg["decoder_args"])])
+                extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg["decoder_args"], tile_overlap)])
     train_seconds = time.time() - start
     metrics = engine.finish_run(
         paths, lambda best: evaluate_detector(best, val_ds, info, model_cfg["decoder_args"], output_dir,
-                                              title="best model"),
+                                              title="best model", tile_overlap=tile_overlap),
         steps_per_epoch, data_cfg["batch_size"], train_seconds,
     )
     print(
@@ -293,7 +379,8 @@ def evaluate_detection(cfg):
     """
     _check_detection_recipe(cfg)
     model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
-    metrics = evaluate_detector(model, val_ds, info, cfg["model"]["decoder_args"], cfg["output_dir"], title=model_path)
+    metrics = evaluate_detector(model, val_ds, info, cfg["model"]["decoder_args"], cfg["output_dir"], title=model_path,
+                                tile_overlap=evaluation_overlap(cfg))
     print(
         f"evaluate: {model_path} mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} AP75={metrics['AP75']:.4f} "
         f"on {metrics['num_examples']} val images"

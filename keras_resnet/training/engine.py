@@ -185,18 +185,36 @@ def announce_run(cfg, info, strategy, paths, model_name, details=""):
 
     The line names the model, the data source, the image counts (then
     `details`), the batch size, the replicas, the dtype policy and the output folder.
+    With `data.sampling: crop` the training count reads e.g. "12 train images x 8 crops
+    = 96 windows" (x `data.repeat` when above 1) and the validation tiles follow the images.
     """
+    data_cfg = cfg["data"]
+    if info.get("sampling") == "crop":
+        repeat = f" x {data_cfg['repeat']} repeats" if data_cfg["repeat"] > 1 else ""
+        tiles = f" ({info['num_val_windows']} tiles)" if "num_val_windows" in info else ""
+        counts = (f"{info['num_train']} train images x {info['crops_per_image']} crops{repeat} = "
+                  f"{epoch_examples(cfg, info)} windows / {info['num_val']} val images{tiles}")
+    else:
+        counts = f"{info['num_train']} train / {info['num_val']} val images"
     print(
-        f"{model_name} on {cfg['data']['source']}: {info['num_train']} train / {info['num_val']} val images"
-        f"{details}, batch {cfg['data']['batch_size']} over {strategy.num_replicas_in_sync} replica(s), "
+        f"{model_name} on {data_cfg['source']}: {counts}"
+        f"{details}, batch {data_cfg['batch_size']} over {strategy.num_replicas_in_sync} replica(s), "
         f"policy {keras.mixed_precision.dtype_policy().name}, output {paths.root}"
     )
     return epoch_steps(cfg, info)
 
 
+def epoch_examples(cfg, info):
+    """Training examples per epoch: `info["num_train_windows"]` where the data gives it (images x
+    `data.crops_per_image` x `data.repeat`), else the training set x `data.repeat`."""
+    if "num_train_windows" in info:
+        return info["num_train_windows"]
+    return info["num_train"] * cfg["data"]["repeat"]
+
+
 def epoch_steps(cfg, info):
-    """Optimizer steps per epoch: `train.steps_per_epoch`, else whole batches of the training set x `data.repeat`."""
-    return cfg["train"]["steps_per_epoch"] or info["num_train"] * cfg["data"]["repeat"] // cfg["data"]["batch_size"]
+    """Optimizer steps per epoch: `train.steps_per_epoch`, else whole batches of :func:`epoch_examples`."""
+    return cfg["train"]["steps_per_epoch"] or epoch_examples(cfg, info) // cfg["data"]["batch_size"]
 
 
 # ----------------------------------------------------------------------------

@@ -16,6 +16,11 @@
       logs/                     TensorBoard
       backup/                   BackupAndRestore state while a run is unfinished
 
+With `data.sampling: crop` (training on input-size windows of images at
+their own resolution) the final metrics slide the model over each full
+validation image (`data.tile_overlap`), at native resolution, as
+`keras-resnet predict --tile` does.
+
 A killed run started again with the same recipe continues from its last
 finished epoch. Supported strategies: auto, one_device, mirrored.
 """
@@ -35,6 +40,13 @@ from keras_resnet.models.segmentation.metrics import (
     confusion_to_iou,
 )
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
+from keras_resnet.models.tiling import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE_BATCH,
+    keras_segment_function,
+    model_tile,
+    segment_tiled,
+)
 from keras_resnet.registry import SEGMENTATION
 from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
@@ -123,31 +135,63 @@ def print_iou_table(per_class_iou, mean_iou, pixel_accuracy, title):
 # ----------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------
-def evaluate_segmenter(model, val_ds, class_names, output_dir, title="validation"):
+def _predicted_batches(model, val_ds, tile_overlap, tile_batch_size):
+    """`(images, masks, predicted masks)` NumPy batches of `model` over `val_ds` (see `evaluate_segmenter`)."""
+    if tile_overlap is None:
+        predict = tf.function(
+            lambda images: tf.argmax(model(images, training=False), axis=-1, output_type=tf.int32)
+        )
+        for images, masks in val_ds:
+            yield images.numpy(), masks.numpy(), predict(images).numpy()
+        return
+    probabilities = keras_segment_function(model)
+    tile_shape = model_tile(model)
+    for image, mask in val_ds:
+        image = np.asarray(image, np.float32)
+        stitched = segment_tiled(probabilities, image, tile_shape, tile_overlap, tile_batch_size, progress=False)
+        yield image[None], np.asarray(mask)[None], stitched.argmax(axis=-1).astype(np.int32)[None]
+
+
+def evaluate_segmenter(model, val_ds, class_names, output_dir, title="validation", tile_overlap=None,
+                       tile_batch_size=DEFAULT_TILE_BATCH):
     """mIoU, pixel accuracy and per-class IoU of `model` on `val_ds`.
 
     Writes metrics.json, confusion_matrix.csv and val_predictions.png into
     `output_dir` and prints the per-class IoU table. Pixels labelled 255
     are ignored.
 
+    Args:
+        model: the segmenter (raw pixels in, per-pixel scores out).
+        val_ds: batches of `(images, masks)` at the model input size; with
+            `tile_overlap`, unbatched `(image (h, w, C), mask (h, w))` pairs
+            at their own size (`info["val_full"]` of crop-sampled data).
+        class_names: the class names (their count is the number of classes).
+        output_dir: where the files go.
+        title: title of the printed table.
+        tile_overlap: None (each batch is segmented whole), or the overlap
+            of the model-input windows that slide over each full image
+            (`keras_resnet.models.tiling.segment_tiled`): metrics at native
+            resolution, as `keras-resnet predict --tile` segments.
+        tile_batch_size: windows run at a time when tiling.
+
     Returns:
         `{"mIoU", "pixel_accuracy", "per_class_iou": {name: IoU or None}, "num_examples"}`;
         None marks a class absent from both truth and predictions (left out of mIoU).
+
+    Example:
+    >>> evaluate_segmenter(model, info["val_full"], info["class_names"], "runs/x", tile_overlap=0.25)
     """
     num_classes = len(class_names)
-    predict = tf.function(lambda images: tf.argmax(model(images, training=False), axis=-1, output_type=tf.int32))
     confusion = np.zeros((num_classes, num_classes), np.int64)
-    examples, shown = 0, None
-    for images, masks in val_ds:
-        predictions = predict(images).numpy()
-        masks = masks.numpy()
+    examples, shown = 0, ([], [], [])
+    for images, masks, predictions in _predicted_batches(model, val_ds, tile_overlap, tile_batch_size):
         valid = masks != IGNORE_INDEX
         confusion += np.bincount(
             masks[valid].astype(np.int64) * num_classes + predictions[valid], minlength=num_classes**2
         ).reshape(num_classes, num_classes)
-        if shown is None:
-            count = min(NUM_PREDICTION_EXAMPLES, len(masks))
-            shown = (images.numpy()[:count], masks[:count], predictions[:count])
+        count = NUM_PREDICTION_EXAMPLES - len(shown[0])
+        for kept, batch in zip(shown, (images, masks, predictions)):
+            kept.extend(batch[:count])
         examples += len(masks)
     if examples == 0:
         raise DataError("the validation set is empty; check data.val / data.limit_val")
@@ -160,12 +204,33 @@ def evaluate_segmenter(model, val_ds, class_names, output_dir, title="validation
         },
         "num_examples": examples,
     }
+    if tile_overlap is not None:
+        metrics["tile_overlap"] = float(tile_overlap)
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
     with atomic_output(os.path.join(output_dir, "confusion_matrix.csv")) as temporary:
         np.savetxt(temporary, confusion, fmt="%d", delimiter=",")
     plot_predictions(*shown, num_classes, os.path.join(output_dir, "val_predictions.png"))
     print_iou_table(metrics["per_class_iou"], mean_iou, metrics["pixel_accuracy"], f"per-class IoU ({title})")
     return metrics
+
+
+def evaluation_data(cfg, val_ds, info):
+    """`(dataset, tile_overlap)` the final evaluation runs on.
+
+    `data.sampling: resize`: the validation batches, untiled (None). `crop`:
+    the full validation images (`info["val_full"]`) and `data.tile_overlap`.
+    """
+    data_cfg = cfg["data"]
+    if data_cfg.get("sampling", "resize") != "crop":
+        return val_ds, None
+    return info["val_full"], float(data_cfg["tile_overlap"])
+
+
+def sampling_info(cfg) -> dict:
+    """The run.json entries of the recipe's sampling: "sampling" and "tile_overlap" (read by `predict --tile auto`)."""
+    data_cfg = cfg["data"]
+    return {"sampling": data_cfg.get("sampling", "resize"),
+            "tile_overlap": data_cfg.get("tile_overlap", DEFAULT_OVERLAP)}
 
 
 # ----------------------------------------------------------------------------
@@ -214,6 +279,7 @@ def train_segmentation(cfg):
         "preprocessing": preprocessing_info(info),
         "num_train": info["num_train"],
         "num_val": info["num_val"],
+        **sampling_info(cfg),
     })
     start = time.time()
     with strategy.scope():
@@ -221,8 +287,10 @@ def train_segmentation(cfg):
                 title=f"{cfg['model']['backbone']} {cfg['model']['head']}", panels=SEGMENTATION_PANELS,
                 best_key="miou", backup_dir=backup_dir, epochs=train_cfg["epochs"])
     train_seconds = time.time() - start
+    eval_ds, tile_overlap = evaluation_data(cfg, val_ds, info)
     metrics = engine.finish_run(
-        paths, lambda best: evaluate_segmenter(best, val_ds, info["class_names"], output_dir, title="best model"),
+        paths, lambda best: evaluate_segmenter(best, eval_ds, info["class_names"], output_dir, title="best model",
+                                               tile_overlap=tile_overlap, tile_batch_size=data_cfg["batch_size"]),
         steps_per_epoch, data_cfg["batch_size"], train_seconds,
     )
     print(
@@ -240,7 +308,9 @@ def evaluate_segmentation(cfg):
     confusion_matrix.csv and val_predictions.png, and returns the metrics.
     """
     model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
-    metrics = evaluate_segmenter(model, val_ds, info["class_names"], cfg["output_dir"], title=model_path)
+    eval_ds, tile_overlap = evaluation_data(cfg, val_ds, info)
+    metrics = evaluate_segmenter(model, eval_ds, info["class_names"], cfg["output_dir"], title=model_path,
+                                 tile_overlap=tile_overlap, tile_batch_size=cfg["data"]["batch_size"])
     print(
         f"evaluate: {model_path} mIoU={metrics['mIoU']:.4f} pixel_accuracy={metrics['pixel_accuracy']:.4f} "
         f"on {metrics['num_examples']} val images"

@@ -90,7 +90,7 @@ def _round_trip(model, tmp_path, name):
     assert restored.get_config() == model.get_config()
 
 
-FAST_PRESETS = [n for n in kr.list_presets() if n not in ("resnet1202_cifar", "resnet200", "resnext101_32x8d",
+FAST_PRESETS = [n for n in kr.list_presets() if n not in ("resnet1202_cifar", "resnet200", "resnext101_32x8d", "resnext101_64x4d", "resnet101d",
                                                             "wide_resnet101_2", "resnet152", "resnet152_v1",
                                                             "resnet152_v2")]
 SLOW_PRESETS = [n for n in kr.list_presets() if n not in FAST_PRESETS]

@@ -24,6 +24,16 @@ size, and a random horizontal flip; boxes move with the pixels, are clipped
 to the image, and are dropped when less than ``augment["min_visible"]`` of
 their area stays visible or when narrower or shorter than 2 px.
 
+Native-resolution sampling (``sampling="crop"``, recipe ``data.sampling:
+crop``): images are not letterboxed but decoded at their own size; each
+training image gives ``crops_per_image`` random input-size windows per pass
+(:func:`keras_resnet.data.detection.geometry.make_detection_crop`: rescale
+jitter, windows without boxes kept with probability ``empty_crop_rate``,
+else moved onto a random box, the same box clipping rules, flip), and
+validation batches are a grid of input-size tiles of every image
+(:func:`keras_resnet.data.detection.geometry.tile_boxes`). ``info["val_full"]``
+holds the native validation images for tiled evaluation.
+
 Objects flagged ``ignore`` (VOC ``difficult``, COCO ``iscrowd``) are left out
 of the training and validation targets (as Detectron2 does for crowd boxes
 and Ultralytics for difficult VOC objects) and are kept in the COCO ground
@@ -41,11 +51,14 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet.data.common import check_batch_fits, seeded_subset, shuffle_augment_batch
+from keras_resnet.data.crops import check_crop_args, count_tiles, crop_training_dataset, tile_dataset
 from keras_resnet.data.detection.coco_reader import coco
 from keras_resnet.data.detection.geometry import (
     letterbox,
     make_detection_augment,
+    make_detection_crop,
     pad_boxes,
+    tile_boxes,
 )
 from keras_resnet.data.detection.mosaic_reader import MOSAIC_VAL_SEED, mosaic
 from keras_resnet.data.detection.records import DetectionRecord, coco_ground_truth
@@ -63,11 +76,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_AUGMENT = {"horizontal_flip": True, "scale_range": (0.75, 1.25), "min_visible": 0.25}
 
 
-def _padded_targets(records: Sequence[DetectionRecord], max_boxes: int, what: str):
-    """Stack the non-ignored boxes of every record into ``(N, M, 4)`` / ``(N, M)`` arrays, class -1 padding."""
+def _padded_targets(records: Sequence[DetectionRecord], max_boxes: int, what: str, warn: bool = True):
+    """Stack the non-ignored boxes of every record into ``(N, M, 4)`` / ``(N, M)`` arrays, class -1 padding.
+
+    ``warn``: log the images with more than ``max_boxes`` objects (off for
+    native-resolution windows, where ``max_boxes`` caps each window).
+    """
     counts = [int((~r.ignore).sum()) for r in records]
     longest = max(counts + [1])
-    if longest > max_boxes:
+    if warn and longest > max_boxes:
         logger.warning(
             "%s: %d images have more than max_boxes=%d objects (up to %d); the extra boxes are dropped; "
             "raise max_boxes (data.max_boxes) to keep them", what, sum(c > max_boxes for c in counts), max_boxes,
@@ -82,19 +99,21 @@ def _padded_targets(records: Sequence[DetectionRecord], max_boxes: int, what: st
     return boxes, classes
 
 
+def _image_sources(records, channels: int):
+    """``(images or encoded paths, load)``: what a dataset of the records' images slices, and its uint8 loader."""
+    if isinstance(records[0].image, np.ndarray):
+        images = np.stack([r.image if r.image.ndim == 3 else r.image[..., None] for r in records])
+        return images, lambda image: to_channels(image, channels)
+    return encoded_paths([r.image for r in records]), lambda path: decode_image(path, channels, as_float=False)
+
+
 def _records_dataset(records, input_shape, max_boxes: int, what: str) -> tf.data.Dataset:
     """Unbatched letterboxed ``(uint8 image, boxes, classes)`` at the input size."""
     height, width, channels = input_shape
     boxes, classes = _padded_targets(records, max_boxes, what)
     scales = np.asarray([letterbox_scale(r.height, r.width, height, width) for r in records], np.float32)
-    if isinstance(records[0].image, np.ndarray):
-        images = np.stack([r.image if r.image.ndim == 3 else r.image[..., None] for r in records])
-        sources = tf.data.Dataset.from_tensor_slices((images, boxes, classes, scales))
-        load = lambda image: to_channels(image, channels)  # noqa: E731
-    else:
-        paths = encoded_paths([r.image for r in records])
-        sources = tf.data.Dataset.from_tensor_slices((paths, boxes, classes, scales))
-        load = lambda path: decode_image(path, channels, as_float=False)  # noqa: E731
+    images, load = _image_sources(records, channels)
+    sources = tf.data.Dataset.from_tensor_slices((images, boxes, classes, scales))
 
     def prepare(source, boxes, classes, scale):
         image = load(source)
@@ -102,6 +121,21 @@ def _records_dataset(records, input_shape, max_boxes: int, what: str) -> tf.data
         return image, boxes, classes
 
     return sources.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _native_sources(records, channels: int, max_boxes: int, what: str):
+    """``(sources, decode)``: unbatched ``(image or path, boxes, classes)`` and ``decode`` to native uint8 images."""
+    boxes, classes = _padded_targets(records, max_boxes, what, warn=False)
+    images, load = _image_sources(records, channels)
+    sources = tf.data.Dataset.from_tensor_slices((images, boxes, classes))
+    return sources, lambda source, boxes, classes: (load(source), boxes, classes)
+
+
+def _native_images(records, channels: int, cache: bool) -> tf.data.Dataset:
+    """Unbatched native-size uint8 images of the records, in order (``info["val_full"]``)."""
+    images, load = _image_sources(records, channels)
+    dataset = tf.data.Dataset.from_tensor_slices(images).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.cache() if cache else dataset
 
 
 def _read_source(source, path, split, class_names, clip_boxes, images_dir, mosaic_args, seed, key):
@@ -142,6 +176,9 @@ def build_detection_datasets(
     val_images: str | os.PathLike | None = None,
     mosaic_args: dict | None = None,
     repeat: int = 1,
+    sampling: str = "resize",
+    crops_per_image: int = 1,
+    empty_crop_rate: float = 0.1,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, dict]:
     """Build the batched train and validation pipelines of a detection task.
 
@@ -157,7 +194,8 @@ def build_detection_datasets(
             VOCdevkit folder) or COCO instances JSONs; unused for mosaic.
         input_shape: ``(H, W, C)`` of the model input, C 1 or 3.
         batch_size: batch size of both pipelines.
-        max_boxes: box rows per image; extra objects are dropped with a warning.
+        max_boxes: box rows per image (per window or tile with "crop");
+            extra objects are dropped (with a warning when resizing).
         augment: overrides of ``{"horizontal_flip": True, "scale_range":
             (0.75, 1.25), "min_visible": 0.25}``.
         class_names: VOC class names (default the 20 VOC classes), or the
@@ -175,16 +213,29 @@ def build_detection_datasets(
             ``cache_dir``, ``cache`` (see :func:`mosaic`).
         repeat: each training image this many times per epoch (a handful
             of large images filling an epoch; each pass augmented anew).
+        sampling: "resize" (letterbox every image to the input size) or
+            "crop" (native resolution: random training windows, validation
+            tiles; see the module docstring).
+        crops_per_image: with "crop": windows per training image per pass.
+        empty_crop_rate: with "crop": probability of keeping a window that
+            holds no box (else it is moved onto a random box).
 
     Returns:
         ``(train_ds, val_ds, info)``. Elements are ``(uint8 (B, H, W, C),
         {"boxes": float32 (B, max_boxes, 4), "classes": int32 (B, max_boxes)})``
-        in input pixels. ``info`` has ``class_names``, ``num_classes``,
-        ``num_train``, ``num_val``, ``num_train_boxes``, ``num_val_boxes``,
-        ``val_images`` (one dict per validation image in pipeline order:
-        ``image_id``, ``scale``, ``height``, ``width``, ``file_name``;
-        original box = input box / scale) and ``val_coco`` (COCO ground truth
-        of the validation set in original pixels, see :func:`coco_ground_truth`).
+        in input pixels (with "crop": training windows, and validation tiles
+        in image order, row by row). ``info`` has ``class_names``,
+        ``num_classes``, ``num_train``, ``num_val``, ``num_train_boxes``,
+        ``num_val_boxes``, ``val_images`` (one dict per validation image in
+        pipeline order: ``image_id``, ``scale``, ``height``, ``width``,
+        ``file_name``; original box = letterboxed input box / scale, in both
+        modes), ``val_coco`` (COCO ground truth of the validation set in
+        original pixels, see :func:`coco_ground_truth`), ``val_full``
+        (unbatched native-size uint8 ``(h, w, C)`` validation images in
+        ``val_images`` order), ``sampling``, ``crops_per_image``,
+        ``num_train_windows`` (training examples per epoch: images x
+        crops_per_image x repeat) and ``num_val_windows`` (validation
+        examples: images, or tiles with "crop").
 
     Raises:
         DataError: bad or missing data (naming the file), or ``batch_size``
@@ -197,6 +248,9 @@ def build_detection_datasets(
     input_shape = tuple(int(v) for v in input_shape)
     if len(input_shape) != 3 or input_shape[2] not in (1, 3):
         raise DataError(f"input_shape {list(input_shape)} must be [height, width, channels] with 1 or 3 channels")
+    check_crop_args(sampling, crops_per_image, empty_crop_rate, DataError)
+    if sampling == "resize" and (crops_per_image, empty_crop_rate) != (1, 0.1):
+        raise DataError("crops_per_image and empty_crop_rate apply to sampling='crop' only; pass sampling='crop'")
     mosaic_args = dict(mosaic_args or {})
     augment_args = {**DEFAULT_AUGMENT, **(augment or {})}
     unknown = sorted(set(augment_args) - set(DEFAULT_AUGMENT))
@@ -207,7 +261,35 @@ def build_detection_datasets(
     val_records, _ = _read_source(source, val, val_split, names, clip_boxes, val_images, mosaic_args, seed, "val")
     train_records = [train_records[i] for i in seeded_subset(len(train_records), limit_train, seed)]
     val_records = [val_records[i] for i in seeded_subset(len(val_records), limit_val, seed + 1)]
-    check_batch_fits(batch_size, len(train_records), repeat, what="training images")
+    check_batch_fits(batch_size, len(train_records), repeat, what="training images", crops_per_image=crops_per_image)
+    height, width, channels = input_shape
+    info = {
+        "class_names": list(names),
+        "num_classes": len(names),
+        "num_train": len(train_records),
+        "num_val": len(val_records),
+        "num_train_boxes": int(sum(len(r.classes) for r in train_records)),
+        "num_val_boxes": int(sum(len(r.classes) for r in val_records)),
+        "val_images": [
+            {"image_id": int(r.image_id), "scale": letterbox_scale(r.height, r.width, height, width),
+             "height": int(r.height), "width": int(r.width), "file_name": r.file_name}
+            for r in val_records
+        ],
+        "val_coco": coco_ground_truth(val_records, names),
+        "sampling": sampling,
+        "crops_per_image": crops_per_image,
+        "num_train_windows": len(train_records) * crops_per_image * repeat,
+        "num_val_windows": len(val_records),
+    }
+    if sampling == "crop":
+        info["num_val_windows"] = count_tiles([(r.height, r.width) for r in val_records], height, width)
+        train_ds, val_ds, val_native = _crop_datasets(
+            train_records, val_records, input_shape, batch_size, max_boxes, augment_args, seed, shuffle_buffer,
+            cache, repeat, crops_per_image, empty_crop_rate, info["num_val_windows"],
+        )
+        info["val_full"] = val_native.map(lambda image, boxes, classes: image)  # shares the tiles' cache
+        return train_ds, val_ds, info
+    info["val_full"] = _native_images(val_records, channels, cache)
     train_ds = _records_dataset(train_records, input_shape, max_boxes, "training set")
     val_ds = _records_dataset(val_records, input_shape, max_boxes, "validation set")
     if cache:
@@ -226,19 +308,36 @@ def build_detection_datasets(
     val_ds = val_ds.map(val_example, num_parallel_calls=tf.data.AUTOTUNE)
     data_cfg = {"batch_size": batch_size, "shuffle_buffer": shuffle_buffer, "repeat": repeat}
     train_ds, val_ds = shuffle_augment_batch(train_ds, val_ds, train_example, data_cfg, len(train_records), seed)
-    height, width, _ = input_shape
-    info = {
-        "class_names": list(names),
-        "num_classes": len(names),
-        "num_train": len(train_records),
-        "num_val": len(val_records),
-        "num_train_boxes": int(sum(len(r.classes) for r in train_records)),
-        "num_val_boxes": int(sum(len(r.classes) for r in val_records)),
-        "val_images": [
-            {"image_id": int(r.image_id), "scale": letterbox_scale(r.height, r.width, height, width),
-             "height": int(r.height), "width": int(r.width), "file_name": r.file_name}
-            for r in val_records
-        ],
-        "val_coco": coco_ground_truth(val_records, names),
-    }
     return train_ds, val_ds, info
+
+
+def _crop_datasets(train_records, val_records, input_shape, batch_size, max_boxes, augment_args, seed,
+                   shuffle_buffer, cache, repeat, crops_per_image, empty_crop_rate, num_tiles):
+    """``(train_ds, val_ds, val_native)`` of ``sampling="crop"``: random native-resolution windows, validation
+    tiles, and the (cached) unbatched native ``(image, boxes, classes)`` validation examples they are cut from."""
+    height, width, channels = input_shape
+    crop = make_detection_crop(input_shape, **augment_args, empty_crop_rate=empty_crop_rate)
+
+    def train_window(image, boxes, classes, crop_seed):
+        image, boxes, classes = crop(image, boxes, classes, crop_seed)
+        boxes, classes = pad_boxes(boxes, classes, max_boxes)
+        return image, {"boxes": boxes, "classes": classes}
+
+    sources, decode = _native_sources(train_records, channels, max_boxes, "training set")
+    train_ds = crop_training_dataset(
+        sources, decode, train_window, num_images=len(train_records), crops_per_image=crops_per_image,
+        repeat=repeat, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, cache=cache,
+    )
+
+    def val_tile(image, boxes, classes):
+        boxes, classes = pad_boxes(boxes, classes, max_boxes)
+        return image, {"boxes": boxes, "classes": classes}
+
+    sources, decode = _native_sources(val_records, channels, max_boxes, "validation set")
+    val_native = sources.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    val_native = val_native.cache() if cache else val_native
+
+    def tiles(image, boxes, classes):
+        return tile_boxes(image, boxes, classes, height, width, augment_args["min_visible"])
+
+    return train_ds, tile_dataset(val_native, tiles, val_tile, batch_size, num_tiles), val_native

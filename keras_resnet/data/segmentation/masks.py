@@ -192,3 +192,21 @@ def pair_dataset(pairs, channels) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices((images, masks)).map(
         lambda image, mask: decode_pair(image, mask, channels), num_parallel_calls=tf.data.AUTOTUNE
     )
+
+
+def native_pair_sources(pairs, channels: int, num_classes: int):
+    """``(sources, decode)`` of native-resolution pairs (``data.sampling: crop``), compact in memory.
+
+    ``sources`` slices the encoded ``(image_path, mask_path)`` pairs;
+    ``decode`` gives a uint8 ``(h, w, C)`` image and its mask, uint8 when
+    every value fits (``num_classes`` <= 255, 255 = ignore) else int32.
+    """
+    images, masks = encoded_paths([image for image, _ in pairs]), encoded_paths([mask for _, mask in pairs])
+    mask_dtype = tf.uint8 if num_classes <= IGNORE_INDEX else tf.int32
+
+    def decode(image_path, mask_path):
+        mask = tf.numpy_function(_read_mask, [mask_path], tf.int32, stateful=False)
+        mask = tf.cast(tf.ensure_shape(mask, [None, None]), mask_dtype)
+        return decode_image(image_path, channels, as_float=False), mask
+
+    return tf.data.Dataset.from_tensor_slices((images, masks)), decode

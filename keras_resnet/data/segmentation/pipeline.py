@@ -12,18 +12,29 @@ Training adds, with the same geometry for image and mask, a random rescale
 by ``data.augment.scale_range``, a random crop or pad back to the input size
 (images padded with 0, masks with 255) and a horizontal flip
 (``data.augment.horizontal_flip``).
+
+``data.sampling: crop`` (mask_folder and voc) keeps images at their own size
+instead: each training image gives ``data.crops_per_image`` random
+input-size windows per pass (:func:`keras_resnet.data.crops.make_mask_crop`:
+rescale jitter, windows without foreground kept with probability
+``data.empty_crop_rate``, else moved onto a random foreground pixel, flip),
+and validation batches are a grid of input-size tiles of every image.
+``info["val_full"]`` holds the native validation pairs for tiled evaluation.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
+from keras_resnet.data import crops
 from keras_resnet.data.common import RescaleCrop, check_batch_fits, seeded_subset, shuffle_augment_batch
 from keras_resnet.data.images import decode_image_file
 from keras_resnet.data.segmentation.masks import (
     IGNORE_INDEX,
     VOC_CLASSES,
+    native_pair_sources,
     pair_dataset,
     scan_mask_folder,
     scan_voc,
@@ -92,9 +103,16 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
     Returns:
         ``(train_ds, val_ds, info)``: batches of ``(float32 images (B, H, W, C)
         in 0..255, int32 masks (B, H, W))`` (train drops the last partial
-        batch), and ``info`` with ``class_names``, ``num_train``, ``num_val``
-        and per-channel ``mean`` / ``std`` (0..255) of up to 500 training
-        images at the input size.
+        batch; with ``data.sampling: crop`` training windows, and validation
+        tiles in image order, row by row), and ``info`` with
+        ``class_names``, ``num_train``, ``num_val``, per-channel ``mean`` /
+        ``std`` (0..255) of up to 500 training images at the input size,
+        ``val_full`` (unbatched ``(float32 (h, w, C) image 0..255, int32
+        (h, w) mask)`` validation pairs at their own size, in validation
+        order; mosaics: the input-size canvases), ``sampling``,
+        ``crops_per_image``, ``num_train_windows`` (training examples per
+        epoch: images x crops_per_image x repeat) and ``num_val_windows``
+        (validation examples: images, or tiles with crop).
 
     Raises:
         SegmentationDataError: missing or bad data (naming the file), or
@@ -109,6 +127,11 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
     height, width, channels = input_shape
     num_classes = cfg["model"]["num_classes"]
     source = data_cfg["source"]
+    sampling = data_cfg.get("sampling", "resize")
+    crops_per_image = data_cfg.get("crops_per_image", 1) if sampling == "crop" else 1
+    crops.check_crop_args(sampling, crops_per_image, data_cfg.get("empty_crop_rate", 0.1), SegmentationDataError)
+    if sampling == "crop" and source not in ("mask_folder", "voc"):
+        raise SegmentationDataError(f"data.sampling=crop needs data.source mask_folder or voc, not {source!r}")
     if source in ("mask_folder", "voc"):
         for key in ("train", "val"):
             if not data_cfg[key]:
@@ -123,12 +146,12 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
             class_names = list(VOC_CLASSES)
         train_pairs = [train_pairs[i] for i in seeded_subset(len(train_pairs), data_cfg["limit_train"], seed)]
         val_pairs = [val_pairs[i] for i in seeded_subset(len(val_pairs), data_cfg["limit_val"], seed + 1)]
-        train, val = pair_dataset(train_pairs, channels), pair_dataset(val_pairs, channels)
         num_train, num_val = len(train_pairs), len(val_pairs)
         stats_images = np.stack([
             decode_image_file(path, height, width, channels).numpy()
             for path, _ in train_pairs[:STATS_SAMPLE_SIZE]
         ])
+        train, val = pair_dataset(train_pairs, channels), pair_dataset(val_pairs, channels)
     elif source == "mosaic":
         if num_classes != len(MOSAIC_CLASSES):
             raise SegmentationDataError(
@@ -147,15 +170,66 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
     else:
         raise SegmentationDataError(f"data.source {source!r} is not one of mask_folder, voc, mosaic")
     batch_size = data_cfg["batch_size"]
-    check_batch_fits(batch_size, num_train, data_cfg["repeat"], error=SegmentationDataError)
+    check_batch_fits(batch_size, num_train, data_cfg["repeat"], error=SegmentationDataError,
+                     crops_per_image=crops_per_image)
     mean, std = _channel_stats(stats_images)
+    info = {"class_names": class_names, "num_train": num_train, "num_val": num_val, "mean": mean, "std": std,
+            "sampling": sampling, "crops_per_image": crops_per_image,
+            "num_train_windows": num_train * crops_per_image * data_cfg["repeat"], "num_val_windows": num_val}
+    if sampling == "crop":
+        info["num_val_windows"] = crops.count_tiles(_image_sizes(val_pairs), height, width)
+        train, val, info["val_full"] = _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed,
+                                                      info["num_val_windows"])
+        return train, val, info
     if data_cfg["cache"]:
         val = val.cache()
         if not (source == "mosaic" and data_cfg["mosaic_fresh_each_epoch"]):  # a cache would freeze epoch 1's
             train = train.cache()
+    val_full = val
     val = val.map(lambda image, mask: resize_pair(image, mask, height, width), num_parallel_calls=tf.data.AUTOTUNE)
     train, val = shuffle_augment_batch(
         train, val, _make_train_augment(data_cfg["augment"], input_shape), data_cfg, num_train, seed
     )
-    info = {"class_names": class_names, "num_train": num_train, "num_val": num_val, "mean": mean, "std": std}
+    info["val_full"] = val_full
     return train, val, info
+
+
+def _image_sizes(pairs):
+    """`(height, width)` of each pair's image, from the file headers."""
+    sizes = []
+    for image_path, _ in pairs:
+        with Image.open(image_path) as image:
+            sizes.append((image.height, image.width))
+    return sizes
+
+
+def _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed, num_tiles):
+    """`(train_ds, val_ds, val_full)` of `data.sampling: crop`: random windows, validation tiles, native pairs."""
+    data_cfg, augment_cfg = cfg["data"], cfg["data"]["augment"]
+    height, width, channels = cfg["model"]["input_shape"]
+    crop = crops.make_mask_crop(
+        (height, width, channels), augment_cfg["scale_range"], augment_cfg["horizontal_flip"],
+        data_cfg["empty_crop_rate"], IGNORE_INDEX,
+    )
+
+    sources, decode = native_pair_sources(train_pairs, channels, num_classes)
+
+    def decode_with_rows(image_path, mask_path):  # the foreground row counts, computed once per image
+        image, mask = decode(image_path, mask_path)
+        return image, mask, crops.foreground_rows(mask, IGNORE_INDEX)
+
+    train = crops.crop_training_dataset(
+        sources, decode_with_rows, crop, num_images=len(train_pairs), crops_per_image=data_cfg["crops_per_image"],
+        repeat=data_cfg["repeat"], batch_size=data_cfg["batch_size"], shuffle_buffer=data_cfg["shuffle_buffer"],
+        seed=seed, cache=data_cfg["cache"],
+    )
+    val_sources, val_decode = native_pair_sources(val_pairs, channels, num_classes)
+    val = val_sources.map(val_decode, num_parallel_calls=tf.data.AUTOTUNE)
+    val = val.cache() if data_cfg["cache"] else val
+
+    def tiles(image, mask):
+        return crops.mask_tiles(image, mask, height, width, IGNORE_INDEX)
+
+    val_ds = crops.tile_dataset(val, tiles, lambda image, mask: (image, mask), data_cfg["batch_size"], num_tiles)
+    val_full = val.map(lambda image, mask: (tf.cast(image, tf.float32), tf.cast(mask, tf.int32)))
+    return train, val_ds, val_full

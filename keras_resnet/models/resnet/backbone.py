@@ -17,6 +17,7 @@ from keras_resnet.layers.blocks import (
     apply_conv,
 )
 from keras_resnet.models.resnet.presets import get_preset_config
+from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
 
 STEM_TYPES = ("7x7", "deep", "cifar")
 
@@ -361,18 +362,34 @@ class ResNetBackbone(keras.Model):
             return cls(**config)
 
     @classmethod
-    def from_preset(cls, preset, **overrides):
+    def from_preset(cls, preset, weights=None, **overrides):
         """Builds a named configuration from `keras_resnet.models.resnet.presets.PRESETS`.
 
         Args:
             preset: a name from `keras_resnet.list_presets()`.
+            weights: None (random initialisation) or pretrained weights of
+                the same architecture: a torchvision/timm state dict
+                (`.pth`, `.pt`, `.bin`, `.safetensors`, a dict of arrays, a
+                live `torch.nn.Module`) or a keras.applications `.h5` file
+                or model. A file of another architecture is refused, naming
+                both. The backbone takes the source's normalised images
+                (ImageNet mean/std for torchvision/timm); task models put
+                that normalisation in front.
             **overrides: constructor arguments that replace the preset's
-                (e.g. `input_shape=(32, 32, 1)`, `output_stride=16`).
+                (e.g. `input_shape=(32, 32, 1)`, `output_stride=16`); with
+                `weights`, only those that keep the architecture.
+
+        Example:
+        >>> backbone = ResNetBackbone.from_preset("resnet50", weights="resnet50.safetensors")
         """
+        pretrained = read_pretrained(weights, preset=preset) if weights is not None else None
         config = get_preset_config(preset)
         config.update(overrides)
         config.setdefault("name", preset)
-        return cls(**config)
+        backbone = cls(**config)
+        if pretrained is not None:
+            load_pretrained(pretrained, backbone, preset=preset)
+        return backbone
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from keras import layers
 
 from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import ImageNormalization
+from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
 from keras_resnet.models.task import Task
 
 POOLINGS = ("avg", "max")
@@ -86,19 +87,35 @@ class ResNetClassifier(Task):
         }
 
     @classmethod
-    def from_preset(cls, preset, num_classes=1000, **overrides):
+    def from_preset(cls, preset, num_classes=1000, weights=None, **overrides):
         """Builds a classifier on a named backbone preset.
 
         Args:
             preset: a name from `keras_resnet.list_presets()`.
             num_classes: number of output classes.
+            weights: None, or pretrained weights of the preset's
+                architecture (see `ResNetBackbone.from_preset`). The
+                backbone is loaded; the head too when the source has one
+                with `num_classes` classes, else the head is fresh. Unless
+                `preprocessing` is given, the source's input normalisation
+                goes inside the model, which then takes raw pixels 0-255.
             **overrides: classifier arguments (`pooling`, `dropout`,
                 `activation`, `preprocessing`, `name`) and backbone
                 arguments (anything else, e.g. `input_shape`).
+
+        Example:
+        >>> model = ResNetClassifier.from_preset("resnet50", weights="resnet50.pth", num_classes=10)
         """
+        pretrained = read_pretrained(weights, preset=preset) if weights is not None else None
+        overrides = dict(overrides)
+        if pretrained is not None:
+            overrides.setdefault("preprocessing", pretrained.preprocessing(name="preprocessing"))
         backbone, classifier_args = cls.backbone_from_preset(preset, overrides)
         classifier_args.setdefault("name", f"{preset}_classifier")
-        return cls(backbone, num_classes, **classifier_args)
+        model = cls(backbone, num_classes, **classifier_args)
+        if pretrained is not None:
+            load_pretrained(pretrained, backbone, head=model.get_layer("predictions"), preset=preset)
+        return model
 
 
 __all__ = ["ResNetClassifier", "ImageNormalization"]

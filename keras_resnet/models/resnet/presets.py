@@ -67,10 +67,13 @@ PRESETS = {
         }
         for d in (50, 101, 152)
     },
-    "resnet50d": {
-        "description": "ResNet-50-D: deep 3x3 stem and average-pool shortcuts (Bag of Tricks)",
-        "short": "deep stem, avg-pool shortcuts",
-        "config": _imagenet(50, stem_type="deep", shortcut_type="D"),
+    **{
+        f"resnet{d}d": {
+            "description": f"ResNet-{d}-D: deep 3x3 stem and average-pool shortcuts (Bag of Tricks)",
+            "short": "deep stem, avg-pool shortcuts",
+            "config": _imagenet(d, stem_type="deep", shortcut_type="D"),
+        }
+        for d in (18, 34, 50, 101)
     },
     "resnext50_32x4d": {
         "description": "ResNeXt-50 32x4d (Xie et al., 2017)",
@@ -81,6 +84,11 @@ PRESETS = {
         "description": "ResNeXt-101 32x8d (Xie et al., 2017)",
         "short": "ResNeXt 32x8d",
         "config": _imagenet(101, cardinality=32, base_width=8),
+    },
+    "resnext101_64x4d": {
+        "description": "ResNeXt-101 64x4d (Xie et al., 2017)",
+        "short": "ResNeXt 64x4d",
+        "config": _imagenet(101, cardinality=64, base_width=4),
     },
     "wide_resnet50_2": {
         "description": "Wide ResNet-50-2: bottleneck width x2 (Zagoruyko & Komodakis, 2016)",
@@ -120,7 +128,11 @@ REFERENCE_PARAMS = {
     "wide_resnet50_2": 68_883_240,
     "wide_resnet101_2": 126_886_696,
     "resnet50_v1": 25_583_592,
+    "resnet18d": 11_708_744,
+    "resnet34d": 21_816_904,
     "resnet50d": 25_576_264,
+    "resnet101d": 44_568_392,
+    "resnext101_64x4d": 83_455_272,
     "seresnet50": 28_088_024,
     "resnet20_cifar": 270_000,
     "resnet32_cifar": 460_000,

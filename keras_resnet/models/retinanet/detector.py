@@ -37,6 +37,7 @@ from keras_resnet.models.retinanet.boxes import BOX_VARIANCE
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.encoder import RetinaNetLabelEncoder
 from keras_resnet.models.task import Task
+from keras_resnet.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, detector_predict_tiled
 
 HEAD_NORMS = (None, "group")
 
@@ -254,6 +255,30 @@ class RetinaNetDetector(Task):
         """Decoded detections (a dict of NumPy arrays) for a batch of images."""
         model = self.make_inference_model(**decoder_kwargs)
         return model.predict(images, batch_size=batch_size, verbose=0)
+
+    def predict_tiled(self, image, tile=None, overlap=DEFAULT_OVERLAP, batch_size=DEFAULT_TILE_BATCH, progress=None,
+                      **decoder_kwargs):
+        """Detects objects in an image of any size at its own resolution, window by window.
+
+        Windows of the input size slide over the image; their detections are
+        shifted to image pixels and merged by class-wise NMS at the decoder's
+        `iou_threshold`, keeping its `max_detections` for the whole image.
+
+        Args:
+            image: `(h, w, C)` or `(h, w)` raw pixels 0..255, any size.
+            tile: None or the input size (the only window a detector takes).
+            overlap: fraction of a window shared with its neighbour, in [0, 1).
+            batch_size: windows run at a time.
+            progress: show a progress bar (None: on a terminal, for many windows).
+            **decoder_kwargs: `DetectionDecoder` arguments (thresholds, max_detections).
+
+        Returns:
+            `{"boxes": float32 (K, 4) xyxy image pixels, "scores", "classes"}`, best first.
+
+        Example:
+        >>> found = detector.predict_tiled(aerial_photo, overlap=0.25, score_threshold=0.3)
+        """
+        return detector_predict_tiled(self, image, tile, overlap, batch_size, progress, **decoder_kwargs)
 
     def get_config(self):
         return {

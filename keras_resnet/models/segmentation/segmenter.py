@@ -25,6 +25,7 @@ from keras import layers
 from keras_resnet.errors import ConfigError
 from keras_resnet.layers.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn
 from keras_resnet.models.task import Task
+from keras_resnet.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, segmenter_predict_tiled
 from keras_resnet.registry import SEGMENTATION_HEADS
 
 HEADS = SEGMENTATION_HEADS
@@ -256,6 +257,28 @@ class ResNetSegmenter(Task):
             "aspp_rates": self.aspp_rates,
             "decoder_level": self.decoder_level,
         }
+
+    def predict_tiled(self, image, tile=None, overlap=DEFAULT_OVERLAP, batch_size=DEFAULT_TILE_BATCH, progress=None):
+        """Segments an image of any size at its own resolution, sliding windows of the input size over it.
+
+        Args:
+            image: `(h, w, C)` or `(h, w)` raw pixels 0..255, any size.
+            tile: the window side (int) or `(height, width)`; None: the
+                model's input size (a fixed-size model takes only that).
+            overlap: fraction of a window shared with its neighbour, in [0, 1).
+            batch_size: windows run at a time.
+            progress: show a progress bar (None: on a terminal, for many windows).
+
+        Returns:
+            `{"probabilities": float32 (h, w, num_classes), "mask": int32 (h, w)}`
+            (see `keras_resnet.models.tiling.segment_tiled`).
+
+        Example:
+        >>> model = ResNetSegmenter.from_preset("resnet18", 5, input_shape=(256, 256, 3))
+        >>> model.predict_tiled(np.zeros((900, 1400, 3)))["mask"].shape
+        (900, 1400)
+        """
+        return segmenter_predict_tiled(self, image, tile, overlap, batch_size, progress)
 
     @classmethod
     def from_preset(cls, preset, num_classes, head="deeplabv3plus", **overrides):

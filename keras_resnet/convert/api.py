@@ -1,0 +1,68 @@
+"""One conversion, as the `keras-resnet convert` command runs it: the model and what to report."""
+
+import os
+
+import numpy as np
+
+from keras_resnet.convert.keras_applications import from_keras_applications
+from keras_resnet.convert.torch import from_torch, source_parity
+from keras_resnet.errors import ConversionError
+from keras_resnet.models.resnet.classifier import ResNetClassifier
+from keras_resnet.models.resnet.keras_applications import KerasApplicationsWeights
+from keras_resnet.models.resnet.torch_weights import TorchWeights
+
+
+def convert_source(source, arch=None, include_top=None, num_classes=None, mean=None, std=None):
+    """Converts a weight file (torchvision/timm state dict or keras.applications `.h5`) to our model.
+
+    Returns:
+        `(model, report)`: report lines saying what was inferred, the
+        parameter count and, when torch and torchvision/timm import, the
+        parity measured against the source model on random images.
+    """
+    path = os.fspath(source)
+    if path.lower().endswith(".h5"):
+        if num_classes is not None or include_top is not None or mean is not None or std is not None:
+            raise ConversionError(
+                "--num-classes, --include-top/--no-top, --mean and --std apply to torchvision/timm files only."
+            )
+        weights = KerasApplicationsWeights(path, arch)
+        model = from_keras_applications(weights, include_preprocessing=True, classifier_activation=None)
+        report = [f"source: {weights.describe()}", "parity: not measured for keras.applications files"]
+    else:
+        weights = TorchWeights(path, arch)
+        model = from_torch(weights, include_top=include_top, num_classes=num_classes, mean=mean, std=std)
+        report = [f"source: {weights.describe()}"]
+        if isinstance(model, ResNetClassifier) and model.num_classes != weights.num_classes:
+            report.append(f"head: a fresh {model.num_classes}-class head (the source's fc is not used)")
+        report.append(_parity_line(model, weights))
+    report.insert(1, _model_line(model))
+    trainable = sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
+    report.insert(2, f"parameters: {model.count_params():,} ({trainable:,} trainable)")
+    return model, report
+
+
+def _model_line(model):
+    height, width, channels = model.input_shape[1:]
+    if not isinstance(model, ResNetClassifier):
+        return f"model: ResNetBackbone {model.name}, input {height}x{width}x{channels} normalised images"
+    norm = model.preprocessing
+    pixels = f"raw pixels 0-255 (mean {norm.mean}, std {norm.std} after x{norm.scale:.6g})" if norm else "normalised"
+    activation = model.activation or "logits"
+    size = f"{height}x{width}x{channels}"
+    return f"model: ResNetClassifier, {model.num_classes} classes ({activation}), input {size} {pixels}"
+
+
+def _parity_line(model, weights):
+    if isinstance(model, ResNetClassifier) and model.num_classes != weights.num_classes:
+        model = model.backbone  # a fresh head: compare the features
+    result, name = source_parity(model, weights)
+    if result is None:
+        return f"parity: not measured ({name})"
+    return (
+        f"parity with {name}: max abs diff of the {result['output']} {result['max_abs_diff']:.3g} "
+        f"(relative {result['max_rel_diff']:.3g}) on {result['images']}"
+    )
+
+
+__all__ = ["convert_source"]

@@ -1,0 +1,100 @@
+"""Pretrained weights of other libraries for `from_preset(..., weights=...)`.
+
+`read_pretrained` reads a source once and says which preset it fits:
+torchvision/timm state dicts (`.pth`/`.pt`/`.bin`/`.safetensors`, a dict of
+arrays, a live `torch.nn.Module`: `TorchWeights`) and keras.applications
+ResNets (`.h5` files, live models: `KerasApplicationsWeights`). Both readers
+have `preset`, `arch`, `num_classes`, `source_name`, `describe()`,
+`preprocessing(name)` (the source's input normalisation as an
+`ImageNormalization`), `load_backbone(backbone)` and `load_head(dense)`.
+
+`load_pretrained` checks that a built backbone has the architecture of the
+weights' preset (a preset name or overrides that change the graph are refused,
+naming both) and loads it, and the head when its number of classes matches.
+"""
+
+import inspect
+import os
+
+from keras_resnet.errors import ConversionError
+from keras_resnet.models.resnet.keras_applications import (
+    KerasApplicationsWeights,
+    is_keras_model,
+)
+from keras_resnet.models.resnet.presets import get_preset_config
+from keras_resnet.models.resnet.torch_weights import TorchWeights
+from keras_resnet.models.weight_files import (
+    SAFETENSORS_SUFFIX,
+    TORCH_SUFFIXES,
+    is_torch_file,
+)
+
+# Backbone arguments that change the graph or its numbers; the others (input_shape, output_stride, drop_path_rate,
+# frozen_stages, bn_momentum, zero_init_last_bn, name) leave the weights meaningful.
+ARCHITECTURE_ARGS = (
+    "stackwise_num_blocks", "stackwise_num_filters", "block_type", "version", "stackwise_strides", "stem_type",
+    "stem_width", "shortcut_type", "cardinality", "base_width", "width_multiplier", "se_ratio", "use_conv_bias",
+    "bn_epsilon",
+)
+# Arguments whose default (None) is resolved from the others.
+_RESOLVED_ARGS = ("stackwise_num_filters", "stackwise_strides", "stem_width")
+READERS = (TorchWeights, KerasApplicationsWeights)
+
+
+def read_pretrained(source, arch=None, preset=None):
+    """Reads `source` (a path, a dict of arrays, a torch module, a keras.applications model) once.
+
+    Args:
+        source: see the module docstring; a reader returned earlier is passed through.
+        arch: the source model's name, inferred when None.
+        preset: the preset to prefer when several fit a torch state dict.
+    """
+    if isinstance(source, READERS):
+        return source
+    is_path = isinstance(source, (str, os.PathLike))
+    if is_keras_model(source) or (is_path and os.fspath(source).lower().endswith(".h5")):
+        return KerasApplicationsWeights(source, arch)
+    if is_path and not is_torch_file(source):
+        raise ConversionError(
+            f"weights {os.fspath(source)}: expected a torchvision/timm state dict ({', '.join(TORCH_SUFFIXES)}, "
+            f"{SAFETENSORS_SUFFIX}) or a keras.applications .h5 file."
+        )
+    return TorchWeights(source, arch, preset)
+
+
+def check_fits(backbone, weights, preset=None):
+    """A ConversionError when `backbone` does not have the architecture of `weights.preset`."""
+    expected = get_preset_config(weights.preset)
+    defaults = {
+        name: parameter.default for name, parameter in inspect.signature(type(backbone).__init__).parameters.items()
+    }
+    wrong = []
+    for key in ARCHITECTURE_ARGS:
+        if key not in expected and key in _RESOLVED_ARGS:
+            continue
+        want, have = expected.get(key, defaults.get(key)), getattr(backbone, key)
+        if have != want:
+            wrong.append(f"{key}={have!r} (the weights need {want!r})")
+    if wrong:
+        asked = f"preset {preset!r}" if preset else f"backbone {backbone.name!r}"
+        raise ConversionError(
+            f"{weights.source_name} holds {weights.describe()}; {asked} does not match: {', '.join(wrong)}. "
+            f"Use from_preset({weights.preset!r}, weights=...)."
+        )
+
+
+def load_pretrained(weights, backbone, head=None, preset=None):
+    """Loads `weights` (a reader) into `backbone`, and into `head` (a Dense) when the classes match.
+
+    Returns:
+        True when the head was loaded.
+    """
+    check_fits(backbone, weights, preset)
+    weights.load_backbone(backbone)
+    if head is not None and weights.num_classes == head.units:
+        weights.load_head(head)
+        return True
+    return False
+
+
+__all__ = ["ARCHITECTURE_ARGS", "check_fits", "load_pretrained", "read_pretrained"]
