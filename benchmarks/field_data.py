@@ -8,7 +8,7 @@ time):
   tiles (10 cm/pixel, tree crowns ~15-60 px) with VOC XML boxes, from the
   `deepforest` wheel (MIT licence; NEON data are public domain):
   train = `2019_YELL_2_528000_4978000_image_crop2` (2472 x 2299, 574 trees)
-  + `OSBS_029` + `SOAP_061` (400 x 400, 61 + 37 trees),
+  + `OSBS_029` (400 x 400, 61 trees; SOAP_061 is left out: it labels Alive/Dead),
   val = `2019_YELL_2_541000_4977000_image_crop` (1035 x 1249, 279 trees).
 - **Nuclei (segmentation, background + nucleus).** StarDist's 2D test image,
   a 512 x 512 16-bit fluorescence crop of the 2018 Data Science Bowl
@@ -47,7 +47,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "field"
 WHEELS = {"deepforest": "deepforest==2.1.0", "stardist": "stardist==0.9.2"}
-TREES_TRAIN = ("2019_YELL_2_528000_4978000_image_crop2", "OSBS_029", "SOAP_061")
+TREES_TRAIN = ("2019_YELL_2_528000_4978000_image_crop2", "OSBS_029")  # SOAP_061 labels Alive/Dead
 TREES_VAL = ("2019_YELL_2_541000_4977000_image_crop",)
 NUCLEI_SPLIT_COLUMN = 320
 
