@@ -119,7 +119,7 @@ def detection_overrides(root: Path, sampling: str, epochs: int, windows: int) ->
         "model.backbone=resnet18", "model.num_classes=1", "data.class_names=[Tree]", "model.input_shape=[256,256,3]",
         f"data.train={root / 'trees' / 'train'}", f"data.val={root / 'trees' / 'val'}", "data.batch_size=4",
         "data.max_boxes=600", "data.cache=true", f"data.sampling={sampling}", *per_image,
-        f"train.epochs={epochs}", "train.learning_rate=0.01", "train.warmup_epochs=1",
+        f"train.epochs={epochs}", "train.learning_rate=0.004", "train.warmup_epochs=2",
         "model.decoder_args.max_detections=300", "train.mixed_precision=float32",
     ]
 

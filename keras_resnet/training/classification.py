@@ -368,11 +368,12 @@ def train_classification(cfg):
 def evaluate_classification(cfg):
     """Evaluates the best model of a classification recipe's output_dir on its validation set.
 
-    Rewrites metrics.json, confusion_matrix.csv and confusion_matrix.png, and returns the metrics.
+    Rewrites metrics.json (keeping the training summary: epochs, speed, time budget),
+    confusion_matrix.csv and confusion_matrix.png, and returns the metrics.
     """
     model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
-    metrics = evaluate_classifier(model, val_ds, info["class_names"], cfg["output_dir"],
-                                  cfg["train"]["label_smoothing"])
+    metrics = engine.keep_run_summary(cfg["output_dir"], lambda: evaluate_classifier(
+        model, val_ds, info["class_names"], cfg["output_dir"], cfg["train"]["label_smoothing"]))
     smoothed = (f"; with the recipe's label_smoothing={cfg['train']['label_smoothing']:g}, as in training's "
                 f"val_loss: {metrics['loss_label_smoothed']:.4f}" if "loss_label_smoothed" in metrics else "")
     print(

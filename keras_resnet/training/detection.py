@@ -379,8 +379,9 @@ def evaluate_detection(cfg):
     """
     _check_detection_recipe(cfg)
     model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
-    metrics = evaluate_detector(model, val_ds, info, cfg["model"]["decoder_args"], cfg["output_dir"], title=model_path,
-                                tile_overlap=evaluation_overlap(cfg))
+    metrics = engine.keep_run_summary(cfg["output_dir"], lambda: evaluate_detector(
+        model, val_ds, info, cfg["model"]["decoder_args"], cfg["output_dir"], title=model_path,
+        tile_overlap=evaluation_overlap(cfg)))
     print(
         f"evaluate: {model_path} mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} AP75={metrics['AP75']:.4f} "
         f"on {metrics['num_examples']} val images"

@@ -29,6 +29,7 @@ from keras_resnet.runs import (
     RunPaths,
     atomic_output,
     prepare_output_dir,
+    read_json,
     set_aside_unreadable_models,
     trained_model_path,
     write_json,
@@ -432,6 +433,31 @@ def finish_run(paths, evaluate, steps_per_epoch, batch_size, train_seconds, extr
     metrics.update(run_summary(paths, steps_per_epoch, batch_size, train_seconds))
     metrics.update(extra or {})
     write_json(paths.metrics, metrics)
+    return metrics
+
+
+# metrics.json entries about the training run, not the evaluation: `evaluate` keeps them.
+RUN_SUMMARY_KEYS = ("epochs", "train_seconds_this_session", "train_images_per_second", "time_budget")
+
+
+def keep_run_summary(output_dir, evaluate):
+    """Runs `evaluate() -> metrics` (which rewrites metrics.json) and puts the training summary back.
+
+    `keras-resnet evaluate` re-computes a finished run's metrics; the
+    entries `finish_run` added (`RUN_SUMMARY_KEYS`: epochs, speed, the
+    time-budget plan) describe the training and are kept, so scripts that
+    read them after an evaluate still find them.
+    """
+    path = RunPaths.of(output_dir).metrics
+    try:
+        previous = read_json(path) if os.path.isfile(path) else {}
+    except Exception:  # an unreadable old file: nothing to keep
+        previous = {}
+    metrics = evaluate()
+    kept = {key: previous[key] for key in RUN_SUMMARY_KEYS if key in previous and key not in metrics}
+    if kept:
+        metrics.update(kept)
+        write_json(path, metrics)
     return metrics
 
 

@@ -309,8 +309,9 @@ def evaluate_segmentation(cfg):
     """
     model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
     eval_ds, tile_overlap = evaluation_data(cfg, val_ds, info)
-    metrics = evaluate_segmenter(model, eval_ds, info["class_names"], cfg["output_dir"], title=model_path,
-                                 tile_overlap=tile_overlap, tile_batch_size=cfg["data"]["batch_size"])
+    metrics = engine.keep_run_summary(cfg["output_dir"], lambda: evaluate_segmenter(
+        model, eval_ds, info["class_names"], cfg["output_dir"], title=model_path, tile_overlap=tile_overlap,
+        tile_batch_size=cfg["data"]["batch_size"]))
     print(
         f"evaluate: {model_path} mIoU={metrics['mIoU']:.4f} pixel_accuracy={metrics['pixel_accuracy']:.4f} "
         f"on {metrics['num_examples']} val images"

@@ -71,7 +71,11 @@ def test_image_folder_run_learns_and_writes_run_dir(toy_data, tmp_path, capsys):
     assert "done: resnet20_cifar top1=" in capsys.readouterr().out
     # evaluate re-computes the same metrics from the saved best model
     assert main(["evaluate", str(recipe)]) == 0
-    assert json.loads((run / "metrics.json").read_text())["top1"] == pytest.approx(metrics["top1"])
+    evaluated = json.loads((run / "metrics.json").read_text())
+    assert evaluated["top1"] == pytest.approx(metrics["top1"])
+    # ... and keeps the training summary finish_run wrote (main.sh's closing line reads "epochs")
+    assert evaluated["epochs"] == metrics["epochs"] == 4
+    assert evaluated["train_images_per_second"] == metrics["train_images_per_second"]
 
 
 def test_weight_averaging_validates_and_saves_the_averaged_weights(toy_data, tmp_path):
