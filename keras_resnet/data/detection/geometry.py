@@ -91,8 +91,7 @@ def make_detection_augment(
         boxes = boxes + shift
         boxes, classes, keep = clip_to_window(boxes, classes, height, width, min_visible)
         if horizontal_flip:
-            flipped = tf.random.stateless_uniform([], flip_seed) < 0.5
-            image = tf.cond(flipped, lambda: tf.reverse(image, [1]), lambda: image)
+            flipped, image = crops.random_flip(flip_seed, image)
             boxes = _mirror_boxes(boxes, keep, flipped, width)
         image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         return tf.ensure_shape(image, [height, width, channels]), boxes, classes

@@ -62,23 +62,16 @@ def _make_train_augment(augment_cfg: dict, input_shape):
         scale_seed, pad_seed, crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
         if low == high == 1.0 and tuple(image.shape[:2]) == (height, width):
             # No rescale and already the input size: resize, pad and crop are identities; skip their ops.
-            return _random_flip(image, mask, flip_seed) if flip else (image, mask)
+            return crops.random_flip(flip_seed, image, mask)[1:] if flip else (image, mask)
         # Rescale, pad (at a random offset) up to the input size, crop: zeros pad the image, ignore the mask.
         window = RescaleCrop.random(scale_seed, pad_seed, crop_seed, height, width, (low, high))
         image = window.apply(image)
         mask = window.apply(mask[..., None], "nearest", IGNORE_INDEX)[..., 0]
         if flip:
-            image, mask = _random_flip(image, mask, flip_seed)
+            _, image, mask = crops.random_flip(flip_seed, image, mask)
         return tf.ensure_shape(image, [height, width, channels]), tf.ensure_shape(mask, [height, width])
 
     return augment
-
-
-def _random_flip(image, mask, seed):
-    """Flips image and mask left-right together with probability 1/2."""
-    flipped = tf.random.stateless_uniform([], seed) < 0.5
-    return (tf.cond(flipped, lambda: tf.reverse(image, [1]), lambda: image),
-            tf.cond(flipped, lambda: tf.reverse(mask, [1]), lambda: mask))
 
 
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
