@@ -183,6 +183,12 @@ SCHEMA: dict[str, Any] = {
         "class_weights": Field(("list",), None, check=_check_class_weights),
         "box_loss": Field(("str",), "smooth_l1", allowed=BOX_LOSSES),
     },
+    # Quantization-aware fine-tuning (`keras-resnet qat RUN_DIR` sets these): the finished float run whose
+    # best model is fine-tuned with fake quantization, and the moving-average momentum of the ranges.
+    "qat": {
+        "source_run": Field(("str",), None),
+        "momentum": Field(("float",), 0.99, check=_in_range(0, 1, high_inclusive=False)),
+    },
     "output_dir": Field(("str",), "runs/fashion_mnist_resnet20"),
 }
 

@@ -1,0 +1,354 @@
+"""`quantize_aware(model)`: a task model rebuilt with BatchNorm folded and fake quantization where TFLite quantizes.
+
+The functional graph of the float model (nested backbones flattened) is
+walked twice with Keras' own graph runner (`Function._run_through_graph`):
+
+1. an analysis pass with placeholder tokens finds who consumes each
+   layer's output, so that a `Conv2D` whose only consumer is a
+   `BatchNormalization` is folded with it, and an output that only feeds
+   a ReLU is not given a range of its own (TFLite fuses conv/add + ReLU
+   and quantizes after the ReLU);
+2. a build pass calls the replacement layers on new inputs: quantized
+   convolutions, dense and FPN layers, the input normalisation as a
+   1x1 convolution, a `FakeQuant` after every other layer whose output
+   TFLite quantizes (ReLU, add, concatenation, pooling to a vector,
+   resize, sigmoid, multiply...), and nothing after layers that keep
+   their input's range (padding, max pooling, reshape, dropout).
+
+The result is one of `QuantizeAwareResNetClassifier`,
+`QuantizeAwareResNetSegmenter`, `QuantizeAwareRetinaNetDetector`: the
+task's own class (its methods -- decoders, tiling, anchors -- work on the
+quantized graph), serialisable (its config is the float model's config
+plus the quantization settings, so `.keras` files round-trip).
+"""
+
+from collections import defaultdict
+
+import keras
+from keras import tree
+
+from keras_resnet.errors import ConfigError
+from keras_resnet.layers.core import PACKAGE, DropPath, ImageNormalization
+from keras_resnet.layers.fpn import FPN
+from keras_resnet.models.resnet.classifier import ResNetClassifier
+from keras_resnet.models.retinanet.detector import RetinaNetDetector
+from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
+from keras_resnet.quantization.layers import (
+    DEFAULT_MOMENTUM,
+    FakeQuant,
+    QuantizedConv2D,
+    QuantizedDense,
+    QuantizedFPN,
+    QuantizedNormalization,
+    is_quantize_aware,
+)
+
+DEFAULT_SETTINGS = {"momentum": DEFAULT_MOMENTUM, "enabled": True}
+RAW_PIXEL_RANGE = (0.0, 255.0)
+# Layers whose int8 output keeps the input's scale and zero point (TFLite propagates it): no range of their own.
+PASS_THROUGH = (
+    keras.layers.ZeroPadding2D,
+    keras.layers.MaxPooling2D,
+    keras.layers.Reshape,
+    keras.layers.Flatten,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout2D,
+    keras.layers.Identity,
+    keras.layers.Cropping2D,
+    DropPath,
+)
+# Layers rebuilt as a quantized layer that carries its own output range.
+SELF_QUANTIZED = (keras.layers.Conv2D, keras.layers.Dense, ImageNormalization, FPN)
+
+
+class _Token:
+    """A stand-in tensor for the analysis pass: remembers which layer produced it (None: a model input)."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op):
+        self.op = op
+
+
+def _is_relu(op) -> bool:
+    if isinstance(op, keras.layers.ReLU):
+        config = op.get_config()
+        return config.get("max_value") is None and not config.get("negative_slope") and not config.get("threshold")
+    return isinstance(op, keras.layers.Activation) and op.get_config().get("activation") == "relu"
+
+
+def _is_nested(op) -> bool:
+    return isinstance(op, keras.Model) and hasattr(op, "_run_through_graph")
+
+
+def _float32(config: dict) -> dict:
+    config = dict(config)
+    config["dtype"] = "float32"
+    return config
+
+
+class _Graph:
+    """The analysis pass: the layers of a functional model (nested models flattened) and their consumers."""
+
+    def __init__(self, model):
+        self.consumers = defaultdict(list)
+        self.ops = {}
+        self.input_consumers = []
+        model._run_through_graph([_Token(None) for _ in model.inputs], call_fn=self._call)
+
+    def _call(self, op, *args, **kwargs):
+        tokens = [t for t in tree.flatten((args, kwargs)) if isinstance(t, _Token)]
+        if _is_nested(op):
+            return op._run_through_graph(tokens, call_fn=self._call)
+        self.ops[id(op)] = op
+        for token in tokens:
+            if token.op is None:
+                self.input_consumers.append(op)
+            else:
+                self.consumers[id(token.op)].append(op)
+        count = len(op._inbound_nodes[0].outputs) if op._inbound_nodes else 1
+        return _Token(op) if count == 1 else [_Token(op) for _ in range(count)]
+
+    def folded_batch_norm(self, op):
+        """The BatchNormalization folded into Conv2D `op`, or None."""
+        if type(op) is not keras.layers.Conv2D:
+            return None
+        consumers = self.consumers[id(op)]
+        if not consumers or any(c is not consumers[0] for c in consumers):
+            return None
+        bn = consumers[0]
+        if not isinstance(bn, keras.layers.BatchNormalization) or bn.get_config().get("axis") not in (-1, 3, [-1], [3]):
+            return None
+        return bn
+
+    def only_relu_follows(self, op) -> bool:
+        consumers = self.consumers[id(op)]
+        return bool(consumers) and all(_is_relu(c) for c in consumers)
+
+
+class _Builder:
+    """The build pass: replacement layers called on new inputs, and the float weights copied into them."""
+
+    def __init__(self, model, settings):
+        if not isinstance(model, keras.Model) or not hasattr(model, "_run_through_graph"):
+            raise ConfigError(f"quantize_aware needs a functional Keras model, got {type(model).__name__}.")
+        if is_quantize_aware(model):
+            raise ConfigError(f"{model.name} is already quantize-aware; quantize the float model once.")
+        self.model = model
+        self.settings = settings
+        self.graph = _Graph(model)
+        self.folded = {}  # id(bn) -> conv
+        for op in self.graph.ops.values():
+            bn = self.graph.folded_batch_norm(op)
+            if bn is not None:
+                self.folded[id(bn)] = op
+        self.replacements = {}
+        self.output_quants = {}
+        self.copies = []  # (new layer, callable that copies the float weights into it)
+
+    def _quant(self, name, fixed_range=None):
+        return FakeQuant(momentum=self.settings["momentum"], fixed_range=fixed_range,
+                         enabled=self.settings["enabled"], name=name)
+
+    def build(self):
+        model = self.model
+        inputs = [keras.Input(batch_shape=x.shape, dtype="float32", name=x.name) for x in model.inputs]
+        raw_pixels = any(isinstance(op, ImageNormalization) for op in self.graph.input_consumers)
+        fixed = RAW_PIXEL_RANGE if raw_pixels else None
+        quantized = [self._quant(f"input_quant{'' if i == 0 else f'_{i}'}", fixed)(x) for i, x in enumerate(inputs)]
+        outputs = model._run_through_graph(quantized, call_fn=self._call)
+        return (inputs[0] if len(inputs) == 1 else inputs), outputs
+
+    def _call(self, op, *args, **kwargs):
+        if _is_nested(op):
+            return op._run_through_graph(tree.flatten(args), call_fn=self._call)
+        if id(op) in self.folded:
+            return args[0]  # the conv before it already applies this BatchNorm
+        layer = self._replacement(op)
+        outputs = layer(*args, **kwargs)
+        quant = self._output_quant(op)
+        return quant(outputs) if quant is not None else outputs
+
+    def _needs_output_quant(self, op) -> bool:
+        if isinstance(op, PASS_THROUGH + SELF_QUANTIZED):
+            return False
+        if isinstance(op, (keras.layers.Add, keras.layers.BatchNormalization)):
+            return not self.graph.only_relu_follows(op)
+        return True
+
+    def _output_quant(self, op):
+        if id(op) not in self.output_quants:
+            self.output_quants[id(op)] = self._quant(f"{op.name}_quant") if self._needs_output_quant(op) else None
+        return self.output_quants[id(op)]
+
+    def _replacement(self, op):
+        if id(op) not in self.replacements:
+            self.replacements[id(op)] = self._replace(op)
+        return self.replacements[id(op)]
+
+    def _replace(self, op):
+        common = dict(momentum=self.settings["momentum"], enabled=self.settings["enabled"], name=op.name)
+        if type(op) is keras.layers.Conv2D:
+            bn = self.graph.folded_batch_norm(op)
+            target = bn if bn is not None else op
+            layer = QuantizedConv2D(op.get_config(), bn.get_config() if bn is not None else None,
+                                    quantize_output=not self.graph.only_relu_follows(target), **common)
+            self.copies.append((layer, lambda layer=layer, op=op, bn=bn: _copy_conv(layer, op, bn)))
+            return layer
+        if type(op) is keras.layers.Dense:
+            layer = QuantizedDense(op.get_config(), **common)
+            self.copies.append((layer, lambda layer=layer, op=op: _assign(layer, {"kernel": op.kernel,
+                                                                                  "bias": op.bias})))
+            return layer
+        if isinstance(op, ImageNormalization):
+            return QuantizedNormalization(op.get_config(), **common)
+        if isinstance(op, FPN):
+            config = {k: v for k, v in op.get_config().items() if k not in ("dtype", "name")}
+            layer = QuantizedFPN(**config, **common)
+            self.copies.append((layer, lambda layer=layer, op=op: _copy_fpn(layer, op)))
+            return layer
+        if isinstance(op, (keras.layers.Conv1D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
+                           keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose)):
+            raise ConfigError(f"quantize_aware has no int8 rule for layer {op.name} ({type(op).__name__}).")
+        layer = type(op).from_config(_float32(op.get_config()))
+        if op.weights:
+            self.copies.append((layer, lambda layer=layer, op=op: layer.set_weights(op.get_weights())))
+        return layer
+
+    def copy_weights(self):
+        for _, copy in self.copies:
+            copy()
+
+
+def _assign(layer, values):
+    for name, value in values.items():
+        if value is not None:
+            getattr(layer, name).assign(keras.ops.convert_to_numpy(value))
+
+
+def _copy_conv(layer, conv, bn):
+    values = {"kernel": conv.kernel, "bias": conv.bias if conv.use_bias else None}
+    if bn is not None:
+        values.update(gamma=bn.gamma if bn.scale else None, beta=bn.beta if bn.center else None,
+                      moving_mean=bn.moving_mean, moving_variance=bn.moving_variance)
+    _assign(layer, values)
+
+
+def _copy_fpn(layer, fpn):
+    for new_list, old_list in ((layer.lateral_convs, fpn.lateral_convs), (layer.output_convs, fpn.output_convs),
+                               (layer.extra_convs, fpn.extra_convs)):
+        for new, old in zip(new_list, old_list):
+            _assign(new, {"kernel": old.kernel, "bias": old.bias})
+
+
+class QuantizeAwareTask:
+    """Mixin of the quantize-aware task classes: built from a float task model, serialised as its config.
+
+    Args:
+        source: the float model's serialised form
+            (`keras.saving.serialize_keras_object(model)`); the quantized
+            graph is rebuilt from it.
+        settings: `{"momentum": ..., "enabled": ...}` (see `FakeQuant`).
+        float_model: the float model itself (its weights are copied);
+            `quantize_aware` passes it, `from_config` does not.
+    """
+
+    def __init__(self, source, settings=None, name=None, float_model=None, **kwargs):
+        settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        if float_model is None:
+            float_model = keras.saving.deserialize_keras_object(source)
+        builder = _Builder(float_model, settings)
+        inputs, outputs = builder.build()
+        # The functional constructor above the task class: the task's own __init__ builds the float graph.
+        mro = type(self).__mro__
+        task_class = mro[mro.index(QuantizeAwareTask) + 1]
+        super(task_class, self).__init__(inputs=inputs, outputs=outputs, name=name or float_model.name, **kwargs)
+        builder.copy_weights()
+        self.source = source
+        self.settings = settings
+        for key, value in vars(float_model).items():
+            if key.startswith("_") or key in vars(self) or key in ("backbone", "preprocessing"):
+                continue
+            if isinstance(value, (keras.layers.Layer, keras.Variable)):
+                continue
+            setattr(self, key, value)
+        normalizations = [layer for layer in builder.replacements.values()
+                          if isinstance(layer, QuantizedNormalization)]
+        self.preprocessing = normalizations[0] if normalizations else None
+
+    @property
+    def float_class_name(self):
+        return self.source.get("class_name")
+
+    def get_config(self):
+        return {"name": self.name, "source": self.source, "settings": dict(self.settings)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizeAwareResNetClassifier(QuantizeAwareTask, ResNetClassifier):
+    """A `ResNetClassifier` with BatchNorm folded and int8 fake quantization (see `quantize_aware`)."""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizeAwareResNetSegmenter(QuantizeAwareTask, ResNetSegmenter):
+    """A `ResNetSegmenter` with BatchNorm folded and int8 fake quantization (see `quantize_aware`)."""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizeAwareRetinaNetDetector(QuantizeAwareTask, RetinaNetDetector):
+    """A `RetinaNetDetector` (raw head outputs) with BatchNorm folded and int8 fake quantization."""
+
+
+QUANTIZE_AWARE_CLASSES = {
+    ResNetClassifier: QuantizeAwareResNetClassifier,
+    ResNetSegmenter: QuantizeAwareResNetSegmenter,
+    RetinaNetDetector: QuantizeAwareRetinaNetDetector,
+}
+
+
+def quantize_aware(model, momentum=DEFAULT_MOMENTUM, enabled=True):
+    """A trainable copy of a task model for quantization-aware training (QAT), on Keras 3.
+
+    BatchNormalization is folded into the preceding convolution (moving
+    statistics frozen, gamma/beta trained), weights are fake-quantized per
+    output channel (symmetric int8) and activations per tensor (asymmetric
+    int8, ranges tracked by moving average while training) wherever
+    TFLite's int8 kernels quantize. The copy starts from `model`'s weights;
+    `model` is not changed. Export the trained copy with
+    `keras-resnet export ... --quantize int8`: the converter reads the
+    trained ranges, no calibration data needed.
+
+    Args:
+        model: a `ResNetClassifier`, `ResNetSegmenter` or
+            `RetinaNetDetector` (float, trained).
+        momentum: moving-average momentum of the activation ranges.
+        enabled: False folds BatchNorm but does not round (the float
+            model's outputs, for checks).
+
+    Returns:
+        A `QuantizeAwareResNetClassifier` / `...Segmenter` /
+        `...RetinaNetDetector`: the same task class (same methods), a new
+        functional graph, serialisable to `.keras`.
+
+    Example:
+    >>> qat = quantize_aware(keras.models.load_model("runs/x/best.keras"))
+    >>> qat.compile(optimizer="adam", loss=...)
+    >>> qat.fit(train_ds, epochs=2)
+    """
+    cls = next((qat for base, qat in QUANTIZE_AWARE_CLASSES.items() if isinstance(model, base)), None)
+    if cls is None:
+        raise ConfigError(
+            f"quantize_aware takes a ResNetClassifier, ResNetSegmenter or RetinaNetDetector, got "
+            f"{type(model).__name__}."
+        )
+    if keras.mixed_precision.global_policy().name != "float32":
+        raise ConfigError(
+            f"quantize_aware needs the float32 policy (now {keras.mixed_precision.global_policy().name!r}): "
+            "fake quantization runs in float32; call keras.mixed_precision.set_global_policy('float32') first."
+        )
+    source = keras.saving.serialize_keras_object(model)
+    return cls(source, {"momentum": float(momentum), "enabled": bool(enabled)}, name=model.name, float_model=model)
