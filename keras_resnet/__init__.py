@@ -22,6 +22,7 @@ from keras_resnet.models.resnet import (
 )
 from keras_resnet.models.retinanet import RetinaNetDetector
 from keras_resnet.models.segmentation import ResNetSegmenter
+from keras_resnet.quantization import quantize_aware
 from keras_resnet.training.schedules import WarmupSchedule
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ResNetClassifier",
     "RetinaNetDetector",
     "ResNetSegmenter",
+    "quantize_aware",
     "FPN",
     "DropPath",
     "FusedBatchNormalization",

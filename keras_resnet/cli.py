@@ -31,6 +31,18 @@ def _cmd_train(args):
     train_from_config(args.config, args.set, restart=args.restart)
 
 
+def _cmd_qat(args):
+    from keras_resnet.training.qat import qat_config
+    from keras_resnet.training.runner import train_from_config
+
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        raise ConfigError(f"--learning-rate must be > 0, got {args.learning_rate}.")
+    cfg = qat_config(args.run_dir, epochs=args.epochs, learning_rate=args.learning_rate, overrides=args.set)
+    train_from_config(cfg, restart=args.restart)
+    print(f"export the int8 model (trained ranges, no calibration): keras-resnet export {cfg['output_dir']} "
+          "--format tflite --quantize int8")
+
+
 def _cmd_evaluate(args):
     from keras_resnet.training.runner import evaluate_from_config
 
@@ -52,6 +64,7 @@ def _cmd_export(args):
         calibration_samples=args.calibration_samples,
         int8_min_agreement=args.int8_min_agreement,
         detection_outputs=args.detection_outputs,
+        io=args.io,
         decoder_args={
             "score_threshold": args.score_threshold,
             "iou_threshold": args.iou_threshold,
@@ -174,6 +187,7 @@ COMMANDS = {
     "convert": _cmd_convert,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
+    "qat": _cmd_qat,
     "export": _cmd_export,
     "predict": _cmd_predict,
 }

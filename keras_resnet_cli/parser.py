@@ -97,6 +97,18 @@ def build_parser():
                 help="start the run over: move the output_dir's earlier run (backup, models, history) to previous/",
             )
 
+    p = command("qat", "fine-tune a finished run with quantization-aware training (int8) into RUN_DIR/qat")
+    p.add_argument("run_dir", help="the output_dir of a finished `keras-resnet train` run")
+    p.add_argument("--epochs", type=_positive_int_arg, default=None,
+                   help="QAT epochs (default: 10%% of the recipe's, at least 1)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="QAT learning rate (default: the recipe's x 0.1)")
+    p.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override keys of the run's recipe for the QAT run (data.batch_size=32 qat.momentum=0.999)",
+    )
+    p.add_argument("--restart", action="store_true", help="start the QAT run over instead of resuming it")
+
     p = command("export", "export a trained model to SavedModel, TFLite or ONNX, checking parity")
     p.add_argument("model", help="a .keras file or a training run output_dir (classifier, segmenter or detector)")
     p.add_argument(
@@ -105,7 +117,14 @@ def build_parser():
     )
     p.add_argument(
         "--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
-        help="TFLite quantization (int8: full integer, needs calibration images)",
+        help="TFLite quantization (int8: full integer, needs calibration images unless the model is "
+        "quantization-aware)",
+    )
+    p.add_argument(
+        "--io", default="float", choices=("float", "uint8", "int8"),
+        help="int8 TFLite input/output types: 'float' (default; float32, quantize/dequantize inside), 'uint8' "
+        "(uint8 raw pixels fed as they are, uint8 outputs) or 'int8' (pixels - 128, int8 outputs), for "
+        "integer-only accelerators; detectors keep float outputs (decoder and NMS in float)",
     )
     p.add_argument(
         "--calibration", default=None, metavar="RECIPE_OR_FOLDER",

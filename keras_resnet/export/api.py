@@ -12,7 +12,9 @@ Every export takes float32 raw pixels 0..255, NHWC (`contract`). How each
 format is produced (Keras 3.15 / TF 2.21 / tf2onnx 1.17): `saved_model`
 (`keras.export.ExportArchive`), `tflite` (builtin ops only, int8
 full-integer with float32 input and output), `onnx` (tf2onnx on the frozen
-function, opset 17). `loading.load_exported_model` runs any artefact.
+function, opset 17). int8 TFLite with `io="uint8"` / `"int8"` is integer
+end to end (uint8 / int8 input of scale 1, quantized outputs; see
+`tflite`). `loading.load_exported_model` runs any artefact.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from keras_resnet.export.detection import DetectionExport
 from keras_resnet.export.job import ExportRequest, step
 from keras_resnet.export.segmentation import SegmentationExport
 from keras_resnet.export.source import load_model_source, task_of
+from keras_resnet.export.tflite import IO_TYPES
 from keras_resnet.registry import CLASSIFICATION, DETECTION, SEGMENTATION
 
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -54,6 +57,17 @@ def check_format(format: str, quantize: str) -> None:
         raise ExportError(f"quantize={quantize!r} applies only to format='tflite', not {format!r}")
 
 
+def check_io(io: str, quantize: str) -> None:
+    """An `ExportError` for an unknown `io`, or an integer `io` without int8 quantization."""
+    if io not in IO_TYPES:
+        raise ExportError(f"io={io!r} is not supported; allowed: {', '.join(IO_TYPES)}")
+    if io != "float" and quantize != "int8":
+        raise ExportError(
+            f"io={io!r} (integer input and outputs) needs a full-integer model: add --quantize int8 "
+            f"(quantize='int8'), or drop --io {io}"
+        )
+
+
 def export_model(
     model_or_dir,
     format: str = "saved_model",
@@ -68,6 +82,7 @@ def export_model(
     name: str | None = None,
     detection_outputs: str = "decoded",
     decoder_args: dict | None = None,
+    io: str = "float",
 ) -> dict:
     """Export a classifier, segmenter or detector, check it against Keras and write its metadata JSON.
 
@@ -105,6 +120,15 @@ def export_model(
         decoder_args: detectors only: overrides of the run's decoder
             settings (score_threshold, iou_threshold, max_detections,
             pre_nms_top_k) baked into decoded exports.
+        io: int8 TFLite only: "float" (default: float32 input and outputs,
+            `<name>_int8.tflite`), "uint8" (uint8 raw pixels as they are,
+            scale 1 and zero point 0; uint8 outputs with their scale and
+            zero point in the metadata; `<name>_int8_uint8io.tflite`) or
+            "int8" (int8 pixels - 128; int8 outputs;
+            `<name>_int8_int8io.tflite`). A detector's outputs stay float
+            (its decoder and NMS run in float32). A quantization-aware model
+            (`keras_resnet.quantization`) exports int8 with its trained
+            ranges, without calibration images.
 
     Returns:
         `{"format", "quantize", "task", "path", "metadata_path",
@@ -121,6 +145,7 @@ def export_model(
             artefact and metadata are written first).
     """
     check_format(format, quantize)
+    check_io(io, quantize)
     if int(parity_samples) < 1 or int(calibration_samples) < 1:
         raise ExportError("parity_samples and calibration_samples must be >= 1")
     if int8_min_agreement is not None and not 0.0 <= int8_min_agreement <= 1.0:
@@ -129,7 +154,7 @@ def export_model(
         format=format, quantize=quantize, calibration=calibration, input_size=input_size,
         batch_size=parse_batch_size(batch_size), output=output, parity_samples=int(parity_samples),
         calibration_samples=int(calibration_samples), int8_min_agreement=int8_min_agreement, name=name,
-        detection_outputs=detection_outputs, decoder_args=decoder_args,
+        detection_outputs=detection_outputs, decoder_args=decoder_args, io=io,
     )
     with step("loading the Keras model"):
         source = load_model_source(model_or_dir)

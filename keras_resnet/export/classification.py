@@ -42,6 +42,10 @@ class ClassificationExport(DenseExport):
     default_int8_min_agreement = DEFAULT_INT8_MIN_AGREEMENT
     reference_step = "running the Keras model"
     int8_io = "float32 input and output; quantize/dequantize ops inside the model"
+    integer_io = (
+        "{io} input (raw pixels, scale 1, zero point {zero_point}) and {io} output (its scale and zero point in "
+        "io_quantization); integer from input to output"
+    )
     signatures = {
         "serving_default": "uint8 images [N, H, W, C] of any size, resized inside (bilinear) -> "
         "{probabilities, top_class (int32), top_score}",

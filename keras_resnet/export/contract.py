@@ -1,7 +1,9 @@
 """What every export takes and returns: tensor names, the image signature, batching, output specs.
 
 Every export takes float32 raw pixels 0..255, NHWC ("images"): the
-`ImageNormalization` layer inside the model travels with it. A classifier
+`ImageNormalization` layer inside the model travels with it. (A
+full-integer TFLite model, `io` "uint8" / "int8", takes the same pixels as
+uint8, or int8 less 128; `open_tflite` feeds it float32 pixels alike.) A classifier
 returns "probabilities" `(N, classes)`; a segmenter "probabilities" `(N, H,
 W, classes)` and "mask" `(N, H, W)` int32; a detector "boxes", "scores",
 "classes", "num_detections" (NMS inside) or "raw". The metadata JSON of an
@@ -69,9 +71,43 @@ def uint8_image_spec(channels: int) -> tf.TensorSpec:
     return tf.TensorSpec([None, None, None, channels], tf.uint8, name=INPUT_NAME)
 
 
+INTEGER_INPUT_FORMATS = {
+    "uint8": "uint8 raw pixels 0..255, NHWC, fed as they are (scale 1, zero point 0)",
+    "int8": "int8 raw pixels - 128, NHWC (scale 1, zero point -128)",
+}
+
+
 def input_metadata(**extra) -> dict:
     """The "input" entry of every export's metadata."""
     return {"name": INPUT_NAME, "dtype": "float32", "format": INPUT_FORMAT, **extra}
+
+
+def integer_io_metadata(metadata: dict, io: str, quantization: dict) -> None:
+    """Marks the integer I/O of a full-integer TFLite model in its metadata (in place).
+
+    The "input" entry gets the dtype `io`, its format, "quantization"
+    (`{"scale", "zero_point"}`) and how to quantize pixels for it; each entry
+    of "output" / "outputs" gets its tensor's dtype, and when quantized its
+    "quantization" and how to dequantize it.
+
+    Args:
+        metadata: the export metadata (with "input", "output", maybe "outputs").
+        io: "uint8" or "int8".
+        quantization: `keras_resnet.export.tflite.io_quantization` of the model.
+    """
+
+    def quantized(entry, tensor, formula):
+        entry["dtype"] = tensor["dtype"]
+        if "scale" in tensor:
+            entry["quantization"] = {"scale": tensor["scale"], "zero_point": tensor["zero_point"]}
+            entry[formula[0]] = formula[1]
+
+    image = metadata["input"]
+    quantized(image, next(iter(quantization["inputs"].values())), ("quantize", "q = round(x / scale + zero_point)"))
+    image["format"] = INTEGER_INPUT_FORMATS[io]
+    for entry in [metadata.get("output"), *metadata.get("outputs", [])]:
+        if entry is not None and entry.get("name") in quantization["outputs"]:
+            quantized(entry, quantization["outputs"][entry["name"]], ("dequantize", "x = (q - zero_point) * scale"))
 
 
 def metadata_path(path) -> Path:
@@ -107,7 +143,11 @@ class Runtime:
         outputs: `{output name: handle}` of the outputs it names.
         shapes: `{handle: shape}` of its outputs.
         first: the handle of the runtime's first output (None: no fallback).
-        fetch: `(float32 batch, {name: handle}) -> {name: NumPy array}`.
+        fetch: `(float32 batch, {name: handle}) -> {name: NumPy array}`; a
+            runtime whose model takes integers quantizes the float32 raw
+            pixels itself and dequantizes quantized outputs.
+        input_dtype: the dtype of the model's input tensor ("float32";
+            "uint8" / "int8" for a full-integer TFLite model).
     """
 
     kind: str
@@ -117,6 +157,7 @@ class Runtime:
     shapes: dict
     first: object
     fetch: Callable
+    input_dtype: str = "float32"
 
     def runner(self, handles: dict):
         """`batch -> {name: NumPy array}` of the outputs `handles` names."""

@@ -46,6 +46,11 @@ NMS trick) into int8, a step of about 1 px per 256 px of image and of
 several pixels once offset, which breaks NMS; TFLite's `denylisted_nodes`
 did not keep the fused decoder ops in float. int8 is full-integer
 (`TFLITE_BUILTINS_INT8`) over the network with float32 input and outputs.
+With `io` "uint8" / "int8" the input is integer (raw pixels, scale 1, zero
+point 0 / -128) and feeds the int8 network directly; the outputs (boxes,
+scores, raw: float32; classes, num_detections: int32) stay as they are,
+since the decoder and NMS after the network run in float32 (the network's
+outputs are dequantized into them).
 
 Parity: see `keras_resnet.export.detection_parity`.
 """
@@ -85,7 +90,12 @@ from keras_resnet.export.source import (
     make_decoder,
     rebuild_at_size,
 )
-from keras_resnet.export.tflite import graft_tflite, tflite_bytes, tflite_ops
+from keras_resnet.export.tflite import (
+    check_builtin_ops,
+    graft_tflite,
+    tflite_bytes,
+    tflite_ops,
+)
 from keras_resnet.models.retinanet.decoder import (
     decoder_from_config,  # the metadata's "nms" names it here
 )
@@ -147,8 +157,16 @@ class DetectionExport(ExportJob):
         "network (backbone, FPN, heads) full-integer TFLITE_BUILTINS_INT8; "
         "concatenation, decoder and NMS float32 (grafted)"
     )
+    qat_ops = (
+        "network (backbone, FPN, heads) full-integer builtins with the ranges trained by its fake quantization; "
+        "concatenation, decoder and NMS float32 (grafted)"
+    )
     int8_io = "float32 input and outputs; quantize/dequantize ops inside the model"
-    ops = None  # a TFLite artefact's operators
+    integer_io = (
+        "{io} input (raw pixels, scale 1, zero point {zero_point}) into the int8 network; the outputs stay float: "
+        "the network's outputs are dequantized into the float32 decoder and NMS (boxes, scores float32; classes, "
+        "num_detections int32; raw float32)"
+    )
 
     def check_request(self) -> None:
         if self.request.detection_outputs not in DETECTION_OUTPUTS:
@@ -208,13 +226,10 @@ class DetectionExport(ExportJob):
         (`WHILE` subgraphs), which `graft_tflite` carries over.
         """
         if self.request.quantize == "none":
-            model_bytes = super().tflite_model(None)
-        else:
-            model_bytes = self.quantized_tflite(calibration)
-        self.ops = tflite_ops(model_bytes)
-        custom = [op for op in self.ops if op.startswith("CUSTOM") or op.startswith("FLEX")]
-        if custom:
-            raise ExportError(f"the TFLite detector needs non-builtin ops {custom}; it would not run on stock TFLite")
+            return super().tflite_model(None)
+        model_bytes = self.quantized_tflite(calibration)
+        self.ops = check_builtin_ops(tflite_ops(model_bytes), "the TFLite detector")
+        self.describe_io(model_bytes)
         return model_bytes
 
     def quantized_tflite(self, calibration) -> bytes:
@@ -223,6 +238,7 @@ class DetectionExport(ExportJob):
         network = tflite_bytes(
             lambda images: heads(images, training=False), [self.image_spec()], track=heads,
             quantize=self.request.quantize, calibration_images=calibration, batch_size=batch_size,
+            io=self.request.io, quantized_outputs=False, qat=self.qat,
         )
         num_anchors, num_classes = int(model.output_shape[1]), int(model.num_classes)
 
@@ -366,9 +382,6 @@ class DetectionExport(ExportJob):
                 "serve_raw": f"{INPUT_FORMAT} at the model size -> {{raw}}",
             }
         return metadata
-
-    def checked_metadata(self) -> dict:
-        return {"tflite_ops": self.ops} if self.ops is not None else {}
 
     def result_entries(self, metadata: dict) -> dict:
         return {"detection_outputs": metadata["detection_outputs"]}

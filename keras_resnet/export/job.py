@@ -17,15 +17,22 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from keras_resnet.errors import ExportParityError
-from keras_resnet.export.contract import image_spec, metadata_path
+from keras_resnet.errors import ExportError, ExportParityError
+from keras_resnet.export.contract import image_spec, integer_io_metadata, metadata_path
 from keras_resnet.export.loading import load_exported_model
 from keras_resnet.export.onnx import convert_onnx
 from keras_resnet.export.parity import judge, parity_line
 from keras_resnet.export.samples import SampleReader, calibration_images, parity_images
 from keras_resnet.export.saved_model import check_saved_model_target, write_saved_model
 from keras_resnet.export.source import ModelSource, dtype_policies, find_preprocessing
-from keras_resnet.export.tflite import tflite_bytes
+from keras_resnet.export.tflite import (
+    INPUT_ZERO_POINTS,
+    boundary_ops,
+    check_builtin_ops,
+    io_quantization,
+    tflite_bytes,
+    tflite_ops,
+)
 from keras_resnet.runs import atomic_output, write_json
 
 # run.json entries copied into every export's metadata: "sampling" ("resize" or "crop") and "tile_overlap".
@@ -35,7 +42,11 @@ TOOL_PACKAGES = {"saved_model": [], "tflite": ["ai-edge-litert"], "onnx": ["tf2o
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """The checked arguments of `export_model` (see there); `batch_size` is None for a dynamic batch."""
+    """The checked arguments of `export_model` (see there); `batch_size` is None for a dynamic batch.
+
+    `io` is the I/O of an int8 TFLite model: "float" (float32 input and
+    outputs), "uint8" or "int8" (full-integer I/O).
+    """
 
     format: str
     quantize: str
@@ -49,6 +60,7 @@ class ExportRequest:
     name: str | None
     detection_outputs: str
     decoder_args: dict | None
+    io: str = "float"
 
     @property
     def label(self) -> str:
@@ -72,12 +84,31 @@ def tool_versions(format: str) -> dict:
     return versions
 
 
-def artefact_path(output_dir: Path, name: str, format: str, quantize: str) -> Path:
+def artefact_path(output_dir: Path, name: str, format: str, quantize: str, io: str = "float") -> Path:
+    """`saved_model/`, `<name>.onnx`, `<name>_<fp32|float16|dynamic|int8>.tflite`.
+
+    A full-integer int8 model is `<name>_int8_uint8io.tflite` /
+    `<name>_int8_int8io.tflite`, beside the float-I/O `<name>_int8.tflite`.
+    """
     if format == "saved_model":
         return output_dir / "saved_model"
     if format == "onnx":
         return output_dir / f"{name}.onnx"
-    return output_dir / f"{name}_{'fp32' if quantize == 'none' else quantize}.tflite"
+    io_suffix = f"_{io}io" if io != "float" else ""
+    return output_dir / f"{name}_{'fp32' if quantize == 'none' else quantize}{io_suffix}.tflite"
+
+
+QAT_OPS_TEXT = (
+    "full-integer builtin kernels with the ranges trained by the model's fake quantization (the converter's "
+    "quantization-aware mode; no float32 tensor inside, checked)"
+)
+
+
+def quantize_aware(model) -> bool:
+    """True when the model carries fake-quantization layers (`keras_resnet.quantization.is_quantize_aware`)."""
+    from keras_resnet import quantization
+
+    return bool(quantization.is_quantize_aware(model))
 
 
 class ExportJob:
@@ -96,7 +127,13 @@ class ExportJob:
     count_key = "samples"  # the figure counting the images compared
     output_names: tuple
     int8_ops: str
-    int8_io: str
+    qat_ops = QAT_OPS_TEXT  # `int8_ops` of a quantization-aware model
+    int8_io: str  # the I/O of an int8 model with float I/O
+    integer_io: str  # ... with uint8 / int8 I/O ("{io}" and "{zero_point}" filled in)
+    ops = None  # a TFLite artefact's operators
+    io_quantization = None  # a full-integer TFLite artefact's `io_quantization`
+    boundary = None  # ... and its `boundary_ops`
+    _quantization = None  # ... and its `io_quantization` by inputs and outputs
 
     def __init__(self, source: ModelSource, request: ExportRequest):
         self.source, self.request = source, request
@@ -107,6 +144,13 @@ class ExportJob:
         with step(self.prepare_step):
             self.policies = dtype_policies(source.model)
             self.model = self.prepare()
+        self.qat = quantize_aware(self.model)
+        if self.qat and request.quantize in ("float16", "dynamic"):
+            raise ExportError(
+                f"model {self.model.name} is quantization-aware (fake-quantization layers): quantize="
+                f"{request.quantize!r} would give an int8 model; export it with quantize='int8' (its trained "
+                "ranges) or 'none' (float32)"
+            )
         self.input_shape = tuple(self.model.input_shape[1:])
         self.name = request.name or source.name
         self.output_dir = Path(request.output) if request.output is not None else Path("saved_models") / self.name
@@ -119,7 +163,13 @@ class ExportJob:
         """Converts, checks and describes the export; returns `export_model`'s dict (see there)."""
         request = self.request
         calibration, calibration_text = None, None
-        if request.quantize == "int8":
+        if self.qat and request.quantize == "none":
+            print(
+                f"note: {self.model.name} is quantization-aware (fake-quantization layers); this is a float export "
+                f"of it, the fake quantization computed in float32; --quantize int8 gives the integer model",
+                flush=True,
+            )
+        if request.quantize == "int8" and not self.qat:
             with step("loading calibration images"):
                 calibration, calibration_text = calibration_images(
                     self.samples, request.calibration, self.source, self.input_shape, request.calibration_samples
@@ -142,7 +192,7 @@ class ExportJob:
             try:
                 with step(f"converting to {request.label}: {self.path}"):
                     self.convert(calibration)
-                metadata = self.metadata()
+                metadata = self.io_metadata(self.metadata())
                 write_json(written_metadata, metadata)  # load_exported_model reads it (a raw detector's decoder)
                 with step(f"checking {request.label} against Keras"):
                     figures = self.parity(load_exported_model(self.written), images, info)
@@ -154,12 +204,16 @@ class ExportJob:
             metadata.update(self.checked_metadata())
             if request.quantize == "int8":
                 metadata["int8"] = {
-                    "ops": self.int8_ops,
-                    "io": self.int8_io,
-                    "calibration": calibration_text,
-                    "calibration_samples": int(len(calibration)),
+                    "ops": self.int8_ops if not self.qat else self.qat_ops,
+                    "io": self.int8_io_text(),
+                    "quantization_source": "qat" if self.qat else "ptq",
+                    "calibration": calibration_text if not self.qat else "none: the ranges trained with the model",
+                    "calibration_samples": len(calibration) if calibration is not None else 0,
                     "min_agreement": self.int8_min_agreement,
                 }
+                if self.io_quantization is not None:
+                    metadata["int8"]["io_quantization"] = self.io_quantization
+                    metadata["int8"]["boundary_ops"] = self.boundary
             metadata_file.unlink(missing_ok=True)  # never the old metadata beside the new artefact
         self.written = self.path
         write_json(metadata_file, metadata)
@@ -188,7 +242,7 @@ class ExportJob:
         """Raises an `ExportError` for arguments that do not apply to the task."""
 
     def artefact_path(self) -> Path:
-        return artefact_path(self.output_dir, self.name, self.request.format, self.request.quantize)
+        return artefact_path(self.output_dir, self.name, self.request.format, self.request.quantize, self.request.io)
 
     def keras_reference(self, images) -> None:
         """Computes the Keras outputs the export is compared with (when `reference_step` is set)."""
@@ -204,18 +258,47 @@ class ExportJob:
             convert_onnx(self.outputs_fn(), self.image_spec(), self.output_names, self.written, request.batch_size)
 
     def tflite_model(self, calibration) -> bytes:
-        return tflite_bytes(
+        """The TFLite flatbuffer (builtin ops only); a full-integer one's I/O quantization is kept."""
+        model_bytes = tflite_bytes(
             self.outputs_fn(), [self.image_spec()], track=self.model, quantize=self.request.quantize,
-            calibration_images=calibration, batch_size=self.request.batch_size,
+            calibration_images=calibration, batch_size=self.request.batch_size, io=self.request.io, qat=self.qat,
         )
+        self.ops = check_builtin_ops(tflite_ops(model_bytes))
+        self.describe_io(model_bytes)
+        return model_bytes
+
+    def describe_io(self, model_bytes: bytes) -> None:
+        """Keeps the I/O quantization and boundary operators of a full-integer model for its metadata."""
+        if self.request.io != "float":
+            quantization = io_quantization(model_bytes)
+            self.io_quantization = {**quantization["inputs"], **quantization["outputs"]}
+            self.boundary = boundary_ops(model_bytes)
+            self._quantization = quantization
+
+    def int8_io_text(self) -> str:
+        """The metadata's description of an int8 model's I/O."""
+        io = self.request.io
+        if io == "float":
+            return self.int8_io
+        return self.integer_io.format(io=io, zero_point=INPUT_ZERO_POINTS[io])
+
+    def io_metadata(self, metadata: dict) -> dict:
+        """`metadata` with "io" after "quantization" (int8 TFLite) and the integer I/O marked (see `contract`)."""
+        if self.request.quantize != "int8":
+            return metadata
+        if self.request.io != "float":
+            integer_io_metadata(metadata, self.request.io, self._quantization)
+        entries = list(metadata.items())
+        at = next((i + 1 for i, (key, _) in enumerate(entries) if key == "quantization"), len(entries))
+        return dict(entries[:at] + [("io", self.request.io)] + entries[at:])
 
     def image_spec(self):
         """The float32 "images" signature at the model size and the requested batch size."""
         return image_spec(self.model, self.request.batch_size)
 
     def checked_metadata(self) -> dict:
-        """Metadata entries known once the artefact is checked, after "parity"."""
-        return {}
+        """Metadata entries known once the artefact is checked, after "parity": a TFLite model's operators."""
+        return {"tflite_ops": self.ops} if self.ops is not None else {}
 
     def result_entries(self, metadata: dict) -> dict:
         """Task entries of the returned dict, after "task"."""

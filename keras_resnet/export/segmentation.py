@@ -51,6 +51,10 @@ class SegmentationExport(DenseExport):
     task = SEGMENTATION
     default_int8_min_agreement = DEFAULT_SEGMENTATION_INT8_MIN_AGREEMENT
     int8_io = "float32 input and output; quantize/dequantize ops inside the model; the mask output is int32"
+    integer_io = (
+        "{io} input (raw pixels, scale 1, zero point {zero_point}) and {io} probabilities (scale and zero point in "
+        "io_quantization); the mask output is int32; integer from input to output"
+    )
     signatures = {
         "serving_default": "uint8 images [N, H, W, C] of any size, resized inside to the model size "
         "(bilinear); per-pixel scores resized back to H x W (bilinear) -> "

@@ -365,8 +365,8 @@ class QuantizedFPN(FPN):
     def _quant(self, name):
         return FakeQuant(momentum=self.momentum, enabled=self.enabled, name=name)
 
-    def _conv(self, filters, kernel_size, name, strides=1):
-        config = keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same", name=name).get_config()
+    def _conv(self, filters, kernel_size, name, strides=1, padding="same"):
+        config = keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, name=name).get_config()
         return QuantizedConv2D(config, None, quantize_output=True, momentum=self.momentum, enabled=self.enabled,
                                name=name)
 
@@ -374,7 +374,8 @@ class QuantizedFPN(FPN):
         levels = self._input_levels(input_shape)
         self.lateral_convs = [self._conv(self.width, 1, f"lateral_P{level}") for level in levels]
         self.output_convs = [self._conv(self.width, 3, f"output_P{level}") for level in levels]
-        self.extra_convs = [self._conv(self.width, 3, f"extra_P{level}", strides=2)
+        padding = "valid" if self._symmetric_extra_padding() else "same"
+        self.extra_convs = [self._conv(self.width, 3, f"extra_P{level}", strides=2, padding=padding)
                             for level in range(levels[-1] + 1, self.max_level + 1)]
         self.sum_quants = [self._quant(f"sum_P{level}_quant") for level in levels]
         self.relu_quants = [self._quant(f"relu_P{level}_quant") for level in range(levels[-1] + 1, self.max_level)]
@@ -407,9 +408,14 @@ class QuantizedFPN(FPN):
         for offset, conv in enumerate(self.extra_convs):
             if offset > 0:
                 x = self.relu_quants[offset - 1](ops.relu(x), training=training)
+            if self._symmetric_extra_padding():  # PyTorch's padding=1 (torchvision's P6/P7): a PAD, then VALID
+                x = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
             x = conv(x, training=training)
             outputs[f"P{top + offset + 1}"] = x
         return outputs
+
+    def _symmetric_extra_padding(self):
+        return getattr(self, "extra_padding", "same") == "symmetric"
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum, "enabled": self.enabled}

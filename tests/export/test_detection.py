@@ -16,13 +16,16 @@ What is asserted:
   letterboxes it inside and returns boxes in that image's pixels, as
   `predict_boxes` does with the run dir;
 * a raw TFLite export is decoded with the metadata's decoder; an int8
-  TFLite keeps the decoder in float32 and reports its agreement;
+  TFLite keeps the decoder in float32 and reports its agreement; with
+  `io="uint8"` it takes uint8 raw pixels (scale 1, zero point 0) and still
+  returns float boxes and scores;
 * `keras-resnet predict` with the exported TFLite prints the boxes and
   writes `<stem>_boxes.png`; `detection_parity` tolerates score ties at
   the threshold and catches a shifted box.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +129,33 @@ def test_int8_keeps_the_decoder_in_float(run_dir, tmp_path):
     ops = metadata["tflite_ops"]
     assert {"QUANTIZE", "DEQUANTIZE", "NON_MAX_SUPPRESSION_V5"} <= set(ops) and "int8" in metadata
     assert not [op for op in ops if op.startswith("CUSTOM")]
+
+
+def test_int8_uint8_io_takes_raw_pixels_and_keeps_float_outputs(run_dir, tmp_path):
+    """`io="uint8"`: uint8 input (scale 1, zero point 0) into the int8 network; decoder, NMS and outputs float."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    result = export_model(run_dir, format="tflite", quantize="int8", io="uint8", output=tmp_path,
+                          parity_samples=SAMPLES, calibration_samples=16, decoder_args=DECODER)
+    assert result["path"].endswith("run_int8_uint8io.tflite")
+    parity = result["parity"]
+    assert parity["passed"] and parity["agreement_iou50"] >= 0.9 and parity["compared"] > 0
+    metadata = json.loads(Path(result["metadata_path"]).read_text())
+    assert metadata["io"] == "uint8" and metadata["input"]["dtype"] == "uint8"
+    assert metadata["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
+    assert {entry["name"]: entry["dtype"] for entry in metadata["outputs"]} == {
+        "boxes": "float32", "scores": "float32", "classes": "int32", "num_detections": "int32"}
+    assert metadata["int8"]["boundary_ops"]["inputs"]["images"] == ["QUANTIZE(uint8 -> int8)"]
+    assert not [op for op in metadata["tflite_ops"] if op.startswith(("CUSTOM", "FLEX"))]
+    interpreter = Interpreter(model_path=result["path"])
+    runner = interpreter.get_signature_runner()
+    assert runner.get_input_details()["images"]["dtype"] == np.uint8
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 1), dtype=np.uint8)
+    raw = runner(images=pixels)  # raw pixels in, float boxes out: nothing to quantize or dequantize
+    assert raw["boxes"].dtype == np.float32 and raw["scores"].dtype == np.float32
+    exported = load_exported_model(result["path"]).predict_outputs(pixels.astype(np.float32))
+    for name in ("boxes", "scores", "classes", "num_detections"):
+        np.testing.assert_array_equal(exported[name], raw[name])
 
 
 def test_cli_predict_with_the_exported_tflite(run_dir, float_exports, tmp_path, capsys):
