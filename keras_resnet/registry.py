@@ -16,7 +16,7 @@ SOURCES_BY_TASK = {
     DETECTION: ("voc", "coco", "mosaic"),
 }
 
-SEGMENTATION_HEADS = ("deeplabv3plus", "fpn")
+SEGMENTATION_HEADS = ("deeplabv3plus", "fpn", "deeplabv3", "fcn")
 DETECTION_HEADS = ("retinanet",)
 HEADS_BY_TASK = {SEGMENTATION: SEGMENTATION_HEADS, DETECTION: DETECTION_HEADS}
 

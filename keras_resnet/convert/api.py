@@ -4,16 +4,23 @@ import os
 
 import numpy as np
 
+from keras_resnet.convert import torch_retinanet
 from keras_resnet.convert.keras_applications import from_keras_applications
 from keras_resnet.convert.torch import from_torch, source_parity
+from keras_resnet.convert.torch_segmentation import read_torch_segmentation, report_lines, segmenter_from_torch
 from keras_resnet.errors import ConversionError
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.keras_applications import KerasApplicationsWeights
 from keras_resnet.models.resnet.torch_weights import TorchWeights
+from keras_resnet.models.retinanet.detector import RetinaNetDetector
+from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 
 
 def convert_source(source, arch=None, include_top=None, num_classes=None, mean=None, std=None):
     """Converts a weight file (torchvision/timm state dict or keras.applications `.h5`) to our model.
+
+    torchvision DeepLabV3/FCN state dicts give a `ResNetSegmenter` (`torch_segmentation.segmenter_from_torch`),
+    RetinaNet state dicts a `RetinaNetDetector` (`torch_retinanet.detector_from_torch`).
 
     Returns:
         `(model, report)`: report lines saying what was inferred, the
@@ -29,6 +36,14 @@ def convert_source(source, arch=None, include_top=None, num_classes=None, mean=N
         weights = KerasApplicationsWeights(path, arch)
         model = from_keras_applications(weights, include_preprocessing=True, classifier_activation=None)
         report = [f"source: {weights.describe()}", "parity: not measured for keras.applications files"]
+    elif (segmentation := read_torch_segmentation(path, arch)) is not None:  # torchvision DeepLabV3/FCN
+        model = segmenter_from_torch(segmentation, include_top=include_top, num_classes=num_classes, mean=mean, std=std)
+        report = report_lines(model, segmentation)
+    elif (retinanet := torch_retinanet.read_torch_retinanet(path, arch)) is not None:  # torchvision RetinaNet
+        if include_top is not None:
+            raise ConversionError("--include-top/--no-top apply to classifiers and segmenters, not to a RetinaNet file.")
+        model = torch_retinanet.detector_from_torch(retinanet, num_classes=num_classes, mean=mean, std=std)
+        report = torch_retinanet.report_lines(model, retinanet)
     else:
         weights = TorchWeights(path, arch)
         model = from_torch(weights, include_top=include_top, num_classes=num_classes, mean=mean, std=std)
@@ -44,6 +59,22 @@ def convert_source(source, arch=None, include_top=None, num_classes=None, mean=N
 
 def _model_line(model):
     height, width, channels = model.input_shape[1:]
+    if isinstance(model, ResNetSegmenter):
+        norm = model.preprocessing
+        return (
+            f"model: ResNetSegmenter {model.name} (head {model.head!r}, output stride {model.backbone.output_stride}), "
+            f"{model.num_classes} classes (logits), input {height}x{width}x{channels} raw pixels 0-255 "
+            f"(mean {norm.mean}, std {norm.std} after x{norm.scale:.6g})"
+        )
+    if isinstance(model, RetinaNetDetector):
+        norm, decoder = model.preprocessing, model.make_decoder()
+        return (
+            f"model: RetinaNetDetector {model.name}, {model.num_classes} classes, {model.num_anchors} anchors, input "
+            f"{height}x{width}x{channels} raw pixels 0-255 (mean {norm.mean}, std {norm.std} after x{norm.scale:.6g});"
+            f" decoder: score > {decoder.score_threshold}, top {decoder.pre_nms_top_k}"
+            f"{' per level' if decoder.top_k_per_level else ''}, NMS {decoder.iou_threshold}, "
+            f"{decoder.max_detections} detections"
+        )
     if not isinstance(model, ResNetClassifier):
         return f"model: ResNetBackbone {model.name}, input {height}x{width}x{channels} normalised images"
     norm = model.preprocessing

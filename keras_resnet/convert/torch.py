@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_resnet.convert import torch_reference
+from keras_resnet.convert import torch_reference, torch_retinanet, torch_segmentation
 from keras_resnet.errors import ConversionError
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.classifier import ResNetClassifier
@@ -66,11 +66,37 @@ def from_torch(source, arch=None, include_top=None, num_classes=None, input_shap
         A `ResNetClassifier` (logits, no softmax; the source's normalisation
         of raw pixels 0-255 inside, recorded in its config and exports) or a
         `ResNetBackbone` (taking normalised images, as every backbone).
+        torchvision DeepLabV3/FCN state dicts (`backbone.*` and
+        `classifier.*` keys; arch `deeplabv3_resnet50` ... `fcn_resnet101`)
+        give a `ResNetSegmenter`: see
+        `keras_resnet.convert.torch_segmentation.segmenter_from_torch`.
+        torchvision RetinaNet state dicts (`backbone.body.*` and `head.*`
+        keys; arch `retinanet_resnet50_fpn`, `retinanet_resnet50_fpn_v2`)
+        give a `RetinaNetDetector` with torchvision's anchors, box coder and
+        post-processing: see
+        `keras_resnet.convert.torch_retinanet.detector_from_torch`.
 
     Example:
     >>> model = from_torch("resnet50.pth")               # torch.save(resnet50(weights=...).state_dict(), ...)
     >>> model = from_torch("model.safetensors", arch="resnet50d.ra2_in1k")
     """
+    if not isinstance(source, TorchWeights):  # torchvision DeepLabV3/FCN: a ResNetSegmenter
+        segmentation = torch_segmentation.read_torch_segmentation(source, arch)
+        if segmentation is not None:
+            return torch_segmentation.segmenter_from_torch(
+                segmentation, num_classes=num_classes, input_shape=input_shape, mean=mean, std=std,
+                include_top=include_top,
+            )
+        retinanet = torch_retinanet.read_torch_retinanet(source, arch)  # torchvision RetinaNet: a RetinaNetDetector
+        if retinanet is not None:
+            if include_top is not None:
+                raise ConversionError(
+                    f"include_top={include_top} applies to classifiers and segmenters; {retinanet.source_name} is a "
+                    "torchvision RetinaNet and converts to a RetinaNetDetector (its .backbone is the ResNet): drop it."
+                )
+            return torch_retinanet.detector_from_torch(
+                retinanet, num_classes=num_classes, input_shape=input_shape, mean=mean, std=std
+            )
     weights = source if isinstance(source, TorchWeights) else TorchWeights(source, arch)
     if mean is not None:
         weights.mean = tuple(float(v) for v in mean)

@@ -221,14 +221,20 @@ def model_at_size(model: keras.Model, input_size) -> keras.Model:
 
 
 def find_preprocessing(model: keras.Model) -> dict | None:
-    """The settings of the first `ImageNormalization` layer in the model, or None."""
+    """The settings of the first `ImageNormalization` layer in the model (or of its QAT form), or None."""
+    from keras_resnet.quantization import QuantizedNormalization
+
     for layer in walk_layers(model):
+        if isinstance(layer, QuantizedNormalization):  # a QAT model: the same normalisation, as a 1x1 conv
+            layer = ImageNormalization.from_config(layer.normalization)
         if isinstance(layer, ImageNormalization):
             return {
                 "mean": layer.mean,
                 "std": layer.std,
                 "scale": layer.scale,
                 "reverse_channels": layer.reverse_channels,
+                **({"interpolation": layer.interpolation} if layer.interpolation is not None else {}),
+                **({"crop_pct": layer.crop_pct} if layer.crop_pct is not None else {}),
                 "applied": "inside the model; feed raw pixels",
             }
     return None

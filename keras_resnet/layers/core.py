@@ -93,9 +93,13 @@ class ImageNormalization(keras.layers.Layer):
         scale: multiplier applied first (e.g. 1/255).
         reverse_channels: flip RGB to BGR first (keras.applications "caffe"
             mode).
+        interpolation, crop_pct: recorded, not applied: how the source of
+            pretrained weights resized and cropped its images ("bicubic",
+            0.95 from a timm `pretrained_cfg`); None when not stated.
     """
 
-    def __init__(self, mean=0.0, std=1.0, scale=1.0, reverse_channels=False, **kwargs):
+    def __init__(self, mean=0.0, std=1.0, scale=1.0, reverse_channels=False, interpolation=None, crop_pct=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.mean = [float(v) for v in mean] if isinstance(mean, (list, tuple)) else float(mean)
         self.std = [float(v) for v in std] if isinstance(std, (list, tuple)) else float(std)
@@ -104,6 +108,8 @@ class ImageNormalization(keras.layers.Layer):
             raise ConfigError(f"ImageNormalization std must be > 0, got {self.std}.")
         self.scale = float(scale)
         self.reverse_channels = bool(reverse_channels)
+        self.interpolation = None if interpolation is None else str(interpolation)
+        self.crop_pct = None if crop_pct is None else float(crop_pct)
 
     @classmethod
     def from_mode(cls, mode, **kwargs):
@@ -136,6 +142,8 @@ class ImageNormalization(keras.layers.Layer):
             "std": self.std,
             "scale": self.scale,
             "reverse_channels": self.reverse_channels,
+            **({"interpolation": self.interpolation} if self.interpolation is not None else {}),
+            **({"crop_pct": self.crop_pct} if self.crop_pct is not None else {}),
         }
 
 

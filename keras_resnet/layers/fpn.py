@@ -113,6 +113,7 @@ def apply_fpn(pyramid, levels=("C2", "C3", "C4", "C5"), width=256, name="fpn"):
 
 
 EXTRA_LEVEL_SOURCES = ("C5", "P5")
+EXTRA_LEVEL_PADDINGS = ("same", "symmetric")
 
 
 def upsample_nearest_like(x, reference):
@@ -159,7 +160,12 @@ class FPN(keras.layers.Layer):
       padding, so sizes are `ceil(h / 2)`) on the coarsest input
       (`extra_levels_from="C5"`, the paper) or on its FPN output ("P5",
       as torchvision and Detectron2 do for FCOS); each further level is a
-      3x3 stride-2 conv on the ReLU of the previous one.
+      3x3 stride-2 conv on the ReLU of the previous one. `extra_padding`
+      "same" pads those convs as TensorFlow does (an even size gets its
+      one pixel at the bottom/right only), "symmetric" one pixel on every
+      side as PyTorch's `Conv2d(3, 2, padding=1)` (torchvision's
+      `LastLevelP6P7`); the output sizes agree, the values differ on even
+      sizes.
 
     Sublayers are created in `build()`, so the layer is serialisable and
     its weights load into a freshly built copy.
@@ -171,6 +177,8 @@ class FPN(keras.layers.Layer):
         extra_levels_from: "C5" or "P5": the source of the first level
             above the coarsest input (the coarsest input level, C5 for
             ResNets, or its FPN output).
+        extra_padding: "same" or "symmetric": the padding of the extra
+            levels' stride-2 convs.
 
     Example:
     >>> backbone = ResNetBackbone.from_preset("resnet18", input_shape=(64, 64, 3))
@@ -179,7 +187,7 @@ class FPN(keras.layers.Layer):
     {'P3': (8, 8), 'P4': (4, 4), 'P5': (2, 2), 'P6': (1, 1), 'P7': (1, 1)}
     """
 
-    def __init__(self, min_level=3, max_level=7, width=256, extra_levels_from="C5", **kwargs):
+    def __init__(self, min_level=3, max_level=7, width=256, extra_levels_from="C5", extra_padding="same", **kwargs):
         super().__init__(**kwargs)
         min_level, max_level, width = int(min_level), int(max_level), int(width)
         if not 1 <= min_level <= max_level:
@@ -188,10 +196,13 @@ class FPN(keras.layers.Layer):
             raise ConfigError(f"width must be >= 1, got {width}.")
         if extra_levels_from not in EXTRA_LEVEL_SOURCES:
             raise ConfigError(f"extra_levels_from={extra_levels_from!r}; allowed: {EXTRA_LEVEL_SOURCES}.")
+        if extra_padding not in EXTRA_LEVEL_PADDINGS:
+            raise ConfigError(f"extra_padding={extra_padding!r}; allowed: {EXTRA_LEVEL_PADDINGS}.")
         self.min_level = min_level
         self.max_level = max_level
         self.width = width
         self.extra_levels_from = extra_levels_from
+        self.extra_padding = extra_padding
 
     def _input_levels(self, input_shape):
         """Input levels used: min_level up to the coarsest input (at most max_level)."""
@@ -216,8 +227,9 @@ class FPN(keras.layers.Layer):
         self.output_convs = [
             layers.Conv2D(self.width, 3, padding="same", name=f"output_P{level}", **conv) for level in levels
         ]
+        padding = "same" if self.extra_padding == "same" else "valid"
         self.extra_convs = [
-            layers.Conv2D(self.width, 3, strides=2, padding="same", name=f"extra_P{level}", **conv)
+            layers.Conv2D(self.width, 3, strides=2, padding=padding, name=f"extra_P{level}", **conv)
             for level in range(levels[-1] + 1, self.max_level + 1)
         ]
         for level, lateral, output in zip(levels, self.lateral_convs, self.output_convs):
@@ -242,7 +254,10 @@ class FPN(keras.layers.Layer):
         top = levels[-1]
         x = inputs[f"C{top}"] if self.extra_levels_from == "C5" else outputs[f"P{top}"]
         for offset, conv in enumerate(self.extra_convs):
-            x = conv(ops.relu(x) if offset > 0 else x)
+            x = ops.relu(x) if offset > 0 else x
+            if self.extra_padding == "symmetric":
+                x = ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+            x = conv(x)
             outputs[f"P{top + offset + 1}"] = x
         return outputs
 
@@ -263,4 +278,5 @@ class FPN(keras.layers.Layer):
             "max_level": self.max_level,
             "width": self.width,
             "extra_levels_from": self.extra_levels_from,
+            "extra_padding": self.extra_padding,
         }

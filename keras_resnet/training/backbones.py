@@ -6,9 +6,19 @@
   `initialize_backbone`: `model.weights` (a `.keras` model, a keras.applications `.h5`, or a
   torchvision/timm state dict `.pth`/`.pt`/`.bin`/`.safetensors`) and `model.freeze_stages`
   applied to a built task model.
+- `read_recipe_weights`: another library's `model.weights` file, read once.
 - `load_pretrained_weights`: loads those files into a model's backbone (and a classifier's head).
 - `preprocessing_info`: the `preprocessing` entry of run.json.
 - `check_recipe_args`: a ConfigError for a `model.*_args` key that the constructor does not take.
+
+Input normalisation: a model trained from scratch (or from a `.keras` model)
+normalises with the training set's per-channel mean/std. One fine-tuned from
+another library's weights (keras.applications `.h5`, torchvision/timm) keeps
+the normalisation those weights were trained with (keras.applications'
+"caffe"/"tf" modes; ImageNet mean/std for torchvision, a timm
+`pretrained_cfg`'s where one comes with the weights): the pretrained features
+expect it. The run says which in its first lines and in run.json's
+`preprocessing` (`source`).
 """
 
 import difflib
@@ -17,13 +27,17 @@ import os
 
 import keras
 
-from keras_resnet.errors import ConfigError
+from keras_resnet.errors import ConfigError, ConversionError
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.presets import get_preset_config
-from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
+from keras_resnet.models.resnet.pretrained import check_fits, load_pretrained, read_pretrained
 from keras_resnet.models.weight_files import is_torch_file
+
+KERAS_SUFFIX = ".keras"
+H5_SUFFIX = ".h5"
+DATASET_SOURCE = "training set statistics"
 
 
 def check_recipe_args(section, args, constructor, allowed=None):
@@ -45,23 +59,104 @@ def check_recipe_args(section, args, constructor, allowed=None):
             raise ConfigError(f"model.{section}.{key} is not an argument of {constructor.__name__}; {hint}")
 
 
-def build_backbone_from_config(cfg, info):
-    """The recipe's backbone and the layer normalising raw pixels 0..255.
+def read_recipe_weights(model_cfg):
+    """`model.weights` read once when it is another library's file (keras.applications `.h5`, torchvision/timm).
+
+    Args:
+        model_cfg: the recipe's `model` section.
 
     Returns:
-        `(backbone, preprocessing)`; normalisation uses the training set's
-        per-channel mean/std from `info`.
+        The reader (`keras_resnet.models.resnet.pretrained.read_pretrained`),
+        or None: no `model.weights`, or a `.keras` model (loaded by layer name).
+
+    Raises:
+        ConfigError: a missing file, an unknown kind of file, one that is not
+            the architecture's, or weights for other input channels.
+    """
+    path = model_cfg.get("weights")
+    if not path or str(path).endswith(KERAS_SUFFIX):
+        return None
+    _check_weights_path(path)
+    try:
+        weights = read_pretrained(path, preset=model_cfg["backbone"])
+    except ConversionError as error:
+        raise ConfigError(f"model.weights: {error}") from None
+    channels = tuple(model_cfg.get("input_shape") or (None,))[-1]
+    if channels is not None and int(channels) != int(weights.input_channels):
+        raise ConfigError(
+            f"model.weights {path} needs {weights.input_channels} input channels but model.input_shape has "
+            f"{channels}; set model.input_shape to [height, width, {weights.input_channels}]."
+        )
+    return weights
+
+
+def _check_weights_path(path):
+    if not os.path.exists(path):
+        raise ConfigError(f"model.weights file {path} does not exist.")
+    if not (str(path).endswith((KERAS_SUFFIX, H5_SUFFIX)) or is_torch_file(path)):
+        raise ConfigError(
+            f"model.weights {path} must be a .keras model, a keras.applications .h5 weight file or a "
+            "torchvision/timm state dict (.pth, .pt, .bin, .safetensors)."
+        )
+
+
+def source_preprocessing_info(weights) -> dict:
+    """run.json's `preprocessing` for a model that keeps the normalisation of pretrained `weights`.
+
+    Args:
+        weights: a reader of `keras_resnet.models.resnet.pretrained` (torch or keras.applications).
+
+    Returns:
+        mean, std, scale, reverse_channels (torch: and interpolation,
+        crop_pct when stated), `input_range` and `source`: the weights' file
+        and where the figures come from.
+    """
+    if hasattr(weights, "preprocessing_info"):
+        info = weights.preprocessing_info()
+        origin = info.pop("from")
+    else:
+        layer = weights.preprocessing(name="normalization")
+        info = {"mean": layer.mean, "std": layer.std, "scale": layer.scale, "reverse_channels": layer.reverse_channels}
+        origin = f"{weights.describe()}, '{'caffe' if layer.reverse_channels else 'tf'}' mode"
+    return {**info, "input_range": [0, 255], "source": f"pretrained weights {weights.source_name}: {origin}"}
+
+
+def build_backbone_from_config(cfg, info, weights=None):
+    """The recipe's backbone and the layer normalising raw pixels 0..255.
+
+    Args:
+        cfg: the recipe.
+        info: its data's `info` (the training set's `mean`, `std`).
+        weights: `model.weights` as `read_recipe_weights` read it (None: read
+            here when the recipe names another library's file).
+
+    Returns:
+        `(backbone, preprocessing)`: normalisation by the training set's
+        per-channel mean/std, or, with pretrained weights of another library,
+        the normalisation those weights were trained with. Which one is
+        recorded in `info["preprocessing"]` (run.json's `preprocessing`).
     """
     model_cfg = cfg["model"]
     get_preset_config(model_cfg["backbone"])  # unknown preset -> ValueError listing the valid ones
     check_recipe_args("backbone_args", model_cfg["backbone_args"], ResNetBackbone)
+    if weights is None:
+        weights = read_recipe_weights(model_cfg)
     try:
         backbone = ResNetBackbone.from_preset(
             model_cfg["backbone"], input_shape=tuple(model_cfg["input_shape"]), **model_cfg["backbone_args"]
         )
     except TypeError as error:
         raise ConfigError(f"model.backbone_args: {error}") from None
-    preprocessing = ImageNormalization(mean=info["mean"], std=info["std"], name="normalization")
+    if weights is not None:
+        try:
+            check_fits(backbone, weights, preset=model_cfg["backbone"])
+        except ConversionError as error:
+            raise ConfigError(f"model.weights: {error}") from None
+        preprocessing = weights.preprocessing(name="normalization")
+        info["preprocessing"] = source_preprocessing_info(weights)
+    else:
+        preprocessing = ImageNormalization(mean=info["mean"], std=info["std"], name="normalization")
+        info["preprocessing"] = dataset_preprocessing_info(info)
     return backbone, preprocessing
 
 
@@ -69,11 +164,13 @@ def build_model_from_config(cfg, info, model_class, name, error_message=None, **
     """A task model of the recipe: `model_class(backbone, model.num_classes, preprocessing=..., **kwargs)`.
 
     The backbone and the normalisation of raw pixels 0..255 come from
-    `build_backbone_from_config`, then `initialize_backbone` applies
-    `model.weights` and `model.freeze_stages`.
+    `build_backbone_from_config` (the training set's statistics, or those of
+    another library's `model.weights`; the choice is printed), then
+    `initialize_backbone` applies `model.weights` and `model.freeze_stages`.
 
     Args:
-        cfg: the recipe; info: its data's `info` (mean, std).
+        cfg: the recipe; info: its data's `info` (mean, std); it receives
+            `info["preprocessing"]`, what run.json records.
         model_class: `ResNetClassifier`, `ResNetSegmenter`, `RetinaNetDetector`...
         name: the model's name after the preset's (`"{preset}_{name}"`).
         error_message: for a TypeError/ValueError of `model_class` (arguments
@@ -81,8 +178,15 @@ def build_model_from_config(cfg, info, model_class, name, error_message=None, **
             None lets them through.
         kwargs: further arguments of `model_class`.
     """
+    if (cfg.get("qat") or {}).get("source_run"):  # `keras-resnet qat`: the source run's best model, quantize-aware
+        from keras_resnet.training.qat import quantize_aware_from_run
+
+        return quantize_aware_from_run(cfg, info, model_class)
     model_cfg = cfg["model"]
-    backbone, preprocessing = build_backbone_from_config(cfg, info)
+    weights = read_recipe_weights(model_cfg)
+    backbone, preprocessing = build_backbone_from_config(cfg, info, weights)
+    kept = " (kept for fine-tuning, not the training set's statistics)" if weights is not None else ""
+    print(f"input normalisation: {describe_preprocessing(info['preprocessing'])}{kept}", flush=True)
     try:
         model = model_class(
             backbone,
@@ -95,21 +199,50 @@ def build_model_from_config(cfg, info, model_class, name, error_message=None, **
         if error_message is None:
             raise
         raise ConfigError(error_message.format(error=error)) from None
-    return initialize_backbone(model, model_cfg)
+    return initialize_backbone(model, model_cfg, weights)
 
 
-def initialize_backbone(model, model_cfg):
-    """Loads `model.weights` into `model` (when set) and freezes `model.freeze_stages` of its backbone."""
+def initialize_backbone(model, model_cfg, weights=None):
+    """Loads `model.weights` into `model` (when set) and freezes `model.freeze_stages` of its backbone.
+
+    Args:
+        model: the built task model.
+        model_cfg: the recipe's `model` section.
+        weights: `model.weights` already read by `read_recipe_weights` (None: read here).
+    """
     if model_cfg["weights"]:
-        load_pretrained_weights(model, model_cfg["weights"])
+        load_pretrained_weights(model, model_cfg["weights"], weights)
     if model_cfg["freeze_stages"] >= 0:
         model.backbone.freeze_stages(model_cfg["freeze_stages"])
     return model
 
 
+def dataset_preprocessing_info(info) -> dict:
+    """run.json's `preprocessing` for normalisation by the training set's mean/std (of 0..255 pixels)."""
+    return {"mean": info["mean"], "std": info["std"], "input_range": [0, 255], "source": DATASET_SOURCE}
+
+
 def preprocessing_info(info):
-    """run.json's `preprocessing`: the normalisation inside the model, of raw pixels 0..255."""
-    return {"mean": info["mean"], "std": info["std"], "input_range": [0, 255]}
+    """run.json's `preprocessing`: the normalisation inside the model, of raw pixels 0..255.
+
+    What `build_backbone_from_config` chose (`info["preprocessing"]`), else
+    the training set's statistics.
+    """
+    return info.get("preprocessing") or dataset_preprocessing_info(info)
+
+
+def describe_preprocessing(preprocessing) -> str:
+    """One line for the run's log: which normalisation the model applies to raw pixels."""
+    mean = ", ".join(f"{v:.4g}" for v in _as_list(preprocessing["mean"]))
+    std = ", ".join(f"{v:.4g}" for v in _as_list(preprocessing["std"]))
+    scale = preprocessing.get("scale", 1.0)
+    pixels = "pixels" if scale == 1.0 else f"pixels x {scale:.6g}"
+    bgr = ", RGB -> BGR first" if preprocessing.get("reverse_channels") else ""
+    return f"({pixels} - [{mean}]) / [{std}]{bgr}: {preprocessing['source']}"
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _copy_layer_weights(source_layers, target_layers, source_name, target_name):
@@ -136,33 +269,33 @@ def _copy_layer_weights(source_layers, target_layers, source_name, target_name):
     return copied
 
 
-def load_pretrained_weights(model, path):
+def load_pretrained_weights(model, path, weights=None):
     """Initialises `model` from a `.keras` model, a keras.applications `.h5` or a torchvision/timm state dict.
 
     The backbone is loaded (by layer name for `.keras`, through
     `keras_resnet.models.resnet.pretrained` for the others; shapes checked,
     another architecture refused); the head too when `model` is a classifier
     and the source has a head with the same number of classes.
+
+    Args:
+        model: a task model with a `backbone`.
+        path: the `model.weights` file.
+        weights: `path` already read by `read_recipe_weights` (None: read here).
     """
-    if not os.path.exists(path):
-        raise ConfigError(f"model.weights file {path} does not exist.")
+    _check_weights_path(path)
     target_name = f"model.backbone={model.backbone.name!r}"
-    if path.endswith(".keras"):
+    if str(path).endswith(KERAS_SUFFIX):
         source = keras.saving.load_model(path, compile=False)
         source_backbone = getattr(source, "backbone", source)
         _copy_layer_weights(source_backbone.layers, model.backbone.layers, path, target_name)
         if isinstance(source, ResNetClassifier) and source.num_classes == model.num_classes:
             model.get_layer("predictions").set_weights(source.get_layer("predictions").get_weights())
         return model
-    if path.endswith(".h5") or is_torch_file(path):
-        head = model.get_layer("predictions") if isinstance(model, ResNetClassifier) else None
-        try:
+    head = model.get_layer("predictions") if isinstance(model, ResNetClassifier) else None
+    try:
+        if weights is None:
             weights = read_pretrained(path, preset=model.backbone.name)
-            load_pretrained(weights, model.backbone, head=head, preset=model.backbone.name)
-        except ValueError as error:
-            raise ConfigError(f"model.weights: {error}") from None
-        return model
-    raise ConfigError(
-        f"model.weights {path} must be a .keras model, a keras.applications .h5 weight file or a torchvision/timm "
-        "state dict (.pth, .pt, .bin, .safetensors)."
-    )
+        load_pretrained(weights, model.backbone, head=head, preset=model.backbone.name)
+    except ValueError as error:
+        raise ConfigError(f"model.weights: {error}") from None
+    return model

@@ -249,6 +249,14 @@ def test_qat_command_fine_tunes_a_run_into_its_qat_folder(stripes, tmp_path, cap
     assert json.loads((qat_run / "run.json").read_text())["preprocessing"] == json.loads(
         (run / "run.json").read_text())["preprocessing"]
     assert json.loads((qat_run / "metrics.json").read_text())["top1"] >= 0.75
+    # its int8 export: the trained ranges (no calibration), said in the metadata with the normalisation inside
+    from keras_resnet.export import export_model
+
+    result = export_model(qat_run, format="tflite", quantize="int8", output=tmp_path / "exports", parity_samples=12)
+    metadata = json.loads(open(result["metadata_path"]).read())
+    assert metadata["int8"]["quantization_source"] == "qat" and metadata["int8"]["calibration_samples"] == 0
+    assert metadata["preprocessing"]["mean"] == json.loads((run / "run.json").read_text())["preprocessing"]["mean"]
+    assert result["parity"]["passed"]
     # one-line user errors: a QAT run is not fine-tuned again; a folder without a finished run
     assert main(["qat", str(qat_run)]) != 0
     assert "already a QAT run" in capsys.readouterr().err

@@ -13,9 +13,16 @@ is used (`num_batches_tracked` aside), every weight is set, shapes are equal.
 `TorchWeights` reads a state dict once and infers its architecture from the
 keys and shapes (blocks per stage, basic or bottleneck, conv groups and width,
 deep stem, average-pool shortcut, SE); it has the interface of
-`keras_resnet.models.resnet.pretrained`.
+`keras_resnet.models.resnet.pretrained`. It also reads how the source
+preprocesses images: a timm `pretrained_cfg` (a live module's attribute, or
+the `config.json` that timm's Hugging Face hub layout keeps beside
+`model.safetensors` / `pytorch_model.bin`) gives mean, std, input size,
+resize interpolation and crop fraction; without one, torchvision's defaults
+(ImageNet mean/std, bilinear) apply.
 """
 
+import json
+import os
 import re
 
 import keras
@@ -49,6 +56,10 @@ TORCH_ARCHS = {
 # torchvision's and timm's preprocessing of these weights: ImageNet mean/std on 0..1 pixels.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's resize default, and the one our exports use; a timm pretrained_cfg may say "bicubic".
+DEFAULT_INTERPOLATION = "bilinear"
+# timm's Hugging Face hub layout: this file beside the weights holds {"architecture", "pretrained_cfg": {...}}.
+TIMM_CONFIG_FILE = "config.json"
 HEAD = "fc"
 IGNORED_SUFFIXES = (".num_batches_tracked",)
 _STEM_KEYS = {"stem_1_conv": "conv1.0", "stem_1_bn": "conv1.1", "stem_2_conv": "conv1.3", "stem_2_bn": "conv1.4"}
@@ -132,6 +143,44 @@ def describe_features(features) -> str:
     return ", ".join(parts)
 
 
+def read_pretrained_cfg(source):
+    """A timm `pretrained_cfg` for `source`, and where it came from; `({}, None)` when there is none.
+
+    Args:
+        source: a live module (its `pretrained_cfg` attribute) or a weight
+            file path (the `config.json` beside it, timm's hub layout: a
+            `pretrained_cfg` entry, or the older flat form with
+            `architecture` and `mean` at the top level). Anything else, or
+            a `config.json` of another kind (no such entries), has none.
+
+    Raises:
+        ConversionError: a `config.json` beside the weights that is not readable JSON.
+    """
+    config = getattr(source, "pretrained_cfg", None)
+    if isinstance(config, dict) and config:
+        return dict(config), "the module's pretrained_cfg"
+    if not isinstance(source, (str, os.PathLike)):
+        return {}, None
+    path = os.path.join(os.path.dirname(os.path.abspath(os.fspath(source))), TIMM_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}, None
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = json.load(stream)
+    except (OSError, ValueError) as error:
+        raise ConversionError(
+            f"{path} (beside the weights) is not readable JSON ({error}); fix or move it, timm's hub layout "
+            "keeps the weights' pretrained_cfg there."
+        ) from None
+    if not isinstance(data, dict):
+        return {}, None
+    if isinstance(data.get("pretrained_cfg"), dict):
+        return dict(data["pretrained_cfg"]), f"{path} (pretrained_cfg)"
+    if "architecture" in data and "mean" in data:
+        return dict(data), f"{path} (pretrained_cfg)"
+    return {}, None
+
+
 def torch_key(layer_name, avg_down=False, deep_stem=False):
     """The state-dict prefix of our layer `layer_name` ("conv2_block1_1_conv" -> "layer1.0.conv1").
 
@@ -157,7 +206,7 @@ def torch_key(layer_name, avg_down=False, deep_stem=False):
     return f"{prefix}.{kind}{index}"
 
 
-def _variable_keys(layer):
+def variable_keys(layer):
     """(suffix, to_ours, to_torch_shape) for each weight of `layer`, in `layer.weights` order."""
     if isinstance(layer, keras.layers.BatchNormalization):
         return [(s, None, None) for s in (".weight", ".bias", ".running_mean", ".running_var")]
@@ -184,8 +233,16 @@ class TorchWeights:
         preset, arch: our preset and the source name (equal here).
         num_classes: rows of `fc.weight`, None without a head.
         mean, std: the source's normalisation of 0..1 pixels (a timm
-            module's `pretrained_cfg`, else ImageNet's).
-        input_size: `(height, width)` of a timm module's `pretrained_cfg`, else None.
+            `pretrained_cfg`, else ImageNet's).
+        input_size: `(height, width)` of a timm `pretrained_cfg`, else None.
+        interpolation: the resize the source's weights were evaluated with:
+            a timm `pretrained_cfg`'s ("bicubic", ...), else torchvision's
+            "bilinear".
+        crop_pct: the centre-crop fraction of a timm `pretrained_cfg`
+            (e.g. 0.95), else None (none recorded).
+        preprocessing_source: where mean/std/interpolation came from: the
+            module's `pretrained_cfg`, a `config.json` beside the file, or
+            None (the torchvision defaults).
     """
 
     format = "torch"
@@ -208,10 +265,12 @@ class TorchWeights:
         self.preset = self.arch
         fc = self.state.get(f"{HEAD}.weight")
         self.num_classes = int(fc.shape[0]) if fc is not None else None
-        config = dict(getattr(source, "pretrained_cfg", None) or {})
-        self.mean = tuple(config.get("mean", IMAGENET_MEAN))
-        self.std = tuple(config.get("std", IMAGENET_STD))
-        self.input_size = tuple(config["input_size"][-2:]) if "input_size" in config else None
+        config, self.preprocessing_source = read_pretrained_cfg(source)
+        self.mean = tuple(float(v) for v in config.get("mean") or IMAGENET_MEAN)
+        self.std = tuple(float(v) for v in config.get("std") or IMAGENET_STD)
+        self.input_size = tuple(int(v) for v in config["input_size"][-2:]) if config.get("input_size") else None
+        self.interpolation = str(config.get("interpolation") or DEFAULT_INTERPOLATION)
+        self.crop_pct = float(config["crop_pct"]) if config.get("crop_pct") is not None else None
         self.input_channels = int(self._stem_kernel().shape[1])
 
     def _candidates(self):
@@ -244,8 +303,27 @@ class TorchWeights:
         return f"{self.arch} ({layout}) -> preset {self.preset}"
 
     def preprocessing(self, name="preprocessing"):
-        """The source's normalisation of raw 0..255 pixels, as an in-model `ImageNormalization`."""
-        return ImageNormalization(mean=list(self.mean), std=list(self.std), scale=1.0 / 255.0, name=name)
+        """The source's normalisation of raw 0..255 pixels, as an in-model `ImageNormalization`.
+
+        A timm `pretrained_cfg`'s interpolation and crop_pct are recorded on it
+        (its config, export metadata); torchvision's defaults are not.
+        """
+        stated = {"interpolation": self.interpolation, "crop_pct": self.crop_pct} if self.preprocessing_source else {}
+        return ImageNormalization(mean=list(self.mean), std=list(self.std), scale=1.0 / 255.0, name=name, **stated)
+
+    def preprocessing_info(self) -> dict:
+        """The source's preprocessing as run.json / export metadata record it.
+
+        `{"mean", "std", "scale", "reverse_channels", "interpolation"}` (mean and
+        std of 0..1 pixels, applied after x `scale`), `crop_pct` when the
+        source gives one, and `from`: where the figures came from.
+        """
+        info = {"mean": list(self.mean), "std": list(self.std), "scale": 1.0 / 255.0, "reverse_channels": False,
+                "interpolation": self.interpolation}
+        if self.crop_pct is not None:
+            info["crop_pct"] = self.crop_pct
+        info["from"] = self.preprocessing_source or "torchvision's defaults (ImageNet mean/std, bilinear)"
+        return info
 
     def _assignments(self, layers, avg_down=False, deep_stem=False):
         """[(layer, values)] for `layers`, the keys used, and the problems found."""
@@ -257,7 +335,7 @@ class TorchWeights:
             if prefix is None:
                 raise ConversionError(f"Layer {layer.name!r} has no torchvision/timm counterpart.")
             values = []
-            for variable, (suffix, to_ours, to_torch) in zip(layer.weights, _variable_keys(layer)):
+            for variable, (suffix, to_ours, to_torch) in zip(layer.weights, variable_keys(layer)):
                 key = prefix + suffix
                 value = self.state.get(key)
                 if value is None:
@@ -313,4 +391,13 @@ class TorchWeights:
             layer.set_weights(values)
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TORCH_ARCHS", "TorchWeights", "normalise_arch", "torch_key"]
+__all__ = [
+    "DEFAULT_INTERPOLATION",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TORCH_ARCHS",
+    "TorchWeights",
+    "normalise_arch",
+    "read_pretrained_cfg",
+    "torch_key",
+]

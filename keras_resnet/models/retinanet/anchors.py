@@ -11,6 +11,19 @@ as in RetinaNet (Lin et al., 2017). Anchors are concatenated level-major,
 then row-major over cells, then per cell, which is the order in which
 `RetinaNetDetector` flattens its head outputs.
 
+`layout="torchvision"` gives torchvision's `AnchorGenerator` as its
+RetinaNet builds it (`torchvision.models.detection.retinanet`), for models
+imported from torchvision: per cell, ratio-major then scale (its
+`generate_anchors`: `ws = (w_ratios[:, None] * scales[None, :]).view(-1)`);
+sides `int(size * scale)` (its `_default_anchorgen`: 32, 40, 50 on P3);
+half-sides computed in float32 and rounded to integers (`base_anchors.round()`,
+half to even); cell `(i, j)` centred at `(stride_x * j, stride_y * i)`
+with no half-stride offset, where the strides are the integer quotients
+`H // h` and `W // w` of the input and feature sizes (so 53 and 64 for P6
+of a 160x192 input, not 64). `aspect_ratios` are width / height in both
+layouts; torchvision's are height / width, so its `(0.5, 1.0, 2.0)` (wide
+first) is `(2.0, 1.0, 0.5)` here.
+
 Anchors depend only on the (static) input size, so they are computed once
 in NumPy and used as constants in the model, the label encoder and the
 decoder.
@@ -24,6 +37,7 @@ from keras_resnet.errors import ConfigError
 
 DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 DEFAULT_SCALES = (1.0, 2.0 ** (1.0 / 3.0), 2.0 ** (2.0 / 3.0))
+ANCHOR_LAYOUTS = ("keras_cv", "torchvision")
 
 
 class AnchorGenerator:
@@ -36,6 +50,11 @@ class AnchorGenerator:
             (32, 64, 128, 256, 512 for levels 3..7).
         aspect_ratios: anchor `width / height` ratios.
         scales: multipliers of the base size at each location.
+        layout: "keras_cv" (scale-major order, cells centred at
+            `stride * (i + 0.5)`, exact sides) or "torchvision"
+            (torchvision's RetinaNet anchors: ratio-major order, integer
+            sides and half-sides, centres at `(H // h) * i`; see the module
+            docstring).
 
     Example:
     >>> generator = AnchorGenerator()
@@ -43,6 +62,10 @@ class AnchorGenerator:
     (774, 4)
     >>> generator.feature_sizes((100, 100))
     [(13, 13), (7, 7), (4, 4), (2, 2), (1, 1)]
+    >>> AnchorGenerator(aspect_ratios=(2.0, 1.0, 0.5), layout="torchvision")((64, 64))[:3]  # P3 cell (0, 0)
+    array([[-23., -11.,  23.,  11.],
+           [-28., -14.,  28.,  14.],
+           [-35., -18.,  35.,  18.]], dtype=float32)
     """
 
     def __init__(
@@ -52,6 +75,7 @@ class AnchorGenerator:
         sizes=None,
         aspect_ratios=DEFAULT_ASPECT_RATIOS,
         scales=DEFAULT_SCALES,
+        layout="keras_cv",
     ):
         min_level, max_level = int(min_level), int(max_level)
         if not 1 <= min_level <= max_level:
@@ -66,11 +90,15 @@ class AnchorGenerator:
         scales = [float(s) for s in scales]
         if not aspect_ratios or not scales or any(v <= 0 for v in aspect_ratios + scales):
             raise ConfigError(f"aspect_ratios and scales must be non-empty and positive, got {aspect_ratios}, {scales}.")
+        if layout not in ANCHOR_LAYOUTS:
+            allowed = ", ".join(map(repr, ANCHOR_LAYOUTS))
+            raise ConfigError(f"layout={layout!r} is not an anchor layout; allowed: {allowed}.")
         self.min_level = min_level
         self.max_level = max_level
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
         self.scales = scales
+        self.layout = layout
 
     @property
     def levels(self):
@@ -95,6 +123,8 @@ class AnchorGenerator:
 
     def level_anchors(self, image_shape):
         """Dict `{level: (h * w * A, 4) float32 xyxy anchors}`."""
+        if self.layout == "torchvision":
+            return self._torchvision_anchors(image_shape)
         shapes = []  # (width, height) of the anchors at one location, before the size
         for scale in self.scales:
             for ratio in self.aspect_ratios:
@@ -111,6 +141,24 @@ class AnchorGenerator:
             anchors[level] = boxes.reshape(-1, 4).astype(np.float32)
         return anchors
 
+    def _torchvision_anchors(self, image_shape):
+        """torchvision's `AnchorGenerator` (float32 maths as in `generate_anchors` and `grid_anchors`)."""
+        height, width = _image_size(image_shape)
+        # torchvision's h_ratios = sqrt(height / width); ours are width / height.
+        h_ratios = np.sqrt(np.float32(1.0) / np.asarray(self.aspect_ratios, np.float32))
+        w_ratios = np.float32(1.0) / h_ratios
+        anchors = {}
+        for level, size, (rows, cols) in zip(self.levels, self.sizes, self.feature_sizes(image_shape)):
+            sides = np.asarray([int(size * scale) for scale in self.scales], np.float32)
+            ws = (w_ratios[:, None] * sides[None, :]).reshape(-1)
+            hs = (h_ratios[:, None] * sides[None, :]).reshape(-1)
+            base = np.round(np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2.0))  # half to even, as torch.round
+            shift_y, shift_x = np.meshgrid(np.arange(rows) * (height // rows), np.arange(cols) * (width // cols),
+                                           indexing="ij")
+            shifts = np.stack([shift_x, shift_y, shift_x, shift_y], axis=-1).reshape(-1, 1, 4).astype(np.float32)
+            anchors[level] = (shifts + base[None]).reshape(-1, 4).astype(np.float32)
+        return anchors
+
     def __call__(self, image_shape):
         """All anchors for `image_shape`, `(N, 4)` float32 xyxy, level-major."""
         return np.concatenate(list(self.level_anchors(image_shape).values()), axis=0)
@@ -122,6 +170,7 @@ class AnchorGenerator:
             "sizes": list(self.sizes),
             "aspect_ratios": list(self.aspect_ratios),
             "scales": list(self.scales),
+            "layout": self.layout,
         }
 
     @classmethod
@@ -141,4 +190,4 @@ def _image_size(image_shape):
     return height, width
 
 
-__all__ = ["AnchorGenerator", "DEFAULT_ASPECT_RATIOS", "DEFAULT_SCALES"]
+__all__ = ["ANCHOR_LAYOUTS", "DEFAULT_ASPECT_RATIOS", "DEFAULT_SCALES", "AnchorGenerator"]

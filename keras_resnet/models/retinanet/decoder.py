@@ -8,7 +8,9 @@ Per image, on the raw output `(N, 4 + C)` (box deltas, class logits):
    anchor's best class, as in the RetinaNet paper, Detectron and
    torchvision: an anchor may yield boxes of two classes. (Detectron takes
    the top 1000 per level; one top-k over all levels is simpler to export
-   and differs only when a level would be left out.)
+   and differs only when a level would be left out.) `top_k_per_level=True`
+   takes the `pre_nms_top_k` best of each pyramid level instead, as
+   torchvision's RetinaNet (`topk_candidates`) and Detectron do;
 2. the selected deltas are decoded against their anchors and clipped to
    the image;
 3. class-wise NMS in one call: each box is shifted by `class_id *
@@ -58,7 +60,11 @@ class DetectionDecoder(keras.layers.Layer):
         iou_threshold: boxes of one class overlapping more than this are
             suppressed.
         max_detections: detections per image after NMS.
-        pre_nms_top_k: (anchor, class) candidates per image before NMS.
+        pre_nms_top_k: (anchor, class) candidates per image before NMS
+            (per pyramid level with `top_k_per_level`).
+        top_k_per_level: take the `pre_nms_top_k` candidates of each
+            level (torchvision's and Detectron's rule) instead of over all
+            levels at once.
 
     Example:
     >>> decoder = DetectionDecoder(num_classes=2, image_shape=(64, 64))
@@ -77,6 +83,7 @@ class DetectionDecoder(keras.layers.Layer):
         iou_threshold=0.5,
         max_detections=100,
         pre_nms_top_k=1000,
+        top_k_per_level=False,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -91,6 +98,7 @@ class DetectionDecoder(keras.layers.Layer):
         self.iou_threshold = float(iou_threshold)
         self.max_detections = int(max_detections)
         self.pre_nms_top_k = int(pre_nms_top_k)
+        self.top_k_per_level = bool(top_k_per_level)
         if self.num_classes < 1 or self.max_detections < 1 or self.pre_nms_top_k < 1:
             raise ConfigError(
                 "num_classes, max_detections and pre_nms_top_k must be >= 1, got "
@@ -99,12 +107,27 @@ class DetectionDecoder(keras.layers.Layer):
         if not 0.0 <= self.iou_threshold <= 1.0:
             raise ConfigError(f"iou_threshold must be in [0, 1], got {iou_threshold}.")
         self.anchors = self.anchor_generator(self.image_shape)
+        per_cell = self.anchor_generator.num_anchors_per_location
+        self.level_counts = [h * w * per_cell for h, w in self.anchor_generator.feature_sizes(self.image_shape)]
+
+    def _top_k(self, raw):
+        """The best `pre_nms_top_k` logits (over all levels or per level) and their flat indices."""
+        num_classes = self.num_classes
+        if not self.top_k_per_level:
+            logits = tf.reshape(raw[:, 4:], [-1])
+            return tf.math.top_k(logits, k=min(self.pre_nms_top_k, self.anchors.shape[0] * num_classes))
+        logits, indices, start = [], [], 0
+        for count in self.level_counts:
+            level_logits = tf.reshape(raw[start:start + count, 4:], [-1])
+            top_logits, top_indices = tf.math.top_k(level_logits, k=min(self.pre_nms_top_k, count * num_classes))
+            logits.append(top_logits)
+            indices.append(top_indices + start * num_classes)
+            start += count
+        return tf.concat(logits, axis=0), tf.concat(indices, axis=0)
 
     def _decode_image(self, raw, anchors):
-        num_anchors, num_classes = self.anchors.shape[0], self.num_classes
-        logits = tf.reshape(raw[:, 4:], [-1])
-        top_k = min(self.pre_nms_top_k, num_anchors * num_classes)
-        top_logits, top_indices = tf.math.top_k(logits, k=top_k)
+        num_classes = self.num_classes
+        top_logits, top_indices = self._top_k(raw)
         anchor_indices = top_indices // num_classes
         classes = top_indices % num_classes
         scores = tf.sigmoid(top_logits)
@@ -171,6 +194,7 @@ class DetectionDecoder(keras.layers.Layer):
             "iou_threshold": self.iou_threshold,
             "max_detections": self.max_detections,
             "pre_nms_top_k": self.pre_nms_top_k,
+            "top_k_per_level": self.top_k_per_level,
         }
 
 

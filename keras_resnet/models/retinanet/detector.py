@@ -15,6 +15,12 @@ level-major, matching `AnchorGenerator`'s anchor order; the last layer
 ("predictions") is float32 under any dtype policy, box deltas first, then
 class logits. The input size must be static: anchors are constants.
 
+Models imported from torchvision (`keras_resnet.convert.from_torch`) set
+the options that reproduce it: `anchor_layout="torchvision"`,
+`fpn_extra_padding="symmetric"`, `box_variance=(1, 1, 1, 1)`,
+`head_norm_epsilon=1e-5`, and torchvision's post-processing as
+`decoder_args`.
+
 Targets come from `make_label_encoder()`, the loss is
 `keras_resnet.models.retinanet.RetinaNetLoss`, and `make_decoder()` /
 `make_inference_model()` / `predict_detections()` turn raw outputs into
@@ -27,8 +33,9 @@ import keras
 from keras import layers
 
 from keras_resnet.errors import ConfigError
-from keras_resnet.layers.fpn import EXTRA_LEVEL_SOURCES, FPN
+from keras_resnet.layers.fpn import EXTRA_LEVEL_PADDINGS, EXTRA_LEVEL_SOURCES, FPN
 from keras_resnet.models.retinanet.anchors import (
+    ANCHOR_LAYOUTS,
     DEFAULT_ASPECT_RATIOS,
     DEFAULT_SCALES,
     AnchorGenerator,
@@ -40,6 +47,10 @@ from keras_resnet.models.task import Task
 from keras_resnet.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, detector_predict_tiled
 
 HEAD_NORMS = (None, "group")
+# DetectionDecoder arguments a detector may carry as its defaults (`decoder_args`).
+DECODER_DEFAULT_ARGS = ("score_threshold", "iou_threshold", "max_detections", "pre_nms_top_k", "top_k_per_level")
+# Keras' GroupNormalization epsilon, the head's default.
+GROUP_NORM_EPSILON = 1e-3
 
 
 def _check_backbone(backbone, min_level, max_level):
@@ -80,11 +91,12 @@ def _conv(filters, name, bias_initializer="zeros", **kwargs):
 class _Subnet:
     """A tower of convs (+ optional GroupNorm) + ReLU and an output conv, shared across levels."""
 
-    def __init__(self, name, depth, width, outputs, norm, bias_initializer="zeros"):
+    def __init__(self, name, depth, width, outputs, norm, bias_initializer="zeros", norm_epsilon=GROUP_NORM_EPSILON):
         self.convs = [_conv(width, f"{name}_conv{i + 1}", use_bias=norm is None) for i in range(depth)]
         groups = math.gcd(32, width)
         self.norms = [
-            layers.GroupNormalization(groups, name=f"{name}_gn{i + 1}") if norm == "group" else None
+            layers.GroupNormalization(groups, epsilon=norm_epsilon, name=f"{name}_gn{i + 1}")
+            if norm == "group" else None
             for i in range(depth)
         ]
         self.relu = layers.ReLU(name=f"{name}_relu")
@@ -117,14 +129,27 @@ class RetinaNetDetector(Task):
         head_width: channels of those convs; None uses `fpn_width`.
         head_norm: None (plain conv + ReLU, the paper) or "group"
             (GroupNorm, 32 groups or fewer, shared across levels).
+        head_norm_epsilon: the GroupNorm epsilon (Keras' 1e-3; PyTorch's
+            is 1e-5).
         anchor_sizes: base anchor size per level; None: `4 * stride`.
         aspect_ratios: anchor width / height ratios.
         anchor_scales: anchor size multipliers per location.
+        anchor_layout: "keras_cv" or "torchvision" (`AnchorGenerator`'s
+            `layout`: order, centres and rounding of the anchors).
         extra_levels_from: "C5" (the paper) or "P5": source of P6.
+        fpn_extra_padding: "same" (TensorFlow) or "symmetric" (PyTorch):
+            the padding of P6's and P7's stride-2 convs (see `FPN`).
         prior_probability: initial foreground probability of the
             classification output (sets its bias).
         box_variance: divisors of the box deltas (encoder, loss, decoder).
         preprocessing: None, or a Keras layer applied to the input images.
+        decoder_args: None or a dict of `DetectionDecoder` arguments
+            (score_threshold, iou_threshold, max_detections,
+            pre_nms_top_k, top_k_per_level): the defaults of
+            `make_decoder` and so of `predict_detections`, tiled
+            prediction and exports; arguments given there override them.
+        class_names: None or one name per class (kept in the config, e.g.
+            the COCO names of imported torchvision weights).
         name: model name.
 
     Example:
@@ -135,6 +160,11 @@ class RetinaNetDetector(Task):
     >>> detections = model.predict_detections(np.zeros((1, 64, 64, 3)))
     >>> sorted(detections)
     ['boxes', 'classes', 'num_detections', 'scores']
+    >>> torchvision_like = RetinaNetDetector(backbone, 3, fpn_width=64, head_depth=2, anchor_layout="torchvision",
+    ...     extra_levels_from="P5", fpn_extra_padding="symmetric", box_variance=(1, 1, 1, 1),
+    ...     decoder_args={"max_detections": 300, "top_k_per_level": True})
+    >>> torchvision_like.make_decoder().max_detections
+    300
     """
 
     def __init__(
@@ -154,6 +184,11 @@ class RetinaNetDetector(Task):
         prior_probability=0.01,
         box_variance=BOX_VARIANCE,
         preprocessing=None,
+        head_norm_epsilon=GROUP_NORM_EPSILON,
+        anchor_layout="keras_cv",
+        fpn_extra_padding="same",
+        decoder_args=None,
+        class_names=None,
         name="retinanet",
         **kwargs,
     ):
@@ -174,20 +209,39 @@ class RetinaNetDetector(Task):
             raise ConfigError(f"prior_probability must be in (0, 1), got {prior_probability}.")
         if len(box_variance) != 4 or any(v <= 0 for v in box_variance):
             raise ConfigError(f"box_variance must be 4 positive values, got {box_variance}.")
-        anchor_generator = AnchorGenerator(min_level, max_level, anchor_sizes, aspect_ratios, anchor_scales)
+        if fpn_extra_padding not in EXTRA_LEVEL_PADDINGS:
+            raise ConfigError(f"fpn_extra_padding={fpn_extra_padding!r}; allowed: {EXTRA_LEVEL_PADDINGS}.")
+        if anchor_layout not in ANCHOR_LAYOUTS:
+            raise ConfigError(f"anchor_layout={anchor_layout!r}; allowed: {ANCHOR_LAYOUTS}.")
+        if not float(head_norm_epsilon) > 0.0:
+            raise ConfigError(f"head_norm_epsilon must be > 0, got {head_norm_epsilon}.")
+        decoder_args = dict(decoder_args or {})
+        unknown = sorted(set(decoder_args) - set(DECODER_DEFAULT_ARGS))
+        if unknown:
+            raise ConfigError(f"decoder_args has unknown keys {unknown}; allowed: {', '.join(DECODER_DEFAULT_ARGS)}.")
+        if class_names is not None:
+            class_names = [str(name) for name in class_names]
+            if len(class_names) != num_classes:
+                raise ConfigError(
+                    f"class_names has {len(class_names)} names for num_classes={num_classes}; give one per class."
+                )
+        anchor_generator = AnchorGenerator(
+            min_level, max_level, anchor_sizes, aspect_ratios, anchor_scales, layout=anchor_layout
+        )
         backbone_levels = _check_backbone(backbone, anchor_generator.min_level, anchor_generator.max_level)
         num_anchors = anchor_generator.num_anchors_per_location
 
         inputs = keras.Input(shape=backbone.input_shape[1:], name="images")
         x = preprocessing(inputs) if preprocessing is not None else inputs
         features = backbone.feature_extractor(backbone_levels)(x)
-        pyramid = FPN(min_level, max_level, fpn_width, extra_levels_from, name="fpn")(features)
+        pyramid = FPN(min_level, max_level, fpn_width, extra_levels_from, fpn_extra_padding, name="fpn")(features)
         bias = -math.log((1.0 - prior_probability) / prior_probability)
         classification = _Subnet(
             "classification_head", head_depth, head_width, num_anchors * num_classes, head_norm,
-            bias_initializer=keras.initializers.Constant(bias),
+            bias_initializer=keras.initializers.Constant(bias), norm_epsilon=float(head_norm_epsilon),
         )
-        box = _Subnet("box_head", head_depth, head_width, num_anchors * 4, head_norm)
+        box = _Subnet("box_head", head_depth, head_width, num_anchors * 4, head_norm,
+                      norm_epsilon=float(head_norm_epsilon))
         class_outputs, box_outputs = [], []
         for level, feature in pyramid.items():
             box_outputs.append(layers.Reshape((-1, 4), name=f"box_{level}_reshape")(box(feature)))
@@ -212,7 +266,11 @@ class RetinaNetDetector(Task):
         self.head_depth = head_depth
         self.head_width = head_width
         self.head_norm = head_norm
+        self.head_norm_epsilon = float(head_norm_epsilon)
         self.extra_levels_from = extra_levels_from
+        self.fpn_extra_padding = fpn_extra_padding
+        self.decoder_args = decoder_args
+        self.class_names = class_names
         self.prior_probability = float(prior_probability)
         self.box_variance = tuple(float(v) for v in box_variance)
         self.preprocessing = preprocessing
@@ -234,7 +292,11 @@ class RetinaNetDetector(Task):
         return RetinaNetLabelEncoder(self.anchor_generator, self.image_shape, **kwargs)
 
     def make_decoder(self, **kwargs):
-        """A `DetectionDecoder` for this model (kwargs: thresholds, max_detections, pre_nms_top_k)."""
+        """A `DetectionDecoder` for this model (kwargs: thresholds, max_detections, pre_nms_top_k...).
+
+        Arguments not given take the model's `decoder_args`, then the decoder's defaults.
+        """
+        kwargs = {**self.decoder_args, **kwargs}
         kwargs.setdefault("box_variance", self.box_variance)
         return DetectionDecoder(self.num_classes, self.image_shape, self.anchor_generator, **kwargs)
 
@@ -295,7 +357,12 @@ class RetinaNetDetector(Task):
             "extra_levels_from": self.extra_levels_from,
             "prior_probability": self.prior_probability,
             "box_variance": list(self.box_variance),
+            "head_norm_epsilon": self.head_norm_epsilon,
+            "anchor_layout": self.anchor_generator.layout,
+            "fpn_extra_padding": self.fpn_extra_padding,
+            "decoder_args": dict(self.decoder_args),
+            "class_names": self.class_names,
         }
 
 
-__all__ = ["RetinaNetDetector", "HEAD_NORMS"]
+__all__ = ["DECODER_DEFAULT_ARGS", "HEAD_NORMS", "RetinaNetDetector"]

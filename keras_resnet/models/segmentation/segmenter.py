@@ -1,6 +1,6 @@
 """`ResNetSegmenter`: semantic segmentation heads on any `ResNetBackbone`.
 
-Two heads are available:
+Four heads are available:
 
 - "deeplabv3plus" (Chen et al., 2018): ASPP on the coarsest feature map
   (a 1x1 conv, three 3x3 atrous convs and an image-pooling branch), a 1x1
@@ -9,6 +9,12 @@ Two heads are available:
 - "fpn", the Semantic FPN of Kirillov et al. (2019): an FPN over all levels;
   each level goes through conv + 2x upsampling stages down to the finest
   stride, the maps are summed and classified.
+- "deeplabv3" (Chen et al., 2017), torchvision's `DeepLabHead`: the same ASPP
+  on the coarsest feature map, Dropout(0.5), a 3x3 conv, no decoder
+  (torchvision's `deeplabv3_resnet50/101` import exactly, see
+  `keras_resnet.convert.torch_segmentation`).
+- "fcn" (Long et al., 2015), torchvision's `FCNHead`: a 3x3 conv on the
+  coarsest feature map and Dropout(0.1) (`fcn_resnet50/101`).
 
 Both end in a 1x1 classifier computed in float32 and a bilinear resize to
 the exact input size, so the output is `(N, H, W, num_classes)` logits (or
@@ -80,6 +86,43 @@ def apply_aspp(features, rates, width, name="aspp"):
     return apply_conv_bn_relu(x, width, 1, name=f"{name}_projection")
 
 
+def apply_deeplabv3_head(features, rates, width, name="aspp"):
+    """torchvision's `DeepLabHead` up to its classifier: ASPP, Dropout(0.5), 3x3 conv + BN + ReLU.
+
+    Args:
+        features: the coarsest feature map (a KerasTensor, NHWC).
+        rates: the three ASPP dilation rates ((12, 24, 36) in torchvision).
+        width: channels of every conv (256 in torchvision).
+        name: prefix of the ASPP layers (`apply_aspp`); the 3x3 conv is "head_refine".
+
+    Returns:
+        The `width`-channel map the 1x1 classifier takes.
+
+    Example:
+    >>> features = keras.Input((40, 40, 2048))
+    >>> apply_deeplabv3_head(features, (12, 24, 36), 256).shape
+    (None, 40, 40, 256)
+    """
+    x = apply_aspp(features, rates, width, name=name)
+    x = layers.Dropout(0.5, name=f"{name}_dropout")(x)
+    return apply_conv_bn_relu(x, width, 3, name="head_refine")
+
+
+def apply_fcn_head(features, width):
+    """torchvision's `FCNHead` up to its classifier: 3x3 conv + BN + ReLU ("fcn_*"), Dropout(0.1).
+
+    Args:
+        features: the coarsest feature map (a KerasTensor, NHWC).
+        width: channels of the 3x3 conv (torchvision: the input channels // 4).
+
+    Example:
+    >>> apply_fcn_head(keras.Input((40, 40, 2048)), 512).shape
+    (None, 40, 40, 512)
+    """
+    x = apply_conv_bn_relu(features, width, 3, name="fcn")
+    return layers.Dropout(0.1, name="fcn_dropout")(x)
+
+
 def _decoder_levels(decoder_level, levels):
     """`decoder_level` (None, a level name or a list of them) as a tuple of levels, coarse to fine."""
     if decoder_level is None:
@@ -108,6 +151,14 @@ def _deeplabv3plus_head(pyramid, strides, head_width, decoder_width, aspp_rates,
     x = layers.Concatenate(name="decoder_concat")([x, low_level])
     x = apply_conv_bn_relu(x, head_width, 3, name="decoder_refine1")
     return apply_conv_bn_relu(x, head_width, 3, name="decoder_refine2")
+
+
+def _deeplabv3_head(pyramid, strides, head_width, aspp_rates):
+    levels = list(pyramid)
+    coarsest = pyramid[levels[-1]]
+    rates = tuple(aspp_rates) if aspp_rates is not None else default_aspp_rates(strides[levels[-1]])
+    _warn_on_wasted_rates(rates, coarsest.shape[1:3])
+    return apply_deeplabv3_head(coarsest, rates, head_width)
 
 
 def _semantic_fpn_head(pyramid, strides, head_width):
@@ -147,17 +198,21 @@ class ResNetSegmenter(Task):
         backbone: a `ResNetBackbone` (any output stride; its `image_shape`
             is the input shape, height/width may be None).
         num_classes: number of classes (background included).
-        head: "deeplabv3plus" or "fpn" (Semantic FPN).
+        head: "deeplabv3plus", "fpn" (Semantic FPN), "deeplabv3" (no
+            decoder: torchvision's DeepLabHead) or "fcn" (torchvision's
+            FCNHead); see the module docstring.
         preprocessing: None, or a Keras layer applied to the input images.
         activation: None (logits, the default: pair with from_logits losses)
             or "softmax".
-        head_width: channels of the ASPP / decoder convs, or of the FPN
+        head_width: channels of the ASPP / decoder convs, of the FPN
             (the Semantic FPN branches use `head_width // 2`, as 256/128 in
-            the paper).
+            the paper), or of the FCN head's 3x3 conv (torchvision uses the
+            backbone's channels // 4: 512 on ResNet-50).
         decoder_width: channels of the reduced low-level features
             (DeepLabV3+ only).
-        aspp_rates: three ASPP dilation rates; None derives them from the
-            stride of the coarsest level (`default_aspp_rates`).
+        aspp_rates: three ASPP dilation rates (the DeepLab heads); None
+            derives them from the stride of the coarsest level
+            (`default_aspp_rates`: (12, 24, 36) at stride 8, torchvision's).
         decoder_level: the pyramid level whose features the DeepLabV3+
             decoder fuses (keras-hub's `low_level_feature_key`), e.g. "C3";
             None takes the finest level (C2: stride 4 for ImageNet stems, as
@@ -230,6 +285,10 @@ class ResNetSegmenter(Task):
         pyramid = backbone.feature_extractor()(x)
         if head == "deeplabv3plus":
             x = _deeplabv3plus_head(pyramid, strides, int(head_width), int(decoder_width), aspp_rates, decoder_level)
+        elif head == "deeplabv3":
+            x = _deeplabv3_head(pyramid, strides, int(head_width), aspp_rates)
+        elif head == "fcn":
+            x = apply_fcn_head(pyramid[list(pyramid)[-1]], int(head_width))
         else:
             x = _semantic_fpn_head(pyramid, strides, int(head_width))
         x = layers.Conv2D(num_classes, 1, dtype="float32", name="classifier")(x)
@@ -287,7 +346,7 @@ class ResNetSegmenter(Task):
         Args:
             preset: a name from `keras_resnet.list_presets()`.
             num_classes: number of classes.
-            head: "deeplabv3plus" or "fpn".
+            head: "deeplabv3plus", "fpn", "deeplabv3" or "fcn".
             **overrides: segmenter arguments (`preprocessing`, `activation`,
                 `head_width`, `decoder_width`, `aspp_rates`, `decoder_level`, `name`) and
                 backbone arguments (anything else, e.g. `input_shape`,
@@ -301,4 +360,4 @@ class ResNetSegmenter(Task):
         return cls(backbone, num_classes, head=head, **segmenter_args)
 
 
-__all__ = ["ResNetSegmenter", "HEADS", "apply_aspp", "default_aspp_rates"]
+__all__ = ["ResNetSegmenter", "HEADS", "apply_aspp", "apply_deeplabv3_head", "apply_fcn_head", "default_aspp_rates"]
