@@ -16,6 +16,7 @@ from keras_resnet.errors import ExportError, ModelError
 from keras_resnet.export.contract import INPUT_NAME, output_spec
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.classifier import ResNetClassifier
+from keras_resnet.models.retinanet.detector import DECODER_DEFAULT_ARGS
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 from keras_resnet.registry import DETECTION
 from keras_resnet.runs import (
@@ -27,7 +28,7 @@ from keras_resnet.runs import (
     run_model_file,
 )
 
-DECODER_ARGS = ("score_threshold", "iou_threshold", "max_detections", "pre_nms_top_k")
+DECODER_ARGS = DECODER_DEFAULT_ARGS  # the DetectionDecoder arguments a detector or recipe may set
 
 
 @dataclass
@@ -50,7 +51,8 @@ class ModelSource:
 
     @property
     def class_names(self) -> list[str] | None:
-        return self.run_info.get("class_names")
+        # run.json's, else the model's own (a converted torchvision detector carries COCO's)
+        return self.run_info.get("class_names") or getattr(self.model, "class_names", None) or None
 
 
 def load_model_source(model_or_dir) -> ModelSource:

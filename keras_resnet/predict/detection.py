@@ -131,7 +131,8 @@ def _load_detector(model_path):
     model = load_keras_model(path)
     if not hasattr(model, "make_decoder"):
         raise ModelError(f"{path} is a {type(model).__name__}, not a RetinaNetDetector")
-    class_names = run_info.get("class_names") or [str(i) for i in range(model.num_classes)]
+    class_names = (run_info.get("class_names") or getattr(model, "class_names", None)
+                   or [str(i) for i in range(model.num_classes)])
     return model, class_names, run_info
 
 

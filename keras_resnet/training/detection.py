@@ -35,7 +35,10 @@ import tensorflow as tf
 from keras_resnet.data import build_detection_datasets
 from keras_resnet.errors import ConfigError, DataError
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
-from keras_resnet.models.retinanet.detector import RetinaNetDetector
+from keras_resnet.models.retinanet.detector import (
+    DECODER_DEFAULT_ARGS,
+    RetinaNetDetector,
+)
 from keras_resnet.models.retinanet.evaluation import (
     coco_evaluate,
     detections_to_original,
@@ -58,7 +61,7 @@ NUM_PREDICTION_EXAMPLES = 4
 NORMALIZATION_SAMPLE_BATCHES = 16
 HEAD_ARGS = ("fpn_width", "min_level", "max_level", "head_depth", "head_width", "head_norm", "anchor_sizes",
              "aspect_ratios", "anchor_scales", "extra_levels_from", "prior_probability")
-DECODER_ARGS = ("score_threshold", "iou_threshold", "max_detections", "pre_nms_top_k")
+DECODER_ARGS = DECODER_DEFAULT_ARGS  # the DetectionDecoder arguments a detector or recipe may set
 # data.* keys build_detection_datasets takes as they are (native-resolution crop sampling).
 SAMPLING_ARGS = ("sampling", "crops_per_image", "empty_crop_rate")
 # Recipe keys that detection does not implement: key -> neutral value.

@@ -18,7 +18,12 @@ import keras
 from keras_resnet.config import load_config
 from keras_resnet.errors import ConfigError
 from keras_resnet.quantization import quantize_aware
-from keras_resnet.runs import BEST_MODEL_FILE, METRICS_FILE, RUN_RECIPE_FILE, read_run_info
+from keras_resnet.runs import (
+    BEST_MODEL_FILE,
+    METRICS_FILE,
+    RUN_RECIPE_FILE,
+    read_run_info,
+)
 
 QAT_DIR = "qat"
 LEARNING_RATE_FACTOR = 0.1  # default QAT learning rate: the recipe's times this

@@ -13,13 +13,19 @@ The checks that can fail for the right reason:
 
 import json
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import yaml
 
-from keras_resnet import ImageNormalization, ResNetBackbone, ResNetSegmenter, RetinaNetDetector
+from keras_resnet import (
+    ImageNormalization,
+    ResNetBackbone,
+    ResNetSegmenter,
+    RetinaNetDetector,
+)
 from keras_resnet.errors import ConfigError
 from keras_resnet.quantization import (
     FakeQuant,
@@ -253,7 +259,7 @@ def test_qat_command_fine_tunes_a_run_into_its_qat_folder(stripes, tmp_path, cap
     from keras_resnet.export import export_model
 
     result = export_model(qat_run, format="tflite", quantize="int8", output=tmp_path / "exports", parity_samples=12)
-    metadata = json.loads(open(result["metadata_path"]).read())
+    metadata = json.loads(Path(result["metadata_path"]).read_text())
     assert metadata["int8"]["quantization_source"] == "qat" and metadata["int8"]["calibration_samples"] == 0
     assert metadata["preprocessing"]["mean"] == json.loads((run / "run.json").read_text())["preprocessing"]["mean"]
     assert result["parity"]["passed"]
