@@ -241,6 +241,44 @@ def _copy_fpn(layer, fpn):
             _assign(new, {"kernel": old.kernel, "bias": old.bias})
 
 
+def _is_plain(value) -> bool:
+    """Numbers, strings, None and lists/tuples/dicts of them (config values, not tensors or functions)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _is_plain(item) for key, item in value.items())
+    return False
+
+
+class BackboneSettings:
+    """What a quantize-aware model keeps of its float backbone: the plain settings, read-only.
+
+    Args:
+        backbone: the float model's `ResNetBackbone` (None: nothing).
+    """
+
+    def __init__(self, backbone):
+        settings = {"name": getattr(backbone, "name", None)}
+        for key, value in (vars(backbone) if backbone is not None else {}).items():
+            if not key.startswith("_") and _is_plain(value):
+                settings[key] = value
+        object.__setattr__(self, "_settings", settings)
+
+    def __getattr__(self, key):
+        try:
+            return self._settings[key]
+        except KeyError:
+            raise AttributeError(
+                f"a quantize-aware model keeps only its float backbone's settings ({', '.join(self._settings)}), "
+                f"not {key!r}; use the float model for backbone operations."
+            ) from None
+
+    def __setattr__(self, key, value):
+        raise AttributeError("a quantize-aware model's backbone settings are read-only (its layers are folded).")
+
+
 class QuantizeAwareTask:
     """Mixin of the quantize-aware task classes: built from a float task model, serialised as its config.
 
@@ -275,6 +313,9 @@ class QuantizeAwareTask:
         normalizations = [layer for layer in builder.replacements.values()
                           if isinstance(layer, QuantizedNormalization)]
         self.preprocessing = normalizations[0] if normalizations else None
+        # The float backbone's settings (output_stride, name...) for code that reads them; its layers are in
+        # this graph, folded and quantized, so the backbone itself is not kept (nor its weights saved twice).
+        self.backbone = BackboneSettings(getattr(float_model, "backbone", None))
 
     @property
     def float_class_name(self):

@@ -74,7 +74,12 @@ def load_folder(root):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(classifier_run):
+    """The trained run (a session fixture of tests/export/conftest.py, shared with test_int8_io)."""
+    return classifier_run
+
+
+def make_run_dir(tmp_path_factory):
     """A trained tiny classifier in a run output_dir, as training writes it."""
     root = tmp_path_factory.mktemp("run")
     rng = np.random.default_rng(0)

@@ -1,8 +1,8 @@
 """Full-integer TFLite I/O (`--io uint8|int8`) and int8 export of quantization-aware models.
 
-The classifier and segmenter runs are the module fixtures of
-`test_classification` and `test_segmentation` (imported: each trains
-once more here, 5-15 s on two cores). Each run is exported int8 with float I/O
+The classifier and segmenter runs are the session fixtures of
+tests/export/conftest.py (trained once, shared with `test_classification`
+and `test_segmentation`). Each run is exported int8 with float I/O
 (as before) and with integer I/O; what is asserted:
 
 * the integer-I/O model takes uint8 raw pixels with scale exactly 1 and
@@ -43,8 +43,6 @@ from keras_resnet.export import tflite as export_tflite
 from keras_resnet.export.tflite import interior_float_tensors, tflite_ops
 from keras_resnet.predict.classification import predict_files
 from tests.export.test_classification import SIZE as CLASSIFIER_SIZE
-from tests.export.test_classification import run_dir as classifier_run  # noqa: F401 (a fixture)
-from tests.export.test_segmentation import run_dir as segmenter_run  # noqa: F401 (a fixture)
 from tests.helpers import tiny_classifier
 
 INPUT_QUANTIZATION = {"uint8": (1.0, 0), "int8": (1.0, -128)}
@@ -90,7 +88,7 @@ def read_json(path):
 
 
 @pytest.fixture(scope="module")
-def classifier_exports(classifier_run, tmp_path_factory):  # noqa: F811
+def classifier_exports(classifier_run, tmp_path_factory):
     """The trained classifier exported int8 with float I/O (API) and with uint8 and int8 I/O (CLI)."""
     output = tmp_path_factory.mktemp("int8_io_classifier")
     recipe = str(classifier_run / "recipe.yaml")
@@ -115,7 +113,7 @@ def validation_pixels(run_dir):
 
 @pytest.mark.parametrize("io", ["uint8", "int8"])
 def test_integer_io_classifier_takes_raw_pixels_and_matches_the_float_io_int8(
-        io, classifier_exports, classifier_run):  # noqa: F811
+        io, classifier_exports, classifier_run):
     path, float_io = Path(classifier_exports[io]["path"]), classifier_exports["float"]
     assert Path(float_io["path"]).name == "output_int8.tflite" and path.is_file()
     interpreter = interpreter_of(path)
@@ -158,7 +156,7 @@ def test_integer_io_classifier_takes_raw_pixels_and_matches_the_float_io_int8(
     np.testing.assert_allclose(exported.predict(pixels.astype(np.float32)), probabilities, atol=1e-6)
 
 
-def test_predict_with_the_uint8_io_tflite(classifier_exports, classifier_run, capsys):  # noqa: F811
+def test_predict_with_the_uint8_io_tflite(classifier_exports, classifier_run, capsys):
     val_folder = classifier_run.parent / "data" / "val"
     results = predict_files(classifier_exports["uint8"]["path"], val_folder, top_k=3)
     assert [r["top"][0]["class"] for r in results] == [Path(r["image"]).parent.name for r in results]
@@ -170,7 +168,7 @@ def test_predict_with_the_uint8_io_tflite(classifier_exports, classifier_run, ca
     assert {r["top"][0]["class"] for r in json.loads(capsys.readouterr().out)} == {"red"}
 
 
-def test_cli_integer_io_needs_int8(classifier_run, tmp_path, capsys):  # noqa: F811
+def test_cli_integer_io_needs_int8(classifier_run, tmp_path, capsys):
     for quantize in (["--quantize", "none"], [], ["--quantize", "dynamic"]):
         args = ["export", str(classifier_run), "--format", "tflite", "--io", "uint8", "--output", str(tmp_path)]
         assert main(args + quantize) == 2
@@ -213,7 +211,7 @@ def test_input_scale_is_one_whatever_the_calibration_images_span(fake_quant, tmp
 # --------------------------------------------------------------------------- segmenter
 
 
-def test_uint8_io_segmenter_matches_the_float_io_int8(segmenter_run, tmp_path):  # noqa: F811
+def test_uint8_io_segmenter_matches_the_float_io_int8(segmenter_run, tmp_path):
     options = {"format": "tflite", "quantize": "int8", "output": tmp_path, "parity_samples": 8,
                "calibration_samples": CALIBRATION}
     float_io = export_model(segmenter_run, **options)

@@ -89,7 +89,12 @@ def write_split(folder, count, rng):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(segmenter_run):
+    """The trained run (a session fixture of tests/export/conftest.py, shared with test_int8_io)."""
+    return segmenter_run
+
+
+def make_run_dir(tmp_path_factory):
     """A trained tiny DeepLabV3+ (two-level decoder) in a segmentation run output_dir, as training writes it."""
     root = tmp_path_factory.mktemp("segmentation_run")
     rng = np.random.default_rng(0)

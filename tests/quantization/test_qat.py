@@ -86,6 +86,9 @@ def test_disabled_quantization_reproduces_the_float_model(task):
     layers = list(qat._flatten_layers(include_self=False, recursive=True))
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
     assert any(isinstance(layer, QuantizedConv2D) and layer.batch_norm for layer in layers)
+    # what code reads of the backbone (run.json's output_stride...) is kept; the float layers are not
+    assert qat.backbone.name == model.backbone.name and qat.backbone.output_stride == model.backbone.output_stride
+    assert len(qat.trainable_weights) <= len(model.trainable_weights)
     track_ranges(qat, images)  # tracking ranges must not change a disabled model
     got = qat.predict(images, verbose=0)
     scale = np.abs(expected).max()
