@@ -6,12 +6,15 @@ import numpy as np
 
 from keras_resnet.convert import torch_retinanet
 from keras_resnet.convert.keras_applications import from_keras_applications
-from keras_resnet.convert.torch import from_torch, source_parity
-from keras_resnet.convert.torch_segmentation import read_torch_segmentation, report_lines, segmenter_from_torch
+from keras_resnet.convert.torch import from_torch, read_torch_weights, source_parity
+from keras_resnet.convert.torch_segmentation import (
+    TorchSegmentationWeights,
+    report_lines,
+    segmenter_from_torch,
+)
 from keras_resnet.errors import ConversionError
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.keras_applications import KerasApplicationsWeights
-from keras_resnet.models.resnet.torch_weights import TorchWeights
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 
@@ -36,16 +39,15 @@ def convert_source(source, arch=None, include_top=None, num_classes=None, mean=N
         weights = KerasApplicationsWeights(path, arch)
         model = from_keras_applications(weights, include_preprocessing=True, classifier_activation=None)
         report = [f"source: {weights.describe()}", "parity: not measured for keras.applications files"]
-    elif (segmentation := read_torch_segmentation(path, arch)) is not None:  # torchvision DeepLabV3/FCN
-        model = segmenter_from_torch(segmentation, include_top=include_top, num_classes=num_classes, mean=mean, std=std)
-        report = report_lines(model, segmentation)
-    elif (retinanet := torch_retinanet.read_torch_retinanet(path, arch)) is not None:  # torchvision RetinaNet
+    elif isinstance(weights := read_torch_weights(path, arch), TorchSegmentationWeights):  # torchvision DeepLabV3/FCN
+        model = segmenter_from_torch(weights, include_top=include_top, num_classes=num_classes, mean=mean, std=std)
+        report = report_lines(model, weights)
+    elif isinstance(weights, torch_retinanet.TorchRetinaNetWeights):  # torchvision RetinaNet
         if include_top is not None:
             raise ConversionError("--include-top/--no-top apply to classifiers and segmenters, not to a RetinaNet file.")
-        model = torch_retinanet.detector_from_torch(retinanet, num_classes=num_classes, mean=mean, std=std)
-        report = torch_retinanet.report_lines(model, retinanet)
+        model = torch_retinanet.detector_from_torch(weights, num_classes=num_classes, mean=mean, std=std)
+        report = torch_retinanet.report_lines(model, weights)
     else:
-        weights = TorchWeights(path, arch)
         model = from_torch(weights, include_top=include_top, num_classes=num_classes, mean=mean, std=std)
         report = [f"source: {weights.describe()}"]
         if isinstance(model, ResNetClassifier) and model.num_classes != weights.num_classes:

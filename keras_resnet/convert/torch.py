@@ -29,8 +29,33 @@ from keras_resnet.models.resnet.torch_weights import (
     TORCH_ARCHS,
     TorchWeights,
 )
+from keras_resnet.models.weight_files import read_state_dict
 
 DEFAULT_INPUT_SIZE = (224, 224)
+
+
+TORCH_WEIGHT_KINDS = (TorchWeights, torch_segmentation.TorchSegmentationWeights, torch_retinanet.TorchRetinaNetWeights)
+
+
+def read_torch_weights(source, arch=None):
+    """The weights of a torch source, read once: a torchvision DeepLabV3/FCN, RetinaNet or ResNet state dict.
+
+    Args:
+        source: as `from_torch`'s (a reader returned here passes through).
+        arch: the source model's name, or None to infer it.
+
+    Returns:
+        A `TorchSegmentationWeights`, `TorchRetinaNetWeights` or
+        `TorchWeights`, by the state dict's keys.
+    """
+    if isinstance(source, TORCH_WEIGHT_KINDS):
+        return source
+    state, source_name = read_state_dict(source)
+    if torch_segmentation.is_segmentation_state(state):
+        return torch_segmentation.TorchSegmentationWeights(state, source_name, arch)
+    if torch_retinanet.is_retinanet_state(state):
+        return torch_retinanet.TorchRetinaNetWeights(state, source_name, arch)
+    return TorchWeights(source, arch, state_dict=(state, source_name))
 
 
 def from_torch(source, arch=None, include_top=None, num_classes=None, input_shape=None, mean=None, std=None):
@@ -80,24 +105,20 @@ def from_torch(source, arch=None, include_top=None, num_classes=None, input_shap
     >>> model = from_torch("resnet50.pth")               # torch.save(resnet50(weights=...).state_dict(), ...)
     >>> model = from_torch("model.safetensors", arch="resnet50d.ra2_in1k")
     """
-    if not isinstance(source, TorchWeights):  # torchvision DeepLabV3/FCN: a ResNetSegmenter
-        segmentation = torch_segmentation.read_torch_segmentation(source, arch)
-        if segmentation is not None:
-            return torch_segmentation.segmenter_from_torch(
-                segmentation, num_classes=num_classes, input_shape=input_shape, mean=mean, std=std,
-                include_top=include_top,
+    weights = read_torch_weights(source, arch)
+    if isinstance(weights, torch_segmentation.TorchSegmentationWeights):  # torchvision DeepLabV3/FCN
+        return torch_segmentation.segmenter_from_torch(
+            weights, num_classes=num_classes, input_shape=input_shape, mean=mean, std=std, include_top=include_top,
+        )
+    if isinstance(weights, torch_retinanet.TorchRetinaNetWeights):  # torchvision RetinaNet
+        if include_top is not None:
+            raise ConversionError(
+                f"include_top={include_top} applies to classifiers and segmenters; {weights.source_name} is a "
+                "torchvision RetinaNet and converts to a RetinaNetDetector (its .backbone is the ResNet): drop it."
             )
-        retinanet = torch_retinanet.read_torch_retinanet(source, arch)  # torchvision RetinaNet: a RetinaNetDetector
-        if retinanet is not None:
-            if include_top is not None:
-                raise ConversionError(
-                    f"include_top={include_top} applies to classifiers and segmenters; {retinanet.source_name} is a "
-                    "torchvision RetinaNet and converts to a RetinaNetDetector (its .backbone is the ResNet): drop it."
-                )
-            return torch_retinanet.detector_from_torch(
-                retinanet, num_classes=num_classes, input_shape=input_shape, mean=mean, std=std
-            )
-    weights = source if isinstance(source, TorchWeights) else TorchWeights(source, arch)
+        return torch_retinanet.detector_from_torch(
+            weights, num_classes=num_classes, input_shape=input_shape, mean=mean, std=std
+        )
     if mean is not None:
         weights.mean = tuple(float(v) for v in mean)
     if std is not None:

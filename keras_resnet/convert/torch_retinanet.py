@@ -60,7 +60,6 @@ from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.torch_weights import TorchWeights, variable_keys
 from keras_resnet.models.retinanet.anchors import DEFAULT_SCALES
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
-from keras_resnet.models.weight_files import read_state_dict
 
 # torchvision's RetinaNet builders: the features their state dicts show and the BatchNorm eps they run with.
 RETINANET_ARCHS = {
@@ -232,16 +231,6 @@ class TorchRetinaNetWeights:
             f"{self.extra_levels_from}, {self.head_depth}-conv {head}, {self.num_anchors} anchors per location, "
             f"{self.num_classes} classes)"
         )
-
-
-def read_torch_retinanet(source, arch=None):
-    """`TorchRetinaNetWeights` of `source` (a path, dict or module); None when it is no RetinaNet state dict."""
-    if isinstance(source, TorchRetinaNetWeights):
-        return source
-    state, source_name = read_state_dict(source)
-    if not is_retinanet_state(state):
-        return None
-    return TorchRetinaNetWeights(state, source_name, arch)
 
 
 def _set(layer, prefix, state, used, problems, suffixes=None):
@@ -537,7 +526,6 @@ __all__ = [
     "is_retinanet_state",
     "load_detector",
     "match_detections",
-    "read_torch_retinanet",
     "report_lines",
     "upgrade_keys",
 ]

@@ -42,13 +42,12 @@ from keras_resnet.models.resnet.torch_weights import (
     IMAGENET_STD,
     TORCH_ARCHS,
     TorchWeights,
-    variable_keys,
     describe_features,
     normalise_arch,
     preset_features,
+    variable_keys,
 )
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
-from keras_resnet.models.weight_files import read_state_dict
 
 # The torchvision models (backbone resnet50 / resnet101); other backbones of `TORCH_ARCHS` load too when the keys fit.
 SEGMENTATION_ARCHS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "fcn_resnet50", "fcn_resnet101")
@@ -274,16 +273,6 @@ class TorchSegmentationWeights:
         return ImageNormalization(mean=list(self.mean), std=list(self.std), scale=1.0 / 255.0, name=name)
 
 
-def read_torch_segmentation(source, arch=None):
-    """`TorchSegmentationWeights` of `source` (a path, dict or module); None when it is no DeepLabV3/FCN state dict."""
-    if isinstance(source, TorchSegmentationWeights):
-        return source
-    state, source_name = read_state_dict(source)
-    if not is_segmentation_state(state):
-        return None
-    return TorchSegmentationWeights(state, source_name, arch)
-
-
 def segmenter_from_torch(
     state, source_name="the state dict", arch=None, num_classes=None, input_shape=None, mean=None, std=None,
     include_top=None,
@@ -434,7 +423,6 @@ __all__ = [
     "head_keys",
     "is_segmentation_state",
     "load_head",
-    "read_torch_segmentation",
     "report_lines",
     "segmentation_source_parity",
     "segmenter_from_torch",

@@ -228,6 +228,9 @@ class TorchWeights:
         arch: the source model's name (`TORCH_ARCHS`, timm tags allowed);
             inferred from keys and shapes when None.
         preset: a preset to prefer when several fit the keys (from_preset's).
+        state_dict: `(state, name)` that `read_state_dict(source)` already
+            returned, so the file is not read again (`source` still gives a
+            timm `pretrained_cfg` or the `config.json` beside the file).
 
     Attributes:
         preset, arch: our preset and the source name (equal here).
@@ -247,8 +250,8 @@ class TorchWeights:
 
     format = "torch"
 
-    def __init__(self, source, arch=None, preset=None):
-        self.state, self.source_name = read_state_dict(source)
+    def __init__(self, source, arch=None, preset=None, state_dict=None):
+        self.state, self.source_name = state_dict if state_dict is not None else read_state_dict(source)
         self.features = state_features(self.state, self.source_name)
         if arch is not None:
             self.arch = normalise_arch(arch)
