@@ -74,6 +74,14 @@ def quantize_weights_per_tensor(kernel, enabled=True):
     return tf.quantization.fake_quant_with_min_max_vars(kernel, -bound, bound, num_bits=NUM_BITS, narrow_range=True)
 
 
+def round_bias(bias, kernel, input_quantizer):
+    """`bias` on TFLite's int32 grid: steps of input scale x per-channel weight scale (straight-through)."""
+    low, high = input_quantizer.range_min, tf.maximum(input_quantizer.range_max, input_quantizer.range_min + 1e-6)
+    axes = list(range(len(kernel.shape) - 1))
+    step = (high - low) / 255.0 * tf.maximum(tf.reduce_max(tf.abs(kernel), axis=axes), 1e-8) / 127.0
+    return bias + tf.stop_gradient(tf.round(bias / step) * step - bias)
+
+
 def _pair(value):
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
@@ -139,14 +147,17 @@ class FakeQuant(keras.layers.Layer):
         x = ops.cast(inputs, "float32")
         if training and self.fixed_range is None:
             self._update_range(tf.stop_gradient(x))
+        return self.fake_quantize(x)
+
+    def fake_quantize(self, x):
+        """`x` rounded on this layer's int8 grid (the stored range; unchanged when not `enabled`)."""
         if not self.enabled:
             return x
         # An untracked range (never trained) quantizes to zeros; keep the values instead until it is set.
         high = tf.maximum(self.range_max, self.range_min + 1e-6)
-        quantized = tf.quantization.fake_quant_with_min_max_vars(
+        return tf.quantization.fake_quant_with_min_max_vars(
             x, self.range_min, high, num_bits=NUM_BITS, narrow_range=False
         )
-        return quantized
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -154,6 +165,39 @@ class FakeQuant(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
                 "fixed_range": list(self.fixed_range) if self.fixed_range else None, "enabled": self.enabled}
+
+
+class TiedFakeQuant(keras.layers.Layer):
+    """Fake quantization with another `FakeQuant`'s range (no variables of its own).
+
+    TFLite's resize keeps its input's scale and zero point (a same-scale
+    operator), so `quantize_aware` rounds a resize's output with the range
+    of the tensor it resizes. That range is tracked before the resize,
+    which never widens it, so rounding here never clips what is tracked.
+    The layer is rebuilt with the graph (a quantize-aware model serialises
+    as its float source), so it is not registered for deserialisation on
+    its own.
+
+    Args:
+        source: the `FakeQuant` whose range (and `enabled`) it uses; built
+            here if it is not yet.
+    """
+
+    def __init__(self, source, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if not source.built:
+            source.build(None)
+        self.source = source
+
+    def call(self, inputs):
+        return self.source.fake_quantize(ops.cast(inputs, "float32"))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+QUANTIZATION_LAYERS.append(TiedFakeQuant)
 
 
 @_register
@@ -192,6 +236,9 @@ class QuantizedConv2D(keras.layers.Layer):
         self.output_quantizer = (
             FakeQuant(momentum=momentum, enabled=enabled, name="output_quant") if self.quantize_output else None
         )
+        # The FakeQuant whose range the input has, when one is known (`quantize_aware` sets it for a conv
+        # called on one tensor): the bias is then rounded as TFLite stores it (int32, input x weight scale).
+        self.input_quantizer = None
 
     def build(self, input_shape):
         filters = int(self.conv["filters"])
@@ -231,6 +278,8 @@ class QuantizedConv2D(keras.layers.Layer):
 
     def call(self, inputs, training=False):
         kernel, bias = self.folded()
+        if self.enabled and self.input_quantizer is not None:
+            bias = round_bias(bias, kernel, self.input_quantizer)
         kernel = quantize_weights_per_channel(kernel, self.enabled)
         x = ops.conv(
             ops.cast(inputs, "float32"), kernel, strides=_pair(self.conv.get("strides", 1)),
@@ -337,6 +386,10 @@ class QuantizedNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=False):
         kernel, bias = self._kernel_and_bias()
+        if self.enabled:
+            # TFLite stores the bias as int32 in steps of input scale (1: raw pixels) x weight scale
+            bias_step = ops.max(ops.abs(kernel), axis=(0, 1, 2)) / 127.0
+            bias = ops.round(bias / bias_step) * bias_step
         x = ops.conv(ops.cast(inputs, "float32"), quantize_weights_per_channel(kernel, self.enabled), padding="valid")
         return self.output_quantizer(x + bias, training=training)
 
@@ -377,13 +430,15 @@ class QuantizedFPN(FPN):
         padding = "valid" if self._symmetric_extra_padding() else "same"
         self.extra_convs = [self._conv(self.width, 3, f"extra_P{level}", strides=2, padding=padding)
                             for level in range(levels[-1] + 1, self.max_level + 1)]
-        self.sum_quants = [self._quant(f"sum_P{level}_quant") for level in levels]
+        # the top-down sums: every level but the coarsest, which is its lateral alone
+        self.sum_quants = [self._quant(f"sum_P{level}_quant") for level in levels[:-1]]
         self.relu_quants = [self._quant(f"relu_P{level}_quant") for level in range(levels[-1] + 1, self.max_level)]
-        for level, lateral, output, quant in zip(levels, self.lateral_convs, self.output_convs, self.sum_quants):
+        for index, (level, lateral, output) in enumerate(zip(levels, self.lateral_convs, self.output_convs)):
             lateral.build(input_shape[f"C{level}"])
             shape = lateral.compute_output_shape(input_shape[f"C{level}"])
             output.build(shape)
-            quant.build(shape)
+            if index < len(self.sum_quants):
+                self.sum_quants[index].build(shape)
         extra_channels = input_shape[f"C{levels[-1]}"][-1] if self.extra_levels_from == "C5" else self.width
         for extra in self.extra_convs:
             extra.build((None, None, None, extra_channels))

@@ -29,7 +29,7 @@ from keras import tree
 
 from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import PACKAGE, DropPath, ImageNormalization
-from keras_resnet.layers.fpn import FPN
+from keras_resnet.layers.fpn import FPN, ResizeLike
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
@@ -40,6 +40,7 @@ from keras_resnet.quantization.layers import (
     QuantizedDense,
     QuantizedFPN,
     QuantizedNormalization,
+    TiedFakeQuant,
     is_quantize_aware,
 )
 
@@ -62,12 +63,18 @@ SELF_QUANTIZED = (keras.layers.Conv2D, keras.layers.Dense, ImageNormalization, F
 
 
 class _Token:
-    """A stand-in tensor for the analysis pass: remembers which layer produced it (None: a model input)."""
+    """A stand-in tensor for the analysis pass: which layer produced it (None: a model input), whose range it has.
 
-    __slots__ = ("op",)
+    `owner` is the layer whose output range the tensor carries: the
+    producer, or, after a pass-through layer (reshape, padding...), the
+    owner of its input.
+    """
 
-    def __init__(self, op):
+    __slots__ = ("op", "owner")
+
+    def __init__(self, op, owner=None):
         self.op = op
+        self.owner = owner
 
 
 def _is_relu(op) -> bool:
@@ -94,6 +101,9 @@ class _Graph:
         self.consumers = defaultdict(list)
         self.ops = {}
         self.input_consumers = []
+        self.uniform_concats = set()  # id(Concatenate) whose inputs all carry one range
+        self.input_owners = defaultdict(list)  # id(op) -> per call, the owner of its first input's range
+        self.resized = {}  # id(ResizeLike) -> the layer whose output it resizes (not the size reference)
         model._run_through_graph([_Token(None) for _ in model.inputs], call_fn=self._call)
 
     def _call(self, op, *args, **kwargs):
@@ -106,8 +116,19 @@ class _Graph:
                 self.input_consumers.append(op)
             else:
                 self.consumers[id(token.op)].append(op)
+        if isinstance(op, ResizeLike) and tokens:
+            self.resized[id(op)] = tokens[0].op
+        self.input_owners[id(op)].append(tokens[0].owner if tokens else None)
+        owner = op
+        if isinstance(op, PASS_THROUGH) and tokens:
+            owner = tokens[0].owner
+        elif isinstance(op, keras.layers.Concatenate):
+            owners = {id(token.owner) for token in tokens}
+            if len(owners) == 1 and tokens[0].owner is not None:
+                self.uniform_concats.add(id(op))
+                owner = tokens[0].owner
         count = len(op._inbound_nodes[0].outputs) if op._inbound_nodes else 1
-        return _Token(op) if count == 1 else [_Token(op) for _ in range(count)]
+        return _Token(op, owner) if count == 1 else [_Token(op, owner) for _ in range(count)]
 
     def folded_batch_norm(self, op):
         """The BatchNormalization folded into Conv2D `op`, or None."""
@@ -125,25 +146,34 @@ class _Graph:
         consumers = self.consumers[id(op)]
         return bool(consumers) and all(_is_relu(c) for c in consumers)
 
+    def only_consumer(self, op):
+        """The one layer that reads `op`'s output (possibly several times), or None."""
+        consumers = self.consumers[id(op)]
+        return consumers[0] if consumers and all(c is consumers[0] for c in consumers) else None
+
 
 class _Builder:
     """The build pass: replacement layers called on new inputs, and the float weights copied into them."""
 
-    def __init__(self, model, settings):
+    def __init__(self, model, settings, float_layers=()):
         if not isinstance(model, keras.Model) or not hasattr(model, "_run_through_graph"):
             raise ConfigError(f"quantize_aware needs a functional Keras model, got {type(model).__name__}.")
         if is_quantize_aware(model):
             raise ConfigError(f"{model.name} is already quantize-aware; quantize the float model once.")
         self.model = model
         self.settings = settings
+        self.float_layers = set(float_layers)
         self.graph = _Graph(model)
         self.folded = {}  # id(bn) -> conv
+        self.batch_norms = {}  # id(conv) -> the bn folded into it
         for op in self.graph.ops.values():
             bn = self.graph.folded_batch_norm(op)
             if bn is not None:
                 self.folded[id(bn)] = op
+                self.batch_norms[id(op)] = bn
         self.replacements = {}
         self.output_quants = {}
+        self.ranges = {}  # id(op) -> the FakeQuant whose range its output has
         self.copies = []  # (new layer, callable that copies the float weights into it)
 
     def _quant(self, name, fixed_range=None):
@@ -163,22 +193,60 @@ class _Builder:
         if _is_nested(op):
             return op._run_through_graph(tree.flatten(args), call_fn=self._call)
         if id(op) in self.folded:
+            conv = self.folded[id(op)]
+            if id(conv) in self.ranges:
+                self.ranges[id(op)] = self.ranges[id(conv)]
             return args[0]  # the conv before it already applies this BatchNorm
         layer = self._replacement(op)
+        if isinstance(layer, QuantizedConv2D):
+            owners = self.graph.input_owners[id(op)]
+            if len(owners) == 1 and owners[0] is not None:  # one call: one input range
+                layer.input_quantizer = self.ranges.get(id(owners[0]))
         outputs = layer(*args, **kwargs)
         quant = self._output_quant(op)
+        if isinstance(quant, (FakeQuant, TiedFakeQuant)):
+            self.ranges[id(op)] = quant if isinstance(quant, FakeQuant) else quant.source
+        elif isinstance(layer, (QuantizedConv2D, QuantizedNormalization)) and layer.output_quantizer is not None:
+            self.ranges[id(op)] = layer.output_quantizer
         return quant(outputs) if quant is not None else outputs
 
-    def _needs_output_quant(self, op) -> bool:
+    def _owning_concatenation(self, op):
+        """The concatenation whose range TFLite gives `op`'s output (directly or through a resize), or None.
+
+        The converter gives the inputs of a same-scale operator the range of
+        its output: each input of a concatenation of differently ranged
+        tensors is written straight in the concatenation's range, not
+        rounded on a range of its own first. So a tensor that only feeds
+        such a concatenation gets no range of its own; rounding once after
+        the concatenation is the same.
+        """
+        target = self.batch_norms.get(id(op), op)
+        consumer = self.graph.only_consumer(target)
+        if (isinstance(consumer, keras.layers.Concatenate) and consumer.name not in self.float_layers
+                and id(consumer) not in self.graph.uniform_concats):
+            return consumer
+        if isinstance(consumer, ResizeLike) and self.graph.resized.get(id(consumer)) is target:
+            return self._owning_concatenation(consumer)
+        return None
+
+    def _make_output_quant(self, op):
+        if op.name in self.float_layers or self._owning_concatenation(op) is not None:
+            return None
         if isinstance(op, PASS_THROUGH + SELF_QUANTIZED):
-            return False
-        if isinstance(op, (keras.layers.Add, keras.layers.BatchNormalization)):
-            return not self.graph.only_relu_follows(op)
-        return True
+            return None
+        if isinstance(op, keras.layers.Concatenate) and id(op) in self.graph.uniform_concats:
+            return None  # one range in, the same range out (TFLite's concatenation keeps it)
+        if isinstance(op, (keras.layers.Add, keras.layers.BatchNormalization)) and self.graph.only_relu_follows(op):
+            return None
+        if isinstance(op, ResizeLike) and id(self.graph.resized.get(id(op))) in self.ranges:
+            # TFLite resizes on the input's grid: the output is rounded with the input's range (the
+            # input's range is tracked, not the output's, so rounding there never clips what it tracks)
+            return TiedFakeQuant(self.ranges[id(self.graph.resized[id(op)])], name=f"{op.name}_quant")
+        return self._quant(f"{op.name}_quant")
 
     def _output_quant(self, op):
         if id(op) not in self.output_quants:
-            self.output_quants[id(op)] = self._quant(f"{op.name}_quant") if self._needs_output_quant(op) else None
+            self.output_quants[id(op)] = self._make_output_quant(op)
         return self.output_quants[id(op)]
 
     def _replacement(self, op):
@@ -189,10 +257,11 @@ class _Builder:
     def _replace(self, op):
         common = dict(momentum=self.settings["momentum"], enabled=self.settings["enabled"], name=op.name)
         if type(op) is keras.layers.Conv2D:
-            bn = self.graph.folded_batch_norm(op)
+            bn = self.batch_norms.get(id(op))
             target = bn if bn is not None else op
+            quantize_output = not self.graph.only_relu_follows(target) and self._owning_concatenation(op) is None
             layer = QuantizedConv2D(op.get_config(), bn.get_config() if bn is not None else None,
-                                    quantize_output=not self.graph.only_relu_follows(target), **common)
+                                    quantize_output=quantize_output, **common)
             self.copies.append((layer, lambda layer=layer, op=op, bn=bn: _copy_conv(layer, op, bn)))
             return layer
         if type(op) is keras.layers.Dense:
@@ -291,11 +360,13 @@ class QuantizeAwareTask:
             `quantize_aware` passes it, `from_config` does not.
     """
 
+    FLOAT_LAYERS = ()  # names of layers whose output stays float (outside the int8 export)
+
     def __init__(self, source, settings=None, name=None, float_model=None, **kwargs):
         settings = {**DEFAULT_SETTINGS, **(settings or {})}
         if float_model is None:
             float_model = keras.saving.deserialize_keras_object(source)
-        builder = _Builder(float_model, settings)
+        builder = _Builder(float_model, settings, self.FLOAT_LAYERS)
         inputs, outputs = builder.build()
         # The functional constructor above the task class: the task's own __init__ builds the float graph.
         mro = type(self).__mro__
@@ -341,7 +412,15 @@ class QuantizeAwareResNetSegmenter(QuantizeAwareTask, ResNetSegmenter):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class QuantizeAwareRetinaNetDetector(QuantizeAwareTask, RetinaNetDetector):
-    """A `RetinaNetDetector` (raw head outputs) with BatchNorm folded and int8 fake quantization."""
+    """A `RetinaNetDetector` (raw head outputs) with BatchNorm folded and int8 fake quantization.
+
+    The int8 export ends at the heads' box deltas and class logits (the
+    decoder and NMS after them run in float), so their concatenation
+    ("predictions") is not quantized: the raw outputs are the heads' int8
+    values, as the export gives them.
+    """
+
+    FLOAT_LAYERS = ("predictions",)
 
 
 QUANTIZE_AWARE_CLASSES = {

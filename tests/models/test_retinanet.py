@@ -408,6 +408,36 @@ def test_decoder_class_wise_nms_and_padding():
     assert DetectionDecoder.from_config(decoder.get_config()).get_config() == decoder.get_config()
 
 
+def test_decoder_breaks_score_ties_the_same_way_in_tflite():
+    """int8 logits sit on a grid, so many candidates share a score; NMS must suppress the same boxes anyway."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from keras_resnet.export.tflite import tflite_bytes
+
+    image_shape, num_classes = (64, 64), 3
+    decoder = DetectionDecoder(num_classes, image_shape, max_detections=100, pre_nms_top_k=300)
+    rng = np.random.default_rng(0)
+    count = len(AnchorGenerator()(image_shape))
+    raw = np.zeros((4, count, 4 + num_classes), "float32")
+    raw[..., :4] = rng.normal(0, 0.5, raw[..., :4].shape)
+    # logits on a coarse grid (an int8 step of 0.25): a few hundred candidates over the threshold, in ties
+    raw[..., 4:] = np.round(rng.normal(-3.0, 1.0, raw[..., 4:].shape) / 0.25) * 0.25
+    decoder(raw[:1])  # built
+    spec = [tf.TensorSpec([1, count, 4 + num_classes], tf.float32, name="raw")]
+    interpreter = Interpreter(model_content=tflite_bytes(decoder, spec, track=decoder))
+    interpreter.allocate_tensors()
+    runner = interpreter.get_signature_runner()
+    for image in raw:
+        expected = {key: np.asarray(value)[0] for key, value in decoder(image[None]).items()}
+        got = {key: value[0] for key, value in runner(raw=image[None]).items()}
+        assert expected["num_detections"] > 20  # enough detections for ties to matter
+        np.testing.assert_array_equal(got["num_detections"], expected["num_detections"])
+        np.testing.assert_array_equal(got["classes"], expected["classes"])
+        np.testing.assert_allclose(got["boxes"], expected["boxes"], atol=1e-3)
+        np.testing.assert_allclose(got["scores"], expected["scores"], atol=1e-6)
+
+
 def test_decoder_boxes_follow_deltas_and_are_clipped():
     image_shape = (64, 64)
     anchors = AnchorGenerator()(image_shape)

@@ -16,7 +16,11 @@ Per image, on the raw output `(N, 4 + C)` (box deltas, class logits):
 3. class-wise NMS in one call: each box is shifted by `class_id *
    (max(H, W) + 1)` pixels so boxes of different classes never overlap,
    then one `NonMaxSuppressionV5` (score threshold, IoU threshold,
-   padded to `max_detections`) keeps the best of each cluster. Top-k,
+   padded to `max_detections`) keeps the best of each cluster. NMS is
+   given each candidate's rank in the sorted top-k instead of its score
+   (same order; equal scores, common with int8 logits, are ranked by the
+   lower anchor/class index), so TensorFlow, TFLite and ONNX, whose NMS
+   kernels order score ties differently, suppress the same boxes. Top-k,
    gather, floor-div/mod and NonMaxSuppressionV5 are TFLite builtins
    (`NON_MAX_SUPPRESSION_V5`) and tf2onnx maps NMS to ONNX
    `NonMaxSuppression`, so the decoder exports with the model.
@@ -123,7 +127,9 @@ class DetectionDecoder(keras.layers.Layer):
             logits.append(top_logits)
             indices.append(top_indices + start * num_classes)
             start += count
-        return tf.concat(logits, axis=0), tf.concat(indices, axis=0)
+        logits, indices = tf.concat(logits, axis=0), tf.concat(indices, axis=0)
+        order = tf.math.top_k(logits, k=logits.shape[0]).indices  # all levels by score (ties: lower level first)
+        return tf.gather(logits, order), tf.gather(indices, order)
 
     def _decode_image(self, raw, anchors):
         num_classes = self.num_classes
@@ -137,19 +143,26 @@ class DetectionDecoder(keras.layers.Layer):
         )
         boxes = clip_boxes(boxes, self.image_shape)
         offsets = tf.cast(classes, tf.float32) * float(max(self.image_shape) + 1)
-        selected, selected_scores, num_detections = tf.raw_ops.NonMaxSuppressionV5(
+        # NMS ranks the candidates by their place in the sorted top-k (ties: the lower anchor/class index
+        # first) instead of by score: equal scores -- common once logits are int8 -- then suppress in the
+        # same order in TensorFlow, TFLite and ONNX, whose NMS kernels break score ties differently.
+        count = tf.shape(scores)[0]
+        rank_scores = tf.where(
+            scores > self.score_threshold, 1.0 - tf.cast(tf.range(count), tf.float32) / tf.cast(count, tf.float32), 0.0
+        )
+        selected, _, num_detections = tf.raw_ops.NonMaxSuppressionV5(
             boxes=boxes + offsets[:, None],
-            scores=scores,
+            scores=rank_scores,
             max_output_size=self.max_detections,
             iou_threshold=self.iou_threshold,
-            score_threshold=self.score_threshold,
+            score_threshold=0.0,
             soft_nms_sigma=0.0,
             pad_to_max_output_size=True,
         )
         valid = tf.range(self.max_detections) < num_detections
         return {
             "boxes": tf.where(valid[:, None], tf.gather(boxes, selected), 0.0),
-            "scores": tf.where(valid, selected_scores, 0.0),
+            "scores": tf.where(valid, tf.gather(scores, selected), 0.0),
             "classes": tf.where(valid, tf.gather(classes, selected), -1),
             "num_detections": num_detections,
         }
