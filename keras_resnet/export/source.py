@@ -7,6 +7,7 @@ parity is measured against that float32 model.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,9 +179,14 @@ def check_input_size(input_size) -> tuple[int, int]:
 
 
 def rebuild_at_size(model: keras.Model, input_size) -> keras.Model:
-    """A model built on a `ResNetBackbone` rebuilt at `(height, width)` with the same weights."""
-    config = model.get_config()
-    config["backbone"]["config"]["input_shape"] = [*input_size, model.input_shape[-1]]
+    """A model built on a `ResNetBackbone` rebuilt at `(height, width)` with the same weights.
+
+    A quantize-aware model is rebuilt from its float source's config at the
+    new size (the folded, fake-quantized graph and its ranges carry over).
+    """
+    config = json.loads(json.dumps(model.get_config()))  # a plain copy (Keras tracks dict attributes)
+    task_config = config["source"]["config"] if "source" in config and "backbone" not in config else config
+    task_config["backbone"]["config"]["input_shape"] = [*input_size, model.input_shape[-1]]
     resized = type(model).from_config(config)
     resized.set_weights(model.get_weights())
     return resized

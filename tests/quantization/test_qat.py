@@ -157,6 +157,22 @@ def test_qat_model_round_trips_keras_file(tmp_path):
     assert loaded.num_anchors == model.num_anchors and loaded.make_decoder().num_classes == 3
 
 
+def test_qat_model_is_rebuilt_at_another_input_size():
+    """An export at another --input-size rebuilds a QAT model from its float source, ranges and weights kept."""
+    from keras_resnet.export.source import model_at_size
+
+    model = MODELS["segmenter"]()
+    randomize_batch_norm(model)
+    qat = quantize_aware(model)
+    track_ranges(qat, pixels(model))
+    resized = model_at_size(qat, (48, 40))
+    assert type(resized) is type(qat) and resized.input_shape[1:3] == (48, 40)
+    for before, after in zip(qat.weights, resized.weights, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(before), keras.ops.convert_to_numpy(after))
+    probabilities = resized.predict(pixels(resized, count=1), verbose=0)
+    assert probabilities.shape == (1, 48, 40, 3) and np.all(np.isfinite(probabilities))
+
+
 def test_quantize_aware_errors():
     with pytest.raises(ConfigError, match="takes a ResNetClassifier"):
         quantize_aware(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
