@@ -130,7 +130,8 @@ def _schema():
     return schema
 
 
-def _read_tflite(model_bytes):
+def read_tflite(model_bytes):
+    """A TFLite flatbuffer as its object API tree (`ModelT`: subgraphs, tensors, buffers, operators)."""
     schema = _schema()
     return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model_bytes, 0))
 
@@ -145,7 +146,7 @@ def graft_tflite(first: bytes, second: bytes) -> bytes:
     subgraphs too, with WHILE / IF subgraph indices moved).
     """
     schema = _schema()
-    a, b = _read_tflite(first), _read_tflite(second)
+    a, b = read_tflite(first), read_tflite(second)
     if len(a.signatureDefs or []) != 1 or len(b.signatureDefs or []) != 1:
         raise ValueError("graft_tflite needs models with exactly one signature each")
     main_a, main_b = a.subgraphs[0], b.subgraphs[0]
@@ -259,7 +260,7 @@ def fold_float_requantize(model_bytes: bytes) -> bytes:
     QUANTIZEs in a row then become one. Other models are returned as they are.
     """
     schema = _schema()
-    model = _read_tflite(model_bytes)
+    model = read_tflite(model_bytes)
     codes = {
         index: max(code.builtinCode, code.deprecatedBuiltinCode) for index, code in enumerate(model.operatorCodes)
     }
@@ -307,7 +308,7 @@ def fold_float_requantize(model_bytes: bytes) -> bytes:
 def tflite_ops(model_bytes: bytes) -> list[str]:
     """Sorted operator names of a TFLite model (builtins by name; "CUSTOM:<code>" for custom/Flex ops)."""
     schema = _schema()
-    model = _read_tflite(model_bytes)
+    model = read_tflite(model_bytes)
     names = {value: key for key, value in vars(schema.BuiltinOperator).items() if not key.startswith("_")}
     ops = set()
     for subgraph in model.subgraphs:
@@ -358,7 +359,7 @@ def io_quantization(model_bytes: bytes) -> dict:
     An entry is `{"dtype"}`, plus `"scale"` and `"zero_point"` for a
     quantized (uint8 / int8) tensor: `real = (q - zero_point) * scale`.
     """
-    model = _read_tflite(model_bytes)
+    model = read_tflite(model_bytes)
     main = model.subgraphs[0]
     return {
         which: {name: _quantization(main.tensors[index]) for name, index in _signature_tensors(model, which).items()}
@@ -373,7 +374,7 @@ def boundary_ops(model_bytes: bytes) -> dict:
     "QUANTIZE(uint8 -> int8)" after a uint8 input, "SOFTMAX(int8 -> int8)".
     """
     schema = _schema()
-    model = _read_tflite(model_bytes)
+    model = read_tflite(model_bytes)
     main = model.subgraphs[0]
     names = {value: key for key, value in vars(schema.BuiltinOperator).items() if not key.startswith("_")}
 
@@ -400,7 +401,7 @@ def interior_float_tensors(model_bytes: bytes) -> list[str]:
 
     An int8 model computing in integers has none: float32 there means float kernels kept inside.
     """
-    model = _read_tflite(model_bytes)
+    model = read_tflite(model_bytes)
     found = []
     for subgraph in model.subgraphs:
         boundary = set(subgraph.inputs) | set(subgraph.outputs)

@@ -45,7 +45,7 @@ def _register(cls):
     return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
 
 
-def _sublayers(model):
+def sublayers(model):
     """Every layer of `model`, nested models and layers included."""
     stack = list(getattr(model, "layers", []) or [])
     seen = set()
@@ -63,7 +63,7 @@ def is_quantize_aware(model) -> bool:
     if not isinstance(model, keras.layers.Layer):
         return False
     classes = tuple(QUANTIZATION_LAYERS)
-    return isinstance(model, classes) or any(isinstance(layer, classes) for layer in _sublayers(model))
+    return isinstance(model, classes) or any(isinstance(layer, classes) for layer in sublayers(model))
 
 
 def quantize_weights_per_tensor(kernel, enabled=True):

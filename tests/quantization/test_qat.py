@@ -192,10 +192,10 @@ def spread_uniform_biases(model, seed=0):
     differs get a wrong bias (measured: -5.05 for -4.60). Trained models
     never have one; an untrained QAT detector exported as is would.
     """
-    from keras_resnet.quantization.layers import _sublayers
+    from keras_resnet.quantization.layers import sublayers
 
     rng = np.random.default_rng(seed)
-    for layer in _sublayers(model):
+    for layer in sublayers(model):
         if isinstance(layer, keras.layers.Conv2D) and layer.use_bias:
             bias = keras.ops.convert_to_numpy(layer.bias)
             if bias.size > 1 and np.all(bias == bias[0]) and bias[0] != 0:
@@ -241,9 +241,9 @@ def _run_tflite(model_bytes, images):
 
 def _activation_scales(model_bytes):
     """The scales of a TFLite model's int8 activations (tensors without constant data)."""
-    from keras_resnet.export.tflite import _read_tflite
+    from keras_resnet.export.tflite import read_tflite
 
-    model = _read_tflite(model_bytes)
+    model = read_tflite(model_bytes)
     scales = set()
     for subgraph in model.subgraphs:
         for tensor in subgraph.tensors:
@@ -258,11 +258,11 @@ def _activation_scales(model_bytes):
 
 def _tracked_scales(model):
     """The int8 scales of the QAT model's activation ranges (every FakeQuant that training tracked)."""
-    from keras_resnet.quantization.layers import _sublayers
+    from keras_resnet.quantization.layers import sublayers
 
     return {
         layer.path: (float(layer.range_max.numpy()) - float(layer.range_min.numpy())) / 255
-        for layer in _sublayers(model) if isinstance(layer, FakeQuant) and float(layer.tracked.numpy()) > 0.5
+        for layer in sublayers(model) if isinstance(layer, FakeQuant) and float(layer.tracked.numpy()) > 0.5
     }
 
 
