@@ -17,7 +17,7 @@ def test_cpu_list_swaps_tensorflow_and_expands_extras():
     assert "tensorflow" not in names, lines
     assert "tensorflow-cpu>=2.18,<2.22" in lines  # the pyproject range, kept
     # dev = pytest + keras_resnet[onnx,tflite,kerascv]: the self-reference is expanded, never listed.
-    for name in ("pytest", "onnxruntime", "ai-edge-litert", "keras-cv", "keras", "safetensors"):
+    for name in ("pytest", "pytest-xdist", "onnxruntime", "ai-edge-litert", "keras-cv", "keras", "safetensors"):
         assert name in names, (name, lines)
     assert not any(line.startswith("keras_resnet") for line in lines)
 
