@@ -236,9 +236,7 @@ class QuantizedConv2D(keras.layers.Layer):
         self.output_quantizer = (
             FakeQuant(momentum=momentum, enabled=enabled, name="output_quant") if self.quantize_output else None
         )
-        # The FakeQuant whose range the input has, when one is known (`quantize_aware` sets it for a conv
-        # called on one tensor): the bias is then rounded as TFLite stores it (int32, input x weight scale).
-        self.input_quantizer = None
+        self.input_quantizer = None  # see `use_input_range`
 
     def build(self, input_shape):
         filters = int(self.conv["filters"])
@@ -261,6 +259,15 @@ class QuantizedConv2D(keras.layers.Layer):
                                                    trainable=False)
         if self.output_quantizer is not None:
             self.output_quantizer.build((*input_shape[:-1], filters))
+
+    def use_input_range(self, quantizer):
+        """Rounds the bias as TFLite stores it (int32, input x weight scale), the input having `quantizer`'s range.
+
+        `quantize_aware` calls it for a conv called on one tensor whose
+        range it knows. The `FakeQuant` belongs to the layer before, so it
+        is referenced, not tracked (its variables are saved once, there).
+        """
+        object.__setattr__(self, "input_quantizer", quantizer)
 
     def folded(self):
         """`(kernel, bias)` with the BatchNorm folded in (float, not quantized)."""

@@ -201,7 +201,7 @@ class _Builder:
         if isinstance(layer, QuantizedConv2D):
             owners = self.graph.input_owners[id(op)]
             if len(owners) == 1 and owners[0] is not None:  # one call: one input range
-                layer.input_quantizer = self.ranges.get(id(owners[0]))
+                layer.use_input_range(self.ranges.get(id(owners[0])))
         outputs = layer(*args, **kwargs)
         quant = self._output_quant(op)
         if isinstance(quant, (FakeQuant, TiedFakeQuant)):
