@@ -74,11 +74,10 @@ def quantize_weights_per_tensor(kernel, enabled=True):
     return tf.quantization.fake_quant_with_min_max_vars(kernel, -bound, bound, num_bits=NUM_BITS, narrow_range=True)
 
 
-def round_bias(bias, kernel, input_quantizer):
+def round_bias(bias, kernel, input_scale):
     """`bias` on TFLite's int32 grid: steps of input scale x per-channel weight scale (straight-through)."""
-    low, high = input_quantizer.range_min, tf.maximum(input_quantizer.range_max, input_quantizer.range_min + 1e-6)
     axes = list(range(len(kernel.shape) - 1))
-    step = (high - low) / 255.0 * tf.maximum(tf.reduce_max(tf.abs(kernel), axis=axes), 1e-8) / 127.0
+    step = input_scale * tf.maximum(tf.reduce_max(tf.abs(kernel), axis=axes), 1e-8) / 127.0
     return bias + tf.stop_gradient(tf.round(bias / step) * step - bias)
 
 
@@ -149,14 +148,20 @@ class FakeQuant(keras.layers.Layer):
             self._update_range(tf.stop_gradient(x))
         return self.fake_quantize(x)
 
+    def _range_max(self):
+        # An untracked range (never trained) would be empty; keep it 1e-6 wide until it is set.
+        return tf.maximum(self.range_max, self.range_min + 1e-6)
+
+    def scale(self):
+        """The int8 step of the stored range, `(max - min) / 255`: the scale TFLite gives the tensor."""
+        return (self._range_max() - self.range_min) / 255.0
+
     def fake_quantize(self, x):
         """`x` rounded on this layer's int8 grid (the stored range; unchanged when not `enabled`)."""
         if not self.enabled:
             return x
-        # An untracked range (never trained) quantizes to zeros; keep the values instead until it is set.
-        high = tf.maximum(self.range_max, self.range_min + 1e-6)
         return tf.quantization.fake_quant_with_min_max_vars(
-            x, self.range_min, high, num_bits=NUM_BITS, narrow_range=False
+            x, self.range_min, self._range_max(), num_bits=NUM_BITS, narrow_range=False
         )
 
     def compute_output_shape(self, input_shape):
@@ -286,7 +291,7 @@ class QuantizedConv2D(keras.layers.Layer):
     def call(self, inputs, training=False):
         kernel, bias = self.folded()
         if self.enabled and self.input_quantizer is not None:
-            bias = round_bias(bias, kernel, self.input_quantizer)
+            bias = round_bias(bias, kernel, self.input_quantizer.scale())
         kernel = quantize_weights_per_channel(kernel, self.enabled)
         x = ops.conv(
             ops.cast(inputs, "float32"), kernel, strides=_pair(self.conv.get("strides", 1)),
@@ -394,9 +399,7 @@ class QuantizedNormalization(keras.layers.Layer):
     def call(self, inputs, training=False):
         kernel, bias = self._kernel_and_bias()
         if self.enabled:
-            # TFLite stores the bias as int32 in steps of input scale (1: raw pixels) x weight scale
-            bias_step = ops.max(ops.abs(kernel), axis=(0, 1, 2)) / 127.0
-            bias = ops.round(bias / bias_step) * bias_step
+            bias = round_bias(bias, kernel, 1.0)  # the input: raw pixels, scale 1
         x = ops.conv(ops.cast(inputs, "float32"), quantize_weights_per_channel(kernel, self.enabled), padding="valid")
         return self.output_quantizer(x + bias, training=training)
 

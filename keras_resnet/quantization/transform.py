@@ -238,10 +238,11 @@ class _Builder:
             return None  # one range in, the same range out (TFLite's concatenation keeps it)
         if isinstance(op, (keras.layers.Add, keras.layers.BatchNormalization)) and self.graph.only_relu_follows(op):
             return None
-        if isinstance(op, ResizeLike) and id(self.graph.resized.get(id(op))) in self.ranges:
+        input_range = self.ranges.get(id(self.graph.resized.get(id(op)))) if isinstance(op, ResizeLike) else None
+        if input_range is not None:
             # TFLite resizes on the input's grid: the output is rounded with the input's range (the
             # input's range is tracked, not the output's, so rounding there never clips what it tracks)
-            return TiedFakeQuant(self.ranges[id(self.graph.resized[id(op)])], name=f"{op.name}_quant")
+            return TiedFakeQuant(input_range, name=f"{op.name}_quant")
         return self._quant(f"{op.name}_quant")
 
     def _output_quant(self, op):

@@ -261,7 +261,7 @@ def _tracked_scales(model):
     from keras_resnet.quantization.layers import sublayers
 
     return {
-        layer.path: (float(layer.range_max.numpy()) - float(layer.range_min.numpy())) / 255
+        layer.path: float(layer.scale())
         for layer in sublayers(model) if isinstance(layer, FakeQuant) and float(layer.tracked.numpy()) > 0.5
     }
 
