@@ -58,8 +58,8 @@ DEFAULT_FORMS = ("keras", "saved_model", "tflite_fp32", "tflite_int8", "onnx")
 
 def export_or_load(run_dir: Path, form: str, work_dir: Path, args):
     """`(ExportedModel, parity figures)` of one export form."""
-    from keras_resnet.errors import ExportParityError
     from keras_resnet.export import export_model, load_exported_model
+    from keras_resnet_settings.errors import ExportParityError
 
     fmt, quantize, outputs, batch = EXPORTS[form]
     output = work_dir / form

@@ -4,10 +4,16 @@ so machine drift hits all alike (benchmarks/inference.py times forms one after a
 
     python benchmarks/interleaved_tflite_check.py
 """
-import time, tempfile, numpy as np, keras
+import tempfile
+import time
 from pathlib import Path
-from keras_resnet import ResNetClassifier, ImageNormalization
+
+import keras
+import numpy as np
+
+from keras_resnet import ImageNormalization, ResNetClassifier
 from keras_resnet.export import export_model, load_exported_model
+
 out = Path(tempfile.mkdtemp())
 models = {
   "ours_with_norm": ResNetClassifier.from_preset("resnet50_v1", num_classes=1000, input_shape=(224,224,3), preprocessing=ImageNormalization.from_mode("caffe")),

@@ -29,8 +29,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_resnet.models.retinanet import AnchorGenerator, DetectionDecoder  # noqa: E402
 from keras_resnet.export.tflite import tflite_ops  # noqa: E402
+from keras_resnet.models.retinanet import AnchorGenerator, DetectionDecoder  # noqa: E402
 
 IMAGE_SHAPE = (128, 128)
 NUM_CLASSES = 4

@@ -84,7 +84,8 @@ VARIANTS = {
 def build(policy, preset, backbone_args, segmenter_args, size, jit_compile=False, keras_batch_norm=False):
     keras.mixed_precision.set_global_policy(policy)
     import keras_resnet as kr
-    from keras_resnet.layers import blocks, fpn as necks
+    from keras_resnet.layers import blocks
+    from keras_resnet.layers import fpn as necks
     from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 
     # ':keras_bn' builds the variant with keras.layers.BatchNormalization (unfused) in place of

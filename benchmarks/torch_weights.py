@@ -332,8 +332,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from keras_resnet.errors import ExportParityError
     from keras_resnet.runs import write_json
+    from keras_resnet_settings.errors import ExportParityError
 
     if not FIXTURE.exists():
         print(f"error: {FIXTURE} is missing; run from a checkout of the repository (it holds the state dict's "

@@ -9,9 +9,9 @@ Python (as `python -m keras_resnet.cli` does).
 import sys
 from pathlib import Path
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.runs import finite_json
 from keras_resnet_cli.dispatch import run
+from keras_resnet_settings.errors import ConfigError
 
 
 def _cmd_summary(args):
@@ -39,7 +39,7 @@ def _cmd_qat(args):
         raise ConfigError(f"--learning-rate must be > 0, got {args.learning_rate}.")
     cfg = qat_config(args.run_dir, epochs=args.epochs, learning_rate=args.learning_rate, overrides=args.set)
     train_from_config(cfg, restart=args.restart)
-    print(f"export the int8 model (trained ranges, no calibration): keras-resnet export {cfg['output_dir']} "
+    print(f"export the int8 model (trained ranges, no calibration): keras-resnet export {cfg.output_dir} "
           "--format tflite --quantize int8")
 
 
@@ -98,7 +98,7 @@ def _cmd_predict(args):
 
     from keras_resnet.export.loading import model_task
     from keras_resnet.predict.classification import predict_files
-    from keras_resnet.registry import DETECTION, SEGMENTATION
+    from keras_resnet_settings.registry import DETECTION, SEGMENTATION
 
     task = model_task(args.model)
     tiling = args.tile is not None or args.tile_overlap is not None

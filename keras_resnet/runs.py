@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from keras_resnet.errors import ConfigError, DiskFullError, ModelError
+from keras_resnet_settings.errors import ConfigError, DiskFullError, ModelError
 
 BEST_MODEL_FILE = "best_model.keras"
 LAST_MODEL_FILE = "last_model.keras"
@@ -287,7 +287,7 @@ def run_model_file(run_dir) -> Path | None:
 
 def trained_model_path(cfg) -> str:
     """The best model of a recipe's output_dir; a ConfigError when there is none."""
-    model_path = os.path.join(cfg["output_dir"], BEST_MODEL_FILE)
+    model_path = os.path.join(cfg.output_dir, BEST_MODEL_FILE)
     if not os.path.exists(model_path):
         raise ConfigError(
             f"no trained model at {model_path}; run `keras-resnet train` with this recipe first "

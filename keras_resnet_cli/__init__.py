@@ -17,7 +17,7 @@ commands quiet TensorFlow's start-up logs (unless KERAS_RESNET_DEBUG is set),
 then run from `keras_resnet.cli`.
 
 User errors (a bad config key, a missing file, an unknown preset...: any
-`keras_resnet.errors.KerasResNetError`, and a path that is missing, unreadable
+`keras_resnet_settings.errors.KerasResNetError`, and a path that is missing, unreadable
 or unwritable) print one line and exit with status 2; set KERAS_RESNET_DEBUG=1
 for their tracebacks. Anything else is an internal error (a bug in keras_resnet,
 Keras or TensorFlow): its traceback is shown, with a request to report it, and

@@ -33,12 +33,42 @@ def quiet_tensorflow():
 
 def is_user_error(error: BaseException) -> bool:
     """True for errors caused by the user's input or machine: printed as one line, exit status 2."""
-    # keras_resnet.errors is loaded whenever one of its errors can have been raised; not importing it
+    # keras_resnet_settings.errors is loaded whenever one of its errors can have been raised; not importing it
     # here keeps a failing `models` (or a failing TensorFlow import) from importing TensorFlow again.
-    errors = sys.modules.get("keras_resnet.errors")
+    errors = sys.modules.get("keras_resnet_settings.errors")
     if errors is not None and isinstance(error, errors.KerasResNetError):
         return True
     return isinstance(error, USER_PATH_ERRORS) or (isinstance(error, OSError) and error.errno in USER_OS_ERRNOS)
+
+
+RECIPE_COMMANDS = ("train", "evaluate")
+
+
+def check_recipe(config, overrides):
+    """Load and check a recipe with `keras_resnet_settings` alone (PyYAML, no TensorFlow): a ConfigError listing
+    every problem."""
+    from keras_resnet_settings import load_config
+
+    return load_config(config, overrides)
+
+
+def show_recipe(args):
+    """`keras-resnet recipe`: the reference (`--explain [SECTION]`), or a recipe checked and printed resolved."""
+    import yaml
+
+    from keras_resnet_settings.errors import ConfigError
+    from keras_resnet_settings.explain import explain
+
+    if args.explain is not None:
+        try:
+            print(explain(args.explain or None))
+        except ValueError as error:
+            raise ConfigError(f"--explain: {error}") from None
+        return
+    recipe = check_recipe(args.config, args.set)
+    print(yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None), end="")
+    if args.config:
+        print(f"# {args.config}: no problems found", file=sys.stderr)
 
 
 def run(argv, load_commands) -> int:
@@ -51,7 +81,11 @@ def run(argv, load_commands) -> int:
     try:
         if args.command == "models":
             print_presets(args.filter, wide=args.wide)
+        elif args.command == "recipe":
+            show_recipe(args)
         else:
+            if args.command in RECIPE_COMMANDS:
+                check_recipe(args.config, args.set)  # every mistake at once, before TensorFlow starts
             quiet_tensorflow()
             load_commands()[args.command](args)
     except KeyboardInterrupt:

@@ -1,4 +1,9 @@
-"""The `keras-resnet` flags: one parser, every argument with its help text (argparse only)."""
+"""The `keras-resnet` flags: one parser, every argument with its help text.
+
+Flags that set a declared setting (`--quantize` is `ExportSettings.quantize`,
+`--tile-overlap` is `data.tile_overlap`) take their choices, defaults and help
+from `keras_resnet_settings` (PyYAML only; imported inside functions).
+"""
 
 import argparse
 
@@ -17,21 +22,28 @@ def _batch_size_arg(text):
     return text if text == "dynamic" else _positive_int_arg(text, " or 'dynamic'")
 
 
-MAX_TILE_OVERLAP = 0.9  # as the recipe's data.tile_overlap
-
-
 def _tile_arg(text):
     return text if text in ("auto", "off") else _positive_int_arg(text, " tile side, 'auto' or 'off'")
 
 
 def _overlap_arg(text):
+    from keras_resnet_settings import check_setting
+    from keras_resnet_settings.errors import ConfigError
+
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= MAX_TILE_OVERLAP:
-        raise argparse.ArgumentTypeError(f"expected a fraction 0 <= F <= {MAX_TILE_OVERLAP}, got {text!r}")
-    return value
+        return check_setting("data.tile_overlap", float(text), shown_as="--tile-overlap")
+    except (ValueError, ConfigError) as error:
+        raise argparse.ArgumentTypeError(f"expected a fraction (data.tile_overlap), got {text!r}: {error}") from None
+
+
+def _declared(parser, flag, key, **kwargs):
+    """`parser.add_argument(flag)` for export option `key`: choices, default and help from its declaration."""
+    from keras_resnet_settings import allowed, default, help_of
+
+    choices = allowed(f"export.{key}")
+    parser.add_argument(flag, default=default(f"export.{key}"), choices=choices,
+                        help=f"{help_of(f'export.{key}')} (default {default(f'export.{key}')})".replace("%", "%%"),
+                        **kwargs)
 
 
 def build_parser():
@@ -97,6 +109,17 @@ def build_parser():
                 help="start the run over: move the output_dir's earlier run (backup, models, history) to previous/",
             )
 
+    p = command("recipe", "check a recipe and print it resolved, or list every recipe key (--explain)")
+    p.add_argument("config", nargs="?", default=None, help="recipe YAML to check (every problem is listed at once)")
+    p.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="override recipe keys, as for `train`",
+    )
+    p.add_argument(
+        "--explain", nargs="?", const="", default=None, metavar="SECTION",
+        help="list the keys (of SECTION: model, data, data.augment, train, qat; export: the export options) "
+        "with type, default, allowed values and help",
+    )
+
     p = command("qat", "fine-tune a finished run with quantization-aware training (int8) into RUN_DIR/qat")
     p.add_argument("run_dir", help="the output_dir of a finished `keras-resnet train` run")
     p.add_argument("--epochs", type=_positive_int_arg, default=None,
@@ -111,21 +134,9 @@ def build_parser():
 
     p = command("export", "export a trained model to SavedModel, TFLite or ONNX, checking parity")
     p.add_argument("model", help="a .keras file or a training run output_dir (classifier, segmenter or detector)")
-    p.add_argument(
-        "--format", default="saved_model", choices=("saved_model", "tflite", "onnx"),
-        help="export format (default saved_model)",
-    )
-    p.add_argument(
-        "--quantize", default="none", choices=("none", "float16", "dynamic", "int8"),
-        help="TFLite quantization (int8: full integer, needs calibration images unless the model is "
-        "quantization-aware)",
-    )
-    p.add_argument(
-        "--io", default="float", choices=("float", "uint8", "int8"),
-        help="int8 TFLite input/output types: 'float' (default; float32, quantize/dequantize inside), 'uint8' "
-        "(uint8 raw pixels fed as they are, uint8 outputs) or 'int8' (pixels - 128, int8 outputs), for "
-        "integer-only accelerators; detectors keep float outputs (decoder and NMS in float)",
-    )
+    _declared(p, "--format", "format")
+    _declared(p, "--quantize", "quantize")
+    _declared(p, "--io", "io")
     p.add_argument(
         "--calibration", default=None, metavar="RECIPE_OR_FOLDER",
         help="recipe YAML or image folder: int8 calibration and parity images (default: the run's recipe)",
@@ -139,22 +150,10 @@ def build_parser():
         help="batch size of the export: a fixed N (default 1) or 'dynamic'",
     )
     p.add_argument("--output", default=None, metavar="DIR", help="output folder (default saved_models/<name>/)")
-    p.add_argument("--parity-samples", type=int, default=100, help="images compared with the Keras model")
-    p.add_argument(
-        "--calibration-samples", type=int, default=200,
-        help="int8: images whose activations set the quantization ranges (more: steadier ranges, slower export)",
-    )
-    p.add_argument(
-        "--int8-min-agreement", type=float, default=None,
-        help="minimum int8 agreement with the Keras model: top-1 over images for classifiers (default 0.99), "
-        "argmax over pixels for segmenters (default 0.98), Keras detections matched by class at IoU >= 0.5 "
-        "for detectors (default 0.9)",
-    )
-    p.add_argument(
-        "--detection-outputs", default="decoded", choices=("decoded", "raw"),
-        help="detectors, TFLite/ONNX: 'decoded' (boxes, scores, classes, num_detections; NMS inside) or 'raw' "
-        "(anchor deltas and logits; decode with the decoder in the metadata JSON)",
-    )
+    _declared(p, "--parity-samples", "parity_samples", type=int)
+    _declared(p, "--calibration-samples", "calibration_samples", type=int)
+    _declared(p, "--int8-min-agreement", "int8_min_agreement", type=float)
+    _declared(p, "--detection-outputs", "detection_outputs")
     p.add_argument("--score-threshold", type=float, default=None, help="detectors: decoder score threshold "
                    "(default: the run's)")
     p.add_argument("--iou-threshold", type=float, default=None, help="detectors: NMS IoU threshold")
@@ -180,7 +179,7 @@ def build_parser():
     )
     p.add_argument(
         "--tile-overlap", type=_overlap_arg, default=None, metavar="F",
-        help="segmenters and detectors: fraction of a window shared with its neighbour, 0 <= F <= 0.9 "
-        "(default: the run's data.tile_overlap, else 0.25)",
+        help="segmenters and detectors: fraction of a window shared with its neighbour, as data.tile_overlap "
+        "(default: the run's data.tile_overlap)",
     )
     return parser

@@ -4,11 +4,11 @@ import pytest
 
 from keras_resnet.cli import main
 from keras_resnet.config import load_config
-from keras_resnet.errors import ConfigError, ModelError
 from keras_resnet.export import export_model, load_exported_model
 from keras_resnet.predict import predict_files
 from keras_resnet.training.backbones import build_backbone_from_config
 from keras_resnet.training.segmentation import build_segmenter
+from keras_resnet_settings.errors import ConfigError, ModelError
 from tests.helpers import tiny_classifier
 
 INFO = {"mean": [127.0] * 3, "std": [64.0] * 3}
@@ -21,7 +21,8 @@ def _one_line(error) -> str:
 
 
 def test_backbone_args_typo_names_the_key_and_suggests_the_argument():
-    cfg = {"model": {"backbone": "resnet20_cifar", "input_shape": [32, 32, 3], "backbone_args": {"drop_path_rat": 0.1}}}
+    cfg = load_config({"model": {"backbone": "resnet20_cifar", "input_shape": [32, 32, 3],
+                                "backbone_args": {"drop_path_rat": 0.1}}})
     with pytest.raises(ConfigError) as error:
         build_backbone_from_config(cfg, INFO)
     assert _one_line(error) == (

@@ -14,9 +14,9 @@ import pytest
 
 from keras_resnet import PRESETS, ResNetClassifier
 from keras_resnet.cli import main
-from keras_resnet.errors import ConfigError, DataError
 from keras_resnet_cli.dispatch import quiet_tensorflow
 from keras_resnet_cli.parser import build_parser
+from keras_resnet_settings.errors import ConfigError, DataError
 
 # TensorFlow's C++ start-up lines (absl::InitializeLog, cpu_feature_guard) and absl's Python ones.
 TF_LOG_MARKERS = ("absl", "cpu_feature_guard", "tensorflow", "oneDNN", "I0000", "W0000", "E0000")
@@ -180,7 +180,10 @@ def test_models_wide_shows_the_full_descriptions_unwrapped(monkeypatch, capsys):
 
 
 def test_export_flag_defaults_are_the_library_defaults():
-    from keras_resnet.export.api import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_PARITY_SAMPLES
+    from keras_resnet.export.api import (
+        DEFAULT_CALIBRATION_SAMPLES,
+        DEFAULT_PARITY_SAMPLES,
+    )
     from keras_resnet_cli.parser import build_parser
 
     args = build_parser().parse_args(["export", "run"])

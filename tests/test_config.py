@@ -1,10 +1,10 @@
-"""Tests for keras_resnet.config: defaults, YAML + overrides, validation errors."""
+"""Tests for the recipe settings: defaults, YAML + overrides, validation errors (keras_resnet_settings)."""
 
-import copy
+import dataclasses
 
 import pytest
 
-from keras_resnet.config import DEFAULTS, TASKS, ConfigError, dump_config, load_config
+from keras_resnet.config import TASKS, ConfigError, Recipe, TrainSettings, dump_config, load_config
 
 
 def write(tmp_path, text, name="recipe.yaml"):
@@ -13,25 +13,24 @@ def write(tmp_path, text, name="recipe.yaml"):
     return path
 
 
-def test_defaults_load_as_a_fresh_copy():
-    snapshot = copy.deepcopy(DEFAULTS)
+def test_defaults_load_as_a_fresh_frozen_copy():
     config = load_config(None)
-    assert config == DEFAULTS
-    assert config["task"] in TASKS
-    config["model"]["input_shape"].append(5)
-    config["train"]["epochs"] = 1
-    assert DEFAULTS == snapshot
+    assert config == Recipe() and config.task in TASKS
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 1
+    config.model.input_shape.append(5)  # a list of its own: the declared default is untouched
+    assert load_config(None).model.input_shape == Recipe().model.input_shape == [28, 28, 1]
 
 
 def test_yaml_file_merged_over_defaults_then_overrides(tmp_path):
     path = write(tmp_path, "model:\n  num_classes: 3\ntrain:\n  epochs: 10\n  learning_rate: 1\n")
     config = load_config(path, ["model.input_shape=[20,20,1]", "train.epochs=3", "model.weights=null"])
-    assert config["model"]["num_classes"] == 3
-    assert config["model"]["input_shape"] == [20, 20, 1]
-    assert config["train"]["epochs"] == 3
-    assert config["train"]["learning_rate"] == 1.0 and isinstance(config["train"]["learning_rate"], float)
-    assert config["train"]["optimizer"] == DEFAULTS["train"]["optimizer"]
-    assert config["model"]["weights"] is None
+    assert config.model.num_classes == 3
+    assert config.model.input_shape == [20, 20, 1]
+    assert config.train.epochs == 3
+    assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
+    assert config.train.optimizer == TrainSettings().optimizer
+    assert config.model.weights is None
 
 
 def test_free_form_backbone_args_and_mixed_type_options():
@@ -39,9 +38,9 @@ def test_free_form_backbone_args_and_mixed_type_options():
         {"model": {"backbone_args": {"width": 16}}},
         ["model.backbone_args.depth=3", "train.mixed_precision=mixed_bfloat16", "train.jit_compile=true"],
     )
-    assert config["model"]["backbone_args"] == {"width": 16, "depth": 3}
-    assert config["train"]["mixed_precision"] == "mixed_bfloat16"
-    assert config["train"]["jit_compile"] is True
+    assert config.model.backbone_args == {"width": 16, "depth": 3}
+    assert config.train.mixed_precision == "mixed_bfloat16"
+    assert config.train.jit_compile is True
 
 
 def test_dump_and_reload_round_trip(tmp_path):
@@ -60,7 +59,7 @@ def test_unknown_key_names_allowed_keys_and_suggests(tmp_path):
 
 
 def test_one_class_is_for_detection_only():
-    assert load_config(None, ["task=detection", "data.source=voc", "model.num_classes=1"])["model"]["num_classes"] == 1
+    assert load_config(None, ["task=detection", "data.source=voc", "model.num_classes=1"]).model.num_classes == 1
     with pytest.raises(ConfigError, match="task 'segmentation' needs background \\+ at least one class"):
         load_config(None, ["task=segmentation", "data.source=mosaic", "model.num_classes=1"])
 

@@ -31,7 +31,11 @@ from keras_resnet.convert.torch_retinanet import (
     match_detections,
     upgrade_keys,
 )
-from keras_resnet.models.retinanet import AnchorGenerator, DetectionDecoder, RetinaNetDetector
+from keras_resnet.models.retinanet import (
+    AnchorGenerator,
+    DetectionDecoder,
+    RetinaNetDetector,
+)
 from keras_resnet.models.weight_files import read_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,16 +17,15 @@ import pytest
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "keras_resnet"
 CLI_ROOT = PACKAGE_ROOT.with_name("keras_resnet_cli")
-PACKAGES = ("keras_resnet", "keras_resnet_cli")
+SETTINGS_ROOT = PACKAGE_ROOT.with_name("keras_resnet_settings")
+PACKAGES = ("keras_resnet", "keras_resnet_cli", "keras_resnet_settings")
 TESTS_ROOT = Path(__file__).resolve().parent
 MAX_MODULE_LINES = 700
 
 # Which top-level parts of keras_resnet each part may import (besides itself).
 ALLOWED_IMPORTS = {
-    "errors": set(),
-    "registry": set(),
-    "config": {"errors", "registry"},
-    "runs": {"errors"},
+    "config": set(),
+    "runs": set(),
     "visualize": set(),
     "layers": {"errors"},
     "models": {"layers", "errors", "registry"},
@@ -42,20 +41,26 @@ ALLOWED_IMPORTS = {
             "errors", "registry", "visualize", "__init__", "keras_resnet_cli"},
     "__init__": {"layers", "models", "quantization", "training"},
     # The front door: keras_resnet.cli only, and only inside functions (test_the_cli_front_door_...).
-    "keras_resnet_cli": {"cli"},
+    "keras_resnet_cli": {"cli", "keras_resnet_settings"},
+    # Settings, errors, task names: below everything, no keras_resnet (and so no TensorFlow).
+    "keras_resnet_settings": set(),
 }
+# Every part may import the settings package (it imports none of them).
+for _allowed in ALLOWED_IMPORTS.values():
+    _allowed.add("keras_resnet_settings")
 # Inside these packages only the dispatching module imports the per-task modules.
 TASK_MODULES = ("classification", "segmentation", "detection")
 DISPATCHERS = {"training": "keras_resnet.training.runner", "export": "keras_resnet.export.api"}
 
 
 def module_name(path: Path) -> str:
-    root = CLI_ROOT if path.is_relative_to(CLI_ROOT) else PACKAGE_ROOT
+    root = next(r for r in (CLI_ROOT, SETTINGS_ROOT, PACKAGE_ROOT) if path.is_relative_to(r))
     parts = [root.name, *path.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1]) if parts[-1] == "__init__" else ".".join(parts)
 
 
-MODULES = {module_name(path): path for root in (PACKAGE_ROOT, CLI_ROOT) for path in sorted(root.rglob("*.py"))}
+MODULES = {module_name(path): path for root in (PACKAGE_ROOT, CLI_ROOT, SETTINGS_ROOT)
+           for path in sorted(root.rglob("*.py"))}
 
 
 def is_package(name: str) -> bool:
@@ -64,8 +69,8 @@ def is_package(name: str) -> bool:
 
 def part_of(name: str) -> str:
     parts = name.split(".")
-    if parts[0] == "keras_resnet_cli":
-        return "keras_resnet_cli"
+    if parts[0] in ("keras_resnet_cli", "keras_resnet_settings"):
+        return parts[0]
     return parts[1] if len(parts) > 1 else "__init__"
 
 
@@ -301,3 +306,43 @@ def test_public_api_paths_are_unchanged():
         print("OK")
     """)
     assert "OK" in out
+
+
+# ----------------------------------------------------------------------------
+# Settings travel as attributes: no recipe string keys below the loader
+# ----------------------------------------------------------------------------
+RECIPE_SECTIONS = {"model", "data", "train", "qat", "augment"}
+RECIPE_VARIABLES = ("cfg", "recipe")  # names (and suffixes: data_cfg, train_cfg) that hold a recipe or section
+
+
+def recipe_key_reads(path: Path, root: Path = PACKAGE_ROOT.parent):
+    """`x["train"]`, `cfg["epochs"]`, `data.get("source")`...: string-key reads of a recipe or a section."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            target, key = node.value, node.slice.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            target, key = node.func.value, node.args[0].value
+        else:
+            continue
+        name = target.id if isinstance(target, ast.Name) else getattr(target, "attr", "")
+        if isinstance(key, str) and (key in RECIPE_SECTIONS or name in RECIPE_SECTIONS
+                                     or name.endswith(RECIPE_VARIABLES)):
+            found.append(f"{path.relative_to(root)}:{node.lineno} {name}[{key!r}]")
+    return found
+
+
+def test_recipe_key_checker_finds_both_forms(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("a = cfg['train']['epochs']\nb = data_cfg.get('sampling', 'resize')\nc = info['num_train']\n")
+    found = sorted(line.split(" ", 1)[1] for line in recipe_key_reads(planted, tmp_path))
+    assert found == ["cfg['train']", "data_cfg['sampling']"]  # not info[...]; cfg["train"]["epochs"] once
+
+
+def test_no_module_below_the_settings_loader_reads_the_recipe_by_string_keys():
+    # keras_resnet_settings.load_config returns a frozen Recipe: code reads recipe.train.epochs, never
+    # cfg["train"]["epochs"] (a key's type, default and range live in one declaration).
+    found = [read for name, path in MODULES.items() if part_of(name) != "keras_resnet_settings"
+             for read in recipe_key_reads(path)]
+    assert not found, "\n".join(found)

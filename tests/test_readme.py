@@ -327,12 +327,12 @@ class Checker:
     def train(self, args):
         from keras_resnet.config import load_config
 
-        self.made.add(Path(load_config(args.config, args.set)["output_dir"]))
+        self.made.add(Path(load_config(args.config, args.set).output_dir))
 
     def evaluate(self, args):
         from keras_resnet.config import load_config
 
-        self.need(load_config(args.config, args.set)["output_dir"], "evaluate's run folder")
+        self.need(load_config(args.config, args.set).output_dir, "evaluate's run folder")
 
     def export(self, args):
         from keras_resnet.export.job import artefact_path

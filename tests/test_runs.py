@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_resnet.errors import DiskFullError, KerasResNetError
+from keras_resnet.config import load_config
 from keras_resnet.runs import RunPaths, atomic_output, set_aside, write_json
 from keras_resnet.training import engine
 from keras_resnet.training.plots import CLASSIFICATION_PANELS
+from keras_resnet_settings.errors import DiskFullError, KerasResNetError
 
 
 def leftovers(folder):
@@ -116,11 +117,11 @@ def tiny_run(tmp_path):
     features = rng.normal(size=(32, 4)).astype("float32")
     labels = (features[:, 0] > 0).astype("int32")
     dataset = tf.data.Dataset.from_tensor_slices((features, labels)).batch(8)
-    cfg = {
+    cfg = load_config({
         "output_dir": str(tmp_path / "run"),
         "train": {"strategy": "auto", "seed": 0, "mixed_precision": False, "steps_per_epoch": None,
                   "ema_momentum": None, "learning_rate": 0.01},
-    }
+    })
     return model, dataset, cfg
 
 
@@ -154,7 +155,7 @@ def test_disk_full_while_saving_models_keeps_the_previous_ones(tmp_path, monkeyp
 
 def test_rerun_sets_aside_a_truncated_best_model(tmp_path, capsys):
     model, dataset, cfg = tiny_run(tmp_path)
-    paths = RunPaths.of(cfg["output_dir"])
+    paths = RunPaths.of(cfg.output_dir)
     os.makedirs(paths.root)
     model.save(tmp_path / "whole.keras")
     whole = (tmp_path / "whole.keras").read_bytes()

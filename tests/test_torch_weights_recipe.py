@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 
 from keras_resnet import ResNetClassifier
-from keras_resnet.errors import ConfigError, ConversionError
-from keras_resnet.models.resnet.torch_weights import IMAGENET_MEAN, IMAGENET_STD, TorchWeights
+from keras_resnet.models.resnet.torch_weights import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TorchWeights,
+)
 from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
+from keras_resnet_settings.errors import ConfigError, ConversionError
 from tests.test_convert_torch import fixture, formula
 
 # Training-set statistics of 0..255 pixels, far from any pretrained normalisation.

@@ -17,9 +17,9 @@ The weight layouts themselves live with the model family
 from keras_resnet.convert.api import convert_source
 from keras_resnet.convert.keras_applications import from_keras_applications
 from keras_resnet.convert.torch import from_torch, source_parity, torch_parity
-from keras_resnet.errors import ConversionError
 from keras_resnet.models.resnet.keras_applications import KERAS_APPLICATIONS_ARCHS
 from keras_resnet.models.resnet.torch_weights import TORCH_ARCHS
+from keras_resnet_settings.errors import ConversionError
 
 __all__ = [
     "KERAS_APPLICATIONS_ARCHS",

@@ -12,11 +12,11 @@ from keras_resnet.convert.torch_segmentation import (
     report_lines,
     segmenter_from_torch,
 )
-from keras_resnet.errors import ConversionError
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.keras_applications import KerasApplicationsWeights
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
+from keras_resnet_settings.errors import ConversionError
 
 
 def convert_source(source, arch=None, include_top=None, num_classes=None, mean=None, std=None):

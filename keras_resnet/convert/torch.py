@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from keras_resnet.convert import torch_reference, torch_retinanet, torch_segmentation
-from keras_resnet.errors import ConversionError
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.torch_weights import (
@@ -30,6 +29,7 @@ from keras_resnet.models.resnet.torch_weights import (
     TorchWeights,
 )
 from keras_resnet.models.weight_files import read_state_dict
+from keras_resnet_settings.errors import ConversionError
 
 DEFAULT_INPUT_SIZE = (224, 224)
 

@@ -55,11 +55,11 @@ from pathlib import Path
 import numpy as np
 
 from keras_resnet.convert import torch_retinanet_reference
-from keras_resnet.errors import ConversionError
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.torch_weights import TorchWeights, variable_keys
 from keras_resnet.models.retinanet.anchors import DEFAULT_SCALES
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
+from keras_resnet_settings.errors import ConversionError
 
 # torchvision's RetinaNet builders: the features their state dicts show and the BatchNorm eps they run with.
 RETINANET_ARCHS = {

@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from keras_resnet.convert import torch_segmentation_reference
-from keras_resnet.errors import ConversionError
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.torch_weights import (
@@ -48,6 +47,7 @@ from keras_resnet.models.resnet.torch_weights import (
     variable_keys,
 )
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
+from keras_resnet_settings.errors import ConversionError
 
 # The torchvision models (backbone resnet50 / resnet101); other backbones of `TORCH_ARCHS` load too when the keys fit.
 SEGMENTATION_ARCHS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "fcn_resnet50", "fcn_resnet101")

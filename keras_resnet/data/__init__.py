@@ -19,7 +19,7 @@ from keras_resnet.data.fashion_mnist import (
     read_idx_gz,
 )
 from keras_resnet.data.segmentation import build_segmentation_datasets
-from keras_resnet.errors import DataError, SegmentationDataError
+from keras_resnet_settings.errors import DataError, SegmentationDataError
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

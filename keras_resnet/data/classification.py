@@ -16,7 +16,12 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.data.common import check_batch_fits, progress, seeded_subset, shuffle_augment_batch
+from keras_resnet.data.common import (
+    check_batch_fits,
+    progress,
+    seeded_subset,
+    shuffle_augment_batch,
+)
 from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from keras_resnet.data.images import (
     TRAINING_IMAGE_EXTENSIONS,
@@ -24,7 +29,7 @@ from keras_resnet.data.images import (
     encoded_paths,
     image_problem,
 )
-from keras_resnet.errors import DataError
+from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +160,9 @@ def _random_erase(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.T
 
 def _make_augment(augment_cfg: dict, input_shape: Sequence[int]):
     """Build ``(image, label, seed) -> (image, label)`` applying the enabled augmentations."""
-    padding = augment_cfg["random_crop_padding"]
-    flip = augment_cfg["horizontal_flip"]
-    erase_probability = augment_cfg["random_erasing"]
+    padding = augment_cfg.random_crop_padding
+    flip = augment_cfg.horizontal_flip
+    erase_probability = augment_cfg.random_erasing
 
     def augment(image, label, seed):
         crop_seed, flip_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
@@ -192,11 +197,11 @@ def _channel_stats(images: tf.data.Dataset, channels: int) -> tuple[list[float],
 
 
 def _fashion_mnist_sources(cfg: dict, seed: int):
-    height, width, channels = cfg["model"]["input_shape"]
-    data_cfg = cfg["data"]
+    height, width, channels = cfg.model.input_shape
+    data_cfg = cfg.data
     (x_train, y_train), (x_val, y_val) = load_fashion_mnist()
-    train_index = seeded_subset(len(x_train), data_cfg["limit_train"], seed)
-    val_index = seeded_subset(len(x_val), data_cfg["limit_val"], seed + 1)
+    train_index = seeded_subset(len(x_train), data_cfg.limit_train, seed)
+    val_index = seeded_subset(len(x_val), data_cfg.limit_val, seed + 1)
     x_train, y_train = x_train[train_index], y_train[train_index].astype(np.int32)
     x_val, y_val = x_val[val_index], y_val[val_index].astype(np.int32)
 
@@ -219,28 +224,28 @@ def _fashion_mnist_sources(cfg: dict, seed: int):
 
 
 def _image_folder_sources(cfg: dict, seed: int):
-    height, width, channels = cfg["model"]["input_shape"]
-    data_cfg = cfg["data"]
+    height, width, channels = cfg.model.input_shape
+    data_cfg = cfg.data
     for key in ("train", "val"):
-        if not data_cfg[key]:
+        if not getattr(data_cfg, key):
             raise DataError(
                 f"data.{key} is required when data.source is image_folder; "
                 f"set data.{key} to a folder of class subfolders"
             )
     train_paths, train_labels, class_names = scan_image_folder(
-        data_cfg["train"],
-        num_classes=cfg["model"]["num_classes"],
-        skip_corrupt=data_cfg["skip_corrupt"],
+        data_cfg.train,
+        num_classes=cfg.model.num_classes,
+        skip_corrupt=data_cfg.skip_corrupt,
         config_key="data.train",
     )
     val_paths, val_labels, _ = scan_image_folder(
-        data_cfg["val"],
+        data_cfg.val,
         class_names=class_names,
-        skip_corrupt=data_cfg["skip_corrupt"],
+        skip_corrupt=data_cfg.skip_corrupt,
         config_key="data.val",
     )
-    train_index = seeded_subset(len(train_paths), data_cfg["limit_train"], seed)
-    val_index = seeded_subset(len(val_paths), data_cfg["limit_val"], seed + 1)
+    train_index = seeded_subset(len(train_paths), data_cfg.limit_train, seed)
+    val_index = seeded_subset(len(val_paths), data_cfg.limit_val, seed + 1)
     train_paths = np.asarray(train_paths)[train_index]
     train_labels = np.asarray(train_labels, np.int32)[train_index]
     val_paths = np.asarray(val_paths)[val_index]
@@ -253,7 +258,7 @@ def _image_folder_sources(cfg: dict, seed: int):
         dataset = tf.data.Dataset.from_tensor_slices((encoded_paths(paths), labels)).map(
             decode, num_parallel_calls=tf.data.AUTOTUNE
         )
-        return dataset.ignore_errors(log_warning=True) if data_cfg["skip_corrupt"] else dataset
+        return dataset.ignore_errors(log_warning=True) if data_cfg.skip_corrupt else dataset
 
     stats_count = min(STATS_SAMPLE_SIZE, len(train_paths))
     stats_sample = decoded(train_paths[:stats_count], train_labels[:stats_count]).map(lambda image, _: image)
@@ -288,22 +293,22 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
     Raises:
         DataError: bad or missing data, or ``data.batch_size`` larger than the training set.
     """
-    data_cfg = cfg["data"]
-    input_shape = list(cfg["model"]["input_shape"])
-    batch_size = data_cfg["batch_size"]
-    if data_cfg["source"] == "fashion_mnist":
+    data_cfg = cfg.data
+    input_shape = list(cfg.model.input_shape)
+    batch_size = data_cfg.batch_size
+    if data_cfg.source == "fashion_mnist":
         sources = _fashion_mnist_sources(cfg, seed)
-    elif data_cfg["source"] == "image_folder":
+    elif data_cfg.source == "image_folder":
         sources = _image_folder_sources(cfg, seed)
     else:
-        raise DataError(f"data.source {data_cfg['source']!r} is not one of fashion_mnist, image_folder")
+        raise DataError(f"data.source {data_cfg.source!r} is not one of fashion_mnist, image_folder")
     train, val, num_train, num_val, class_names, stats_sample = sources
-    check_batch_fits(batch_size, num_train, data_cfg["repeat"])
+    check_batch_fits(batch_size, num_train, data_cfg.repeat)
     mean, std = _channel_stats(stats_sample, input_shape[-1])
-    if data_cfg["cache"]:
+    if data_cfg.cache:
         train, val = train.cache(), val.cache()
     train, val = shuffle_augment_batch(
-        train, val, _make_augment(data_cfg["augment"], input_shape), data_cfg, num_train, seed
+        train, val, _make_augment(data_cfg.augment, input_shape), data_cfg, num_train, seed
     )
     info = {
         "class_names": list(class_names),

@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.errors import DataError
+from keras_resnet_settings.errors import DataError
 
 PROGRESS_BAR_MIN_FILES = 2000
 
@@ -73,10 +73,10 @@ def shuffle_augment_batch(train, val, augment, data_cfg, num_train, seed):
         `(train, val)`: train shuffled, augmented and batched with
         `drop_remainder=True`; val batched; both prefetched.
     """
-    batch_size, repeat = data_cfg["batch_size"], data_cfg.get("repeat", 1)
+    batch_size, repeat = data_cfg.batch_size, data_cfg.repeat
     if repeat > 1:
         train = train.repeat(repeat)
-    train = train.shuffle(min(data_cfg["shuffle_buffer"], num_train * repeat), seed=seed,
+    train = train.shuffle(min(data_cfg.shuffle_buffer, num_train * repeat), seed=seed,
                           reshuffle_each_iteration=True)
     augment_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     train = tf.data.Dataset.zip((train, augment_seeds)).map(

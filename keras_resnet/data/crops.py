@@ -40,17 +40,14 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
-SAMPLING_MODES = ("resize", "crop")
+from keras_resnet_settings import check_setting
 
 
-def check_crop_args(sampling: str, crops_per_image: int, empty_crop_rate: float, error=ValueError) -> None:
-    """`error` naming the bad argument unless `sampling` is resize|crop, `crops_per_image` >= 1, the rate in [0, 1]."""
-    if sampling not in SAMPLING_MODES:
-        raise error(f"sampling={sampling!r} must be one of {', '.join(SAMPLING_MODES)} (data.sampling)")
-    if isinstance(crops_per_image, bool) or not isinstance(crops_per_image, int) or crops_per_image < 1:
-        raise error(f"crops_per_image={crops_per_image!r} must be an int >= 1 (data.crops_per_image)")
-    if not 0.0 <= empty_crop_rate <= 1.0:
-        raise error(f"empty_crop_rate={empty_crop_rate!r} must be in [0, 1] (data.empty_crop_rate)")
+def check_crop_args(sampling: str, crops_per_image: int, empty_crop_rate: float) -> None:
+    """A ConfigError unless the arguments hold as their recipe keys' declarations say (data.sampling, ...)."""
+    for key, value in (("sampling", sampling), ("crops_per_image", crops_per_image),
+                       ("empty_crop_rate", empty_crop_rate)):
+        check_setting(f"data.{key}", value)
 
 
 # ----------------------------------------------------------------------------

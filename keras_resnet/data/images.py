@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from keras_resnet.errors import DataError
+from keras_resnet_settings.errors import DataError
 
 # What the PIL readers (prediction, export samples) accept.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

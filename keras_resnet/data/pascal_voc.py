@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keras_resnet.errors import DataError
+from keras_resnet_settings.errors import DataError
 
 # The 20 object classes, in VOC order (detection class ids 0..19).
 VOC_CLASSES = (

@@ -19,19 +19,18 @@ end to end (uint8 / int8 input of scale 1, quantized outputs; see
 
 from __future__ import annotations
 
-from keras_resnet.errors import ExportError
 from keras_resnet.export.classification import ClassificationExport
 from keras_resnet.export.detection import DetectionExport
 from keras_resnet.export.job import ExportRequest, step
 from keras_resnet.export.segmentation import SegmentationExport
 from keras_resnet.export.source import load_model_source, task_of
-from keras_resnet.export.tflite import IO_TYPES
-from keras_resnet.registry import CLASSIFICATION, DETECTION, SEGMENTATION
+from keras_resnet.export.options import check_options
+from keras_resnet_settings import default
+from keras_resnet_settings.errors import ExportError
+from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION
 
-FORMATS = ("saved_model", "tflite", "onnx")
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
-DEFAULT_PARITY_SAMPLES = 100
-DEFAULT_CALIBRATION_SAMPLES = 200
+DEFAULT_PARITY_SAMPLES = default("export.parity_samples")
+DEFAULT_CALIBRATION_SAMPLES = default("export.calibration_samples")
 EXPORTS = {
     CLASSIFICATION: ClassificationExport,
     SEGMENTATION: SegmentationExport,
@@ -46,26 +45,6 @@ def parse_batch_size(batch_size) -> int | None:
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or int(batch_size) < 1:
         raise ExportError(f"batch_size must be a positive int or 'dynamic', got {batch_size!r}")
     return int(batch_size)
-
-
-def check_format(format: str, quantize: str) -> None:
-    if format not in FORMATS:
-        raise ExportError(f"format={format!r} is not supported; allowed: {', '.join(FORMATS)}")
-    if quantize not in QUANTIZATIONS:
-        raise ExportError(f"quantize={quantize!r} is not supported; allowed: {', '.join(QUANTIZATIONS)}")
-    if quantize != "none" and format != "tflite":
-        raise ExportError(f"quantize={quantize!r} applies only to format='tflite', not {format!r}")
-
-
-def check_io(io: str, quantize: str) -> None:
-    """An `ExportError` for an unknown `io`, or an integer `io` without int8 quantization."""
-    if io not in IO_TYPES:
-        raise ExportError(f"io={io!r} is not supported; allowed: {', '.join(IO_TYPES)}")
-    if io != "float" and quantize != "int8":
-        raise ExportError(
-            f"io={io!r} (integer input and outputs) needs a full-integer model: add --quantize int8 "
-            f"(quantize='int8'), or drop --io {io}"
-        )
 
 
 def export_model(
@@ -144,12 +123,9 @@ def export_model(
         ExportParityError: the export fails its parity criterion (the
             artefact and metadata are written first).
     """
-    check_format(format, quantize)
-    check_io(io, quantize)
-    if int(parity_samples) < 1 or int(calibration_samples) < 1:
-        raise ExportError("parity_samples and calibration_samples must be >= 1")
-    if int8_min_agreement is not None and not 0.0 <= int8_min_agreement <= 1.0:
-        raise ExportError(f"int8_min_agreement must be in [0, 1], got {int8_min_agreement}")
+    check_options(format=format, quantize=quantize, io=io, parity_samples=parity_samples,
+                  calibration_samples=calibration_samples, int8_min_agreement=int8_min_agreement,
+                  detection_outputs=detection_outputs)
     request = ExportRequest(
         format=format, quantize=quantize, calibration=calibration, input_size=input_size,
         batch_size=parse_batch_size(batch_size), output=output, parity_samples=int(parity_samples),

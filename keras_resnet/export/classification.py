@@ -23,7 +23,7 @@ from keras_resnet.export.contract import INPUT_FORMAT, OUTPUT_NAME, batches
 from keras_resnet.export.dense import DenseExport
 from keras_resnet.export.parity import parity_figures
 from keras_resnet.export.saved_model import load_saved_model, signature_runtime
-from keras_resnet.registry import CLASSIFICATION
+from keras_resnet_settings.registry import CLASSIFICATION
 
 DEFAULT_INT8_MIN_AGREEMENT = 0.99
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_resnet.errors import ExportError
 from keras_resnet.export.contract import (
     OUTPUT_NAME,
     input_metadata,
@@ -25,6 +24,7 @@ from keras_resnet.export.job import ExportJob
 from keras_resnet.export.parity import difference_text, relative_diff_rule
 from keras_resnet.export.samples import DENSE_SAMPLES
 from keras_resnet.export.source import as_float32, model_at_size
+from keras_resnet_settings.errors import ExportError
 
 
 class DenseExport(ExportJob):

@@ -62,7 +62,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet.data.images import LETTERBOX_TEXT, letterbox_images
-from keras_resnet.errors import ExportError
 from keras_resnet.export.contract import (
     DETECTION_NAMES,
     INPUT_FORMAT,
@@ -99,7 +98,8 @@ from keras_resnet.export.tflite import (
 from keras_resnet.models.retinanet.decoder import (
     decoder_from_config,  # the metadata's "nms" names it here
 )
-from keras_resnet.registry import DETECTION
+from keras_resnet_settings.errors import ExportError
+from keras_resnet_settings.registry import DETECTION
 
 DETECTION_OUTPUTS = ("decoded", "raw")
 HEAD_NAMES = ("box_deltas", "class_logits")

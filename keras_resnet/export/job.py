@@ -17,7 +17,6 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from keras_resnet.errors import ExportError, ExportParityError
 from keras_resnet.export.contract import image_spec, integer_io_metadata, metadata_path
 from keras_resnet.export.loading import load_exported_model
 from keras_resnet.export.onnx import convert_onnx
@@ -34,6 +33,7 @@ from keras_resnet.export.tflite import (
     tflite_ops,
 )
 from keras_resnet.runs import atomic_output, write_json
+from keras_resnet_settings.errors import ExportError, ExportParityError
 
 # run.json entries copied into every export's metadata: "sampling" ("resize" or "crop") and "tile_overlap".
 RUN_SAMPLING_KEYS = ("sampling", "tile_overlap")

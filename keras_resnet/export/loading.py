@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.errors import DataError, ModelError
 from keras_resnet.export.contract import (
     DETECTION_NAMES,
     MASK_NAME,
@@ -45,8 +44,9 @@ from keras_resnet.export.source import (
 from keras_resnet.export.tflite import open_tflite
 from keras_resnet.models.retinanet.decoder import decoder_from_config
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
-from keras_resnet.registry import CLASSIFICATION, DETECTION, SEGMENTATION
 from keras_resnet.runs import read_run_info, run_model_file
+from keras_resnet_settings.errors import DataError, ModelError
+from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION
 
 RUNTIME_THREADS = 2
 RUNTIMES = {".tflite": open_tflite, ".onnx": open_onnx}

@@ -23,8 +23,8 @@ from keras_resnet.data.images import (
     load_images,
     read_image,
 )
-from keras_resnet.errors import ConfigError, DataError, ExportError
-from keras_resnet.registry import DETECTION, SEGMENTATION
+from keras_resnet_settings.errors import ConfigError, DataError, ExportError
+from keras_resnet_settings.registry import DETECTION, SEGMENTATION
 
 SAMPLE_SEED = 0
 
@@ -105,28 +105,28 @@ def detection_recipe_images(recipe_path: str, input_shape, split: str, count: in
     from keras_resnet.data.detection import build_detection_datasets
 
     cfg = load_config(recipe_path)
-    data = cfg["data"]
+    data = cfg.data
     mosaic_args = {
         "train_size": count if split == "train" else 1,
-        "val_size": data.get("mosaic_val_size") or 500,
+        "val_size": data.mosaic_val_size,
     }
     train, val, info = build_detection_datasets(
-        data["source"],
-        data["train"],
-        data["val"],
+        data.source,
+        data.train,
+        data.val,
         input_shape=tuple(int(v) for v in input_shape),
         batch_size=1,
-        max_boxes=data.get("max_boxes", 100),
+        max_boxes=data.max_boxes,
         augment={"horizontal_flip": False, "scale_range": (1.0, 1.0)},
-        class_names=data.get("class_names"),
+        class_names=data.class_names,
         seed=SAMPLE_SEED,
         shuffle_buffer=1,
         cache=False,
         limit_train=count if split == "train" else 1,
         limit_val=count,
-        clip_boxes=data.get("clip_boxes", False),
-        train_images=data.get("train_images"),
-        val_images=data.get("val_images"),
+        clip_boxes=data.clip_boxes,
+        train_images=data.train_images,
+        val_images=data.val_images,
         mosaic_args=mosaic_args,
     )
     dataset = train if split == "train" else val

@@ -33,7 +33,7 @@ from keras_resnet.export.contract import (
 from keras_resnet.export.dense import DenseExport
 from keras_resnet.export.parity import SegmentationParity
 from keras_resnet.export.saved_model import load_saved_model, signature_runtime
-from keras_resnet.registry import SEGMENTATION
+from keras_resnet_settings.registry import SEGMENTATION
 
 DEFAULT_SEGMENTATION_INT8_MIN_AGREEMENT = 0.98
 SEGMENTATION_CHUNK_VALUES = 1 << 22  # output values per chunk of a segmenter's parity check (16 MB)

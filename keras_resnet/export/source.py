@@ -13,13 +13,11 @@ from pathlib import Path
 
 import keras
 
-from keras_resnet.errors import ExportError, ModelError
 from keras_resnet.export.contract import INPUT_NAME, output_spec
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.retinanet.detector import DECODER_DEFAULT_ARGS
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
-from keras_resnet.registry import DETECTION
 from keras_resnet.runs import (
     RUN_INFO_FILE,
     RUN_MODEL_FILES,
@@ -28,6 +26,8 @@ from keras_resnet.runs import (
     read_run_info,
     run_model_file,
 )
+from keras_resnet_settings.errors import ExportError, ModelError
+from keras_resnet_settings.registry import DETECTION
 
 DECODER_ARGS = DECODER_DEFAULT_ARGS  # the DetectionDecoder arguments a detector or recipe may set
 

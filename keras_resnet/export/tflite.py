@@ -30,11 +30,11 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.errors import ExportError, ModelError
 from keras_resnet.export.contract import Runtime, batches
+from keras_resnet.export.options import check_options
 from keras_resnet.export.saved_model import write_saved_model
+from keras_resnet_settings.errors import ExportError, ModelError
 
-IO_TYPES = ("float", "uint8", "int8")
 INTEGER_IO = {"uint8": tf.uint8, "int8": tf.int8}
 INPUT_RANGE = (0.0, 255.0)  # raw pixels: scale 1 over 8 bits
 INPUT_ZERO_POINTS = {"uint8": 0, "int8": -128}  # the quantized input: pixel (uint8), pixel - 128 (int8)
@@ -79,16 +79,13 @@ def tflite_bytes(fn, input_signature, track=None, quantize="none", calibration_i
             training): int8 uses their ranges and takes no calibration images.
 
     Raises:
-        ExportError: an integer `io` without int8, or an int8 model that keeps
+        ExportError: an unknown `quantize` or `io`, an integer `io` without int8, or an int8 model that keeps
             float32 tensors inside (a QAT model with layers lacking trained ranges).
         ModelError: the converter did not give the integer input scale 1 and
             zero point 0 / -128.
     """
-    if io not in IO_TYPES:
-        raise ExportError(f"io={io!r} is not supported; allowed: {', '.join(IO_TYPES)}")
+    check_options(quantize=quantize, io=io, format="tflite")
     if io != "float":
-        if quantize != "int8":
-            raise ExportError(f"io={io!r} needs quantize='int8' (a full-integer model); pass --quantize int8")
         fn = integer_input(fn)
     with tempfile.TemporaryDirectory(prefix="keras_resnet_tflite_") as tmp:
         write_saved_model(tmp, track, {"serving_default": (fn, input_signature)})

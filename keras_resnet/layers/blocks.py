@@ -26,12 +26,12 @@ Shortcuts (the paper's options, plus ResNet-D):
 
 from keras import layers
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import (
     DropPath,
     FusedBatchNormalization,
     ZeroPadChannels,
 )
+from keras_resnet_settings.errors import ConfigError
 
 VERSIONS = ("v1", "v1.5", "v2")
 SHORTCUT_TYPES = ("A", "B", "C", "D")

@@ -10,7 +10,7 @@ inference path is Keras' own).
 import keras
 from keras import ops
 
-from keras_resnet.errors import ConfigError
+from keras_resnet_settings.errors import ConfigError
 
 PACKAGE = "keras_resnet"
 

@@ -13,8 +13,8 @@ any input size (odd sizes included) without Lambda layers.
 import keras
 from keras import layers, ops
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import FusedBatchNormalization
+from keras_resnet_settings.errors import ConfigError
 
 PACKAGE = "keras_resnet"
 RESIZE_INTERPOLATIONS = ("nearest", "bilinear")

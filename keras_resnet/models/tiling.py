@@ -35,9 +35,10 @@ from contextlib import contextmanager
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.errors import ConfigError, DataError, ModelError
+from keras_resnet_settings import check_setting, default
+from keras_resnet_settings.errors import ConfigError, DataError, ModelError
 
-DEFAULT_OVERLAP = 0.25
+DEFAULT_OVERLAP = default("data.tile_overlap")
 DEFAULT_TILE_BATCH = 8
 PROGRESS_MIN_TILES = 16  # a progress bar for images of more windows than this (on a terminal)
 
@@ -46,10 +47,7 @@ PROGRESS_MIN_TILES = 16  # a progress bar for images of more windows than this (
 # The grid and the blending weights
 # ----------------------------------------------------------------------------
 def _check_overlap(overlap) -> float:
-    overlap = float(overlap)
-    if not 0.0 <= overlap < 1.0:
-        raise ConfigError(f"tile overlap must be in [0, 1), got {overlap}")
-    return overlap
+    return check_setting("data.tile_overlap", overlap, shown_as="tile overlap")
 
 
 def tile_stride(tile: int, overlap: float) -> int:

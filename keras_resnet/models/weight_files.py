@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from keras_resnet.errors import ConversionError
+from keras_resnet_settings.errors import ConversionError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"

@@ -15,9 +15,9 @@ import os
 import numpy as np
 
 from keras_resnet.data.images import find_image_files, load_images
-from keras_resnet.errors import ConfigError, ModelError
 from keras_resnet.export.loading import load_exported_model
-from keras_resnet.registry import CLASSIFICATION
+from keras_resnet_settings.errors import ConfigError, ModelError
+from keras_resnet_settings.registry import CLASSIFICATION
 
 LOAD_CHUNK = 256  # images decoded and run at a time
 

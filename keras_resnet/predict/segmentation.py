@@ -31,15 +31,19 @@ from PIL import Image
 
 import keras_resnet.models.segmentation.segmenter  # noqa: F401  (registers the custom objects)
 from keras_resnet.data.images import find_image_files, load_image, read_image
-from keras_resnet.errors import ModelError
 from keras_resnet.export.contract import MASK_NAME
 from keras_resnet.export.loading import as_exported_model
 from keras_resnet.export.source import load_keras_model
-from keras_resnet.models.tiling import DEFAULT_TILE_BATCH, keras_segment_function, segment_tiled
+from keras_resnet.models.tiling import (
+    DEFAULT_TILE_BATCH,
+    keras_segment_function,
+    segment_tiled,
+)
 from keras_resnet.predict.tiling import run_info_near, tile_plan
-from keras_resnet.registry import SEGMENTATION
 from keras_resnet.runs import BEST_MODEL_FILE
 from keras_resnet.visualize import overlay_mask, save_index_mask
+from keras_resnet_settings.errors import ModelError
+from keras_resnet_settings.registry import SEGMENTATION
 
 
 def load_segmenter(model_path_or_run_dir: str | os.PathLike):

@@ -20,7 +20,6 @@ import keras
 import numpy as np
 
 from keras_resnet.data.images import read_image
-from keras_resnet.errors import ConfigError, ModelError
 from keras_resnet.export.contract import MASK_NAME, OUTPUT_NAME
 from keras_resnet.export.loading import ExportedModel, load_exported_model
 from keras_resnet.models.tiling import (
@@ -34,8 +33,10 @@ from keras_resnet.models.tiling import (
     tile_grid,
     tile_weights,
 )
-from keras_resnet.registry import DETECTION, SEGMENTATION
 from keras_resnet.runs import RUN_INFO_FILE, read_json, read_run_info
+from keras_resnet_settings import check_setting
+from keras_resnet_settings.errors import ConfigError, ModelError
+from keras_resnet_settings.registry import DETECTION, SEGMENTATION
 
 TILE_MODES = ("auto", "off")
 AUTO_TILE_FACTOR = 2  # auto tiles an image at least this many times the model input on a side
@@ -124,9 +125,7 @@ def tile_plan(tile, overlap, input_size, info: dict, fixed: bool, where) -> Tile
             "use --tile auto (windows of the model input) or --tile off"
         )
     overlap = info.get("tile_overlap", DEFAULT_OVERLAP) if overlap is None else overlap
-    overlap = float(overlap)
-    if not 0.0 <= overlap < 1.0:
-        raise ConfigError(f"tile overlap must be in [0, 1), got {overlap}")
+    overlap = check_setting("data.tile_overlap", overlap, shown_as="tile overlap")
     return TilePlan(mode, input_size, info.get("sampling") == CROP_SAMPLING, overlap)
 
 

@@ -27,7 +27,6 @@ from collections import defaultdict
 import keras
 from keras import tree
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import PACKAGE, DropPath, ImageNormalization
 from keras_resnet.layers.fpn import FPN, ResizeLike
 from keras_resnet.models.resnet.classifier import ResNetClassifier
@@ -43,6 +42,7 @@ from keras_resnet.quantization.layers import (
     TiedFakeQuant,
     is_quantize_aware,
 )
+from keras_resnet_settings.errors import ConfigError
 
 DEFAULT_SETTINGS = {"momentum": DEFAULT_MOMENTUM, "enabled": True}
 RAW_PIXEL_RANGE = (0.0, 255.0)

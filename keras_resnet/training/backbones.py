@@ -27,13 +27,17 @@ import os
 
 import keras
 
-from keras_resnet.errors import ConfigError, ConversionError
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.presets import get_preset_config
-from keras_resnet.models.resnet.pretrained import check_fits, load_pretrained, read_pretrained
+from keras_resnet.models.resnet.pretrained import (
+    check_fits,
+    load_pretrained,
+    read_pretrained,
+)
 from keras_resnet.models.weight_files import is_torch_file
+from keras_resnet_settings.errors import ConfigError, ConversionError
 
 KERAS_SUFFIX = ".keras"
 H5_SUFFIX = ".h5"
@@ -73,15 +77,15 @@ def read_recipe_weights(model_cfg):
         ConfigError: a missing file, an unknown kind of file, one that is not
             the architecture's, or weights for other input channels.
     """
-    path = model_cfg.get("weights")
+    path = model_cfg.weights
     if not path or str(path).endswith(KERAS_SUFFIX):
         return None
     _check_weights_path(path)
     try:
-        weights = read_pretrained(path, preset=model_cfg["backbone"])
+        weights = read_pretrained(path, preset=model_cfg.backbone)
     except ConversionError as error:
         raise ConfigError(f"model.weights: {error}") from None
-    channels = tuple(model_cfg.get("input_shape") or (None,))[-1]
+    channels = tuple(model_cfg.input_shape or (None,))[-1]
     if channels is not None and int(channels) != int(weights.input_channels):
         raise ConfigError(
             f"model.weights {path} needs {weights.input_channels} input channels but model.input_shape has "
@@ -136,20 +140,20 @@ def build_backbone_from_config(cfg, info, weights=None):
         the normalisation those weights were trained with. Which one is
         recorded in `info["preprocessing"]` (run.json's `preprocessing`).
     """
-    model_cfg = cfg["model"]
-    get_preset_config(model_cfg["backbone"])  # unknown preset -> ValueError listing the valid ones
-    check_recipe_args("backbone_args", model_cfg["backbone_args"], ResNetBackbone)
+    model_cfg = cfg.model
+    get_preset_config(model_cfg.backbone)  # unknown preset -> ValueError listing the valid ones
+    check_recipe_args("backbone_args", model_cfg.backbone_args, ResNetBackbone)
     if weights is None:
         weights = read_recipe_weights(model_cfg)
     try:
         backbone = ResNetBackbone.from_preset(
-            model_cfg["backbone"], input_shape=tuple(model_cfg["input_shape"]), **model_cfg["backbone_args"]
+            model_cfg.backbone, input_shape=tuple(model_cfg.input_shape), **model_cfg.backbone_args
         )
     except TypeError as error:
         raise ConfigError(f"model.backbone_args: {error}") from None
     if weights is not None:
         try:
-            check_fits(backbone, weights, preset=model_cfg["backbone"])
+            check_fits(backbone, weights, preset=model_cfg.backbone)
         except ConversionError as error:
             raise ConfigError(f"model.weights: {error}") from None
         preprocessing = weights.preprocessing(name="normalization")
@@ -178,11 +182,11 @@ def build_model_from_config(cfg, info, model_class, name, error_message=None, **
             None lets them through.
         kwargs: further arguments of `model_class`.
     """
-    if (cfg.get("qat") or {}).get("source_run"):  # `keras-resnet qat`: the source run's best model, quantize-aware
+    if cfg.qat.source_run:  # `keras-resnet qat`: the source run's best model, quantize-aware
         from keras_resnet.training.qat import quantize_aware_from_run
 
         return quantize_aware_from_run(cfg, info, model_class)
-    model_cfg = cfg["model"]
+    model_cfg = cfg.model
     weights = read_recipe_weights(model_cfg)
     backbone, preprocessing = build_backbone_from_config(cfg, info, weights)
     kept = " (kept for fine-tuning, not the training set's statistics)" if weights is not None else ""
@@ -190,9 +194,9 @@ def build_model_from_config(cfg, info, model_class, name, error_message=None, **
     try:
         model = model_class(
             backbone,
-            model_cfg["num_classes"],
+            model_cfg.num_classes,
             preprocessing=preprocessing,
-            name=f"{model_cfg['backbone']}_{name}",
+            name=f"{model_cfg.backbone}_{name}",
             **kwargs,
         )
     except (TypeError, ValueError) as error:
@@ -210,10 +214,10 @@ def initialize_backbone(model, model_cfg, weights=None):
         model_cfg: the recipe's `model` section.
         weights: `model.weights` already read by `read_recipe_weights` (None: read here).
     """
-    if model_cfg["weights"]:
-        load_pretrained_weights(model, model_cfg["weights"], weights)
-    if model_cfg["freeze_stages"] >= 0:
-        model.backbone.freeze_stages(model_cfg["freeze_stages"])
+    if model_cfg.weights:
+        load_pretrained_weights(model, model_cfg.weights, weights)
+    if model_cfg.freeze_stages >= 0:
+        model.backbone.freeze_stages(model_cfg.freeze_stages)
     return model
 
 

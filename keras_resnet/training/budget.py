@@ -14,15 +14,14 @@ The budget covers the `train` command: data loading, the measurement, the
 epochs and the final evaluation of the best model; not installation or exports.
 """
 
-import copy
 import math
 import os
 import time
 
 import keras
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.runs import read_json, write_json
+from keras_resnet_settings.errors import ConfigError
 
 PLAN_FILE = "time_budget.json"
 # Per epoch beyond the steps: best/last .keras saves, the backup, history.csv and the plot.
@@ -150,15 +149,15 @@ class StopAtDeadline(keras.callbacks.Callback):
 
 def check_budget_settings(cfg):
     """ConfigError where `train.time_budget_minutes` cannot be honoured."""
-    train_cfg = cfg["train"]
-    if train_cfg["time_budget_minutes"] is None:
+    train_cfg = cfg.train
+    if train_cfg.time_budget_minutes is None:
         return
-    if train_cfg["head_epochs"]:
+    if train_cfg.head_epochs:
         raise ConfigError(
-            f"train.time_budget_minutes={train_cfg['time_budget_minutes']} does not combine with "
-            f"train.head_epochs={train_cfg['head_epochs']} (a two-phase run); set one of them to null/0"
+            f"train.time_budget_minutes={train_cfg.time_budget_minutes} does not combine with "
+            f"train.head_epochs={train_cfg.head_epochs} (a two-phase run); set one of them to null/0"
         )
-    if train_cfg["strategy"] == "multi_worker":
+    if train_cfg.strategy == "multi_worker":
         raise ConfigError(
             "train.time_budget_minutes is not supported with train.strategy=multi_worker; set it to null "
             "and choose train.epochs"
@@ -182,11 +181,11 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
         backup_root: the run's backup folder (deleted when the run finishes).
         run_started: `time.time()` when the `train` command started.
     """
-    budget = cfg["train"]["time_budget_minutes"]
+    budget = cfg.train.time_budget_minutes
     if budget is None:
         return cfg, None, []
     path = os.path.join(backup_root, PLAN_FILE)
-    recipe_epochs = cfg["train"]["epochs"]
+    recipe_epochs = cfg.train.epochs
     if os.path.exists(path):
         plan = read_json(path)
         callbacks = []
@@ -205,7 +204,7 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
             "steps_per_epoch": steps,
             "full_steps_per_epoch": steps_per_epoch,
             # The same fraction of the run as the recipe's warm-up (in epochs of `steps`).
-            "warmup_epochs": round(cfg["train"]["warmup_epochs"] * epochs / recipe_epochs, 4),
+            "warmup_epochs": round(cfg.train.warmup_epochs * epochs / recipe_epochs, 4),
             "policy": keras.mixed_precision.dtype_policy().name,
             "elapsed_seconds_before_training": round(elapsed, 1),
             "estimated_minutes": round((elapsed + run_seconds + validation) / 60.0, 1),
@@ -216,12 +215,10 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
         write_json(path, plan)
         callbacks = [StopAtDeadline(run_started + budget * 60.0 - validation,
                                     reserve_seconds=validation + EPOCH_OVERHEAD_SECONDS)]
-    planned = copy.deepcopy(cfg)
-    planned["train"]["epochs"] = plan["epochs"]
-    planned["train"]["warmup_epochs"] = plan["warmup_epochs"]
+    changes = {"epochs": plan["epochs"], "warmup_epochs": float(plan["warmup_epochs"])}
     if plan.get("steps_per_epoch", steps_per_epoch) < steps_per_epoch:
-        planned["train"]["steps_per_epoch"] = plan["steps_per_epoch"]
-    return planned, plan, callbacks
+        changes["steps_per_epoch"] = plan["steps_per_epoch"]
+    return cfg.replace(train=cfg.train.replace(**changes)), plan, callbacks
 
 
 def describe_plan(plan):

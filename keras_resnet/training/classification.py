@@ -34,7 +34,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet.data.classification import build_classification_datasets
-from keras_resnet.errors import ConfigError, DataError
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import budget, engine
@@ -47,6 +46,7 @@ from keras_resnet.training.plots import (
     plot_history,
     read_history_csv,
 )
+from keras_resnet_settings.errors import ConfigError, DataError
 
 
 # ----------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def build_classifier(cfg, info):
     Normalisation by the training set's per-channel mean/std is a layer
     inside the model.
     """
-    return build_model_from_config(cfg, info, ResNetClassifier, "classifier", dropout=cfg["model"]["dropout"])
+    return build_model_from_config(cfg, info, ResNetClassifier, "classifier", dropout=cfg.model.dropout)
 
 
 def classification_metrics():
@@ -73,7 +73,7 @@ def _one_hot(dataset, num_classes):
 
 
 def _datasets(cfg):
-    return build_classification_datasets(cfg, seed=cfg["train"]["seed"])
+    return build_classification_datasets(cfg, seed=cfg.train.seed)
 
 
 # ----------------------------------------------------------------------------
@@ -82,25 +82,25 @@ def _datasets(cfg):
 def _compile(model, train_cfg, optimizer):
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg["label_smoothing"]),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
         metrics=classification_metrics(),
-        jit_compile=train_cfg["jit_compile"],
+        jit_compile=train_cfg.jit_compile,
     )
 
 
 def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per_epoch, learning_rate,
                warmup, backup_dir, paths, extra_callbacks=()):
-    train_cfg = cfg["train"]
+    train_cfg = cfg.train
     _compile(model, train_cfg,
              engine.make_optimizer(train_cfg, steps_per_epoch, epochs - initial_epoch, learning_rate, warmup))
-    engine.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg["model"]["backbone"],
+    engine.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg.model.backbone,
             panels=CLASSIFICATION_PANELS, best_key="top1", backup_dir=backup_dir, epochs=epochs,
             initial_epoch=initial_epoch, extra_callbacks=extra_callbacks)
 
 
 def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths, extra_callbacks=()):
-    train_cfg = cfg["train"]
-    epochs, head_epochs = train_cfg["epochs"], min(train_cfg["head_epochs"], train_cfg["epochs"])
+    train_cfg = cfg.train
+    epochs, head_epochs = train_cfg.epochs, min(train_cfg.head_epochs, train_cfg.epochs)
     head_done = os.path.join(paths.backup_root, "head_phase.weights.h5")
     if head_epochs:
         if os.path.exists(head_done):
@@ -115,13 +115,13 @@ def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths, extra_callbacks=(
             with atomic_output(head_done) as temporary:
                 model.save_weights(temporary)
         model.backbone.trainable = True
-        model.backbone.freeze_stages(cfg["model"]["freeze_stages"])
+        model.backbone.freeze_stages(cfg.model.freeze_stages)
         if head_epochs < epochs:
             print(f"phase 2: fine-tuning epochs {head_epochs + 1}-{epochs}")
     if head_epochs < epochs:
-        learning_rate = train_cfg["fine_tune_learning_rate"] if head_epochs else None
+        learning_rate = train_cfg.fine_tune_learning_rate if head_epochs else None
         if head_epochs and learning_rate is None:
-            learning_rate = train_cfg["learning_rate"] / 10
+            learning_rate = train_cfg.learning_rate / 10
         _fit_phase(model, cfg, train_ds, val_ds, epochs=epochs, initial_epoch=head_epochs,
                    steps_per_epoch=steps_per_epoch, learning_rate=learning_rate, warmup=not head_epochs,
                    backup_dir=os.path.join(paths.backup_root, "main"), paths=paths, extra_callbacks=extra_callbacks)
@@ -137,19 +137,19 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
     only the chief writes models, history and plots (the others checkpoint
     into a temporary folder, as tf.distribute requires).
     """
-    train_cfg = cfg["train"]
-    if train_cfg["ema_momentum"]:
+    train_cfg = cfg.train
+    if train_cfg.ema_momentum:
         raise ConfigError("train.ema_momentum is not supported with train.strategy=multi_worker; set it to null")
-    num_classes = cfg["model"]["num_classes"]
-    global_batch = cfg["data"]["batch_size"]
-    epochs = train_cfg["epochs"]
-    steps_per_epoch = train_cfg["steps_per_epoch"] or steps_per_epoch
+    num_classes = cfg.model.num_classes
+    global_batch = cfg.data.batch_size
+    epochs = train_cfg.epochs
+    steps_per_epoch = train_cfg.steps_per_epoch or steps_per_epoch
     with strategy.scope():
         optimizer = engine.make_optimizer(train_cfg, steps_per_epoch, epochs)
         if keras.mixed_precision.dtype_policy().name == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         loss_fn = keras.losses.CategoricalCrossentropy(
-            label_smoothing=train_cfg["label_smoothing"], reduction=None
+            label_smoothing=train_cfg.label_smoothing, reduction=None
         )
         train_loss = keras.metrics.Mean(name="loss")
         train_top1 = keras.metrics.CategoricalAccuracy(name="top1")
@@ -202,11 +202,11 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
             train_steps(iterator, tf.constant(steps))
             done += steps
             loss = float(train_loss.result())
-            check_finite_loss(loss, epoch + 1, done, train_cfg["learning_rate"])  # before anything is saved
+            check_finite_loss(loss, epoch + 1, done, train_cfg.learning_rate)  # before anything is saved
             progress.update(done, [("loss", loss), ("top1", float(train_top1.result()))])
-        val_metrics = _evaluate_predictions(val_model_fn, val_ds, num_classes, label_smoothing=train_cfg["label_smoothing"])
+        val_metrics = _evaluate_predictions(val_model_fn, val_ds, num_classes, label_smoothing=train_cfg.label_smoothing)
         val_loss = val_metrics.get("loss_label_smoothed", val_metrics["loss"])  # the training loss's definition
-        check_finite_loss(val_loss, epoch + 1, None, train_cfg["learning_rate"], what="validation loss")
+        check_finite_loss(val_loss, epoch + 1, None, train_cfg.learning_rate, what="validation loss")
         row = {
             "epoch": epoch,
             "loss": float(train_loss.result()),
@@ -230,7 +230,7 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
             if row["val_top1"] > best:
                 best = row["val_top1"]
                 save_model(model, paths.best)
-            plot_history(read_history_csv(paths.history), paths.curves, cfg["model"]["backbone"])
+            plot_history(read_history_csv(paths.history), paths.curves, cfg.model.backbone)
     if is_chief:
         shutil.rmtree(paths.backup_root, ignore_errors=True)
     else:
@@ -310,22 +310,22 @@ def train_classification(cfg):
     None in a multi-worker process that is not the chief.
     """
     run_started = time.time()
-    train_cfg, data_cfg, model_cfg = cfg["train"], cfg["data"], cfg["model"]
+    train_cfg, data_cfg, model_cfg = cfg.train, cfg.data, cfg.model
     budget.check_budget_settings(cfg)
     strategy, paths, is_chief = engine.start_run(cfg)
     output_dir = paths.root
 
     train_ds, val_ds, info = _datasets(cfg)
     engine.check_num_classes(cfg, info)
-    num_classes = model_cfg["num_classes"]
-    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, model_cfg["backbone"])
+    num_classes = model_cfg.num_classes
+    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, model_cfg.backbone)
     with strategy.scope():
         model = build_classifier(cfg, info)
     if is_chief:
         engine.write_run_files(cfg, paths, {
             "task": "classification",
-            "preset": model_cfg["backbone"],
-            "input_shape": list(model_cfg["input_shape"]),
+            "preset": model_cfg.backbone,
+            "input_shape": list(model_cfg.input_shape),
             "num_classes": num_classes,
             "class_names": info["class_names"],
             "preprocessing": preprocessing_info(info),
@@ -334,7 +334,7 @@ def train_classification(cfg):
         })
     start = time.time()
     plan, fit_steps = None, steps_per_epoch
-    if train_cfg["strategy"] == "multi_worker":
+    if train_cfg.strategy == "multi_worker":
         _fit_custom_loop(model, cfg, strategy, _one_hot(train_ds, num_classes), val_ds, steps_per_epoch, paths, is_chief)
     else:
         with strategy.scope():
@@ -342,10 +342,10 @@ def train_classification(cfg):
             fit_cfg, plan, budget_callbacks = budget.plan_epochs(
                 cfg, model,
                 lambda probe: _compile(probe, train_cfg,
-                                       engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"])),
+                                       engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs)),
                 train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
             )
-            fit_steps = fit_cfg["train"]["steps_per_epoch"] or steps_per_epoch
+            fit_steps = fit_cfg.train.steps_per_epoch or steps_per_epoch
             _fit(model, fit_cfg, train_onehot, val_onehot, fit_steps, paths, extra_callbacks=budget_callbacks)
     train_seconds = time.time() - start
     if not is_chief:
@@ -353,12 +353,12 @@ def train_classification(cfg):
         return None
     metrics = engine.finish_run(
         paths, lambda best: evaluate_classifier(best, val_ds, info["class_names"], output_dir,
-                                                train_cfg["label_smoothing"]),
-        fit_steps, data_cfg["batch_size"], train_seconds,
+                                                train_cfg.label_smoothing),
+        fit_steps, data_cfg.batch_size, train_seconds,
         extra={"time_budget": plan} if plan else None,
     )
     print(
-        f"done: {model_cfg['backbone']} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "
+        f"done: {model_cfg.backbone} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "
         f"on {metrics['num_examples']} val images, {metrics['epochs']} epochs, {train_seconds / 60:.1f} min "
         f"-> {output_dir}"
     )
@@ -372,9 +372,9 @@ def evaluate_classification(cfg):
     confusion_matrix.csv and confusion_matrix.png, and returns the metrics.
     """
     model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
-    metrics = engine.keep_run_summary(cfg["output_dir"], lambda: evaluate_classifier(
-        model, val_ds, info["class_names"], cfg["output_dir"], cfg["train"]["label_smoothing"]))
-    smoothed = (f"; with the recipe's label_smoothing={cfg['train']['label_smoothing']:g}, as in training's "
+    metrics = engine.keep_run_summary(cfg.output_dir, lambda: evaluate_classifier(
+        model, val_ds, info["class_names"], cfg.output_dir, cfg.train.label_smoothing))
+    smoothed = (f"; with the recipe's label_smoothing={cfg.train.label_smoothing:g}, as in training's "
                 f"val_loss: {metrics['loss_label_smoothed']:.4f}" if "loss_label_smoothed" in metrics else "")
     print(
         f"evaluate: {model_path} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "

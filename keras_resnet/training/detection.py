@@ -33,7 +33,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet.data import build_detection_datasets
-from keras_resnet.errors import ConfigError, DataError
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.detector import (
     DECODER_DEFAULT_ARGS,
@@ -45,8 +44,7 @@ from keras_resnet.models.retinanet.evaluation import (
     print_detection_table,
 )
 from keras_resnet.models.retinanet.losses import RetinaNetLoss
-from keras_resnet.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, detect_tiled
-from keras_resnet.registry import DETECTION
+from keras_resnet.models.tiling import DEFAULT_TILE_BATCH, detect_tiled
 from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
 from keras_resnet.training.backbones import (
@@ -56,6 +54,8 @@ from keras_resnet.training.backbones import (
 )
 from keras_resnet.training.plots import DETECTION_PANELS
 from keras_resnet.visualize import plot_detections
+from keras_resnet_settings.errors import ConfigError, DataError
+from keras_resnet_settings.registry import DETECTION
 
 NUM_PREDICTION_EXAMPLES = 4
 NORMALIZATION_SAMPLE_BATCHES = 16
@@ -76,34 +76,34 @@ _NOT_FOR_DETECTION = {
 
 def _check_detection_recipe(cfg):
     engine.check_task_settings(cfg, DETECTION, _NOT_FOR_DETECTION, "does not apply to task=detection; set {key}={neutral}")
-    check_recipe_args("head_args", cfg["model"]["head_args"], RetinaNetDetector, HEAD_ARGS)
-    check_recipe_args("decoder_args", cfg["model"]["decoder_args"], DetectionDecoder, DECODER_ARGS)
+    check_recipe_args("head_args", cfg.model.head_args, RetinaNetDetector, HEAD_ARGS)
+    check_recipe_args("decoder_args", cfg.model.decoder_args, DetectionDecoder, DECODER_ARGS)
 
 
 def _datasets(cfg):
-    data_cfg, train_cfg = cfg["data"], cfg["train"]
-    augment = {"horizontal_flip": data_cfg["augment"]["horizontal_flip"],
-               "scale_range": tuple(data_cfg["augment"]["scale_range"])}
+    data_cfg, train_cfg = cfg.data, cfg.train
+    augment = {"horizontal_flip": data_cfg.augment.horizontal_flip,
+               "scale_range": tuple(data_cfg.augment.scale_range)}
     return build_detection_datasets(
-        data_cfg["source"],
-        data_cfg["train"],
-        data_cfg["val"],
-        input_shape=tuple(cfg["model"]["input_shape"]),
-        batch_size=data_cfg["batch_size"],
-        max_boxes=data_cfg["max_boxes"],
+        data_cfg.source,
+        data_cfg.train,
+        data_cfg.val,
+        input_shape=tuple(cfg.model.input_shape),
+        batch_size=data_cfg.batch_size,
+        max_boxes=data_cfg.max_boxes,
         augment=augment,
-        class_names=data_cfg["class_names"],
-        seed=train_cfg["seed"],
-        shuffle_buffer=data_cfg["shuffle_buffer"],
-        cache=data_cfg["cache"],
-        limit_train=data_cfg["limit_train"],
-        limit_val=data_cfg["limit_val"],
-        repeat=data_cfg["repeat"],
-        clip_boxes=data_cfg["clip_boxes"],
-        train_images=data_cfg["train_images"],
-        val_images=data_cfg["val_images"],
-        mosaic_args={"train_size": data_cfg["mosaic_train_size"], "val_size": data_cfg["mosaic_val_size"]},
-        **{key: data_cfg[key] for key in SAMPLING_ARGS if key in data_cfg},
+        class_names=data_cfg.class_names,
+        seed=train_cfg.seed,
+        shuffle_buffer=data_cfg.shuffle_buffer,
+        cache=data_cfg.cache,
+        limit_train=data_cfg.limit_train,
+        limit_val=data_cfg.limit_val,
+        repeat=data_cfg.repeat,
+        clip_boxes=data_cfg.clip_boxes,
+        train_images=data_cfg.train_images,
+        val_images=data_cfg.val_images,
+        mosaic_args={"train_size": data_cfg.mosaic_train_size, "val_size": data_cfg.mosaic_val_size},
+        **{key: getattr(data_cfg, key) for key in SAMPLING_ARGS},
     )
 
 
@@ -130,7 +130,7 @@ def build_detector(cfg, info):
     `model.freeze_stages` freezes its first stages.
     """
     return build_model_from_config(cfg, info, RetinaNetDetector, "retinanet",
-                                   "model.head_args / model.backbone_args: {error}", **cfg["model"]["head_args"])
+                                   "model.head_args / model.backbone_args: {error}", **cfg.model.head_args)
 
 
 def _encode_targets(dataset, encoder):
@@ -282,8 +282,8 @@ def evaluate_detector(model, val_ds, info, decoder_args, output_dir=None, title=
 
 def evaluation_overlap(cfg):
     """The tile overlap of the recipe's evaluation: `data.tile_overlap` with `data.sampling: crop`, else None."""
-    data_cfg = cfg["data"]
-    return float(data_cfg["tile_overlap"]) if data_cfg.get("sampling", "resize") == "crop" else None
+    data_cfg = cfg.data
+    return float(data_cfg.tile_overlap) if data_cfg.sampling == "crop" else None
 
 
 class _COCOEvaluation(keras.callbacks.Callback):
@@ -315,7 +315,7 @@ def train_detection(cfg):
     >>> train_detection(load_config("tasks/detection/mosaic_retinanet_resnet18.yaml"))
     """
     _check_detection_recipe(cfg)
-    train_cfg, data_cfg, model_cfg = cfg["train"], cfg["data"], cfg["model"]
+    train_cfg, data_cfg, model_cfg = cfg.train, cfg.data, cfg.model
     strategy, paths, _ = engine.start_run(cfg)
     output_dir = paths.root
 
@@ -323,52 +323,52 @@ def train_detection(cfg):
     engine.check_num_classes(cfg, info)
     info["mean"], info["std"] = pixel_statistics(train_ds)
     boxes = f" ({info['num_train_boxes']} / {info['num_val_boxes']} boxes)"
-    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, f"{model_cfg['backbone']} + RetinaNet", boxes)
+    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, f"{model_cfg.backbone} + RetinaNet", boxes)
     with strategy.scope():
         model = build_detector(cfg, info)
         try:
-            model.make_decoder(**model_cfg["decoder_args"])
+            model.make_decoder(**model_cfg.decoder_args)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model.decoder_args: {error}") from None
         model.compile(
-            optimizer=engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"]),
-            loss=RetinaNetLoss(model_cfg["num_classes"], box_loss=train_cfg["box_loss"],
+            optimizer=engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs),
+            loss=RetinaNetLoss(model_cfg.num_classes, box_loss=train_cfg.box_loss,
                                box_variance=model.box_variance),
-            jit_compile=train_cfg["jit_compile"],
+            jit_compile=train_cfg.jit_compile,
         )
     encoder = model.make_label_encoder()
     tile_overlap = evaluation_overlap(cfg)
     engine.write_run_files(cfg, paths, {
         "task": "detection",
-        "preset": model_cfg["backbone"],
+        "preset": model_cfg.backbone,
         "head": "retinanet",
-        "input_shape": list(model_cfg["input_shape"]),
-        "num_classes": model_cfg["num_classes"],
+        "input_shape": list(model_cfg.input_shape),
+        "num_classes": model_cfg.num_classes,
         "class_names": info["class_names"],
         "num_anchors": int(model.num_anchors),
-        "decoder": dict(model_cfg["decoder_args"]),
+        "decoder": dict(model_cfg.decoder_args),
         "preprocessing": preprocessing_info(info),
         "resize": "letterbox: scale to fit keeping the aspect ratio, pad bottom/right with 0" if tile_overlap is None
         else "none: input-size windows at native resolution (training crops, tiled evaluation and prediction)",
         "num_train": info["num_train"],
         "num_val": info["num_val"],
-        "sampling": data_cfg.get("sampling", "resize"),
-        "tile_overlap": data_cfg.get("tile_overlap", DEFAULT_OVERLAP),
+        "sampling": data_cfg.sampling,
+        "tile_overlap": data_cfg.tile_overlap,
     })
     start = time.time()
     with strategy.scope():
         engine.fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
-                monitor="val_mAP", title=f"{model_cfg['backbone']} RetinaNet", panels=DETECTION_PANELS,
-                best_key="mAP", backup_dir=os.path.join(paths.backup_root, "main"), epochs=train_cfg["epochs"],
-                extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg["decoder_args"], tile_overlap)])
+                monitor="val_mAP", title=f"{model_cfg.backbone} RetinaNet", panels=DETECTION_PANELS,
+                best_key="mAP", backup_dir=os.path.join(paths.backup_root, "main"), epochs=train_cfg.epochs,
+                extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg.decoder_args, tile_overlap)])
     train_seconds = time.time() - start
     metrics = engine.finish_run(
-        paths, lambda best: evaluate_detector(best, val_ds, info, model_cfg["decoder_args"], output_dir,
+        paths, lambda best: evaluate_detector(best, val_ds, info, model_cfg.decoder_args, output_dir,
                                               title="best model", tile_overlap=tile_overlap),
-        steps_per_epoch, data_cfg["batch_size"], train_seconds,
+        steps_per_epoch, data_cfg.batch_size, train_seconds,
     )
     print(
-        f"done: {model_cfg['backbone']} RetinaNet mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} "
+        f"done: {model_cfg.backbone} RetinaNet mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} "
         f"AP75={metrics['AP75']:.4f} on {metrics['num_examples']} val images, {metrics['epochs']} epochs, "
         f"{train_seconds / 60:.1f} min -> {output_dir}"
     )
@@ -382,8 +382,8 @@ def evaluate_detection(cfg):
     """
     _check_detection_recipe(cfg)
     model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
-    metrics = engine.keep_run_summary(cfg["output_dir"], lambda: evaluate_detector(
-        model, val_ds, info, cfg["model"]["decoder_args"], cfg["output_dir"], title=model_path,
+    metrics = engine.keep_run_summary(cfg.output_dir, lambda: evaluate_detector(
+        model, val_ds, info, cfg.model.decoder_args, cfg.output_dir, title=model_path,
         tile_overlap=evaluation_overlap(cfg)))
     print(
         f"evaluate: {model_path} mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} AP75={metrics['AP75']:.4f} "

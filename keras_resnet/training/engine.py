@@ -24,7 +24,6 @@ import keras
 import tensorflow as tf
 
 from keras_resnet.config import dump_config
-from keras_resnet.errors import ConfigError, ModelError
 from keras_resnet.runs import (
     RunPaths,
     atomic_output,
@@ -42,6 +41,7 @@ from keras_resnet.training.plots import (
     read_history_csv,
 )
 from keras_resnet.training.schedules import WarmupSchedule
+from keras_resnet_settings.errors import ConfigError, ModelError
 
 
 # ----------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def task_info():
 
 def is_chief_process(cfg):
     """False only in a multi-worker run's non-chief workers (which write nothing into output_dir)."""
-    return task_info()[2] if cfg["train"]["strategy"] == "multi_worker" else True
+    return task_info()[2] if cfg.train.strategy == "multi_worker" else True
 
 
 def start_run(cfg):
@@ -132,12 +132,12 @@ def start_run(cfg):
         `(strategy, paths, is_chief)`, `paths` the `RunPaths` of the (checked
         writable) output folder.
     """
-    train_cfg = cfg["train"]
-    strategy = make_strategy(train_cfg["strategy"])
-    keras.utils.set_random_seed(train_cfg["seed"])
-    keras.mixed_precision.set_global_policy(resolve_precision(train_cfg["mixed_precision"]))
+    train_cfg = cfg.train
+    strategy = make_strategy(train_cfg.strategy)
+    keras.utils.set_random_seed(train_cfg.seed)
+    keras.mixed_precision.set_global_policy(resolve_precision(train_cfg.mixed_precision))
     is_chief = is_chief_process(cfg)
-    output_dir = cfg["output_dir"] if is_chief else tempfile.mkdtemp(prefix="keras_resnet_worker_out_")
+    output_dir = cfg.output_dir if is_chief else tempfile.mkdtemp(prefix="keras_resnet_worker_out_")
     prepare_output_dir(output_dir)
     set_aside_unreadable_models(output_dir)  # a model file a kill left truncated never blocks a re-run
     return strategy, RunPaths.of(output_dir), is_chief
@@ -148,11 +148,11 @@ def start_run(cfg):
 # ----------------------------------------------------------------------------
 def check_num_classes(cfg, info):
     """ConfigError when `model.num_classes` differs from the classes the data source has."""
-    expected = cfg["model"]["num_classes"]
+    expected = cfg.model.num_classes
     found = len(info["class_names"])
     if found != expected:
         raise ConfigError(
-            f"model.num_classes={expected} but data.source={cfg['data']['source']!r} has {found} classes; "
+            f"model.num_classes={expected} but data.source={cfg.data.source!r} has {found} classes; "
             f"set model.num_classes={found}."
         )
 
@@ -169,15 +169,16 @@ def check_task_settings(cfg, task, neutral_values, message):
         message: the error after `section.key=value`, formatted with `key`
             (dotted), `neutral` ("null" for None).
     """
-    if cfg["train"]["strategy"] == "multi_worker":
+    if cfg.train.strategy == "multi_worker":
         raise ConfigError(
             f"train.strategy=multi_worker is not supported for task={task}; use auto, one_device or mirrored"
         )
     for (section, key), neutral in neutral_values.items():
-        if cfg[section][key] != neutral:
+        value = getattr(getattr(cfg, section), key)
+        if value != neutral:
             shown = "null" if neutral is None else neutral
             raise ConfigError(
-                f"{section}.{key}={cfg[section][key]!r} " + message.format(key=f"{section}.{key}", neutral=shown)
+                f"{section}.{key}={value!r} " + message.format(key=f"{section}.{key}", neutral=shown)
             )
 
 
@@ -189,17 +190,17 @@ def announce_run(cfg, info, strategy, paths, model_name, details=""):
     With `data.sampling: crop` the training count reads e.g. "12 train images x 8 crops
     = 96 windows" (x `data.repeat` when above 1) and the validation tiles follow the images.
     """
-    data_cfg = cfg["data"]
+    data_cfg = cfg.data
     if info.get("sampling") == "crop":
-        repeat = f" x {data_cfg['repeat']} repeats" if data_cfg["repeat"] > 1 else ""
+        repeat = f" x {data_cfg.repeat} repeats" if data_cfg.repeat > 1 else ""
         tiles = f" ({info['num_val_windows']} tiles)" if "num_val_windows" in info else ""
         counts = (f"{info['num_train']} train images x {info['crops_per_image']} crops{repeat} = "
                   f"{epoch_examples(cfg, info)} windows / {info['num_val']} val images{tiles}")
     else:
         counts = f"{info['num_train']} train / {info['num_val']} val images"
     print(
-        f"{model_name} on {data_cfg['source']}: {counts}"
-        f"{details}, batch {data_cfg['batch_size']} over {strategy.num_replicas_in_sync} replica(s), "
+        f"{model_name} on {data_cfg.source}: {counts}"
+        f"{details}, batch {data_cfg.batch_size} over {strategy.num_replicas_in_sync} replica(s), "
         f"policy {keras.mixed_precision.dtype_policy().name}, output {paths.root}"
     )
     return epoch_steps(cfg, info)
@@ -210,12 +211,12 @@ def epoch_examples(cfg, info):
     `data.crops_per_image` x `data.repeat`), else the training set x `data.repeat`."""
     if "num_train_windows" in info:
         return info["num_train_windows"]
-    return info["num_train"] * cfg["data"]["repeat"]
+    return info["num_train"] * cfg.data.repeat
 
 
 def epoch_steps(cfg, info):
     """Optimizer steps per epoch: `train.steps_per_epoch`, else whole batches of :func:`epoch_examples`."""
-    return cfg["train"]["steps_per_epoch"] or epoch_examples(cfg, info) // cfg["data"]["batch_size"]
+    return cfg.train.steps_per_epoch or epoch_examples(cfg, info) // cfg.data.batch_size
 
 
 # ----------------------------------------------------------------------------
@@ -229,18 +230,18 @@ def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmu
     average of the weights (Keras' `use_ema`); `fit_run` then validates and
     checkpoints the averaged weights.
     """
-    learning_rate = learning_rate or train_cfg["learning_rate"]
+    learning_rate = learning_rate or train_cfg.learning_rate
     schedule = WarmupSchedule(
         learning_rate,
         total_steps=steps_per_epoch * epochs,
-        warmup_steps=int(train_cfg["warmup_epochs"] * steps_per_epoch) if warmup else 0,
-        schedule=train_cfg["schedule"],
+        warmup_steps=int(train_cfg.warmup_epochs * steps_per_epoch) if warmup else 0,
+        schedule=train_cfg.schedule,
     )
-    weight_decay = train_cfg["weight_decay"] or None
-    ema = {"use_ema": True, "ema_momentum": train_cfg["ema_momentum"]} if train_cfg.get("ema_momentum") else {}
-    if train_cfg["optimizer"] == "sgd":
+    weight_decay = train_cfg.weight_decay or None
+    ema = {"use_ema": True, "ema_momentum": train_cfg.ema_momentum} if train_cfg.ema_momentum else {}
+    if train_cfg.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(
-            schedule, momentum=train_cfg["momentum"], nesterov=train_cfg["nesterov"], weight_decay=weight_decay,
+            schedule, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov, weight_decay=weight_decay,
             **ema,
         )
     else:
@@ -307,9 +308,9 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
     best = ModelCheckpoint(paths.best, monitor, previous_best(paths.history, monitor) if os.path.exists(paths.best)
                            else None)
     # Weight averaging: validation, checkpoints and backups at each epoch end see the EMA weights.
-    ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg["train"].get("ema_momentum") else []
+    ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.train.ema_momentum else []
     callbacks = [
-        StopOnNonFinite(cfg["train"]["learning_rate"]),  # before any save: a diverged epoch is never saved
+        StopOnNonFinite(cfg.train.learning_rate),  # before any save: a diverged epoch is never saved
         *ema,
         _LogLearningRate(),
         *extra_callbacks,
@@ -320,7 +321,7 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         _PlotCurves(paths.history, paths.curves, title, panels=panels, best_key=best_key),
         _backup_and_restore(backup_dir),
     ]
-    train_ds, steps_per_epoch = one_iterator_per_run(train_ds, cfg["train"]["steps_per_epoch"])
+    train_ds, steps_per_epoch = one_iterator_per_run(train_ds, cfg.train.steps_per_epoch)
     model.fit(
         train_ds,
         validation_data=val_ds,

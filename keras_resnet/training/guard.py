@@ -25,8 +25,13 @@ from contextlib import contextmanager
 import keras
 import yaml
 
-from keras_resnet.errors import RunFolderError, TrainingDivergedError
+from keras_resnet.config import load_config
 from keras_resnet.runs import atomic_output, prepare_output_dir
+from keras_resnet_settings.errors import (
+    ConfigError,
+    RunFolderError,
+    TrainingDivergedError,
+)
 
 # Recipe keys that may change between a run and its resume.
 RESUMABLE_CHANGES = ("output_dir", "train.epochs")
@@ -127,9 +132,17 @@ def _flatten(value, prefix=""):
 
 
 def recipe_changes(stored, cfg):
-    """The dotted keys in which recipe `cfg` differs from the `stored` one, beyond a resumable change."""
+    """The dotted keys in which recipe `cfg` differs from the `stored` dict, beyond a resumable change.
+
+    The stored recipe is loaded as any recipe (defaults of keys added since it was
+    written filled in); one that no longer loads is compared as written.
+    """
+    try:
+        stored = load_config(stored).to_dict()
+    except ConfigError:
+        pass
     old = _flatten(stored)
-    new = _flatten(json.loads(json.dumps(cfg)))  # tuples -> lists, as in recipe.yaml
+    new = _flatten(cfg.to_dict())
     changed = sorted(key for key in old.keys() | new.keys()
                      if key not in RESUMABLE_CHANGES and old.get(key, "<unset>") != new.get(key, "<unset>"))
     old_epochs, new_epochs = old.get("train.epochs"), new.get("train.epochs")

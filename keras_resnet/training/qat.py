@@ -16,7 +16,6 @@ from pathlib import Path
 import keras
 
 from keras_resnet.config import load_config
-from keras_resnet.errors import ConfigError
 from keras_resnet.quantization import quantize_aware
 from keras_resnet.runs import (
     BEST_MODEL_FILE,
@@ -24,6 +23,7 @@ from keras_resnet.runs import (
     RUN_RECIPE_FILE,
     read_run_info,
 )
+from keras_resnet_settings.errors import ConfigError
 
 QAT_DIR = "qat"
 LEARNING_RATE_FACTOR = 0.1  # default QAT learning rate: the recipe's times this
@@ -55,12 +55,12 @@ def qat_config(run_dir, epochs=None, learning_rate=None, overrides=()):
     """
     run_dir = check_finished_run(run_dir)
     recipe = load_config(run_dir / RUN_RECIPE_FILE)
-    if recipe["qat"]["source_run"]:
+    if recipe.qat.source_run:
         raise ConfigError(
-            f"{run_dir} is already a QAT run (of {recipe['qat']['source_run']}); export it, or pass the float run."
+            f"{run_dir} is already a QAT run (of {recipe.qat.source_run}); export it, or pass the float run."
         )
-    epochs = epochs or max(1, math.ceil(recipe["train"]["epochs"] * EPOCHS_FRACTION))
-    learning_rate = learning_rate or recipe["train"]["learning_rate"] * LEARNING_RATE_FACTOR
+    epochs = epochs or max(1, math.ceil(recipe.train.epochs * EPOCHS_FRACTION))
+    learning_rate = learning_rate or recipe.train.learning_rate * LEARNING_RATE_FACTOR
     return load_config(run_dir / RUN_RECIPE_FILE, [
         f"output_dir={run_dir / QAT_DIR}",
         f"qat.source_run={run_dir}",
@@ -84,7 +84,7 @@ def quantize_aware_from_run(cfg, info, model_class):
     Sets `info["preprocessing"]` to the source run's (run.json), which the
     model keeps inside.
     """
-    run_dir = check_finished_run(cfg["qat"]["source_run"])
+    run_dir = check_finished_run(cfg.qat.source_run)
     model = keras.saving.load_model(run_dir / BEST_MODEL_FILE, compile=False)
     if not isinstance(model, model_class):
         raise ConfigError(
@@ -92,7 +92,7 @@ def quantize_aware_from_run(cfg, info, model_class):
             f"qat.source_run must be a run of the same task."
         )
     info["preprocessing"] = read_run_info(run_dir).get("preprocessing", info.get("preprocessing"))
-    qat = quantize_aware(model, momentum=cfg["qat"]["momentum"])
+    qat = quantize_aware(model, momentum=cfg.qat.momentum)
     print(f"quantization-aware: {run_dir / BEST_MODEL_FILE} with BatchNorm folded and int8 fake quantization "
-          f"(weights per channel, activations per tensor, range momentum {cfg['qat']['momentum']})", flush=True)
+          f"(weights per channel, activations per tensor, range momentum {cfg.qat.momentum})", flush=True)
     return qat

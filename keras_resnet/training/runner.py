@@ -2,11 +2,10 @@
 
 Each loads the recipe and hands it to its task's module (`classification`,
 `segmentation`, `detection`), picked by the recipe's `task`
-(`keras_resnet.registry`). This is the only module that imports the task modules.
+(`keras_resnet_settings.registry`). This is the only module that imports the task modules.
 """
 
 from keras_resnet.config import load_config
-from keras_resnet.registry import CLASSIFICATION, DETECTION, SEGMENTATION
 from keras_resnet.runs import RunPaths
 from keras_resnet.training.classification import (
     evaluate_classification,
@@ -16,6 +15,7 @@ from keras_resnet.training.detection import evaluate_detection, train_detection
 from keras_resnet.training.engine import is_chief_process
 from keras_resnet.training.guard import guard_run
 from keras_resnet.training.segmentation import evaluate_segmentation, train_segmentation
+from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION
 
 TRAIN_BY_TASK = {
     CLASSIFICATION: train_classification,
@@ -46,11 +46,11 @@ def train_from_config(config, overrides=(), restart=False):
         The validation metrics of the best model (also in metrics.json).
     """
     cfg = load_config(config, overrides)
-    with guard_run(cfg, RunPaths.of(cfg["output_dir"]), is_chief=is_chief_process(cfg), restart=restart):
-        return TRAIN_BY_TASK[cfg["task"]](cfg)
+    with guard_run(cfg, RunPaths.of(cfg.output_dir), is_chief=is_chief_process(cfg), restart=restart):
+        return TRAIN_BY_TASK[cfg.task](cfg)
 
 
 def evaluate_from_config(config, overrides=()):
     """Evaluates the best model of a recipe's output_dir on its validation set."""
     cfg = load_config(config, overrides)
-    return EVALUATE_BY_TASK[cfg["task"]](cfg)
+    return EVALUATE_BY_TASK[cfg.task](cfg)

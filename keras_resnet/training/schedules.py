@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from keras_resnet.errors import ConfigError
+from keras_resnet_settings.errors import ConfigError
 
 
 @keras.saving.register_keras_serializable(package="keras_resnet")

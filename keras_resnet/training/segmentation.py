@@ -32,7 +32,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet.data.segmentation import IGNORE_INDEX, build_segmentation_datasets
-from keras_resnet.errors import ConfigError, DataError
 from keras_resnet.models.segmentation.losses import make_segmentation_loss
 from keras_resnet.models.segmentation.metrics import (
     PixelAccuracy,
@@ -41,13 +40,11 @@ from keras_resnet.models.segmentation.metrics import (
 )
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 from keras_resnet.models.tiling import (
-    DEFAULT_OVERLAP,
     DEFAULT_TILE_BATCH,
     keras_segment_function,
     model_tile,
     segment_tiled,
 )
-from keras_resnet.registry import SEGMENTATION
 from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
 from keras_resnet.training.backbones import (
@@ -57,6 +54,8 @@ from keras_resnet.training.backbones import (
 )
 from keras_resnet.training.plots import SEGMENTATION_PANELS, plt, save_figure
 from keras_resnet.visualize import overlay_mask
+from keras_resnet_settings.errors import ConfigError, DataError
+from keras_resnet_settings.registry import SEGMENTATION
 
 NUM_PREDICTION_EXAMPLES = 4
 # Recipe keys of classification training that segmentation does not implement: key -> neutral value.
@@ -74,7 +73,7 @@ def _check_segmentation_recipe(cfg):
 
 
 def _datasets(cfg):
-    return build_segmentation_datasets(cfg, seed=cfg["train"]["seed"])
+    return build_segmentation_datasets(cfg, seed=cfg.train.seed)
 
 
 def build_segmenter(cfg, info):
@@ -85,12 +84,12 @@ def build_segmenter(cfg, info):
     model; `model.weights` (a `.keras` model or keras.applications `.h5`)
     initialises the backbone; `model.freeze_stages` freezes its first stages.
     """
-    model_cfg = cfg["model"]
-    check_recipe_args("head_args", model_cfg["head_args"], ResNetSegmenter)
+    model_cfg = cfg.model
+    check_recipe_args("head_args", model_cfg.head_args, ResNetSegmenter)
     return build_model_from_config(
-        cfg, info, ResNetSegmenter, model_cfg["head"],
+        cfg, info, ResNetSegmenter, model_cfg.head,
         "model.head_args: {error}; allowed: head_width, decoder_width, aspp_rates, decoder_level",
-        head=model_cfg["head"], **model_cfg["head_args"],
+        head=model_cfg.head, **model_cfg.head_args,
     )
 
 
@@ -220,17 +219,17 @@ def evaluation_data(cfg, val_ds, info):
     `data.sampling: resize`: the validation batches, untiled (None). `crop`:
     the full validation images (`info["val_full"]`) and `data.tile_overlap`.
     """
-    data_cfg = cfg["data"]
-    if data_cfg.get("sampling", "resize") != "crop":
+    data_cfg = cfg.data
+    if data_cfg.sampling != "crop":
         return val_ds, None
-    return info["val_full"], float(data_cfg["tile_overlap"])
+    return info["val_full"], float(data_cfg.tile_overlap)
 
 
 def sampling_info(cfg) -> dict:
     """The run.json entries of the recipe's sampling: "sampling" and "tile_overlap" (read by `predict --tile auto`)."""
-    data_cfg = cfg["data"]
-    return {"sampling": data_cfg.get("sampling", "resize"),
-            "tile_overlap": data_cfg.get("tile_overlap", DEFAULT_OVERLAP)}
+    data_cfg = cfg.data
+    return {"sampling": data_cfg.sampling,
+            "tile_overlap": data_cfg.tile_overlap}
 
 
 # ----------------------------------------------------------------------------
@@ -243,7 +242,7 @@ def train_segmentation(cfg):
     >>> train_segmentation(load_config("tasks/segmentation/mosaic_deeplabv3plus_resnet18.yaml"))
     """
     _check_segmentation_recipe(cfg)
-    train_cfg, data_cfg = cfg["train"], cfg["data"]
+    train_cfg, data_cfg = cfg.train, cfg.data
     strategy, paths, _ = engine.start_run(cfg)
     output_dir = paths.root
 
@@ -251,29 +250,29 @@ def train_segmentation(cfg):
     start_epoch = engine.backup_epoch(backup_dir)
     if start_epoch:
         print(f"resuming from the backup in {backup_dir} at epoch {start_epoch + 1}")
-    train_ds, val_ds, info = build_segmentation_datasets(cfg, seed=train_cfg["seed"], start_epoch=start_epoch)
+    train_ds, val_ds, info = build_segmentation_datasets(cfg, seed=train_cfg.seed, start_epoch=start_epoch)
     engine.check_num_classes(cfg, info)
-    model_name = f"{cfg['model']['backbone']} + {cfg['model']['head']}"
+    model_name = f"{cfg.model.backbone} + {cfg.model.head}"
     steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, model_name)
     with strategy.scope():
         model = build_segmenter(cfg, info)
         try:
-            loss = make_segmentation_loss(train_cfg["loss"], IGNORE_INDEX, train_cfg["class_weights"])
+            loss = make_segmentation_loss(train_cfg.loss, IGNORE_INDEX, train_cfg.class_weights)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         model.compile(
-            optimizer=engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg["epochs"]),
+            optimizer=engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs),
             loss=loss,
-            metrics=[SegmentationMeanIoU(cfg["model"]["num_classes"], IGNORE_INDEX), PixelAccuracy(IGNORE_INDEX)],
-            jit_compile=train_cfg["jit_compile"],
+            metrics=[SegmentationMeanIoU(cfg.model.num_classes, IGNORE_INDEX), PixelAccuracy(IGNORE_INDEX)],
+            jit_compile=train_cfg.jit_compile,
         )
     engine.write_run_files(cfg, paths, {
         "task": "segmentation",
-        "preset": cfg["model"]["backbone"],
-        "head": cfg["model"]["head"],
+        "preset": cfg.model.backbone,
+        "head": cfg.model.head,
         "output_stride": model.backbone.output_stride,
-        "input_shape": list(cfg["model"]["input_shape"]),
-        "num_classes": cfg["model"]["num_classes"],
+        "input_shape": list(cfg.model.input_shape),
+        "num_classes": cfg.model.num_classes,
         "class_names": info["class_names"],
         "ignore_index": IGNORE_INDEX,
         "preprocessing": preprocessing_info(info),
@@ -284,17 +283,17 @@ def train_segmentation(cfg):
     start = time.time()
     with strategy.scope():
         engine.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",
-                title=f"{cfg['model']['backbone']} {cfg['model']['head']}", panels=SEGMENTATION_PANELS,
-                best_key="miou", backup_dir=backup_dir, epochs=train_cfg["epochs"])
+                title=f"{cfg.model.backbone} {cfg.model.head}", panels=SEGMENTATION_PANELS,
+                best_key="miou", backup_dir=backup_dir, epochs=train_cfg.epochs)
     train_seconds = time.time() - start
     eval_ds, tile_overlap = evaluation_data(cfg, val_ds, info)
     metrics = engine.finish_run(
         paths, lambda best: evaluate_segmenter(best, eval_ds, info["class_names"], output_dir, title="best model",
-                                               tile_overlap=tile_overlap, tile_batch_size=data_cfg["batch_size"]),
-        steps_per_epoch, data_cfg["batch_size"], train_seconds,
+                                               tile_overlap=tile_overlap, tile_batch_size=data_cfg.batch_size),
+        steps_per_epoch, data_cfg.batch_size, train_seconds,
     )
     print(
-        f"done: {cfg['model']['backbone']} {cfg['model']['head']} mIoU={metrics['mIoU']:.4f} "
+        f"done: {cfg.model.backbone} {cfg.model.head} mIoU={metrics['mIoU']:.4f} "
         f"pixel_accuracy={metrics['pixel_accuracy']:.4f} on {metrics['num_examples']} val images, "
         f"{metrics['epochs']} epochs, {train_seconds / 60:.1f} min -> {output_dir}"
     )
@@ -309,9 +308,9 @@ def evaluate_segmentation(cfg):
     """
     model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
     eval_ds, tile_overlap = evaluation_data(cfg, val_ds, info)
-    metrics = engine.keep_run_summary(cfg["output_dir"], lambda: evaluate_segmenter(
-        model, eval_ds, info["class_names"], cfg["output_dir"], title=model_path, tile_overlap=tile_overlap,
-        tile_batch_size=cfg["data"]["batch_size"]))
+    metrics = engine.keep_run_summary(cfg.output_dir, lambda: evaluate_segmenter(
+        model, eval_ds, info["class_names"], cfg.output_dir, title=model_path, tile_overlap=tile_overlap,
+        tile_batch_size=cfg.data.batch_size))
     print(
         f"evaluate: {model_path} mIoU={metrics['mIoU']:.4f} pixel_accuracy={metrics['pixel_accuracy']:.4f} "
         f"on {metrics['num_examples']} val images"

@@ -311,12 +311,12 @@ def crop_recipe(task="segmentation", source="mask_folder", **data):
 
 def test_crop_keys_load_with_their_defaults():
     cfg = load_config(crop_recipe(sampling="crop", crops_per_image=8, empty_crop_rate=0, tile_overlap=0.5))
-    data = cfg["data"]
-    assert (data["crops_per_image"], data["empty_crop_rate"], data["tile_overlap"]) == (8, 0.0, 0.5)
-    assert load_config(crop_recipe("detection", "coco", sampling="crop"))["data"]["sampling"] == "crop"
-    defaults = load_config(None)["data"]
-    assert (defaults["sampling"], defaults["crops_per_image"], defaults["empty_crop_rate"]) == ("resize", 1, 0.1)
-    assert defaults["tile_overlap"] == 0.25
+    data = cfg.data
+    assert (data.crops_per_image, data.empty_crop_rate, data.tile_overlap) == (8, 0.0, 0.5)
+    assert load_config(crop_recipe("detection", "coco", sampling="crop")).data.sampling == "crop"
+    defaults = load_config(None).data
+    assert (defaults.sampling, defaults.crops_per_image, defaults.empty_crop_rate) == ("resize", 1, 0.1)
+    assert defaults.tile_overlap == 0.25
 
 
 @pytest.mark.parametrize("recipe, message", [

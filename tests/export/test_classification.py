@@ -31,11 +31,11 @@ from PIL import Image
 
 from keras_resnet.cli import main
 from keras_resnet.data.images import find_image_files
-from keras_resnet.errors import ExportParityError
 from keras_resnet.export import export_model, load_exported_model
 from keras_resnet.export import parity as export_parity
 from keras_resnet.export.source import load_model_source
 from keras_resnet.predict.classification import predict_files
+from keras_resnet_settings.errors import ExportParityError
 from tests.helpers import randomize_batch_norm, tiny_classifier
 
 CLASS_COLOURS = {"blue": (30, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}

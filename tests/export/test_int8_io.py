@@ -37,11 +37,11 @@ from PIL import Image
 import keras_resnet.quantization
 from keras_resnet.cli import main
 from keras_resnet.data.images import find_image_files, load_images
-from keras_resnet.errors import ExportError, ModelError
 from keras_resnet.export import export_model, load_exported_model
 from keras_resnet.export import tflite as export_tflite
 from keras_resnet.export.tflite import interior_float_tensors, tflite_ops
 from keras_resnet.predict.classification import predict_files
+from keras_resnet_settings.errors import ExportError, ModelError
 from tests.export.test_classification import SIZE as CLASSIFIER_SIZE
 from tests.helpers import tiny_classifier
 

@@ -25,13 +25,13 @@ import tensorflow as tf
 import yaml
 from PIL import Image
 
-from keras_resnet.errors import ExportParityError
 from keras_resnet.export import export_model
 from keras_resnet.export import job as export_job
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
+from keras_resnet_settings.errors import ExportParityError
 from tests.helpers import tiny_classifier
 
 PERTURBATION = 1e-2

@@ -35,18 +35,35 @@ from PIL import Image
 
 from keras_resnet import ImageNormalization, ResNetSegmenter, RetinaNetDetector
 from keras_resnet.cli import main
+from keras_resnet.config import load_config
 from keras_resnet.export import export_model
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.retinanet.evaluation import coco_evaluate
 from keras_resnet.models.tiling import keras_segment_function, tile_weights
 from keras_resnet.predict.detection import predict_boxes
-from keras_resnet.predict.tiling import detect_tiled, predict_tiled, segment_tiled, tile_grid, tile_plan
-from keras_resnet.training.detection import detection_function, evaluate_detector, tiled_detections
+from keras_resnet.predict.tiling import (
+    detect_tiled,
+    predict_tiled,
+    segment_tiled,
+    tile_grid,
+    tile_plan,
+)
+from keras_resnet.training.detection import (
+    detection_function,
+    evaluate_detector,
+    tiled_detections,
+)
 from keras_resnet.training.segmentation import evaluate_segmenter, evaluation_data
 
 TILE = 16
 CLASS_NAMES = ["background", "a", "b"]
 
+
+
+def tiling_recipe(sampling):
+    """A segmentation recipe with `data.sampling` and tile_overlap 0.3."""
+    return load_config({"task": "segmentation", "model": {"num_classes": 3},
+                        "data": {"source": "mask_folder", "sampling": sampling, "tile_overlap": 0.3}})
 
 def conv_segmenter(kernel=1, depth=1, input_size=(None, None), classes=3, seed=0):
     """Per-pixel scores of `depth` convs of `kernel` x `kernel` ('same' padding); logits out."""
@@ -339,10 +356,10 @@ def test_crop_mode_evaluation_is_segment_tiled_over_the_full_images(tmp_path):
     val_full = tf.data.Dataset.from_generator(
         lambda: iter(pairs), output_signature=(tf.TensorSpec([None, None, 3], tf.float32),
                                                tf.TensorSpec([None, None], tf.int32)))
-    cfg = {"data": {"sampling": "crop", "tile_overlap": 0.3}}
+    cfg = tiling_recipe("crop")
     dataset, overlap = evaluation_data(cfg, "batches", {"val_full": val_full})
     assert dataset is val_full and overlap == 0.3
-    assert evaluation_data({"data": {"sampling": "resize", "tile_overlap": 0.3}}, "batches", {}) == ("batches", None)
+    assert evaluation_data(tiling_recipe("resize"), "batches", {}) == ("batches", None)
 
     metrics = evaluate_segmenter(model, dataset, CLASS_NAMES, tmp_path, tile_overlap=overlap, tile_batch_size=5)
     confusion = np.loadtxt(tmp_path / "confusion_matrix.csv", delimiter=",", dtype=np.int64)

@@ -11,10 +11,10 @@ import tensorflow as tf
 
 from keras_resnet.cli import main
 from keras_resnet.config import load_config
-from keras_resnet.errors import ConfigError
 from keras_resnet.training import budget
 from keras_resnet.training.classification import evaluate_classifier
 from keras_resnet.training.plots import read_history_csv
+from keras_resnet_settings.errors import ConfigError
 from tests.helpers import tiny_classifier
 from tests.training.test_classification import make_toy_folders, write_recipe
 
@@ -92,7 +92,7 @@ def test_a_resumed_run_follows_its_stored_plan(tmp_path, monkeypatch, capsys):
     (tmp_path / budget.PLAN_FILE).write_text(json.dumps({"epochs": 4, "warmup_epochs": 0.4}))
     planned, _, callbacks = budget.plan_epochs(cfg, None, None, None, None, 10, str(tmp_path), 0.0)
     assert (planned["train"]["epochs"], planned["train"]["warmup_epochs"]) == (4, 0.4)
-    assert cfg["train"]["epochs"] == 30  # the recipe itself is unchanged
+    assert cfg.train.epochs == 30  # the recipe itself is unchanged
     assert callbacks == []  # no deadline for a resumed run
     assert "resuming the plan" in capsys.readouterr().out
 

@@ -84,8 +84,8 @@ def test_recipe_errors_name_the_key(override, message, tmp_path, capsys):
 
 def test_default_recipe_is_a_valid_detection_recipe():
     cfg = load_config(RECIPE)
-    assert cfg["task"] == "detection" and cfg["model"]["head"] == "retinanet"
-    assert cfg["data"]["source"] == "mosaic" and cfg["model"]["input_shape"] == [256, 256, 1]
+    assert cfg.task == "detection" and cfg.model.head == "retinanet"
+    assert cfg.data.source == "mosaic" and cfg.model.input_shape == [256, 256, 1]
     with pytest.raises(ConfigError, match="detection head"):
         load_config(RECIPE, ["model.head=deeplabv3plus"])
 

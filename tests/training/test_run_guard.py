@@ -15,11 +15,12 @@ import tensorflow as tf
 from PIL import Image
 
 from keras_resnet.cli import main
-from keras_resnet.errors import ConfigError, TrainingDivergedError
+from keras_resnet.config import load_config
 from keras_resnet.runs import RunPaths
 from keras_resnet.training import engine
 from keras_resnet.training.plots import CLASSIFICATION_PANELS
 from keras_resnet.training.runner import train_from_config
+from keras_resnet_settings.errors import ConfigError, TrainingDivergedError
 from tests.helpers import tiny_classifier
 from tests.training.test_classification import make_toy_folders, write_recipe
 
@@ -162,7 +163,7 @@ def test_nan_in_a_later_epoch_keeps_the_last_finite_models(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
     model.compile("sgd", "categorical_crossentropy", metrics=[keras.metrics.CategoricalAccuracy(name="top1")])
     paths = RunPaths.of(tmp_path)
-    cfg = {"train": {"steps_per_epoch": 2, "ema_momentum": None, "learning_rate": 0.1}}
+    cfg = load_config({"train": {"steps_per_epoch": 2, "ema_momentum": None, "learning_rate": 0.1}})
     with pytest.raises(TrainingDivergedError, match="loss became NaN at epoch 2 step 1; lower train.learning_rate"):
         engine.fit_run(model, cfg, train, val, paths, monitor="val_top1", title="t", panels=CLASSIFICATION_PANELS,
                        best_key="top1", backup_dir=str(tmp_path / "backup"), epochs=3)

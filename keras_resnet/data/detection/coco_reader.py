@@ -16,7 +16,7 @@ from keras_resnet.data.detection.records import (
     check_box,
     checked_image_size,
 )
-from keras_resnet.errors import DataError
+from keras_resnet_settings.errors import DataError
 
 COCO_REQUIRED_KEYS = {
     "images": ("id", "file_name"),
@@ -25,15 +25,15 @@ COCO_REQUIRED_KEYS = {
 }
 
 
-def _check_coco_keys(data, path: Path) -> None:
-    if not isinstance(data, dict):
+def _check_coco_keys(coco, path: Path) -> None:
+    if not isinstance(coco, dict):
         raise DataError(f"{path} is not a COCO instances JSON (top level is not an object)")
     for key, item_keys in COCO_REQUIRED_KEYS.items():
-        if key not in data:
+        if key not in coco:
             raise DataError(
                 f"{path} has no {key!r} key; a COCO instances JSON needs 'images', 'annotations' and 'categories'"
             )
-        for index, item in enumerate(data[key]):
+        for index, item in enumerate(coco[key]):
             missing = [k for k in item_keys if k not in item]
             if missing:
                 raise DataError(
@@ -74,16 +74,16 @@ def coco(
     """
     path = Path(annotations)
     try:
-        data = json.loads(path.read_text())
+        coco = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise DataError(
             f"cannot read COCO JSON {path} ({error}); point data.train / data.val at the instances JSON"
         ) from None
-    _check_coco_keys(data, path)
+    _check_coco_keys(coco, path)
     folder = Path(images) if images is not None else path.parent
-    if not data["images"]:
+    if not coco["images"]:
         raise DataError(f"COCO JSON {path} lists no images; it is an empty dataset")
-    categories = sorted(data["categories"], key=lambda c: c["id"])
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
     names = [str(c["name"]) for c in categories]
     if class_names is not None and list(class_names) != names:
         raise DataError(
@@ -91,8 +91,8 @@ def coco(
             "use the same categories in train and val, or fix class_names"
         )
     class_of = {c["id"]: index for index, c in enumerate(categories)}
-    by_image = {image["id"]: [] for image in data["images"]}
-    for ann in data["annotations"]:
+    by_image = {image["id"]: [] for image in coco["images"]}
+    for ann in coco["annotations"]:
         if ann["image_id"] not in by_image:
             raise DataError(
                 f"{path} annotation {ann.get('id', '?')} is for image_id {ann['image_id']}, which is not in "
@@ -106,7 +106,7 @@ def coco(
         by_image[ann["image_id"]].append(ann)
     issues = BoxIssues(path)
     records = []
-    for image in progress(data["images"], f"checking {len(data['images'])} images of {path}"):
+    for image in progress(coco["images"], f"checking {len(coco['images'])} images of {path}"):
         file = folder / image["file_name"]
         width, height = checked_image_size(file, f"{path} image {image['id']}")
         boxes, classes, ignore = [], [], []

@@ -15,7 +15,7 @@ from PIL import Image
 from keras_resnet.data.common import keras_datasets_dir, progress
 from keras_resnet.data.detection.records import DetectionRecord
 from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-from keras_resnet.errors import DataError
+from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -50,8 +50,17 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.data.common import check_batch_fits, seeded_subset, shuffle_augment_batch
-from keras_resnet.data.crops import check_crop_args, count_tiles, crop_training_dataset, tile_dataset
+from keras_resnet.data.common import (
+    check_batch_fits,
+    seeded_subset,
+    shuffle_augment_batch,
+)
+from keras_resnet.data.crops import (
+    check_crop_args,
+    count_tiles,
+    crop_training_dataset,
+    tile_dataset,
+)
 from keras_resnet.data.detection.coco_reader import coco
 from keras_resnet.data.detection.geometry import (
     letterbox,
@@ -69,7 +78,7 @@ from keras_resnet.data.images import (
     letterbox_scale,
     to_channels,
 )
-from keras_resnet.errors import DataError
+from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +257,7 @@ def build_detection_datasets(
     input_shape = tuple(int(v) for v in input_shape)
     if len(input_shape) != 3 or input_shape[2] not in (1, 3):
         raise DataError(f"input_shape {list(input_shape)} must be [height, width, channels] with 1 or 3 channels")
-    check_crop_args(sampling, crops_per_image, empty_crop_rate, DataError)
+    check_crop_args(sampling, crops_per_image, empty_crop_rate)
     if sampling == "resize" and (crops_per_image, empty_crop_rate) != (1, 0.1):
         raise DataError("crops_per_image and empty_crop_rate apply to sampling='crop' only; pass sampling='crop'")
     mosaic_args = dict(mosaic_args or {})

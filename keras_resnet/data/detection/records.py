@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from keras_resnet.data.images import image_problem
-from keras_resnet.errors import DataError
+from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)
 

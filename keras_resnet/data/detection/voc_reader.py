@@ -19,7 +19,7 @@ from keras_resnet.data.detection.records import (
 )
 from keras_resnet.data.images import TRAINING_IMAGE_EXTENSIONS
 from keras_resnet.data.pascal_voc import VOC_CLASSES, read_split_ids
-from keras_resnet.errors import DataError
+from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from keras_resnet.data.segmentation.pipeline import (
     build_segmentation_datasets,
     resize_pair,
 )
-from keras_resnet.errors import SegmentationDataError
+from keras_resnet_settings.errors import SegmentationDataError
 
 __all__ = [
     "IGNORE_INDEX",

@@ -30,7 +30,7 @@ from keras_resnet.data.images import (
     image_problem,
 )
 from keras_resnet.data.pascal_voc import VOC_SEGMENTATION_CLASSES, read_split_ids
-from keras_resnet.errors import SegmentationDataError
+from keras_resnet_settings.errors import SegmentationDataError
 
 logger = logging.getLogger(__name__)
 

@@ -107,19 +107,19 @@ def _fresh_mosaic_dataset(items, labels, count: int, height: int, width: int, se
 
 def mosaic_datasets(cfg: dict, seed: int, start_epoch: int = 0):
     """Unbatched train and validation ``(image, mask)`` examples of a mosaic recipe, and the class names."""
-    height, width, channels = cfg["model"]["input_shape"]
-    data_cfg = cfg["data"]
+    height, width, channels = cfg.model.input_shape
+    data_cfg = cfg.data
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
-    if data_cfg["mosaic_fresh_each_epoch"]:
+    if data_cfg.mosaic_fresh_each_epoch:
         train = _fresh_mosaic_dataset(
-            x_train, y_train, data_cfg["mosaic_train_size"], height, width, seed, start_epoch
+            x_train, y_train, data_cfg.mosaic_train_size, height, width, seed, start_epoch
         )
     else:
         train = tf.data.Dataset.from_tensor_slices(
-            make_mosaic(x_train, y_train, data_cfg["mosaic_train_size"], height, width, seed)
+            make_mosaic(x_train, y_train, data_cfg.mosaic_train_size, height, width, seed)
         )
     val = tf.data.Dataset.from_tensor_slices(
-        make_mosaic(x_test, y_test, data_cfg["mosaic_val_size"], height, width, MOSAIC_VAL_SEED)
+        make_mosaic(x_test, y_test, data_cfg.mosaic_val_size, height, width, MOSAIC_VAL_SEED)
     )
 
     def to_examples(dataset):

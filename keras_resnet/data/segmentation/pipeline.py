@@ -29,7 +29,12 @@ import tensorflow as tf
 from PIL import Image
 
 from keras_resnet.data import crops
-from keras_resnet.data.common import RescaleCrop, check_batch_fits, seeded_subset, shuffle_augment_batch
+from keras_resnet.data.common import (
+    RescaleCrop,
+    check_batch_fits,
+    seeded_subset,
+    shuffle_augment_batch,
+)
 from keras_resnet.data.images import decode_image_file
 from keras_resnet.data.segmentation.masks import (
     IGNORE_INDEX,
@@ -40,7 +45,7 @@ from keras_resnet.data.segmentation.masks import (
     scan_voc,
 )
 from keras_resnet.data.segmentation.mosaic import MOSAIC_CLASSES, mosaic_datasets
-from keras_resnet.errors import SegmentationDataError
+from keras_resnet_settings.errors import SegmentationDataError
 
 STATS_SAMPLE_SIZE = 500
 
@@ -55,8 +60,8 @@ def resize_pair(image: tf.Tensor, mask: tf.Tensor, height: int, width: int):
 def _make_train_augment(augment_cfg: dict, input_shape):
     """`(image, mask, seed) -> (image, mask)`: rescale jitter, crop/pad, flip; same geometry for both."""
     height, width, channels = input_shape
-    low, high = augment_cfg["scale_range"]
-    flip = augment_cfg["horizontal_flip"]
+    low, high = augment_cfg.scale_range
+    flip = augment_cfg.horizontal_flip
 
     def augment(image, mask, seed):
         scale_seed, pad_seed, crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
@@ -115,30 +120,30 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
     >>> cfg = load_config("tasks/segmentation/mosaic_deeplabv3plus_resnet18.yaml")
     >>> train_ds, val_ds, info = build_segmentation_datasets(cfg)
     """
-    data_cfg = cfg["data"]
-    input_shape = list(cfg["model"]["input_shape"])
+    data_cfg = cfg.data
+    input_shape = list(cfg.model.input_shape)
     height, width, channels = input_shape
-    num_classes = cfg["model"]["num_classes"]
-    source = data_cfg["source"]
-    sampling = data_cfg.get("sampling", "resize")
-    crops_per_image = data_cfg.get("crops_per_image", 1) if sampling == "crop" else 1
-    crops.check_crop_args(sampling, crops_per_image, data_cfg.get("empty_crop_rate", 0.1), SegmentationDataError)
+    num_classes = cfg.model.num_classes
+    source = data_cfg.source
+    sampling = data_cfg.sampling
+    crops_per_image = data_cfg.crops_per_image if sampling == "crop" else 1
+    crops.check_crop_args(sampling, crops_per_image, data_cfg.empty_crop_rate)
     if sampling == "crop" and source not in ("mask_folder", "voc"):
         raise SegmentationDataError(f"data.sampling=crop needs data.source mask_folder or voc, not {source!r}")
     if source in ("mask_folder", "voc"):
         for key in ("train", "val"):
-            if not data_cfg[key]:
+            if not getattr(data_cfg, key):
                 what = "a folder with images/ and masks/" if source == "mask_folder" else "the VOC20xx root"
                 raise SegmentationDataError(f"data.{key} is required when data.source is {source}; set it to {what}")
         if source == "mask_folder":
-            train_pairs, class_names = scan_mask_folder(data_cfg["train"], num_classes, config_key="data.train")
-            val_pairs, _ = scan_mask_folder(data_cfg["val"], num_classes, config_key="data.val")
+            train_pairs, class_names = scan_mask_folder(data_cfg.train, num_classes, config_key="data.train")
+            val_pairs, _ = scan_mask_folder(data_cfg.val, num_classes, config_key="data.val")
         else:
-            train_pairs = scan_voc(data_cfg["train"], "train", num_classes, config_key="data.train")
-            val_pairs = scan_voc(data_cfg["val"], "val", num_classes, config_key="data.val")
+            train_pairs = scan_voc(data_cfg.train, "train", num_classes, config_key="data.train")
+            val_pairs = scan_voc(data_cfg.val, "val", num_classes, config_key="data.val")
             class_names = list(VOC_CLASSES)
-        train_pairs = [train_pairs[i] for i in seeded_subset(len(train_pairs), data_cfg["limit_train"], seed)]
-        val_pairs = [val_pairs[i] for i in seeded_subset(len(val_pairs), data_cfg["limit_val"], seed + 1)]
+        train_pairs = [train_pairs[i] for i in seeded_subset(len(train_pairs), data_cfg.limit_train, seed)]
+        val_pairs = [val_pairs[i] for i in seeded_subset(len(val_pairs), data_cfg.limit_val, seed + 1)]
         num_train, num_val = len(train_pairs), len(val_pairs)
         stats_images = np.stack([
             decode_image_file(path, height, width, channels).numpy()
@@ -152,36 +157,36 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
                 f"model.num_classes is {num_classes}; set model.num_classes={len(MOSAIC_CLASSES)}"
             )
         train, val, class_names = mosaic_datasets(cfg, seed, start_epoch)
-        num_train, num_val = data_cfg["mosaic_train_size"], data_cfg["mosaic_val_size"]
-        if data_cfg["limit_train"]:
-            num_train = min(num_train, data_cfg["limit_train"])
+        num_train, num_val = data_cfg.mosaic_train_size, data_cfg.mosaic_val_size
+        if data_cfg.limit_train:
+            num_train = min(num_train, data_cfg.limit_train)
             train = train.take(num_train)
-        if data_cfg["limit_val"]:
-            num_val = min(num_val, data_cfg["limit_val"])
+        if data_cfg.limit_val:
+            num_val = min(num_val, data_cfg.limit_val)
             val = val.take(num_val)
         stats_images = np.stack([image for image, _ in train.take(STATS_SAMPLE_SIZE).as_numpy_iterator()])
     else:
         raise SegmentationDataError(f"data.source {source!r} is not one of mask_folder, voc, mosaic")
-    batch_size = data_cfg["batch_size"]
-    check_batch_fits(batch_size, num_train, data_cfg["repeat"], error=SegmentationDataError,
+    batch_size = data_cfg.batch_size
+    check_batch_fits(batch_size, num_train, data_cfg.repeat, error=SegmentationDataError,
                      crops_per_image=crops_per_image)
     mean, std = _channel_stats(stats_images)
     info = {"class_names": class_names, "num_train": num_train, "num_val": num_val, "mean": mean, "std": std,
             "sampling": sampling, "crops_per_image": crops_per_image,
-            "num_train_windows": num_train * crops_per_image * data_cfg["repeat"], "num_val_windows": num_val}
+            "num_train_windows": num_train * crops_per_image * data_cfg.repeat, "num_val_windows": num_val}
     if sampling == "crop":
         info["num_val_windows"] = crops.count_tiles(_image_sizes(val_pairs), height, width)
         train, val, info["val_full"] = _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed,
                                                       info["num_val_windows"])
         return train, val, info
-    if data_cfg["cache"]:
+    if data_cfg.cache:
         val = val.cache()
-        if not (source == "mosaic" and data_cfg["mosaic_fresh_each_epoch"]):  # a cache would freeze epoch 1's
+        if not (source == "mosaic" and data_cfg.mosaic_fresh_each_epoch):  # a cache would freeze epoch 1's
             train = train.cache()
     val_full = val
     val = val.map(lambda image, mask: resize_pair(image, mask, height, width), num_parallel_calls=tf.data.AUTOTUNE)
     train, val = shuffle_augment_batch(
-        train, val, _make_train_augment(data_cfg["augment"], input_shape), data_cfg, num_train, seed
+        train, val, _make_train_augment(data_cfg.augment, input_shape), data_cfg, num_train, seed
     )
     info["val_full"] = val_full
     return train, val, info
@@ -198,11 +203,11 @@ def _image_sizes(pairs):
 
 def _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed, num_tiles):
     """`(train_ds, val_ds, val_full)` of `data.sampling: crop`: random windows, validation tiles, native pairs."""
-    data_cfg, augment_cfg = cfg["data"], cfg["data"]["augment"]
-    height, width, channels = cfg["model"]["input_shape"]
+    data_cfg, augment_cfg = cfg.data, cfg.data.augment
+    height, width, channels = cfg.model.input_shape
     crop = crops.make_mask_crop(
-        (height, width, channels), augment_cfg["scale_range"], augment_cfg["horizontal_flip"],
-        data_cfg["empty_crop_rate"], IGNORE_INDEX,
+        (height, width, channels), augment_cfg.scale_range, augment_cfg.horizontal_flip,
+        data_cfg.empty_crop_rate, IGNORE_INDEX,
     )
 
     sources, decode = native_pair_sources(train_pairs, channels, num_classes)
@@ -212,17 +217,17 @@ def _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed, num_tiles):
         return image, mask, crops.foreground_rows(mask, IGNORE_INDEX)
 
     train = crops.crop_training_dataset(
-        sources, decode_with_rows, crop, num_images=len(train_pairs), crops_per_image=data_cfg["crops_per_image"],
-        repeat=data_cfg["repeat"], batch_size=data_cfg["batch_size"], shuffle_buffer=data_cfg["shuffle_buffer"],
-        seed=seed, cache=data_cfg["cache"],
+        sources, decode_with_rows, crop, num_images=len(train_pairs), crops_per_image=data_cfg.crops_per_image,
+        repeat=data_cfg.repeat, batch_size=data_cfg.batch_size, shuffle_buffer=data_cfg.shuffle_buffer,
+        seed=seed, cache=data_cfg.cache,
     )
     val_sources, val_decode = native_pair_sources(val_pairs, channels, num_classes)
     val = val_sources.map(val_decode, num_parallel_calls=tf.data.AUTOTUNE)
-    val = val.cache() if data_cfg["cache"] else val
+    val = val.cache() if data_cfg.cache else val
 
     def tiles(image, mask):
         return crops.mask_tiles(image, mask, height, width, IGNORE_INDEX)
 
-    val_ds = crops.tile_dataset(val, tiles, lambda image, mask: (image, mask), data_cfg["batch_size"], num_tiles)
+    val_ds = crops.tile_dataset(val, tiles, lambda image, mask: (image, mask), data_cfg.batch_size, num_tiles)
     val_full = val.map(lambda image, mask: (tf.cast(image, tf.float32), tf.cast(mask, tf.int32)))
     return train, val_ds, val_full

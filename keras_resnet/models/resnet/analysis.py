@@ -15,9 +15,9 @@ from pathlib import Path
 
 import keras
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.resnet.presets import PRESETS
+from keras_resnet_settings.errors import ConfigError
 
 FIGURES_PATH = Path(__file__).with_name("preset_figures.json")
 

@@ -6,7 +6,6 @@ import sys
 import keras
 from keras import layers
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.layers.blocks import (
     BLOCK_TYPES,
     SHORTCUT_TYPES,
@@ -18,6 +17,7 @@ from keras_resnet.layers.blocks import (
 )
 from keras_resnet.models.resnet.presets import get_preset_config
 from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
+from keras_resnet_settings.errors import ConfigError
 
 STEM_TYPES = ("7x7", "deep", "cifar")
 

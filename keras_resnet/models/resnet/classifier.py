@@ -3,10 +3,10 @@
 import keras
 from keras import layers
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
 from keras_resnet.models.task import Task
+from keras_resnet_settings.errors import ConfigError
 
 POOLINGS = ("avg", "max")
 

@@ -13,9 +13,9 @@ import re
 import keras
 import numpy as np
 
-from keras_resnet.errors import ConversionError
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.weight_files import read_keras_h5
+from keras_resnet_settings.errors import ConversionError
 
 # keras.applications model name -> our preset.
 KERAS_APPLICATIONS_ARCHS = {

@@ -10,7 +10,7 @@ head, trainable) are in `REFERENCE_PARAMS` and checked by the tests.
 import copy
 import difflib
 
-from keras_resnet.errors import ConfigError
+from keras_resnet_settings.errors import ConfigError
 
 _DEPTHS = {
     18: ("basic", [2, 2, 2, 2]),

@@ -16,7 +16,6 @@ naming both) and loads it, and the head when its number of classes matches.
 import inspect
 import os
 
-from keras_resnet.errors import ConversionError
 from keras_resnet.models.resnet.keras_applications import (
     KerasApplicationsWeights,
     is_keras_model,
@@ -28,6 +27,7 @@ from keras_resnet.models.weight_files import (
     TORCH_SUFFIXES,
     is_torch_file,
 )
+from keras_resnet_settings.errors import ConversionError
 
 # Backbone arguments that change the graph or its numbers; the others (input_shape, output_stride, drop_path_rate,
 # frozen_stages, bn_momentum, zero_init_last_bn, name) leave the weights meaningful.

@@ -28,10 +28,10 @@ import re
 import keras
 import numpy as np
 
-from keras_resnet.errors import ConversionError
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.presets import get_preset_config
 from keras_resnet.models.weight_files import read_state_dict
+from keras_resnet_settings.errors import ConversionError
 
 # Source model name (torchvision / timm; timm names may carry a pretrained tag, "resnet50.a1_in1k") -> the
 # library that defines it. Each name is also the name of our preset with the same architecture.
@@ -166,18 +166,18 @@ def read_pretrained_cfg(source):
         return {}, None
     try:
         with open(path, encoding="utf-8") as stream:
-            data = json.load(stream)
+            hub_config = json.load(stream)
     except (OSError, ValueError) as error:
         raise ConversionError(
             f"{path} (beside the weights) is not readable JSON ({error}); fix or move it, timm's hub layout "
             "keeps the weights' pretrained_cfg there."
         ) from None
-    if not isinstance(data, dict):
+    if not isinstance(hub_config, dict):
         return {}, None
-    if isinstance(data.get("pretrained_cfg"), dict):
-        return dict(data["pretrained_cfg"]), f"{path} (pretrained_cfg)"
-    if "architecture" in data and "mean" in data:
-        return dict(data), f"{path} (pretrained_cfg)"
+    if isinstance(hub_config.get("pretrained_cfg"), dict):
+        return dict(hub_config["pretrained_cfg"]), f"{path} (pretrained_cfg)"
+    if "architecture" in hub_config and "mean" in hub_config:
+        return dict(hub_config), f"{path} (pretrained_cfg)"
     return {}, None
 
 

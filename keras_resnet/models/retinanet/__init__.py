@@ -24,7 +24,11 @@ from keras_resnet.models.retinanet.boxes import (
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.retinanet.encoder import RetinaNetLabelEncoder
-from keras_resnet.models.retinanet.losses import RetinaNetLoss, sigmoid_focal_loss, smooth_l1_loss
+from keras_resnet.models.retinanet.losses import (
+    RetinaNetLoss,
+    sigmoid_focal_loss,
+    smooth_l1_loss,
+)
 
 __all__ = [
     "AnchorGenerator",

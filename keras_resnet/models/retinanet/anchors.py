@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from keras_resnet.errors import ConfigError
+from keras_resnet_settings.errors import ConfigError
 
 DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 DEFAULT_SCALES = (1.0, 2.0 ** (1.0 / 3.0), 2.0 ** (2.0 / 3.0))

@@ -24,7 +24,7 @@ import math
 
 from keras import ops
 
-from keras_resnet.errors import ConfigError
+from keras_resnet_settings.errors import ConfigError
 
 BOX_FORMATS = ("xyxy", "yxyx", "xywh", "center_xywh")
 BOX_VARIANCE = (0.1, 0.1, 0.2, 0.2)

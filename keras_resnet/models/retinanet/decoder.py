@@ -36,9 +36,9 @@ max class score per anchor, one NMS over all classes) and runs
 import keras
 import tensorflow as tf
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.models.retinanet.anchors import AnchorGenerator
 from keras_resnet.models.retinanet.boxes import BOX_VARIANCE, clip_boxes, decode_boxes
+from keras_resnet_settings.errors import ConfigError
 
 PACKAGE = "keras_resnet"
 OUTPUT_KEYS = ("boxes", "scores", "classes", "num_detections")

@@ -32,7 +32,6 @@ import math
 import keras
 from keras import layers
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.layers.fpn import EXTRA_LEVEL_PADDINGS, EXTRA_LEVEL_SOURCES, FPN
 from keras_resnet.models.retinanet.anchors import (
     ANCHOR_LAYOUTS,
@@ -44,7 +43,12 @@ from keras_resnet.models.retinanet.boxes import BOX_VARIANCE
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.encoder import RetinaNetLabelEncoder
 from keras_resnet.models.task import Task
-from keras_resnet.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, detector_predict_tiled
+from keras_resnet.models.tiling import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE_BATCH,
+    detector_predict_tiled,
+)
+from keras_resnet_settings.errors import ConfigError
 
 HEAD_NORMS = (None, "group")
 # DetectionDecoder arguments a detector may carry as its defaults (`decoder_args`).

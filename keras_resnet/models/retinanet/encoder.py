@@ -22,9 +22,9 @@ box of higher IoU keeps it.
 
 import tensorflow as tf
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.models.retinanet.anchors import AnchorGenerator
 from keras_resnet.models.retinanet.boxes import BOX_VARIANCE, encode_boxes, pairwise_iou
+from keras_resnet_settings.errors import ConfigError
 
 BACKGROUND = -1.0
 IGNORE = -2.0

@@ -28,13 +28,13 @@ Everything is computed in float32, whatever the model's dtype policy.
 import keras
 from keras import ops
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.models.retinanet.boxes import (
     BOX_VARIANCE,
     MAX_LOG_SCALE,
     convert_format,
     generalized_iou,
 )
+from keras_resnet_settings.errors import ConfigError
 
 PACKAGE = "keras_resnet"
 BOX_LOSSES = ("smooth_l1", "giou")

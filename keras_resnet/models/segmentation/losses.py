@@ -11,7 +11,7 @@ them into the batch loss.
 import keras
 from keras import ops
 
-from keras_resnet.errors import ConfigError
+from keras_resnet_settings.errors import ConfigError
 
 PACKAGE = "keras_resnet"
 

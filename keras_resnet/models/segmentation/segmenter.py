@@ -28,11 +28,15 @@ import warnings
 import keras
 from keras import layers
 
-from keras_resnet.errors import ConfigError
 from keras_resnet.layers.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn
 from keras_resnet.models.task import Task
-from keras_resnet.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, segmenter_predict_tiled
-from keras_resnet.registry import SEGMENTATION_HEADS
+from keras_resnet.models.tiling import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE_BATCH,
+    segmenter_predict_tiled,
+)
+from keras_resnet_settings.errors import ConfigError
+from keras_resnet_settings.registry import SEGMENTATION_HEADS
 
 HEADS = SEGMENTATION_HEADS
 ACTIVATIONS = (None, "softmax")
