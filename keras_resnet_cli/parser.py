@@ -27,13 +27,15 @@ def _tile_arg(text):
 
 
 def _overlap_arg(text):
-    from keras_resnet_settings import check_setting
+    from keras_resnet_settings import check_setting, range_of
     from keras_resnet_settings.errors import ConfigError
 
     try:
         return check_setting("data.tile_overlap", float(text), shown_as="--tile-overlap")
-    except (ValueError, ConfigError) as error:
-        raise argparse.ArgumentTypeError(f"expected a fraction (data.tile_overlap), got {text!r}: {error}") from None
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in {range_of('data.tile_overlap')} (as data.tile_overlap), got {text!r}"
+        ) from None
 
 
 def _declared(parser, flag, key, **kwargs):

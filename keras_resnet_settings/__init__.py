@@ -22,6 +22,7 @@ from keras_resnet_settings.loading import (
     dump_config,
     help_of,
     load_config,
+    range_of,
     settings_from,
     to_dict,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "dump_config",
     "help_of",
     "load_config",
+    "range_of",
     "settings_from",
     "to_dict",
 ]

@@ -28,7 +28,13 @@ from keras_resnet_settings.fields import (
 from keras_resnet_settings.fields import (
     plain as _plain,
 )
-from keras_resnet_settings.recipe import CROP_SOURCES, CROP_TASKS, DataSettings, ExportSettings, Recipe
+from keras_resnet_settings.recipe import (
+    CROP_SOURCES,
+    CROP_TASKS,
+    DataSettings,
+    ExportSettings,
+    Recipe,
+)
 from keras_resnet_settings.registry import (
     DETECTION,
     HEADS_BY_TASK,
@@ -362,6 +368,11 @@ def default(key: str) -> Any:
 def allowed(key: str) -> tuple:
     """The declared allowed values of setting `key` (``allowed("export.quantize")``)."""
     return _declaration(key)[2].allowed
+
+
+def range_of(key: str) -> str:
+    """The declared range of setting `key` as text (``range_of("data.tile_overlap")`` -> "[0, 0.9]")."""
+    return _declaration(key)[2].range_text()
 
 
 def help_of(key: str) -> str:

@@ -4,7 +4,14 @@ import dataclasses
 
 import pytest
 
-from keras_resnet.config import TASKS, ConfigError, Recipe, TrainSettings, dump_config, load_config
+from keras_resnet.config import (
+    TASKS,
+    ConfigError,
+    Recipe,
+    TrainSettings,
+    dump_config,
+    load_config,
+)
 
 
 def write(tmp_path, text, name="recipe.yaml"):

@@ -21,7 +21,13 @@ from keras_resnet_settings import (
 )
 from keras_resnet_settings.errors import ConfigError
 from keras_resnet_settings.explain import REFERENCE_FILE, reference_markdown, rows
-from keras_resnet_settings.fields import default_of, hints, is_section, rule_of, check_value
+from keras_resnet_settings.fields import (
+    check_value,
+    default_of,
+    hints,
+    is_section,
+    rule_of,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAVED = Path(__file__).resolve().parent / "fixtures" / "saved_recipes"
@@ -140,7 +146,7 @@ def test_yaml_float_hint_names_a_form_that_parses():
 
 def test_reference_file_is_current_and_lists_every_key():
     text = (ROOT / REFERENCE_FILE).read_text()
-    assert text == reference_markdown(), f"stale: run python -m keras_resnet_settings.explain --write"
+    assert text == reference_markdown(), "stale: run python -m keras_resnet_settings.explain --write"
     for key, *_ in rows():
         assert f"| `{key}` |" in text, key
     assert "| `export.quantize` |" in text

@@ -308,7 +308,8 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
     if data_cfg.cache:
         train, val = train.cache(), val.cache()
     train, val = shuffle_augment_batch(
-        train, val, _make_augment(data_cfg.augment, input_shape), data_cfg, num_train, seed
+        train, val, _make_augment(data_cfg.augment, input_shape), num_train, seed,
+        batch_size=data_cfg.batch_size, shuffle_buffer=data_cfg.shuffle_buffer, repeat=data_cfg.repeat,
     )
     info = {
         "class_names": list(class_names),

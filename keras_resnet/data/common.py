@@ -57,26 +57,25 @@ def check_batch_fits(batch_size, num_train, repeat=1, what="training examples", 
     )
 
 
-def shuffle_augment_batch(train, val, augment, data_cfg, num_train, seed):
+def shuffle_augment_batch(train, val, augment, num_train, seed, *, batch_size, shuffle_buffer, repeat=1):
     """The tail of every training pipeline: shuffle, seeded augmentation, batching.
 
     Args:
         train, val: unbatched (and possibly cached) datasets of examples.
         augment: `(*example, seed) -> example`, tf ops only; the seed is a
             per-example `[2]` int64 tensor that changes every epoch.
-        data_cfg: the recipe's `data` section (`shuffle_buffer`, `batch_size`,
-            `repeat`: each example that many times per epoch, default 1).
         num_train: training examples (caps the shuffle buffer).
         seed: shuffle and augmentation seed.
+        batch_size, shuffle_buffer: `data.batch_size`, `data.shuffle_buffer`.
+        repeat: each example this many times per epoch (`data.repeat`).
 
     Returns:
         `(train, val)`: train shuffled, augmented and batched with
         `drop_remainder=True`; val batched; both prefetched.
     """
-    batch_size, repeat = data_cfg.batch_size, data_cfg.repeat
     if repeat > 1:
         train = train.repeat(repeat)
-    train = train.shuffle(min(data_cfg.shuffle_buffer, num_train * repeat), seed=seed,
+    train = train.shuffle(min(shuffle_buffer, num_train * repeat), seed=seed,
                           reshuffle_each_iteration=True)
     augment_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     train = tf.data.Dataset.zip((train, augment_seeds)).map(

@@ -25,8 +25,8 @@ foreground pixel for masks. Images without objects always give uniform
 windows. The epoch length never changes (no ``tf.data`` filter).
 
 Validation cuts each image into a grid of non-overlapping input-size tiles
-(:func:`grid_offsets`, :func:`grid_tiles`), row by row, the last row and
-column padded.
+(`keras_resnet.tiling.grid_tiles`: overlap 0, padding "pad"), row by row, the
+last row and column padded.
 
 Example:
 >>> crop = make_mask_crop((256, 256, 3), scale_range=(0.75, 1.25), horizontal_flip=True,
@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
+from keras_resnet.tiling.grid import grid_origins, grid_tiles
 from keras_resnet_settings import check_setting
 
 
@@ -169,33 +170,6 @@ def _nearest_indices(size, output: int):
     scale = tf.cast(size, tf.float32) / float(output)
     index = tf.cast(tf.floor((tf.range(output, dtype=tf.float32) + 0.5) * scale), tf.int32)
     return tf.minimum(index, size - 1)
-
-
-def grid_offsets(image_h, image_w, height: int, width: int):
-    """int32 `(rows * cols, 2)` `(top, left)` of the non-overlapping input-size tiles covering an image, row by row."""
-    rows, cols = (image_h + height - 1) // height, (image_w + width - 1) // width
-    tops = tf.repeat(tf.range(rows) * height, cols)
-    lefts = tf.tile(tf.range(cols) * width, [rows])
-    return tf.stack([tops, lefts], axis=-1)
-
-
-def grid_tiles(image, height: int, width: int, fill=0):
-    """`(rows * cols, height, width, ...)` tiles of `image` in :func:`grid_offsets` order.
-
-    The last row and column are padded with `fill`.
-    """
-    image = tf.convert_to_tensor(image)
-    squeeze = image.shape.rank == 2
-    if squeeze:
-        image = image[..., None]
-    shape = tf.shape(image)
-    rows, cols = (shape[0] + height - 1) // height, (shape[1] + width - 1) // width
-    padded = tf.pad(image, [[0, rows * height - shape[0]], [0, cols * width - shape[1]], [0, 0]],
-                    constant_values=tf.cast(fill, image.dtype))
-    channels = image.shape[-1]
-    tiles = tf.reshape(padded, [rows, height, cols, width, channels])
-    tiles = tf.reshape(tf.transpose(tiles, [0, 2, 1, 3, 4]), [rows * cols, height, width, channels])
-    return tiles[..., 0] if squeeze else tiles
 
 
 def random_flip(seed, image, *others):
@@ -380,5 +354,5 @@ def mask_tiles(image, mask, height: int, width: int, ignore_index: int = 255):
 
 
 def count_tiles(sizes, height: int, width: int) -> int:
-    """Validation tiles of images of `(h, w)` `sizes` (see :func:`grid_offsets`)."""
-    return int(sum(-(-h // height) * -(-w // width) for h, w in sizes))
+    """Validation tiles of images of `(h, w)` `sizes` (`keras_resnet.tiling.grid_origins`, overlap 0, "pad")."""
+    return int(sum(int(tf.shape(grid_origins(h, w, height, width, 0.0, "pad"))[0]) for h, w in sizes))

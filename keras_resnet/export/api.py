@@ -22,9 +22,9 @@ from __future__ import annotations
 from keras_resnet.export.classification import ClassificationExport
 from keras_resnet.export.detection import DetectionExport
 from keras_resnet.export.job import ExportRequest, step
+from keras_resnet.export.options import check_options
 from keras_resnet.export.segmentation import SegmentationExport
 from keras_resnet.export.source import load_model_source, task_of
-from keras_resnet.export.options import check_options
 from keras_resnet_settings import default
 from keras_resnet_settings.errors import ExportError
 from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION

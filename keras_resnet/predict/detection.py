@@ -34,9 +34,10 @@ from keras_resnet.export.contract import RAW_NAME
 from keras_resnet.export.loading import as_exported_model
 from keras_resnet.export.source import load_keras_model
 from keras_resnet.models.retinanet.decoder import decoder_from_config
-from keras_resnet.models.tiling import DEFAULT_TILE_BATCH, detect_tiled
+from keras_resnet.predict.progress import terminal_progress
 from keras_resnet.predict.tiling import decoder_setting, tile_plan
 from keras_resnet.runs import BEST_MODEL_FILE, RUN_INFO_FILE, read_json, read_run_info
+from keras_resnet.tiling import DEFAULT_TILE_BATCH, detect_tiled
 from keras_resnet.visualize import draw_detections
 from keras_resnet_settings.errors import ModelError
 from keras_resnet_settings.registry import DETECTION
@@ -178,7 +179,8 @@ def predict_boxes(model_path, image_paths, output_dir, score_threshold=None, max
         window = plan.window(*original.shape[:2])
         if window is not None:
             found = detect_tiled(run, original, window, plan.overlap, batch_size,
-                                 iou_threshold=decoder_setting(info, "iou_threshold", 0.5), max_detections=merged_max)
+                                 iou_threshold=decoder_setting(info, "iou_threshold", 0.5), max_detections=merged_max,
+                                 progress=terminal_progress())
             boxes, scores, classes = found["boxes"], found["scores"], found["classes"]
         else:
             letterboxed, scale = letterbox_images(original[None], height, width)

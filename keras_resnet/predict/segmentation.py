@@ -34,13 +34,14 @@ from keras_resnet.data.images import find_image_files, load_image, read_image
 from keras_resnet.export.contract import MASK_NAME
 from keras_resnet.export.loading import as_exported_model
 from keras_resnet.export.source import load_keras_model
-from keras_resnet.models.tiling import (
+from keras_resnet.predict.progress import terminal_progress
+from keras_resnet.predict.tiling import run_info_near, tile_plan
+from keras_resnet.runs import BEST_MODEL_FILE
+from keras_resnet.tiling import (
     DEFAULT_TILE_BATCH,
     keras_segment_function,
     segment_tiled,
 )
-from keras_resnet.predict.tiling import run_info_near, tile_plan
-from keras_resnet.runs import BEST_MODEL_FILE
 from keras_resnet.visualize import overlay_mask, save_index_mask
 from keras_resnet_settings.errors import ModelError
 from keras_resnet_settings.registry import SEGMENTATION
@@ -144,7 +145,8 @@ def predict_masks(model_path_or_run_dir, images, output_dir, tile="off", overlap
         window = plan.window(original_height, original_width)
         if window is not None:
             pixels = read_image(path, channels).astype(np.float32)
-            probabilities = segment_tiled(segmenter.probabilities, pixels, window, plan.overlap, batch_size)
+            probabilities = segment_tiled(segmenter.probabilities, pixels, window, plan.overlap, batch_size,
+                                          progress=terminal_progress())
             mask = probabilities.argmax(axis=-1).astype(np.int32)
         else:
             model_input = load_image(path, height or original_height, width or original_width, channels)

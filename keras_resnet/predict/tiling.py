@@ -1,10 +1,10 @@
 """Tiled (sliding-window) prediction with any model form: Keras model, `.keras`, run dir, SavedModel, TFLite, ONNX.
 
-The windows, the blending of segmentation probabilities and the NMS merge of
-detections are `keras_resnet.models.tiling` (re-exported here: `tile_grid`,
-`segment_tiled`, `detect_tiled`); this module runs them around a model of
+The grid, the blending of segmentation probabilities and the NMS merge of
+detections are `keras_resnet.tiling`; this module runs them around a model of
 any form, on the host: an export runs window batches at its own input size
-(tiles must be that size), a Keras model through a traced function.
+(tiles must be that size), a Keras model through its `predict_tiled` method
+or a traced function.
 
 `predict_tiled` is the Python entry point; `TilePlan` is how
 `keras-resnet predict --tile auto|off|SIZE` decides per image.
@@ -22,18 +22,17 @@ import numpy as np
 from keras_resnet.data.images import read_image
 from keras_resnet.export.contract import MASK_NAME, OUTPUT_NAME
 from keras_resnet.export.loading import ExportedModel, load_exported_model
-from keras_resnet.models.tiling import (
+from keras_resnet.predict.progress import terminal_progress
+from keras_resnet.runs import RUN_INFO_FILE, read_json, read_run_info
+from keras_resnet.tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_BATCH,
     as_image,
     detect_tiled,
-    merge_detections,
+    keras_segment_function,
+    model_tile,
     segment_tiled,
-    segmenter_predict_tiled,
-    tile_grid,
-    tile_weights,
 )
-from keras_resnet.runs import RUN_INFO_FILE, read_json, read_run_info
 from keras_resnet_settings import check_setting
 from keras_resnet_settings.errors import ConfigError, ModelError
 from keras_resnet_settings.registry import DETECTION, SEGMENTATION
@@ -150,14 +149,16 @@ def _predict_exported(model: ExportedModel, image, tile, overlap, batch_size, pr
     image = _image_for(image, model.input_shape[-1])
     if model.task == SEGMENTATION:
         probabilities = segment_tiled(
-            lambda windows: model.predict_outputs(windows)[OUTPUT_NAME], image, window, overlap, batch_size, progress
+            lambda windows: model.predict_outputs(windows)[OUTPUT_NAME], image, window, overlap, batch_size,
+            terminal_progress(progress),
         )
         return {OUTPUT_NAME: probabilities, MASK_NAME: probabilities.argmax(-1).astype(np.int32)}
     if model.task == DETECTION:
         return detect_tiled(
             model.predict_outputs, image, window, overlap, batch_size,
             iou_threshold=decoder_setting(model.metadata, "iou_threshold", 0.5),
-            max_detections=decoder_setting(model.metadata, "max_detections", 100), progress=progress,
+            max_detections=decoder_setting(model.metadata, "max_detections", 100),
+            progress=terminal_progress(progress),
         )
     raise ModelError(f"{model.path} is a {model.task} model; tiled prediction is for segmenters and detectors")
 
@@ -204,23 +205,21 @@ def predict_tiled(model, image, tile=None, overlap: float = DEFAULT_OVERLAP, bat
     if not isinstance(model, keras.Model):
         raise ModelError(f"predict_tiled takes a Keras model, an ExportedModel or a model path, not {type(model)}")
     image = _image_for(image, model.input_shape[-1])
+    hook = terminal_progress(progress)
     if hasattr(model, "predict_tiled"):  # ResNetSegmenter, RetinaNetDetector
-        return model.predict_tiled(image, tile=tile, overlap=overlap, batch_size=batch_size, progress=progress)
+        return model.predict_tiled(image, tile=tile, overlap=overlap, batch_size=batch_size, progress=hook)
     if len(model.output_shape) == 4:
-        return segmenter_predict_tiled(model, image, tile, overlap, batch_size, progress)
+        probabilities = segment_tiled(keras_segment_function(model), image, model_tile(model, tile), overlap,
+                                      batch_size, hook)
+        return {OUTPUT_NAME: probabilities, MASK_NAME: probabilities.argmax(-1).astype(np.int32)}
     raise ModelError(f"{model.name} is not a segmenter or detector; tiled prediction is for those")
 
 
 __all__ = [
     "TilePlan",
     "decoder_setting",
-    "detect_tiled",
-    "merge_detections",
     "predict_tiled",
     "run_info_near",
-    "segment_tiled",
-    "tile_grid",
     "tile_plan",
     "tile_request",
-    "tile_weights",
 ]

@@ -22,7 +22,7 @@ decoded, NMS-ed detections mapped back to original image pixels. A run
 with `data.sampling: crop` trains on input-size windows of images at their
 own resolution; its mAP (per epoch, val_mAP, and final) slides the model
 over each full validation image instead (`data.tile_overlap`), merging the
-windows' boxes by class-wise NMS (`keras_resnet.models.tiling.detect_tiled`).
+windows' boxes by class-wise NMS (`keras_resnet.tiling.detect_tiled`).
 """
 
 import os
@@ -44,8 +44,8 @@ from keras_resnet.models.retinanet.evaluation import (
     print_detection_table,
 )
 from keras_resnet.models.retinanet.losses import RetinaNetLoss
-from keras_resnet.models.tiling import DEFAULT_TILE_BATCH, detect_tiled
 from keras_resnet.runs import atomic_output, write_json
+from keras_resnet.tiling import DEFAULT_TILE_BATCH, detect_tiled
 from keras_resnet.training import engine
 from keras_resnet.training.backbones import (
     build_model_from_config,
@@ -178,7 +178,7 @@ def tiled_detections(model, info, decoder_args, tile_overlap, detect=None, batch
 
     Each image's model-input windows (overlap `tile_overlap`) are detected
     and merged by class-wise NMS at the decoder's IoU threshold and
-    `max_detections` (`keras_resnet.models.tiling.detect_tiled`).
+    `max_detections` (`keras_resnet.tiling.detect_tiled`).
 
     Returns:
         `(rows, examples)`: float64 `(K, 7)` rows `(image_id, x_min, y_min,

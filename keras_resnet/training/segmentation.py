@@ -39,13 +39,13 @@ from keras_resnet.models.segmentation.metrics import (
     confusion_to_iou,
 )
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
-from keras_resnet.models.tiling import (
+from keras_resnet.runs import atomic_output, write_json
+from keras_resnet.tiling import (
     DEFAULT_TILE_BATCH,
     keras_segment_function,
     model_tile,
     segment_tiled,
 )
-from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.training import engine
 from keras_resnet.training.backbones import (
     build_model_from_config,
@@ -147,7 +147,7 @@ def _predicted_batches(model, val_ds, tile_overlap, tile_batch_size):
     tile_shape = model_tile(model)
     for image, mask in val_ds:
         image = np.asarray(image, np.float32)
-        stitched = segment_tiled(probabilities, image, tile_shape, tile_overlap, tile_batch_size, progress=False)
+        stitched = segment_tiled(probabilities, image, tile_shape, tile_overlap, tile_batch_size)
         yield image[None], np.asarray(mask)[None], stitched.argmax(axis=-1).astype(np.int32)[None]
 
 
@@ -169,7 +169,7 @@ def evaluate_segmenter(model, val_ds, class_names, output_dir, title="validation
         title: title of the printed table.
         tile_overlap: None (each batch is segmented whole), or the overlap
             of the model-input windows that slide over each full image
-            (`keras_resnet.models.tiling.segment_tiled`): metrics at native
+            (`keras_resnet.tiling.segment_tiled`): metrics at native
             resolution, as `keras-resnet predict --tile` segments.
         tile_batch_size: windows run at a time when tiling.
 

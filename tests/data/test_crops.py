@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from keras_resnet.config import ConfigError, load_config
-from keras_resnet.data import DataError, SegmentationDataError, crops
+from keras_resnet.data import SegmentationDataError, crops
 from keras_resnet.data.detection import build_detection_datasets
 from keras_resnet.data.detection.geometry import make_detection_crop, window_boxes
 from keras_resnet.data.segmentation import build_segmentation_datasets
@@ -229,7 +229,7 @@ def test_epoch_is_images_x_crops_x_repeat(tmp_path):
     with pytest.raises(SegmentationDataError, match=r"3 training examples x data.repeat=2 x data.crops_per_image=4"):
         build_segmentation_datasets(segmentation_cfg(tmp_path, crops_per_image=4, repeat=2, batch_size=25))
     build_segmentation_datasets(segmentation_cfg(tmp_path, crops_per_image=4, repeat=2, batch_size=24))
-    with pytest.raises(DataError, match="sampling='tiles' must be one of resize, crop"):
+    with pytest.raises(ConfigError, match="'data.sampling' must be one of 'resize', 'crop', got 'tiles'"):
         build_detection_datasets("voc", tmp_path / "voc", tmp_path / "voc", sampling="tiles")
 
 
@@ -329,8 +329,8 @@ def test_crop_keys_load_with_their_defaults():
     (crop_recipe(sampling="crop", crops_per_image=2.5), r"'data.crops_per_image' must be an int"),
     (crop_recipe(sampling="crop", empty_crop_rate=1.5), r"'data.empty_crop_rate' must be in \[0, 1\]"),
     (crop_recipe(sampling="crop", tile_overlap=0.95), r"'data.tile_overlap' must be in \[0, 0.9\]"),
-    (crop_recipe(crops_per_image=4), r"'data.crops_per_image'=4 .* only applies with data.sampling=crop"),
-    (crop_recipe(empty_crop_rate=0.5), r"'data.empty_crop_rate'=0.5 .* only applies with data.sampling=crop"),
+    (crop_recipe(crops_per_image=4), r"'data.crops_per_image'=4 only applies with data.sampling=crop"),
+    (crop_recipe(empty_crop_rate=0.5), r"'data.empty_crop_rate'=0.5 only applies with data.sampling=crop"),
 ])
 def test_bad_crop_keys_are_one_line_errors(recipe, message):
     with pytest.raises(ConfigError, match=message) as error:

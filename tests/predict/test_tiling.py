@@ -39,14 +39,16 @@ from keras_resnet.config import load_config
 from keras_resnet.export import export_model
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.retinanet.evaluation import coco_evaluate
-from keras_resnet.models.tiling import keras_segment_function, tile_weights
 from keras_resnet.predict.detection import predict_boxes
-from keras_resnet.predict.tiling import (
+from keras_resnet.predict.tiling import predict_tiled, tile_plan
+from keras_resnet.tiling import (
     detect_tiled,
-    predict_tiled,
+    grid_origins,
+    grid_tiles,
+    keras_segment_function,
     segment_tiled,
     tile_grid,
-    tile_plan,
+    tile_weights,
 )
 from keras_resnet.training.detection import (
     detection_function,
@@ -92,6 +94,10 @@ def test_the_grid_covers_the_image_and_ends_flush():
     assert tile_grid(20, 70, 32, 32, 0.5) == [(0, 0), (0, 16), (0, 32), (0, 38)]  # one padded row of windows
     assert tile_grid(10, 12, 32, 32, 0.25) == [(0, 0)]
     assert tile_grid(64, 64, 32, 32, 0.0) == [(0, 0), (0, 32), (32, 0), (32, 32)]
+    # the same grid with padding "pad" keeps the stride and hangs the last window over the border
+    assert grid_origins(20, 70, 32, 32, 0.5, "pad").numpy().tolist() == [[0, 0], [0, 16], [0, 32], [0, 48]]
+    assert grid_origins(65, 64, 32, 32, 0.0, "pad").numpy().tolist() == [
+        [y, x] for y in (0, 32, 64) for x in (0, 32)]  # the validation tiles: 3 rows, the last padded
     covered = np.zeros((61, 45), int)
     for y, x in tile_grid(61, 45, 16, 20, 0.3):
         covered[y:y + 16, x:x + 20] += 1
@@ -104,6 +110,17 @@ def test_the_grid_covers_the_image_and_ends_flush():
 
 # --------------------------------------------------------------------------- segmentation
 
+
+
+def test_validation_tiles_in_a_graph_are_the_padded_grid():
+    image = np.arange(65 * 40 * 2, dtype=np.int32).reshape(65, 40, 2)
+    tiles = tf.function(lambda x: grid_tiles(x, 32, 32, fill=-1))(tf.constant(image)).numpy()
+    origins = grid_origins(65, 40, 32, 32, 0.0, "pad").numpy()
+    assert tiles.shape == (len(origins), 32, 32, 2) == (6, 32, 32, 2)
+    padded = np.full((96, 64, 2), -1, np.int32)
+    padded[:65, :40] = image
+    for tile, (y, x) in zip(tiles, origins):
+        np.testing.assert_array_equal(tile, padded[y : y + 32, x : x + 32])
 
 @pytest.mark.parametrize("height, width", [(48, 48), (53, 71), (11, 13), (16, 40)])
 def test_tiled_segmentation_of_a_per_pixel_model_is_the_untiled_model(height, width):
@@ -325,7 +342,7 @@ def test_cli_tile_errors_are_one_line(exported, tmp_path, capsys):
     image = str(photos / "wide.png")
     for flags, message in (
         (["--tile", "big"], "argument --tile: expected a positive int tile side, 'auto' or 'off', got 'big'"),
-        (["--tile-overlap", "1.5"], "argument --tile-overlap: expected a fraction 0 <= F <= 0.9, got '1.5'"),
+        (["--tile-overlap", "1.5"], "argument --tile-overlap: expected a fraction in [0, 0.9] (as data.tile_overlap), got '1.5'"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["predict", str(forms["tflite"]), image, *flags])

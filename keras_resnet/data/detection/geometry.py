@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras_resnet.data import crops
 from keras_resnet.data.common import RescaleCrop
 from keras_resnet.data.images import letterbox_images
+from keras_resnet.tiling.grid import grid_origins, grid_tiles
 
 MIN_BOX_SIDE = 2.0  # training boxes narrower or shorter than this (input pixels) are dropped
 
@@ -153,18 +154,18 @@ def tile_boxes(image, boxes, classes, height: int, width: int, min_visible: floa
     """The validation tiles of one native-size image: `(uint8 (T, H, W, C) tiles, (T, N, 4) boxes, (T, N) classes)`.
 
     A grid of non-overlapping input-size tiles row by row
-    (:func:`keras_resnet.data.crops.grid_tiles`; the last row and column
+    (:func:`keras_resnet.tiling.grid_tiles`; the last row and column
     padded with 0), each with the boxes moved into it by the training rule
     (:func:`clip_to_window`).
     """
     image = tf.convert_to_tensor(image)
-    offsets = crops.grid_offsets(tf.shape(image)[0], tf.shape(image)[1], height, width)
+    offsets = grid_origins(tf.shape(image)[0], tf.shape(image)[1], height, width, 0.0, "pad")
     tops, lefts = offsets[:, :1], offsets[:, 1:]
     count = tf.shape(offsets)[0]
     tiled_boxes, tiled_classes, _ = window_boxes(
         boxes[None], tf.tile(classes[None], [count, 1]), tops, lefts, height, width, height, width, min_visible
     )
-    return crops.grid_tiles(image, height, width, 0), tiled_boxes, tiled_classes
+    return grid_tiles(image, height, width, 0), tiled_boxes, tiled_classes
 
 
 def make_detection_crop(

@@ -315,8 +315,8 @@ def build_detection_datasets(
         return image, {"boxes": boxes, "classes": classes}
 
     val_ds = val_ds.map(val_example, num_parallel_calls=tf.data.AUTOTUNE)
-    data_cfg = {"batch_size": batch_size, "shuffle_buffer": shuffle_buffer, "repeat": repeat}
-    train_ds, val_ds = shuffle_augment_batch(train_ds, val_ds, train_example, data_cfg, len(train_records), seed)
+    train_ds, val_ds = shuffle_augment_batch(train_ds, val_ds, train_example, len(train_records), seed,
+                                             batch_size=batch_size, shuffle_buffer=shuffle_buffer, repeat=repeat)
     return train_ds, val_ds, info
 
 

@@ -186,7 +186,8 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
     val_full = val
     val = val.map(lambda image, mask: resize_pair(image, mask, height, width), num_parallel_calls=tf.data.AUTOTUNE)
     train, val = shuffle_augment_batch(
-        train, val, _make_train_augment(data_cfg.augment, input_shape), data_cfg, num_train, seed
+        train, val, _make_train_augment(data_cfg.augment, input_shape), num_train, seed,
+        batch_size=data_cfg.batch_size, shuffle_buffer=data_cfg.shuffle_buffer, repeat=data_cfg.repeat,
     )
     info["val_full"] = val_full
     return train, val, info

@@ -43,10 +43,12 @@ from keras_resnet.models.retinanet.boxes import BOX_VARIANCE
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.encoder import RetinaNetLabelEncoder
 from keras_resnet.models.task import Task
-from keras_resnet.models.tiling import (
+from keras_resnet.tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_BATCH,
-    detector_predict_tiled,
+    detect_tiled,
+    keras_detect_function,
+    model_tile,
 )
 from keras_resnet_settings.errors import ConfigError
 
@@ -335,7 +337,8 @@ class RetinaNetDetector(Task):
             tile: None or the input size (the only window a detector takes).
             overlap: fraction of a window shared with its neighbour, in [0, 1).
             batch_size: windows run at a time.
-            progress: show a progress bar (None: on a terminal, for many windows).
+            progress: None (silent) or a progress hook
+                (`keras_resnet.predict.progress.terminal_progress()`).
             **decoder_kwargs: `DetectionDecoder` arguments (thresholds, max_detections).
 
         Returns:
@@ -344,7 +347,12 @@ class RetinaNetDetector(Task):
         Example:
         >>> found = detector.predict_tiled(aerial_photo, overlap=0.25, score_threshold=0.3)
         """
-        return detector_predict_tiled(self, image, tile, overlap, batch_size, progress, **decoder_kwargs)
+        detect = keras_detect_function(self, **decoder_kwargs)
+        return detect_tiled(
+            detect, image, model_tile(self, tile), overlap, batch_size,
+            iou_threshold=detect.decoder.iou_threshold, max_detections=detect.decoder.max_detections,
+            progress=progress,
+        )
 
     def get_config(self):
         return {

@@ -26,14 +26,17 @@ import math
 import warnings
 
 import keras
+import numpy as np
 from keras import layers
 
 from keras_resnet.layers.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn
 from keras_resnet.models.task import Task
-from keras_resnet.models.tiling import (
+from keras_resnet.tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_BATCH,
-    segmenter_predict_tiled,
+    keras_segment_function,
+    model_tile,
+    segment_tiled,
 )
 from keras_resnet_settings.errors import ConfigError
 from keras_resnet_settings.registry import SEGMENTATION_HEADS
@@ -330,18 +333,22 @@ class ResNetSegmenter(Task):
                 model's input size (a fixed-size model takes only that).
             overlap: fraction of a window shared with its neighbour, in [0, 1).
             batch_size: windows run at a time.
-            progress: show a progress bar (None: on a terminal, for many windows).
+            progress: None (silent) or a progress hook
+                (`keras_resnet.predict.progress.terminal_progress()`).
 
         Returns:
             `{"probabilities": float32 (h, w, num_classes), "mask": int32 (h, w)}`
-            (see `keras_resnet.models.tiling.segment_tiled`).
+            (see `keras_resnet.tiling.segment_tiled`).
 
         Example:
         >>> model = ResNetSegmenter.from_preset("resnet18", 5, input_shape=(256, 256, 3))
         >>> model.predict_tiled(np.zeros((900, 1400, 3)))["mask"].shape
         (900, 1400)
         """
-        return segmenter_predict_tiled(self, image, tile, overlap, batch_size, progress)
+        probabilities = segment_tiled(
+            keras_segment_function(self), image, model_tile(self, tile), overlap, batch_size, progress
+        )
+        return {"probabilities": probabilities, "mask": probabilities.argmax(-1).astype(np.int32)}
 
     @classmethod
     def from_preset(cls, preset, num_classes, head="deeplabv3plus", **overrides):

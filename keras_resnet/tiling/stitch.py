@@ -1,9 +1,9 @@
-"""Sliding-window (tiled) inference of segmenters and detectors on images of any size.
+"""Tiled inference: a model run window by window over an image of any size, the results stitched.
 
 A large image with small objects (aerial photos of 400-4000 px, microscopy)
 loses them when it is resized or letterboxed to the model input. Tiled
 inference keeps the image at its own resolution instead: windows of the model
-input size (`tile_grid`) slide over it with a fractional overlap, the model
+input size (`keras_resnet.tiling.grid`) slide over it with a fractional overlap, the model
 runs on `batch_size` windows at a time, and the results are stitched:
 
 - `segment_tiled`: per-pixel class probabilities, blended where windows
@@ -24,98 +24,27 @@ Everything here is NumPy around a per-batch predict callable, so it serves a
 Keras model (`keras_segment_function`, `keras_detect_function`) and every
 export format (`keras_resnet.predict.tiling`) alike. Windows past the image
 (an image smaller than a tile, or narrower on one side) are padded with 0.
+Nothing here prints: a caller that wants a progress bar passes `progress`
+(`keras_resnet.predict.progress.terminal_progress`).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet_settings import check_setting, default
+from keras_resnet.tiling.grid import (
+    DEFAULT_OVERLAP,
+    check_overlap,
+    tile_grid,
+    tile_weights,
+)
 from keras_resnet_settings.errors import ConfigError, DataError, ModelError
 
-DEFAULT_OVERLAP = default("data.tile_overlap")
 DEFAULT_TILE_BATCH = 8
-PROGRESS_MIN_TILES = 16  # a progress bar for images of more windows than this (on a terminal)
-
-
-# ----------------------------------------------------------------------------
-# The grid and the blending weights
-# ----------------------------------------------------------------------------
-def _check_overlap(overlap) -> float:
-    return check_setting("data.tile_overlap", overlap, shown_as="tile overlap")
-
-
-def tile_stride(tile: int, overlap: float) -> int:
-    """Pixels between window origins: `round(tile * (1 - overlap))`, at least 1."""
-    return max(1, int(round(int(tile) * (1.0 - _check_overlap(overlap)))))
-
-
-def _axis_origins(size: int, tile: int, overlap: float) -> list[int]:
-    """Window starts along one axis: every `stride` pixels, the last flush with the far border."""
-    if size <= tile:
-        return [0]
-    stride = tile_stride(tile, overlap)
-    origins = list(range(0, size - tile, stride))
-    if origins[-1] != size - tile:
-        origins.append(size - tile)
-    return origins
-
-
-def tile_grid(height: int, width: int, tile_height: int, tile_width: int, overlap: float) -> list[tuple[int, int]]:
-    """Origins `(y, x)` of the windows that cover an image, row by row.
-
-    Args:
-        height, width: the image size.
-        tile_height, tile_width: the window size (the model input).
-        overlap: fraction of a window shared with its neighbour, in [0, 1):
-            origins are `round(tile * (1 - overlap))` apart and the last
-            window of a row or column is flush with the image border (so it
-            may overlap its neighbour more). An image side shorter than the
-            window gets one window at 0 (padded with 0 past the image).
-
-    Returns:
-        A list of `(y, x)` window origins.
-
-    Example:
-    >>> tile_grid(100, 64, 32, 32, overlap=0.25)  # stride 24: rows 0, 24, 48, 68; columns 0, 24, 32
-    [(0, 0), (0, 24), (0, 32), (24, 0), ...]
-    """
-    tile_height, tile_width = int(tile_height), int(tile_width)
-    if tile_height < 1 or tile_width < 1:
-        raise ConfigError(f"tile size must be positive, got {tile_height}x{tile_width}")
-    rows = _axis_origins(int(height), tile_height, overlap)
-    columns = _axis_origins(int(width), tile_width, overlap)
-    return [(y, x) for y in rows for x in columns]
-
-
-def _axis_weights(size: int, tile: int, origin: int, ramp: int) -> np.ndarray:
-    """1-D blending weights of a window: linear ramps of `ramp` pixels on sides that have a neighbour."""
-    weights = np.ones(tile, np.float32)
-    if ramp <= 0 or size <= tile:
-        return weights
-    rising = np.minimum(1.0, (np.arange(tile, dtype=np.float32) + 1.0) / (ramp + 1.0))
-    if origin > 0:  # a window before this one
-        weights = np.minimum(weights, rising)
-    if origin + tile < size:  # a window after this one
-        weights = np.minimum(weights, rising[::-1])
-    return weights
-
-
-def tile_weights(height, width, tile_height, tile_width, origin, overlap) -> np.ndarray:
-    """float32 `(tile_height, tile_width)` blending weights of the window at `origin` (see the module docstring).
-
-    Where two windows overlap by the regular `tile - stride` pixels their
-    weights sum to 1 (a linear cross-fade); every weight is positive.
-    """
-    y, x = origin
-    ramp_y = tile_height - tile_stride(tile_height, overlap)
-    ramp_x = tile_width - tile_stride(tile_width, overlap)
-    return np.outer(_axis_weights(height, tile_height, y, ramp_y), _axis_weights(width, tile_width, x, ramp_x))
 
 
 # ----------------------------------------------------------------------------
@@ -148,18 +77,9 @@ def _windows(image: np.ndarray, origins, tile_height: int, tile_width: int) -> n
 
 
 @contextmanager
-def _progress_bar(total: int, progress, description: str):
-    """`advance(count)`: a transient rich bar when `progress` (None: a terminal and many windows)."""
-    show = progress if progress is not None else (total > PROGRESS_MIN_TILES and sys.stderr.isatty())
-    if not show:
-        yield lambda count: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda count: bar.advance(task, count)
+def no_progress(total: int, description: str):
+    """The silent progress hook: `progress(total, description)` is a context manager yielding `advance(count)`."""
+    yield lambda count: None
 
 
 def _batches(image, tile_shape, overlap, batch_size, progress, description):
@@ -170,7 +90,7 @@ def _batches(image, tile_shape, overlap, batch_size, progress, description):
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     height, width = image.shape[:2]
     origins = tile_grid(height, width, tile_height, tile_width, overlap)
-    with _progress_bar(len(origins), progress, description) as advance:
+    with (progress or no_progress)(len(origins), description) as advance:
         for start in range(0, len(origins), batch_size):
             chunk = origins[start : start + batch_size]
             yield chunk, _windows(image, chunk, tile_height, tile_width)
@@ -186,7 +106,7 @@ def segment_tiled(
     tile_shape,
     overlap: float = DEFAULT_OVERLAP,
     batch_size: int = DEFAULT_TILE_BATCH,
-    progress: bool | None = None,
+    progress: Callable | None = None,
 ) -> np.ndarray:
     """Per-pixel class probabilities of an image of any size, window by window.
 
@@ -200,8 +120,9 @@ def segment_tiled(
         tile_shape: `(tile_height, tile_width)` of the windows (the model input).
         overlap: fraction of a window shared with its neighbour, in [0, 1).
         batch_size: windows per call of `predict_probabilities`.
-        progress: show a progress bar; None: on a terminal when the image
-            has more than 16 windows.
+        progress: None (silent), or a hook `progress(total, description)`:
+            a context manager yielding `advance(count)` (e.g.
+            `keras_resnet.predict.progress.terminal_progress()`).
 
     Returns:
         float32 `(h, w, K)` probabilities at the image's own size: the
@@ -214,7 +135,7 @@ def segment_tiled(
     >>> mask = probabilities.argmax(-1)
     """
     image = as_image(image)
-    overlap = _check_overlap(overlap)
+    overlap = check_overlap(overlap)
     tile_height, tile_width = _tile_size(tile_shape)
     height, width = image.shape[:2]
     total = weight_sum = None
@@ -313,7 +234,7 @@ def detect_tiled(
     iou_threshold: float = 0.5,
     score_threshold: float | None = None,
     max_detections: int = 100,
-    progress: bool | None = None,
+    progress: Callable | None = None,
 ) -> dict:
     """Detections in an image of any size, window by window, merged by class-wise NMS.
 
@@ -333,8 +254,9 @@ def detect_tiled(
         score_threshold: drop merged detections scored below this (None:
             keep what `detect` returns).
         max_detections: detections kept for the whole image.
-        progress: show a progress bar; None: on a terminal when the image
-            has more than 16 windows.
+        progress: None (silent), or a hook `progress(total, description)`:
+            a context manager yielding `advance(count)` (e.g.
+            `keras_resnet.predict.progress.terminal_progress()`).
 
     Returns:
         `{"boxes": float32 (K, 4) xyxy in the image's own pixels, clipped to
@@ -347,7 +269,7 @@ def detect_tiled(
     (K, 4)
     """
     image = as_image(image)
-    overlap = _check_overlap(overlap)
+    overlap = check_overlap(overlap)
     height, width = image.shape[:2]
     found = []
     for origins, windows in _batches(image, tile_shape, overlap, batch_size, progress, "detecting in tiles"):
@@ -381,7 +303,7 @@ def keras_detect_function(model, **decoder_kwargs) -> Callable:
 
 
 # ----------------------------------------------------------------------------
-# What the models' `predict_tiled` methods run
+# The window size of a Keras model
 # ----------------------------------------------------------------------------
 def model_tile(model, tile=None) -> tuple[int, int]:
     """The window size for a Keras model: its static input size; `tile` (an int side or `(h, w)`) must match it.
@@ -402,38 +324,14 @@ def model_tile(model, tile=None) -> tuple[int, int]:
     return wanted
 
 
-def segmenter_predict_tiled(model, image, tile=None, overlap=DEFAULT_OVERLAP, batch_size=DEFAULT_TILE_BATCH,
-                            progress=None) -> dict:
-    """`{"probabilities": float32 (h, w, K), "mask": int32 (h, w)}` of a Keras segmenter, tiled."""
-    probabilities = segment_tiled(
-        keras_segment_function(model), image, model_tile(model, tile), overlap, batch_size, progress
-    )
-    return {"probabilities": probabilities, "mask": probabilities.argmax(-1).astype(np.int32)}
-
-
-def detector_predict_tiled(model, image, tile=None, overlap=DEFAULT_OVERLAP, batch_size=DEFAULT_TILE_BATCH,
-                           progress=None, **decoder_kwargs) -> dict:
-    """`{"boxes", "scores", "classes"}` of a `RetinaNetDetector`, tiled; NMS settings of its decoder."""
-    detect = keras_detect_function(model, **decoder_kwargs)
-    return detect_tiled(
-        detect, image, model_tile(model, tile), overlap, batch_size,
-        iou_threshold=detect.decoder.iou_threshold, max_detections=detect.decoder.max_detections,
-        progress=progress,
-    )
-
-
 __all__ = [
-    "DEFAULT_OVERLAP",
+    "DEFAULT_TILE_BATCH",
     "as_image",
     "detect_tiled",
-    "detector_predict_tiled",
     "keras_detect_function",
     "keras_segment_function",
     "merge_detections",
     "model_tile",
+    "no_progress",
     "segment_tiled",
-    "segmenter_predict_tiled",
-    "tile_grid",
-    "tile_stride",
-    "tile_weights",
 ]
