@@ -84,7 +84,7 @@ def export_or_load(run_dir: Path, form: str, work_dir: Path, args):
 
 
 def keras_runner(run_dir: Path):
-    from keras_resnet.export.source import load_model_source, make_decoder
+    from keras_resnet.export.keras_model import load_model_source, make_decoder
 
     source = load_model_source(run_dir)
     model = source.model

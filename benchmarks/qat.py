@@ -135,8 +135,9 @@ def main(argv=None):
             qat_args += ["--set", *args.qat_set]
         timings["qat_train_s"] = run_cli(qat_args, log)
 
+    from keras_resnet.atomic_files import read_json
     from keras_resnet.export import export_model, load_exported_model
-    from keras_resnet.runs import read_json, read_run_info
+    from keras_resnet.runs import read_run_info
 
     task = read_run_info(output)["task"]
     exports = output.parent / f"{output.name}_exports"

@@ -78,7 +78,7 @@ def write_state_dict(path: Path) -> int:
     """
     from safetensors.numpy import save_file
 
-    from keras_resnet.runs import atomic_output
+    from keras_resnet.atomic_files import atomic_output
 
     formula = load_formula()
     with np.load(FIXTURE) as data:
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from keras_resnet.runs import write_json
+    from keras_resnet.atomic_files import write_json
     from keras_resnet_settings.errors import ExportParityError
 
     if not FIXTURE.exists():

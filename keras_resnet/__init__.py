@@ -7,6 +7,7 @@ keras_resnet loads with `keras.saving.load_model` after `import keras_resnet`.
 
 __version__ = "0.1.0"
 
+from keras_resnet import convert  # noqa: F401  (registers the weight-file readers with from_preset)
 from keras_resnet.layers import (
     FPN,
     DropPath,

@@ -9,7 +9,7 @@ Python (as `python -m keras_resnet.cli` does).
 import sys
 from pathlib import Path
 
-from keras_resnet.runs import finite_json
+from keras_resnet.atomic_files import finite_json
 from keras_resnet_cli.dispatch import run
 from keras_resnet_settings.errors import ConfigError
 
@@ -168,8 +168,8 @@ def _predict_detections(args):
 
 
 def _cmd_convert(args):
+    from keras_resnet.atomic_files import atomic_output
     from keras_resnet.convert import convert_source
-    from keras_resnet.runs import atomic_output
 
     if not args.output.endswith(".keras"):
         raise ConfigError(f"--output {args.output} must end in .keras")

@@ -20,7 +20,7 @@ import pytest
 from keras_resnet import ResNetBackbone, ResNetClassifier
 from keras_resnet.cli import main
 from keras_resnet.convert import TORCH_ARCHS, ConversionError, from_torch, torch_parity
-from keras_resnet.models.resnet.torch_weights import TorchWeights
+from keras_resnet.convert.torch_resnet import TorchWeights
 from keras_resnet.training.backbones import load_pretrained_weights
 
 ROOT = Path(__file__).resolve().parents[1]

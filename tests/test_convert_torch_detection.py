@@ -31,12 +31,12 @@ from keras_resnet.convert.torch_retinanet import (
     match_detections,
     upgrade_keys,
 )
+from keras_resnet.convert.weight_files import read_state_dict
 from keras_resnet.models.retinanet import (
     AnchorGenerator,
     DetectionDecoder,
     RetinaNetDetector,
 )
-from keras_resnet.models.weight_files import read_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "torch" / "detection"

@@ -194,7 +194,7 @@ def test_the_block_parser_sees_fences_continuations_and_comments():
 
 
 def test_export_file_names_in_readme_are_those_export_writes():
-    from keras_resnet.export.job import artefact_path
+    from keras_resnet.export.steps import artefact_path
 
     text = README.read_text(encoding="utf-8")
     name = Path(next(iter(MADE_BY_MAIN_JOB))).name
@@ -335,7 +335,7 @@ class Checker:
         self.need(load_config(args.config, args.set).output_dir, "evaluate's run folder")
 
     def export(self, args):
-        from keras_resnet.export.job import artefact_path
+        from keras_resnet.export.steps import artefact_path
 
         self.need(args.model, "export's model")
         if args.calibration is not None:

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_resnet.atomic_files import atomic_output, set_aside, write_json
 from keras_resnet.config import load_config
-from keras_resnet.runs import RunPaths, atomic_output, set_aside, write_json
+from keras_resnet.runs import RunPaths
 from keras_resnet.training import engine
 from keras_resnet.training.plots import CLASSIFICATION_PANELS
 from keras_resnet_settings.errors import DiskFullError, KerasResNetError

@@ -110,7 +110,7 @@ def test_recipes_saved_by_the_dict_loader_load_the_same(saved):
 
 
 def test_saved_recipes_resume_without_a_recipe_change():
-    from keras_resnet.training.guard import recipe_changes
+    from keras_resnet.training.run_lock import recipe_changes
 
     for saved in sorted(SAVED.glob("*.yaml")):
         stored = yaml.safe_load(saved.read_text())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from keras_resnet import ResNetClassifier
-from keras_resnet.models.resnet.torch_weights import (
+from keras_resnet.convert.torch_resnet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TorchWeights,
@@ -157,7 +157,7 @@ def test_train_run_with_torch_weights_says_which_normalisation(resnet18_state, t
 
 def test_converted_model_and_its_export_metadata_carry_the_timm_interpolation(resnet18_state):
     from keras_resnet.convert import from_torch
-    from keras_resnet.export.source import find_preprocessing
+    from keras_resnet.export.keras_model import find_preprocessing
 
     model = from_torch(FakeTimmModule(resnet18_state, TIMM_CFG))
     config = model.get_config()["preprocessing"]["config"]

@@ -9,17 +9,28 @@
 - `convert_source`: either, from a file, with a report (the `keras-resnet
   convert` command).
 
-The weight layouts themselves live with the model family
-(`keras_resnet.models.resnet.torch_weights`, `.keras_applications`), so that
-`ResNetBackbone.from_preset(name, weights=...)` reads the same files.
+Every reader of foreign weight files is here (`weight_files`: the formats;
+`torch_resnet`, `torch_retinanet`, `torch_segmentation`, `keras_applications`:
+the layouts); the models name none of them. Importing this package registers
+the ResNet readers with `keras_resnet.models.resnet.pretrained`, so
+`ResNetBackbone.from_preset(name, weights=...)` reads the same files
+(`import keras_resnet` imports it).
 """
 
 from keras_resnet.convert.api import convert_source
-from keras_resnet.convert.keras_applications import from_keras_applications
+from keras_resnet.convert.keras_applications import (
+    KERAS_APPLICATIONS_ARCHS,
+    KerasApplicationsWeights,
+    from_keras_applications,
+)
 from keras_resnet.convert.torch import from_torch, source_parity, torch_parity
-from keras_resnet.models.resnet.keras_applications import KERAS_APPLICATIONS_ARCHS
-from keras_resnet.models.resnet.torch_weights import TORCH_ARCHS
+from keras_resnet.convert.torch_resnet import TORCH_ARCHS, TorchWeights
+from keras_resnet.models.resnet.pretrained import register_weights_reader
 from keras_resnet_settings.errors import ConversionError
+
+# keras.applications first: TorchWeights also takes any in-memory source.
+register_weights_reader(KerasApplicationsWeights)
+register_weights_reader(TorchWeights)
 
 __all__ = [
     "KERAS_APPLICATIONS_ARCHS",

@@ -5,7 +5,10 @@ import os
 import numpy as np
 
 from keras_resnet.convert import torch_retinanet
-from keras_resnet.convert.keras_applications import from_keras_applications
+from keras_resnet.convert.keras_applications import (
+    KerasApplicationsWeights,
+    from_keras_applications,
+)
 from keras_resnet.convert.torch import from_torch, read_torch_weights, source_parity
 from keras_resnet.convert.torch_segmentation import (
     TorchSegmentationWeights,
@@ -13,7 +16,6 @@ from keras_resnet.convert.torch_segmentation import (
     segmenter_from_torch,
 )
 from keras_resnet.models.resnet.classifier import ResNetClassifier
-from keras_resnet.models.resnet.keras_applications import KerasApplicationsWeights
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 from keras_resnet_settings.errors import ConversionError

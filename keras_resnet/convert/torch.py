@@ -2,7 +2,7 @@
 
 `from_torch` reads a state dict once, infers the architecture from its keys and
 shapes (or takes `arch=`), builds the preset of the same architecture and loads
-it exactly (`keras_resnet.models.resnet.torch_weights`): a `ResNetClassifier`
+it exactly (`keras_resnet.convert.torch_resnet`): a `ResNetClassifier`
 whose outputs are the torch model's logits, with the source's normalisation
 inside (raw pixels 0-255 in), or a `ResNetBackbone`.
 
@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from keras_resnet.convert import torch_reference, torch_retinanet, torch_segmentation
-from keras_resnet.models.resnet.backbone import ResNetBackbone
-from keras_resnet.models.resnet.classifier import ResNetClassifier
-from keras_resnet.models.resnet.torch_weights import (
+from keras_resnet.convert.torch_resnet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TORCH_ARCHS,
     TorchWeights,
 )
-from keras_resnet.models.weight_files import read_state_dict
+from keras_resnet.convert.weight_files import read_state_dict
+from keras_resnet.models.resnet.backbone import ResNetBackbone
+from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet_settings.errors import ConversionError
 
 DEFAULT_INPUT_SIZE = (224, 224)

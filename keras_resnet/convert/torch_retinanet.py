@@ -55,8 +55,8 @@ from pathlib import Path
 import numpy as np
 
 from keras_resnet.convert import torch_retinanet_reference
+from keras_resnet.convert.torch_resnet import TorchWeights, variable_keys
 from keras_resnet.models.resnet.backbone import ResNetBackbone
-from keras_resnet.models.resnet.torch_weights import TorchWeights, variable_keys
 from keras_resnet.models.retinanet.anchors import DEFAULT_SCALES
 from keras_resnet.models.retinanet.detector import RetinaNetDetector
 from keras_resnet_settings.errors import ConversionError

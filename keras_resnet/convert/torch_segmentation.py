@@ -14,7 +14,7 @@ half-pixel resize) to the input size:
   classifier: our head "fcn".
 
 Keys: `backbone.*` (the ResNet without `fc`: loaded by
-`keras_resnet.models.resnet.torch_weights.TorchWeights`), `classifier.*` (the
+`keras_resnet.convert.torch_resnet.TorchWeights`), `classifier.*` (the
 head, mapped below) and `aux_classifier.*`: the FCNHead on layer3 that
 torchvision trains with (aux_loss=True, in its published checkpoints) and
 whose output the "out" masks do not use; it is dropped, with a note.
@@ -33,9 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_resnet.convert import torch_segmentation_reference
-from keras_resnet.layers.core import ImageNormalization
-from keras_resnet.models.resnet.backbone import ResNetBackbone
-from keras_resnet.models.resnet.torch_weights import (
+from keras_resnet.convert.torch_resnet import (
     IGNORED_SUFFIXES,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -46,6 +44,8 @@ from keras_resnet.models.resnet.torch_weights import (
     preset_features,
     variable_keys,
 )
+from keras_resnet.layers.core import ImageNormalization
+from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
 from keras_resnet_settings.errors import ConversionError
 

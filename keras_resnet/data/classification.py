@@ -16,9 +16,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.data.common import (
+from keras_resnet.data.batching import (
     check_batch_fits,
-    progress,
     seeded_subset,
     shuffle_augment_batch,
 )
@@ -29,6 +28,7 @@ from keras_resnet.data.images import (
     encoded_paths,
     image_problem,
 )
+from keras_resnet.data.scanning import progress
 from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_resnet.data.common import keras_datasets_dir
+from keras_resnet.data.scanning import keras_datasets_dir
 from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)

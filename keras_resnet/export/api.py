@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from keras_resnet.export.classification import ClassificationExport
 from keras_resnet.export.detection import DetectionExport
-from keras_resnet.export.job import ExportRequest, step
+from keras_resnet.export.keras_model import load_model_source, task_of
 from keras_resnet.export.options import check_options
 from keras_resnet.export.segmentation import SegmentationExport
-from keras_resnet.export.source import load_model_source, task_of
+from keras_resnet.export.steps import ExportRequest, spinner
 from keras_resnet_settings import default
 from keras_resnet_settings.errors import ExportError
 from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION
@@ -132,6 +132,6 @@ def export_model(
         calibration_samples=int(calibration_samples), int8_min_agreement=int8_min_agreement, name=name,
         detection_outputs=detection_outputs, decoder_args=decoder_args, io=io,
     )
-    with step("loading the Keras model"):
+    with spinner("loading the Keras model"):
         source = load_model_source(model_or_dir)
     return EXPORTS[task_of(source.model)](source, request).run()

@@ -19,10 +19,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.export.contract import INPUT_FORMAT, OUTPUT_NAME, batches
-from keras_resnet.export.dense import DenseExport
+from keras_resnet.export.model_output import DenseExport
 from keras_resnet.export.parity import parity_figures
 from keras_resnet.export.saved_model import load_saved_model, signature_runtime
+from keras_resnet.export.signatures import INPUT_FORMAT, OUTPUT_NAME, batches
 from keras_resnet_settings.registry import CLASSIFICATION
 
 DEFAULT_INT8_MIN_AGREEMENT = 0.99

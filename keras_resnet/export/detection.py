@@ -62,20 +62,18 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet.data.images import LETTERBOX_TEXT, letterbox_images
-from keras_resnet.export.contract import (
-    DETECTION_NAMES,
-    INPUT_FORMAT,
-    RAW_NAME,
-    input_metadata,
-    uint8_image_spec,
-)
 from keras_resnet.export.detection_parity import (
     coco_map,
     detection_parity,
     keras_reference,
     topk_cuts,
 )
-from keras_resnet.export.job import ExportJob
+from keras_resnet.export.keras_model import (
+    as_float32,
+    check_input_size,
+    make_decoder,
+    rebuild_at_size,
+)
 from keras_resnet.export.parity import (
     difference_figures,
     float_criterion,
@@ -83,12 +81,14 @@ from keras_resnet.export.parity import (
 )
 from keras_resnet.export.samples import DETECTION_SAMPLES
 from keras_resnet.export.saved_model import load_saved_model, signature_runtime
-from keras_resnet.export.source import (
-    as_float32,
-    check_input_size,
-    make_decoder,
-    rebuild_at_size,
+from keras_resnet.export.signatures import (
+    DETECTION_NAMES,
+    INPUT_FORMAT,
+    RAW_NAME,
+    input_metadata,
+    uint8_image_spec,
 )
+from keras_resnet.export.steps import ExportJob
 from keras_resnet.export.tflite import (
     check_builtin_ops,
     graft_tflite,

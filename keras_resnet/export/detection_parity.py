@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.export.contract import DETECTION_NAMES, batches
+from keras_resnet.export.signatures import DETECTION_NAMES, batches
 from keras_resnet.models.retinanet.evaluation import (
     coco_evaluate,
     detections_to_original,

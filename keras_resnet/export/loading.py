@@ -14,7 +14,20 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.export.contract import (
+from keras_resnet.export.keras_model import (
+    as_float32,
+    is_detector,
+    load_model_source,
+    make_decoder,
+    model_at_size,
+)
+from keras_resnet.export.onnx import open_onnx
+from keras_resnet.export.saved_model import (
+    is_saved_model,
+    load_saved_model,
+    signature_runtime,
+)
+from keras_resnet.export.signatures import (
     DETECTION_NAMES,
     MASK_NAME,
     METADATA_SUFFIX,
@@ -27,19 +40,6 @@ from keras_resnet.export.contract import (
     read_metadata,
     run_in_batches,
     task_from_rank,
-)
-from keras_resnet.export.onnx import open_onnx
-from keras_resnet.export.saved_model import (
-    is_saved_model,
-    load_saved_model,
-    signature_runtime,
-)
-from keras_resnet.export.source import (
-    as_float32,
-    is_detector,
-    load_model_source,
-    make_decoder,
-    model_at_size,
 )
 from keras_resnet.export.tflite import open_tflite
 from keras_resnet.models.retinanet.decoder import decoder_from_config

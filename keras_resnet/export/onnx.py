@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.export.contract import INPUT_NAME, Runtime
+from keras_resnet.export.signatures import INPUT_NAME, Runtime
 from keras_resnet_settings.errors import ModelError
 
 ONNX_OPSET = 17

@@ -122,7 +122,7 @@ def relative_diff_rule(figures: dict) -> tuple[str, bool]:
     return float_criterion(), passed
 
 
-def judge(figures: dict, quantize: str, float_rule, int8_rule) -> None:
+def enforce_parity_gate(figures: dict, quantize: str, float_rule, int8_rule) -> None:
     """Adds `criterion` and `passed` to parity figures (in place).
 
     Float exports are judged by `float_rule`, int8 by `int8_rule` (both

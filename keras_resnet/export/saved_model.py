@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from keras_resnet.export.contract import INPUT_NAME, Runtime
+from keras_resnet.export.signatures import INPUT_NAME, Runtime
 from keras_resnet_settings.errors import ExportError, ModelError
 
 SAVED_MODEL_FILE = "saved_model.pb"

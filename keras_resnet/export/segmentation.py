@@ -22,7 +22,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.export.contract import (
+from keras_resnet.export.model_output import DenseExport
+from keras_resnet.export.parity import SegmentationParity
+from keras_resnet.export.saved_model import load_saved_model, signature_runtime
+from keras_resnet.export.signatures import (
     INPUT_FORMAT,
     MASK_NAME,
     OUTPUT_NAME,
@@ -30,9 +33,6 @@ from keras_resnet.export.contract import (
     outputs_fn,
     segmentation_outputs,
 )
-from keras_resnet.export.dense import DenseExport
-from keras_resnet.export.parity import SegmentationParity
-from keras_resnet.export.saved_model import load_saved_model, signature_runtime
 from keras_resnet_settings.registry import SEGMENTATION
 
 DEFAULT_SEGMENTATION_INT8_MIN_AGREEMENT = 0.98

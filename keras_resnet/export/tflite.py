@@ -30,9 +30,9 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.export.contract import Runtime, batches
 from keras_resnet.export.options import check_options
 from keras_resnet.export.saved_model import write_saved_model
+from keras_resnet.export.signatures import Runtime, batches
 from keras_resnet_settings.errors import ExportError, ModelError
 
 INTEGER_IO = {"uint8": tf.uint8, "int8": tf.int8}

@@ -19,11 +19,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_resnet.atomic_files import read_json
 from keras_resnet.data.images import read_image
-from keras_resnet.export.contract import MASK_NAME, OUTPUT_NAME
 from keras_resnet.export.loading import ExportedModel, load_exported_model
+from keras_resnet.export.signatures import MASK_NAME, OUTPUT_NAME
 from keras_resnet.predict.progress import terminal_progress
-from keras_resnet.runs import RUN_INFO_FILE, read_json, read_run_info
+from keras_resnet.runs import RUN_INFO_FILE, read_run_info
 from keras_resnet.tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_BATCH,

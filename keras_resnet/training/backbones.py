@@ -27,6 +27,7 @@ import os
 
 import keras
 
+from keras_resnet.convert.weight_files import is_torch_file
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.resnet.classifier import ResNetClassifier
@@ -36,7 +37,6 @@ from keras_resnet.models.resnet.pretrained import (
     load_pretrained,
     read_pretrained,
 )
-from keras_resnet.models.weight_files import is_torch_file
 from keras_resnet_settings.errors import ConfigError, ConversionError
 
 KERAS_SUFFIX = ".keras"

@@ -3,7 +3,7 @@
 Keras' own `ModelCheckpoint` writes `best_model.keras` in place, so a kill or
 a full disk during the write leaves a truncated archive at the final path.
 Here every save goes to a temporary name in the same folder and is renamed
-into place once complete (`keras_resnet.runs.atomic_output`).
+into place once complete (`keras_resnet.atomic_files.atomic_output`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 
 import keras
 
-from keras_resnet.runs import atomic_output
+from keras_resnet.atomic_files import atomic_output
 
 
 def save_model(model, path) -> None:

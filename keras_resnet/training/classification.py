@@ -33,19 +33,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resnet.atomic_files import atomic_output, write_json
 from keras_resnet.data.classification import build_classification_datasets
 from keras_resnet.models.resnet.classifier import ResNetClassifier
-from keras_resnet.runs import atomic_output, write_json
-from keras_resnet.training import budget, engine
+from keras_resnet.training import engine, time_budget
 from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
 from keras_resnet.training.checkpoints import save_model
-from keras_resnet.training.guard import check_finite_loss, trim_history
+from keras_resnet.training.divergence import check_finite_loss
 from keras_resnet.training.plots import (
     CLASSIFICATION_PANELS,
     plot_confusion_matrix,
     plot_history,
     read_history_csv,
 )
+from keras_resnet.training.run_lock import trim_history
 from keras_resnet_settings.errors import ConfigError, DataError
 
 
@@ -311,7 +312,7 @@ def train_classification(cfg):
     """
     run_started = time.time()
     train_cfg, data_cfg, model_cfg = cfg.train, cfg.data, cfg.model
-    budget.check_budget_settings(cfg)
+    time_budget.check_budget_settings(cfg)
     strategy, paths, is_chief = engine.start_run(cfg)
     output_dir = paths.root
 
@@ -339,7 +340,7 @@ def train_classification(cfg):
     else:
         with strategy.scope():
             train_onehot, val_onehot = _one_hot(train_ds, num_classes), _one_hot(val_ds, num_classes)
-            fit_cfg, plan, budget_callbacks = budget.plan_epochs(
+            fit_cfg, plan, budget_callbacks = time_budget.plan_epochs(
                 cfg, model,
                 lambda probe: _compile(probe, train_cfg,
                                        engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs)),

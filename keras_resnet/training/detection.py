@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resnet.atomic_files import atomic_output, write_json
 from keras_resnet.data import build_detection_datasets
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.detector import (
@@ -39,12 +40,11 @@ from keras_resnet.models.retinanet.detector import (
     RetinaNetDetector,
 )
 from keras_resnet.models.retinanet.evaluation import (
+    SUMMARY_STATS,
     coco_evaluate,
     detections_to_original,
-    print_detection_table,
 )
 from keras_resnet.models.retinanet.losses import RetinaNetLoss
-from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.tiling import DEFAULT_TILE_BATCH, detect_tiled
 from keras_resnet.training import engine
 from keras_resnet.training.backbones import (
@@ -390,3 +390,29 @@ def evaluate_detection(cfg):
         f"on {metrics['num_examples']} val images"
     )
     return metrics
+
+
+def print_detection_table(metrics: dict, title: str = "COCO box AP", console=None) -> None:
+    """Print the summary numbers and the per-class AP of :func:`coco_evaluate` as a rich table.
+
+    Args:
+        metrics: the dict returned by :func:`coco_evaluate`.
+        title: table title.
+        console: a ``rich.console.Console``; default a new one on stdout.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    def show(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("AP@[.5:.95] (%)", justify="right")
+    for name, value in metrics["per_class"].items():
+        table.add_row(name, show(value))
+    table.add_section()
+    for key in SUMMARY_STATS:
+        table.add_row(key, show(metrics.get(key)), style="bold" if key == "mAP" else None)
+    (console or Console()).print(table)
+

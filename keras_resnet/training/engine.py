@@ -23,23 +23,22 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from keras_resnet.atomic_files import atomic_output, read_json, write_json
 from keras_resnet.config import dump_config
 from keras_resnet.runs import (
     RunPaths,
-    atomic_output,
     prepare_output_dir,
-    read_json,
     set_aside_unreadable_models,
     trained_model_path,
-    write_json,
 )
 from keras_resnet.training.checkpoints import ModelCheckpoint
-from keras_resnet.training.guard import StopOnNonFinite, trim_history
+from keras_resnet.training.divergence import StopOnNonFinite
 from keras_resnet.training.plots import (
     CLASSIFICATION_PANELS,
     plot_history,
     read_history_csv,
 )
+from keras_resnet.training.run_lock import trim_history
 from keras_resnet.training.schedules import WarmupSchedule
 from keras_resnet_settings.errors import ConfigError, ModelError
 

@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_resnet.runs import atomic_output  # noqa: E402
+from keras_resnet.atomic_files import atomic_output  # noqa: E402
 
 
 def read_history_csv(path):

@@ -31,6 +31,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from keras_resnet.atomic_files import atomic_output, write_json
 from keras_resnet.data.segmentation import IGNORE_INDEX, build_segmentation_datasets
 from keras_resnet.models.segmentation.losses import make_segmentation_loss
 from keras_resnet.models.segmentation.metrics import (
@@ -39,7 +40,6 @@ from keras_resnet.models.segmentation.metrics import (
     confusion_to_iou,
 )
 from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
-from keras_resnet.runs import atomic_output, write_json
 from keras_resnet.tiling import (
     DEFAULT_TILE_BATCH,
     keras_segment_function,

@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from keras_resnet.data import DataError, build_classification_datasets
-from keras_resnet.data.detection import voc
+from keras_resnet.data.detection import read_voc
 from keras_resnet.data.images import (
     decode_image,
     decode_image_file,
@@ -52,7 +52,7 @@ def test_truncated_jpeg_fails_the_segmentation_and_detection_scans(tmp_path):
     root = write_voc_flat(tmp_path / "voc")
     truncated_jpeg(root / "car.jpg", size=(25, 20))
     with pytest.raises(DataError, match=r"unreadable image .*car.jpg"):
-        voc(root)
+        read_voc(root)
 
 
 def training_and_prediction(path, channels):

@@ -12,20 +12,20 @@ import keras_resnet.data.detection.mosaic_reader as mosaic_reader
 from keras_resnet.data import DataError
 from keras_resnet.data.detection import (
     build_detection_datasets,
-    coco,
     make_detection_augment,
     make_detection_mosaic,
-    mosaic,
     pad_boxes,
-    voc,
+    read_coco,
+    read_mosaic,
+    read_voc,
 )
 from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
 from keras_resnet.models.retinanet.evaluation import (
     boxes_to_original,
     coco_evaluate,
     detections_to_original,
-    print_detection_table,
 )
+from keras_resnet.training.detection import print_detection_table
 from tests.helpers import write_idx_gz
 
 # --------------------------------------------------------------------------- fixtures
@@ -131,7 +131,7 @@ def tiny_fashion_dir(tmp_path, monkeypatch):
 
 
 def test_voc_flat_folder_converts_one_based_boxes_and_flags_difficult(tmp_path):
-    records, names = voc(write_voc_flat(tmp_path / "voc"))
+    records, names = read_voc(write_voc_flat(tmp_path / "voc"))
     assert len(names) == 20 and names[0] == "aeroplane"
     by_name = {r.image.split("/")[-1]: r for r in records}
     assert sorted(by_name) == ["car.jpg", "cats.png", "empty.png"]
@@ -147,13 +147,13 @@ def test_voc_flat_folder_converts_one_based_boxes_and_flags_difficult(tmp_path):
 
 def test_vocdevkit_layout_reads_the_split_from_the_year_or_devkit_folder(tmp_path):
     year = write_vocdevkit(tmp_path, {"train": ["cats", "empty"], "val": ["car"]})
-    train, _ = voc(year, "train")
+    train, _ = read_voc(year, "train")
     assert [r.image.split("/")[-1] for r in train] == ["cats.jpg", "empty.jpg"]
     np.testing.assert_array_equal(train[0].boxes, [[0, 0, 10, 8], [19, 4, 40, 30]])
-    val, _ = voc(year.parent, "val")  # the VOCdevkit root holding one year folder
+    val, _ = read_voc(year.parent, "val")  # the VOCdevkit root holding one year folder
     assert len(val) == 1 and val[0].classes.tolist() == [6]  # car
     with pytest.raises(DataError, match="trainval.txt"):
-        voc(year, "trainval")
+        read_voc(year, "trainval")
 
 
 @pytest.mark.parametrize(
@@ -168,14 +168,14 @@ def test_vocdevkit_layout_reads_the_split_from_the_year_or_devkit_folder(tmp_pat
 def test_bad_voc_boxes_and_classes_name_the_file_and_object(tmp_path, objects, expected):
     root = write_voc_flat(tmp_path / "voc", {"cats": ("png", "RGB", (40, 30), objects)})
     with pytest.raises(DataError, match=expected):
-        voc(root)
+        read_voc(root)
 
 
 def test_clip_boxes_clips_and_drops_degenerate_with_a_warning(tmp_path, caplog):
     objects = [("cat", 5, 5, 45, 20, 0), ("dog", 9, 5, 4, 20, 0), ("car", 2, 2, 3, 3, 0)]
     root = write_voc_flat(tmp_path / "voc", {"cats": ("png", "RGB", (40, 30), objects)})
     with caplog.at_level(logging.WARNING):
-        (record,), _ = voc(root, clip_boxes=True)
+        (record,), _ = read_voc(root, clip_boxes=True)
     np.testing.assert_array_equal(record.boxes, [[4, 4, 40, 20], [1, 1, 3, 3]])
     assert "clipped box xmin=5 ymin=5 xmax=45 ymax=20" in caplog.text
     assert "dropped degenerate box xmin=9 ymin=5 xmax=4 ymax=20" in caplog.text
@@ -185,28 +185,28 @@ def test_voc_annotation_without_image_and_empty_folder(tmp_path):
     root = write_voc_flat(tmp_path / "voc")
     (root / "car.jpg").unlink()
     with pytest.raises(DataError, match=r"annotation .*car.xml has no image"):
-        voc(root)
+        read_voc(root)
     year = write_vocdevkit(tmp_path / "devkit", {"train": ["cats"]})
     (year / "JPEGImages" / "cats.jpg").unlink()
     with pytest.raises(DataError, match=r"annotation .*cats.xml refers to image .*cats.jpg, which does not exist"):
-        voc(year)
+        read_voc(year)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"VOC folder .*empty has no annotations"):
-        voc(tmp_path / "empty")
+        read_voc(tmp_path / "empty")
 
 
 def test_corrupt_image_is_named(tmp_path):
     root = write_voc_flat(tmp_path / "voc")
     (root / "car.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=r"unreadable image .*car.jpg"):
-        voc(root)
+        read_voc(root)
 
 
 # --------------------------------------------------------------------------- COCO
 
 
 def test_coco_maps_categories_converts_xywh_and_keeps_negatives(tmp_path):
-    records, names = coco(write_coco(tmp_path / "coco"))
+    records, names = read_coco(write_coco(tmp_path / "coco"))
     assert names == ["cat", "dog"]  # sorted by category id: 3, 7
     a, b, c = records
     assert [r.image_id for r in records] == [11, 12, 13]
@@ -226,23 +226,23 @@ def test_coco_maps_categories_converts_xywh_and_keeps_negatives(tmp_path):
 )
 def test_coco_missing_keys_name_the_json_and_key(tmp_path, drop, expected):
     with pytest.raises(DataError, match=expected):
-        coco(write_coco(tmp_path / "coco", drop=drop))
+        read_coco(write_coco(tmp_path / "coco", drop=drop))
 
 
 def test_coco_bad_annotations_and_images(tmp_path):
     bad = [{"id": 5, "image_id": 99, "category_id": 3, "bbox": [0, 0, 1, 1]}]
     with pytest.raises(DataError, match="annotation 5 is for image_id 99, which is not in 'images'"):
-        coco(write_coco(tmp_path / "a", annotations=bad))
+        read_coco(write_coco(tmp_path / "a", annotations=bad))
     bad = [{"id": 6, "image_id": 12, "category_id": 3, "bbox": [5, 5, 30, 4]}]
     with pytest.raises(DataError, match=r"annotation 6 \(image b.jpg\): box bbox \[5, 5, 30, 4\] lies outside"):
-        coco(write_coco(tmp_path / "b", annotations=bad))
+        read_coco(write_coco(tmp_path / "b", annotations=bad))
     path = write_coco(tmp_path / "c")
     (path.parent / "c.png").unlink()
     with pytest.raises(DataError, match=r"instances.json image 13 refers to image .*c.png, which does not exist"):
-        coco(path)
+        read_coco(path)
     path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
     with pytest.raises(DataError, match=r"instances.json lists no images"):
-        coco(path)
+        read_coco(path)
 
 
 # --------------------------------------------------------------------------- mosaic
@@ -277,18 +277,18 @@ def test_mosaic_is_deterministic_and_its_boxes_are_tight():
 
 def test_mosaic_reader_uses_fashion_mnist_splits_and_caches(tiny_fashion_dir, tmp_path, monkeypatch):
     options = {"count": 6, "canvas_size": 48, "item_size": (10, 30), "cache_dir": tmp_path / "cache"}
-    records, names = mosaic("train", **options)
+    records, names = read_mosaic("train", **options)
     assert names == list(FASHION_MNIST_CLASSES) and len(records) == 6
     assert records[0].image.shape == (48, 48) and records[0].image_id == 1
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
     generate = mosaic_reader.make_detection_mosaic
     monkeypatch.setattr(mosaic_reader, "make_detection_mosaic", lambda *a, **k: pytest.fail("cache not used"))
-    again, _ = mosaic("train", **options)
+    again, _ = read_mosaic("train", **options)
     for a, b in zip(records, again):
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.boxes, b.boxes)
     monkeypatch.setattr(mosaic_reader, "make_detection_mosaic", generate)
-    val, _ = mosaic("val", **options)  # Fashion-MNIST test items, fixed seed 1
+    val, _ = read_mosaic("val", **options)  # Fashion-MNIST test items, fixed seed 1
     assert not np.array_equal(val[0].image, records[0].image)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from keras_resnet.export import export_model, load_exported_model
-from keras_resnet.export import job as export_job
+from keras_resnet.export import steps as export_job
 from keras_resnet_settings.errors import DiskFullError
 from tests.helpers import tiny_classifier
 

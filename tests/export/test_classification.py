@@ -33,7 +33,7 @@ from keras_resnet.cli import main
 from keras_resnet.data.images import find_image_files
 from keras_resnet.export import export_model, load_exported_model
 from keras_resnet.export import parity as export_parity
-from keras_resnet.export.source import load_model_source
+from keras_resnet.export.keras_model import load_model_source
 from keras_resnet.predict.classification import predict_files
 from keras_resnet_settings.errors import ExportParityError
 from tests.helpers import randomize_batch_norm, tiny_classifier

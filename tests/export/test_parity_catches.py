@@ -1,7 +1,7 @@
 """The export checks can fail: a perturbed export fails parity, int8 calibration sees the recipe's images.
 
 Each test exports a tiny untrained model to TFLite, then wraps the
-`ExportedModel` the job checks (`keras_resnet.export.job.load_exported_model`)
+`ExportedModel` the job checks (`keras_resnet.export.steps.load_exported_model`)
 so the artefact's outputs are perturbed by a known amount.
 
 What is asserted:
@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from keras_resnet.export import export_model
-from keras_resnet.export import job as export_job
+from keras_resnet.export import steps as export_job
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
 from keras_resnet.models.retinanet.detector import RetinaNetDetector

@@ -159,7 +159,7 @@ def test_qat_model_round_trips_keras_file(tmp_path):
 
 def test_qat_model_is_rebuilt_at_another_input_size():
     """An export at another --input-size rebuilds a QAT model from its float source, ranges and weights kept."""
-    from keras_resnet.export.source import model_at_size
+    from keras_resnet.export.keras_model import model_at_size
 
     model = MODELS["segmenter"]()
     randomize_batch_norm(model)

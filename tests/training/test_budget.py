@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from keras_resnet.cli import main
 from keras_resnet.config import load_config
-from keras_resnet.training import budget
+from keras_resnet.training import time_budget
 from keras_resnet.training.classification import evaluate_classifier
 from keras_resnet.training.plots import read_history_csv
 from keras_resnet_settings.errors import ConfigError
@@ -29,13 +29,13 @@ def toy_data(tmp_path_factory):
 
 def test_run_length_fits_the_rest_of_the_budget():
     # (10 min - 60 s used - 2 s final evaluation) / 1.1 = 489 s; 489 / 60 s per epoch = 8.15 -> 8 whole epochs.
-    assert budget.choose_run_length(10, 60.0, MEASURED, max_epochs=16, steps_per_epoch=100) == (8, 100)
-    assert budget.choose_run_length(10, 60.0, MEASURED, max_epochs=5, steps_per_epoch=100) == (5, 100)
+    assert time_budget.choose_run_length(10, 60.0, MEASURED, max_epochs=16, steps_per_epoch=100) == (8, 100)
+    assert time_budget.choose_run_length(10, 60.0, MEASURED, max_epochs=5, steps_per_epoch=100) == (5, 100)
     # Not even one 600-s epoch fits in 5 min: one shortened epoch, (270.9 - 2 - 4) / 0.5 = 529 -> all 100 steps
     # would not fit at 5 s a step: (270.9 - 2 - 4) / 5 = 52 steps.
     slow = {**MEASURED, "epoch_seconds": 600.0, "train_step_seconds": 5.0}
-    assert budget.choose_run_length(5, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 52)
-    assert budget.choose_run_length(0.1, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 1)  # at least a step
+    assert time_budget.choose_run_length(5, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 52)
+    assert time_budget.choose_run_length(0.1, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 1)  # at least a step
 
 
 def test_measure_epoch_times_a_copy_and_leaves_the_model_alone():
@@ -50,10 +50,10 @@ def test_measure_epoch_times_a_copy_and_leaves_the_model_alone():
     def compile_model(probe):
         probe.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
 
-    measured = budget.measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch=100)
+    measured = time_budget.measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch=100)
     assert measured["train_step_seconds"] > 0 and measured["val_step_seconds"] > 0
     assert measured["val_batches"] == 5
-    expected = 100 * measured["train_step_seconds"] + 5 * measured["val_step_seconds"] + budget.EPOCH_OVERHEAD_SECONDS
+    expected = 100 * measured["train_step_seconds"] + 5 * measured["val_step_seconds"] + time_budget.EPOCH_OVERHEAD_SECONDS
     assert measured["epoch_seconds"] == pytest.approx(expected, abs=0.2)
     for old, new in zip(before, model.weights):
         np.testing.assert_array_equal(old, new.numpy())
@@ -62,7 +62,7 @@ def test_measure_epoch_times_a_copy_and_leaves_the_model_alone():
 
 def test_budget_run_trains_the_epochs_that_fit_with_the_schedule_over_them(toy_data, tmp_path, monkeypatch, capsys):
     # An epoch "takes" 60 s (66 s with the safety factor): a 3-minute budget fits 2 of the recipe's 30 epochs (whatever this machine's speed).
-    monkeypatch.setattr(budget, "measure_epoch", lambda *args: dict(MEASURED))
+    monkeypatch.setattr(time_budget, "measure_epoch", lambda *args: dict(MEASURED))
     recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=30, optimizer="sgd",
                           learning_rate=0.05, warmup_epochs=3, schedule="cosine", time_budget_minutes=3)
     with warnings.catch_warnings(record=True) as caught:
@@ -87,10 +87,10 @@ def test_a_resumed_run_follows_its_stored_plan(tmp_path, monkeypatch, capsys):
     def must_not_measure(*args):
         raise AssertionError("a resumed run measured again")
 
-    monkeypatch.setattr(budget, "measure_epoch", must_not_measure)
+    monkeypatch.setattr(time_budget, "measure_epoch", must_not_measure)
     cfg = load_config(None, ["train.epochs=30", "train.time_budget_minutes=5", "train.warmup_epochs=3"])
-    (tmp_path / budget.PLAN_FILE).write_text(json.dumps({"epochs": 4, "warmup_epochs": 0.4}))
-    planned, _, callbacks = budget.plan_epochs(cfg, None, None, None, None, 10, str(tmp_path), 0.0)
+    (tmp_path / time_budget.PLAN_FILE).write_text(json.dumps({"epochs": 4, "warmup_epochs": 0.4}))
+    planned, _, callbacks = time_budget.plan_epochs(cfg, None, None, None, None, 10, str(tmp_path), 0.0)
     assert (planned["train"]["epochs"], planned["train"]["warmup_epochs"]) == (4, 0.4)
     assert cfg.train.epochs == 30  # the recipe itself is unchanged
     assert callbacks == []  # no deadline for a resumed run
@@ -104,7 +104,7 @@ def test_a_resumed_run_follows_its_stored_plan(tmp_path, monkeypatch, capsys):
 def test_budget_settings_it_cannot_honour_are_config_errors(overrides, message):
     cfg = load_config(None, ["train.time_budget_minutes=5", *overrides])
     with pytest.raises(ConfigError, match=message):
-        budget.check_budget_settings(cfg)
+        time_budget.check_budget_settings(cfg)
 
 
 def test_evaluate_names_the_loss_training_reports(tmp_path):
@@ -130,17 +130,17 @@ def test_stop_at_deadline_stops_within_the_budget(capsys, monkeypatch):
     model.compile(optimizer="sgd", loss="mse")
     x, y = np.zeros((8, 4), "float32"), np.zeros((8, 2), "float32")
     history = model.fit(x, y, batch_size=2, epochs=5, verbose=0,
-                        callbacks=[budget.StopAtDeadline(time.time() + 3600, reserve_seconds=60)])
+                        callbacks=[time_budget.StopAtDeadline(time.time() + 3600, reserve_seconds=60)])
     assert len(history.history["loss"]) == 5  # far from the deadline: every epoch
     # Past the deadline minus the reserve: the first step ends the epoch, which is still validated and logged.
     history = model.fit(x, y, batch_size=2, epochs=5, verbose=0, validation_data=(x, y),
-                        callbacks=[budget.StopAtDeadline(time.time() + 30, reserve_seconds=60)])
+                        callbacks=[time_budget.StopAtDeadline(time.time() + 30, reserve_seconds=60)])
     assert len(history.history["val_loss"]) == 1
     assert "stopping at step 1 of this epoch" in capsys.readouterr().out
     # At an epoch end: another epoch as long as this one (100 s) would end past the deadline (at 150 s).
     clock = {"now": 0.0}
-    monkeypatch.setattr(budget.time, "time", lambda: clock["now"])
-    callback = budget.StopAtDeadline(150.0)
+    monkeypatch.setattr(time_budget.time, "time", lambda: clock["now"])
+    callback = time_budget.StopAtDeadline(150.0)
     callback.set_model(model)
     callback.set_params({"epochs": 5})
     model.stop_training = False

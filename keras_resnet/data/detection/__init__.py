@@ -2,11 +2,11 @@
 
 Modules: ``records`` (:class:`DetectionRecord`, shared checks, COCO ground
 truth), ``voc_reader``, ``coco_reader``, ``mosaic_reader`` (the readers
-:func:`voc`, :func:`coco`, :func:`mosaic`), ``geometry`` (letterbox, box
+:func:`read_voc`, :func:`read_coco`, :func:`read_mosaic`), ``geometry`` (letterbox, box
 padding, augmentation) and ``pipeline`` (:func:`build_detection_datasets`).
 """
 
-from keras_resnet.data.detection.coco_reader import COCO_REQUIRED_KEYS, coco
+from keras_resnet.data.detection.coco_reader import COCO_REQUIRED_KEYS, read_coco
 from keras_resnet.data.detection.geometry import (
     MIN_BOX_SIDE,
     letterbox,
@@ -21,7 +21,7 @@ from keras_resnet.data.detection.mosaic_reader import (
     MOSAIC_VAL_SEED,
     default_mosaic_cache_dir,
     make_detection_mosaic,
-    mosaic,
+    read_mosaic,
 )
 from keras_resnet.data.detection.pipeline import (
     DEFAULT_AUGMENT,
@@ -32,7 +32,7 @@ from keras_resnet.data.detection.records import (
     DetectionRecord,
     coco_ground_truth,
 )
-from keras_resnet.data.detection.voc_reader import voc
+from keras_resnet.data.detection.voc_reader import read_voc
 from keras_resnet.data.images import letterbox_scale
 from keras_resnet.data.pascal_voc import VOC_CLASSES
 
@@ -49,14 +49,14 @@ __all__ = [
     "VOC_CLASSES",
     "DetectionRecord",
     "build_detection_datasets",
-    "coco",
+    "read_coco",
     "coco_ground_truth",
     "default_mosaic_cache_dir",
     "letterbox",
     "letterbox_scale",
     "make_detection_augment",
     "make_detection_mosaic",
-    "mosaic",
+    "read_mosaic",
     "pad_boxes",
-    "voc",
+    "read_voc",
 ]

@@ -9,13 +9,13 @@ from typing import Sequence
 
 import numpy as np
 
-from keras_resnet.data.common import progress
 from keras_resnet.data.detection.records import (
     BoxIssues,
     DetectionRecord,
     check_box,
     checked_image_size,
 )
+from keras_resnet.data.scanning import progress
 from keras_resnet_settings.errors import DataError
 
 COCO_REQUIRED_KEYS = {
@@ -42,7 +42,7 @@ def _check_coco_keys(coco, path: Path) -> None:
                 )
 
 
-def coco(
+def read_coco(
     annotations: str | os.PathLike,
     images: str | os.PathLike | None = None,
     class_names: Sequence[str] | None = None,
@@ -59,7 +59,7 @@ def coco(
         annotations: the instances JSON (``annotations/instances_val2017.json``).
         images: folder that ``file_name`` is relative to; default the JSON's folder.
         class_names: if given, the category names (sorted by id) must equal it.
-        clip_boxes: as in :func:`voc`.
+        clip_boxes: as in :func:`read_voc`.
 
     Returns:
         ``(records, class_names)``.
@@ -70,7 +70,7 @@ def coco(
             or a bad box (unless ``clip_boxes``); the message names the JSON.
 
     Example:
-    >>> records, names = coco("coco/annotations/instances_val2017.json", "coco/val2017")
+    >>> records, names = read_coco("coco/annotations/instances_val2017.json", "coco/val2017")
     """
     path = Path(annotations)
     try:

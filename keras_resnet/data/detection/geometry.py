@@ -13,8 +13,8 @@ from typing import Sequence
 import tensorflow as tf
 
 from keras_resnet.data import crops
-from keras_resnet.data.common import RescaleCrop
 from keras_resnet.data.images import letterbox_images
+from keras_resnet.data.rescale_crop import RescaleCrop
 from keras_resnet.tiling.grid import grid_origins, grid_tiles
 
 MIN_BOX_SIDE = 2.0  # training boxes narrower or shorter than this (input pixels) are dropped

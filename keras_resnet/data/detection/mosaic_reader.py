@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from keras_resnet.data.common import keras_datasets_dir, progress
 from keras_resnet.data.detection.records import DetectionRecord
 from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from keras_resnet.data.scanning import keras_datasets_dir, progress
 from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _mosaic_arrays(split, count, canvas_size, items_per_canvas, item_size, seed,
     return arrays
 
 
-def mosaic(
+def read_mosaic(
     split: str = "train",
     count: int = 5000,
     canvas_size: int = MOSAIC_CANVAS_SIZE,
@@ -193,7 +193,7 @@ def mosaic(
         canvases; class names are the 10 Fashion-MNIST classes.
 
     Example:
-    >>> records, names = mosaic("val", count=500)
+    >>> records, names = read_mosaic("val", count=500)
     """
     seed = (0 if split == "train" else MOSAIC_VAL_SEED) if seed is None else seed
     images, boxes, classes, offsets = _mosaic_arrays(

@@ -5,7 +5,7 @@ Conventions shared with the detection model: boxes are absolute pixels in
 image spans ``[0, width] x [0, height]``), float32; classes are int32
 ``0..num_classes-1``; padding rows have class ``-1`` and box zeros.
 
-Readers (:func:`voc`, :func:`coco`, :func:`mosaic`) return
+Readers (:func:`read_voc`, :func:`read_coco`, :func:`read_mosaic`) return
 ``(records, class_names)``: one :class:`DetectionRecord` per image with its
 boxes in original-image pixels. :func:`build_detection_datasets` turns two of
 them into batched ``tf.data`` pipelines of
@@ -50,7 +50,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.data.common import (
+from keras_resnet.data.batching import (
     check_batch_fits,
     seeded_subset,
     shuffle_augment_batch,
@@ -61,7 +61,7 @@ from keras_resnet.data.crops import (
     crop_training_dataset,
     tile_dataset,
 )
-from keras_resnet.data.detection.coco_reader import coco
+from keras_resnet.data.detection.coco_reader import read_coco
 from keras_resnet.data.detection.geometry import (
     letterbox,
     make_detection_augment,
@@ -69,9 +69,9 @@ from keras_resnet.data.detection.geometry import (
     pad_boxes,
     tile_boxes,
 )
-from keras_resnet.data.detection.mosaic_reader import MOSAIC_VAL_SEED, mosaic
+from keras_resnet.data.detection.mosaic_reader import MOSAIC_VAL_SEED, read_mosaic
 from keras_resnet.data.detection.records import DetectionRecord, coco_ground_truth
-from keras_resnet.data.detection.voc_reader import voc
+from keras_resnet.data.detection.voc_reader import read_voc
 from keras_resnet.data.images import (
     decode_image,
     encoded_paths,
@@ -152,14 +152,14 @@ def _read_source(source, path, split, class_names, clip_boxes, images_dir, mosai
         count = mosaic_args.get(f"{split}_size", 5000 if split == "train" else 500)
         generation = {k: mosaic_args[k] for k in ("canvas_size", "items_per_canvas", "item_size", "cache_dir", "cache")
                       if k in mosaic_args}
-        return mosaic(split, count, seed=seed if split == "train" else MOSAIC_VAL_SEED, **generation)
+        return read_mosaic(split, count, seed=seed if split == "train" else MOSAIC_VAL_SEED, **generation)
     if not path:
         what = "a VOC folder" if source == "voc" else "a COCO instances JSON"
         raise DataError(f"data.{key} is required when data.source is {source}; set it to {what}")
     if source == "voc":
-        return voc(path, split, class_names, clip_boxes)
+        return read_voc(path, split, class_names, clip_boxes)
     if source == "coco":
-        return coco(path, images_dir, class_names, clip_boxes)
+        return read_coco(path, images_dir, class_names, clip_boxes)
     raise DataError(f"data.source {source!r} is not one of voc, coco, mosaic")
 
 
@@ -199,7 +199,7 @@ def build_detection_datasets(
 
     Args:
         source: "voc", "coco" or "mosaic".
-        train, val: VOC folders (see :func:`voc`; both may name the same
+        train, val: VOC folders (see :func:`read_voc`; both may name the same
             VOCdevkit folder) or COCO instances JSONs; unused for mosaic.
         input_shape: ``(H, W, C)`` of the model input, C 1 or 3.
         batch_size: batch size of both pipelines.
@@ -214,12 +214,12 @@ def build_detection_datasets(
         shuffle_buffer: shuffle buffer size (capped at the training set size).
         cache: cache the decoded, letterboxed images in memory.
         limit_train, limit_val: use a seeded random subset of this many images.
-        clip_boxes: clip out-of-image boxes instead of raising (see :func:`voc`).
+        clip_boxes: clip out-of-image boxes instead of raising (see :func:`read_voc`).
         train_split, val_split: VOCdevkit split lists.
         train_images, val_images: COCO image folders; default the JSON's folder.
         mosaic_args: mosaic options: ``train_size`` (5000), ``val_size``
             (500), ``canvas_size``, ``items_per_canvas``, ``item_size``,
-            ``cache_dir``, ``cache`` (see :func:`mosaic`).
+            ``cache_dir``, ``cache`` (see :func:`read_mosaic`).
         repeat: each training image this many times per epoch (a handful
             of large images filling an epoch; each pass augmented anew).
         sampling: "resize" (letterbox every image to the input size) or

@@ -10,7 +10,6 @@ from typing import Sequence
 
 import numpy as np
 
-from keras_resnet.data.common import progress
 from keras_resnet.data.detection.records import (
     BoxIssues,
     DetectionRecord,
@@ -19,6 +18,7 @@ from keras_resnet.data.detection.records import (
 )
 from keras_resnet.data.images import TRAINING_IMAGE_EXTENSIONS
 from keras_resnet.data.pascal_voc import VOC_CLASSES, read_split_ids
+from keras_resnet.data.scanning import progress
 from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _read_voc_xml(xml: Path, image: Path | None, class_index: dict, clip: bool, 
     return str(image), boxes, classes, ignore, width, height
 
 
-def voc(
+def read_voc(
     root: str | os.PathLike,
     split: str = "train",
     class_names: Sequence[str] | None = None,
@@ -155,7 +155,7 @@ def voc(
             its image, or an unreadable image; the message names the file.
 
     Example:
-    >>> records, names = voc("VOCdevkit/VOC2007", split="val")
+    >>> records, names = read_voc("VOCdevkit/VOC2007", split="val")
     >>> records[0].boxes  # float32 (N, 4) xyxy in image pixels
     """
     root = Path(root)

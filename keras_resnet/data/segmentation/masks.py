@@ -22,7 +22,6 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from keras_resnet.data.common import progress
 from keras_resnet.data.images import (
     TRAINING_IMAGE_EXTENSIONS,
     decode_image,
@@ -30,6 +29,7 @@ from keras_resnet.data.images import (
     image_problem,
 )
 from keras_resnet.data.pascal_voc import VOC_SEGMENTATION_CLASSES, read_split_ids
+from keras_resnet.data.scanning import progress
 from keras_resnet_settings.errors import SegmentationDataError
 
 logger = logging.getLogger(__name__)

@@ -29,13 +29,13 @@ import tensorflow as tf
 from PIL import Image
 
 from keras_resnet.data import crops
-from keras_resnet.data.common import (
-    RescaleCrop,
+from keras_resnet.data.batching import (
     check_batch_fits,
     seeded_subset,
     shuffle_augment_batch,
 )
 from keras_resnet.data.images import decode_image_file
+from keras_resnet.data.rescale_crop import RescaleCrop
 from keras_resnet.data.segmentation.masks import (
     IGNORE_INDEX,
     VOC_CLASSES,

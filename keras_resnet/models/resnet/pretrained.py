@@ -1,11 +1,12 @@
-"""Pretrained weights of other libraries for `from_preset(..., weights=...)`.
+"""Pretrained weights for `from_preset(..., weights=...)`, whatever file format they come in.
 
-`read_pretrained` reads a source once and says which preset it fits:
-torchvision/timm state dicts (`.pth`/`.pt`/`.bin`/`.safetensors`, a dict of
-arrays, a live `torch.nn.Module`: `TorchWeights`) and keras.applications
-ResNets (`.h5` files, live models: `KerasApplicationsWeights`). Both readers
-have `preset`, `arch`, `num_classes`, `source_name`, `describe()`,
-`preprocessing(name)` (the source's input normalisation as an
+The models know no foreign file format: the readers live in
+`keras_resnet.convert` (torchvision/timm state dicts: `TorchWeights`;
+keras.applications `.h5` files and models: `KerasApplicationsWeights`) and
+register here with `register_weights_reader` when `keras_resnet` is
+imported. `read_pretrained` hands a source to the first reader that
+`accepts` it. A reader has `preset`, `arch`, `num_classes`, `source_name`,
+`describe()`, `preprocessing(name)` (the source's input normalisation as an
 `ImageNormalization`), `load_backbone(backbone)` and `load_head(dense)`.
 
 `load_pretrained` checks that a built backbone has the architecture of the
@@ -14,19 +15,8 @@ naming both) and loads it, and the head when its number of classes matches.
 """
 
 import inspect
-import os
 
-from keras_resnet.models.resnet.keras_applications import (
-    KerasApplicationsWeights,
-    is_keras_model,
-)
 from keras_resnet.models.resnet.presets import get_preset_config
-from keras_resnet.models.resnet.torch_weights import TorchWeights
-from keras_resnet.models.weight_files import (
-    SAFETENSORS_SUFFIX,
-    TORCH_SUFFIXES,
-    is_torch_file,
-)
 from keras_resnet_settings.errors import ConversionError
 
 # Backbone arguments that change the graph or its numbers; the others (input_shape, output_stride, drop_path_rate,
@@ -38,28 +28,31 @@ ARCHITECTURE_ARGS = (
 )
 # Arguments whose default (None) is resolved from the others.
 _RESOLVED_ARGS = ("stackwise_num_filters", "stackwise_strides", "stem_width")
-READERS = (TorchWeights, KerasApplicationsWeights)
+WEIGHTS_READERS = []  # filled by keras_resnet.convert, most specific first
+
+
+def register_weights_reader(reader) -> None:
+    """Adds a reader class: `reader.accepts(source) -> bool`, `reader.read(source, arch, preset)`, `reader.KINDS`
+    (what it reads, for the error listing them)."""
+    if reader not in WEIGHTS_READERS:
+        WEIGHTS_READERS.append(reader)
 
 
 def read_pretrained(source, arch=None, preset=None):
-    """Reads `source` (a path, a dict of arrays, a torch module, a keras.applications model) once.
+    """Reads `source` (a weight file, a dict of arrays, a torch module, a keras.applications model) once.
 
     Args:
         source: see the module docstring; a reader returned earlier is passed through.
         arch: the source model's name, inferred when None.
-        preset: the preset to prefer when several fit a torch state dict.
+        preset: the preset to prefer when several fit a state dict.
     """
-    if isinstance(source, READERS):
+    if isinstance(source, tuple(WEIGHTS_READERS)):
         return source
-    is_path = isinstance(source, (str, os.PathLike))
-    if is_keras_model(source) or (is_path and os.fspath(source).lower().endswith(".h5")):
-        return KerasApplicationsWeights(source, arch)
-    if is_path and not is_torch_file(source):
-        raise ConversionError(
-            f"weights {os.fspath(source)}: expected a torchvision/timm state dict ({', '.join(TORCH_SUFFIXES)}, "
-            f"{SAFETENSORS_SUFFIX}) or a keras.applications .h5 file."
-        )
-    return TorchWeights(source, arch, preset)
+    for reader in WEIGHTS_READERS:
+        if reader.accepts(source):
+            return reader.read(source, arch, preset)
+    kinds = " or ".join(reader.KINDS for reader in WEIGHTS_READERS) or "(no weight readers: import keras_resnet)"
+    raise ConversionError(f"weights {source}: expected {kinds}.")
 
 
 def check_fits(backbone, weights, preset=None):
@@ -97,4 +90,5 @@ def load_pretrained(weights, backbone, head=None, preset=None):
     return False
 
 
-__all__ = ["ARCHITECTURE_ARGS", "check_fits", "load_pretrained", "read_pretrained"]
+__all__ = ["ARCHITECTURE_ARGS", "WEIGHTS_READERS", "check_fits", "load_pretrained", "read_pretrained",
+           "register_weights_reader"]

@@ -155,28 +155,3 @@ def coco_evaluate(ground_truth: dict, detections, class_names: Sequence[str]) ->
         per_class[name] = float(values.mean()) if values.size else None
     metrics["per_class"] = per_class
     return metrics
-
-
-def print_detection_table(metrics: dict, title: str = "COCO box AP", console=None) -> None:
-    """Print the summary numbers and the per-class AP of :func:`coco_evaluate` as a rich table.
-
-    Args:
-        metrics: the dict returned by :func:`coco_evaluate`.
-        title: table title.
-        console: a ``rich.console.Console``; default a new one on stdout.
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    def show(value):
-        return "-" if value is None else f"{100 * value:.1f}"
-
-    table = Table(title=title)
-    table.add_column("class")
-    table.add_column("AP@[.5:.95] (%)", justify="right")
-    for name, value in metrics["per_class"].items():
-        table.add_row(name, show(value))
-    table.add_section()
-    for key in SUMMARY_STATS:
-        table.add_row(key, show(metrics.get(key)), style="bold" if key == "mAP" else None)
-    (console or Console()).print(table)

@@ -28,9 +28,14 @@ import re
 import keras
 import numpy as np
 
+from keras_resnet.convert.weight_files import (
+    SAFETENSORS_SUFFIX,
+    TORCH_SUFFIXES,
+    is_torch_file,
+    read_state_dict,
+)
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.presets import get_preset_config
-from keras_resnet.models.weight_files import read_state_dict
 from keras_resnet_settings.errors import ConversionError
 
 # Source model name (torchvision / timm; timm names may carry a pretrained tag, "resnet50.a1_in1k") -> the
@@ -224,7 +229,7 @@ class TorchWeights:
     Args:
         source: a `.pth`/`.pt`/`.bin` or `.safetensors` path, a dict of
             arrays or tensors, or a live `torch.nn.Module` (see
-            `keras_resnet.models.weight_files.read_state_dict`).
+            `keras_resnet.convert.weight_files.read_state_dict`).
         arch: the source model's name (`TORCH_ARCHS`, timm tags allowed);
             inferred from keys and shapes when None.
         preset: a preset to prefer when several fit the keys (from_preset's).
@@ -249,6 +254,17 @@ class TorchWeights:
     """
 
     format = "torch"
+
+    KINDS = f"a torchvision/timm state dict ({', '.join(TORCH_SUFFIXES)}, {SAFETENSORS_SUFFIX})"
+
+    @classmethod
+    def accepts(cls, source) -> bool:
+        """A torch weight file, or an in-memory source (a dict of arrays, a torch module)."""
+        return is_torch_file(source) if isinstance(source, (str, os.PathLike)) else True
+
+    @classmethod
+    def read(cls, source, arch=None, preset=None):
+        return cls(source, arch, preset)
 
     def __init__(self, source, arch=None, preset=None, state_dict=None):
         self.state, self.source_name = state_dict if state_dict is not None else read_state_dict(source)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import keras
 
-from keras_resnet.export.contract import INPUT_NAME, output_spec
+from keras_resnet.export.signatures import INPUT_NAME, output_spec
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.classifier import ResNetClassifier
 from keras_resnet.models.retinanet.detector import DECODER_DEFAULT_ARGS

@@ -20,7 +20,7 @@ import time
 
 import keras
 
-from keras_resnet.runs import read_json, write_json
+from keras_resnet.atomic_files import read_json, write_json
 from keras_resnet_settings.errors import ConfigError
 
 PLAN_FILE = "time_budget.json"

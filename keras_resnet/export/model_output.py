@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_resnet.export.contract import (
+from keras_resnet.export.keras_model import as_float32, model_at_size
+from keras_resnet.export.parity import difference_text, relative_diff_rule
+from keras_resnet.export.samples import DENSE_SAMPLES
+from keras_resnet.export.signatures import (
     OUTPUT_NAME,
     input_metadata,
     output_spec,
     outputs_fn,
     uint8_image_spec,
 )
-from keras_resnet.export.job import ExportJob
-from keras_resnet.export.parity import difference_text, relative_diff_rule
-from keras_resnet.export.samples import DENSE_SAMPLES
-from keras_resnet.export.source import as_float32, model_at_size
+from keras_resnet.export.steps import ExportJob
 from keras_resnet_settings.errors import ExportError
 
 

@@ -17,13 +17,22 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from keras_resnet.export.contract import image_spec, integer_io_metadata, metadata_path
+from keras_resnet.atomic_files import atomic_output, write_json
+from keras_resnet.export.keras_model import (
+    ModelSource,
+    dtype_policies,
+    find_preprocessing,
+)
 from keras_resnet.export.loading import load_exported_model
 from keras_resnet.export.onnx import convert_onnx
-from keras_resnet.export.parity import judge, parity_line
+from keras_resnet.export.parity import enforce_parity_gate, parity_line
 from keras_resnet.export.samples import SampleReader, calibration_images, parity_images
 from keras_resnet.export.saved_model import check_saved_model_target, write_saved_model
-from keras_resnet.export.source import ModelSource, dtype_policies, find_preprocessing
+from keras_resnet.export.signatures import (
+    image_spec,
+    integer_io_metadata,
+    metadata_path,
+)
 from keras_resnet.export.tflite import (
     INPUT_ZERO_POINTS,
     boundary_ops,
@@ -32,7 +41,6 @@ from keras_resnet.export.tflite import (
     tflite_bytes,
     tflite_ops,
 )
-from keras_resnet.runs import atomic_output, write_json
 from keras_resnet_settings.errors import ExportError, ExportParityError
 
 # run.json entries copied into every export's metadata: "sampling" ("resize" or "crop") and "tile_overlap".
@@ -68,7 +76,7 @@ class ExportRequest:
 
 
 @contextmanager
-def step(description: str):
+def spinner(description: str):
     """A rich spinner on stderr while a conversion step runs."""
     from rich.console import Console
 
@@ -141,7 +149,7 @@ class ExportJob:
         self.int8_min_agreement = request.int8_min_agreement
         if self.int8_min_agreement is None:
             self.int8_min_agreement = self.default_int8_min_agreement
-        with step(self.prepare_step):
+        with spinner(self.prepare_step):
             self.policies = dtype_policies(source.model)
             self.model = self.prepare()
         self.qat = quantize_aware(self.model)
@@ -170,16 +178,16 @@ class ExportJob:
                 flush=True,
             )
         if request.quantize == "int8" and not self.qat:
-            with step("loading calibration images"):
+            with spinner("loading calibration images"):
                 calibration, calibration_text = calibration_images(
                     self.samples, request.calibration, self.source, self.input_shape, request.calibration_samples
                 )
-        with step("loading parity images"):
+        with spinner("loading parity images"):
             images, sample_source, info = parity_images(
                 self.samples, request.calibration, self.source, self.input_shape, request.parity_samples
             )
         if self.reference_step is not None:
-            with step(self.reference_step):
+            with spinner(self.reference_step):
                 self.keras_reference(images)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -190,14 +198,14 @@ class ExportJob:
         with atomic_output(self.path) as self.written:
             written_metadata = metadata_path(self.written)
             try:
-                with step(f"converting to {request.label}: {self.path}"):
+                with spinner(f"converting to {request.label}: {self.path}"):
                     self.convert(calibration)
                 metadata = self.io_metadata(self.metadata())
                 write_json(written_metadata, metadata)  # load_exported_model reads it (a raw detector's decoder)
-                with step(f"checking {request.label} against Keras"):
+                with spinner(f"checking {request.label} against Keras"):
                     figures = self.parity(load_exported_model(self.written), images, info)
                     figures["sample_source"] = sample_source
-                    judge(figures, request.quantize, self.float_rule, self.int8_rule)
+                    enforce_parity_gate(figures, request.quantize, self.float_rule, self.int8_rule)
             finally:
                 written_metadata.unlink(missing_ok=True)
             metadata["parity"] = figures

@@ -7,7 +7,7 @@
   as `{layer: {weight: array}}`.
 
 Architecture knowledge (which key is which layer) lives with each model family,
-e.g. `keras_resnet.models.resnet.torch_weights`.
+e.g. `keras_resnet.convert.torch_resnet`.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Guards of a run folder while `train` writes into it.
+"""The run folder's lock and resume rules while `train` writes into it.
 
 - `guard_run`: the exclusive lock on the run folder (`RunLock`: a `train.lock`
   file with the pid and host, created with O_CREAT|O_EXCL; a stale lock of a
@@ -8,13 +8,10 @@
   moves the earlier run into `previous/<timestamp>/` first.
 - `trim_history`: drops the history.csv rows of epochs a resumed run trains again,
   so each epoch is listed once.
-- `StopOnNonFinite` / `check_finite_loss`: stop at the first NaN or infinite
-  training loss with a `TrainingDivergedError`, before anything is saved.
 """
 
 import csv
 import json
-import math
 import os
 import shutil
 import socket
@@ -22,15 +19,14 @@ import sys
 import time
 from contextlib import contextmanager
 
-import keras
 import yaml
 
+from keras_resnet.atomic_files import atomic_output
 from keras_resnet.config import load_config
-from keras_resnet.runs import atomic_output, prepare_output_dir
+from keras_resnet.runs import prepare_output_dir
 from keras_resnet_settings.errors import (
     ConfigError,
     RunFolderError,
-    TrainingDivergedError,
 )
 
 # Recipe keys that may change between a run and its resume.
@@ -241,44 +237,3 @@ def trim_history(history_path, start_epoch):
             csv.writer(stream, lineterminator="\n").writerows(kept if len(kept) > 1 else [])
 
 
-# ----------------------------------------------------------------------------
-# NaN / inf stop
-# ----------------------------------------------------------------------------
-def check_finite_loss(loss, epoch, step, learning_rate, what="loss"):
-    """TrainingDivergedError when `loss` is NaN or infinite (`epoch`, `step` counted from 1)."""
-    loss = float(loss)
-    if math.isfinite(loss):
-        return
-    where = f"epoch {epoch} step {step}" if step is not None else f"epoch {epoch}"
-    raise TrainingDivergedError(
-        f"{what} became {'NaN' if math.isnan(loss) else 'inf'} at {where}; lower train.learning_rate "
-        f"(now {learning_rate:g}) or raise train.warmup_epochs, then train again with --restart "
-        "(best_model.keras and last_model.keras keep the last finite epoch)"
-    )
-
-
-class StopOnNonFinite(keras.callbacks.Callback):
-    """Raises `TrainingDivergedError` at the first non-finite training loss or validation loss.
-
-    Put it before the checkpoint and log callbacks: an epoch that diverged
-    reaches none of them, so best/last models and history keep the last finite epoch.
-    """
-
-    def __init__(self, learning_rate):
-        super().__init__()
-        self.learning_rate = learning_rate
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if logs and "loss" in logs:
-            check_finite_loss(logs["loss"], self.epoch + 1, batch + 1, self.learning_rate)
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        for key in ("loss", "val_loss"):
-            if key in logs:
-                check_finite_loss(logs[key], epoch + 1, None, self.learning_rate,
-                                  what="validation loss" if key == "val_loss" else "loss")

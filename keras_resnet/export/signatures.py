@@ -24,8 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resnet.atomic_files import read_json
 from keras_resnet.models.retinanet.decoder import OUTPUT_KEYS
-from keras_resnet.runs import read_json
 from keras_resnet_settings.registry import CLASSIFICATION, SEGMENTATION
 
 METADATA_SUFFIX = ".json"

@@ -1,0 +1,61 @@
+"""The shuffle / augment / batch tail of every training pipeline, the seeded subset of `data.limit_*`,
+and the check that one batch fits an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from keras_resnet_settings.errors import DataError
+
+
+def seeded_subset(count: int, limit: int | None, seed: int) -> np.ndarray:
+    """Indices of a seeded permutation of ``range(count)``, truncated to ``limit``."""
+    order = np.random.default_rng(seed).permutation(count)
+    return order if limit is None else order[:limit]
+
+
+def check_batch_fits(batch_size, num_train, repeat=1, what="training examples", error=DataError, crops_per_image=1):
+    """`error` (a DataError) when one training batch needs more than the `num_train` examples x `repeat` x `crops_per_image` of an epoch."""
+    if batch_size <= num_train * repeat * crops_per_image:
+        return
+    times = f" x data.repeat={repeat}" if repeat > 1 else ""
+    if crops_per_image > 1:
+        times += f" x data.crops_per_image={crops_per_image}"
+    raise error(
+        f"data.batch_size={batch_size} is larger than the {num_train} {what}{times}; lower data.batch_size, add "
+        f"data, or set data.repeat={math.ceil(batch_size / (num_train * crops_per_image))} (every training example "
+        "that many times per epoch, each time augmented anew)"
+    )
+
+
+def shuffle_augment_batch(train, val, augment, num_train, seed, *, batch_size, shuffle_buffer, repeat=1):
+    """The tail of every training pipeline: shuffle, seeded augmentation, batching.
+
+    Args:
+        train, val: unbatched (and possibly cached) datasets of examples.
+        augment: `(*example, seed) -> example`, tf ops only; the seed is a
+            per-example `[2]` int64 tensor that changes every epoch.
+        num_train: training examples (caps the shuffle buffer).
+        seed: shuffle and augmentation seed.
+        batch_size, shuffle_buffer: `data.batch_size`, `data.shuffle_buffer`.
+        repeat: each example this many times per epoch (`data.repeat`).
+
+    Returns:
+        `(train, val)`: train shuffled, augmented and batched with
+        `drop_remainder=True`; val batched; both prefetched.
+    """
+    if repeat > 1:
+        train = train.repeat(repeat)
+    train = train.shuffle(min(shuffle_buffer, num_train * repeat), seed=seed,
+                          reshuffle_each_iteration=True)
+    augment_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    train = tf.data.Dataset.zip((train, augment_seeds)).map(
+        lambda example, augment_seed: augment(*example, augment_seed),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    train = train.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return train, val.batch(batch_size).prefetch(tf.data.AUTOTUNE)
