@@ -7,7 +7,7 @@ What is asserted:
   the path; a folder is replaced whole (nothing of the old one is left);
 * `write_json` writes NaN/inf as null (strict JSON) with one warning line;
 * `set_aside` numbers `.corrupt` names that are taken;
-* training (`engine.fit_run`): a full disk while saving best_model.keras /
+* training (`fit.fit_run`): a full disk while saving best_model.keras /
   last_model.keras keeps the previous complete models and leaves no temporary;
 * a re-run over a truncated best_model.keras (a kill during its write) sets
   it aside with one line and writes a loadable best_model.keras again.
@@ -26,7 +26,7 @@ import tensorflow as tf
 from keras_resnet.atomic_files import atomic_output, set_aside, write_json
 from keras_resnet.config import load_config
 from keras_resnet.runs import RunPaths
-from keras_resnet.training import engine
+from keras_resnet.training import devices, fit
 from keras_resnet.training.plots import CLASSIFICATION_PANELS
 from keras_resnet_settings.errors import DiskFullError, KerasResNetError
 
@@ -126,15 +126,15 @@ def tiny_run(tmp_path):
     return model, dataset, cfg
 
 
-def fit(model, dataset, cfg, paths, epochs=1):
-    engine.fit_run(model, cfg, dataset, dataset, paths, monitor="val_accuracy", title="t",
-                   panels=CLASSIFICATION_PANELS, best_key="accuracy", backup_dir=paths.backup_root, epochs=epochs)
+def fit_once(model, dataset, cfg, paths, epochs=1):
+    fit.fit_run(model, cfg, dataset, dataset, paths, monitor="val_accuracy", title="t",
+                panels=CLASSIFICATION_PANELS, best_key="accuracy", backup_dir=paths.backup_root, epochs=epochs)
 
 
 def test_disk_full_while_saving_models_keeps_the_previous_ones(tmp_path, monkeypatch):
     model, dataset, cfg = tiny_run(tmp_path)
-    _, paths, _ = engine.start_run(cfg)
-    fit(model, dataset, cfg, paths)
+    _, paths, _ = devices.start_run(cfg)
+    fit_once(model, dataset, cfg, paths)
     saved = {name: Path(getattr(paths, name)).read_bytes() for name in ("best", "last")}
     original_save = keras.Model.save
 
@@ -146,7 +146,7 @@ def test_disk_full_while_saving_models_keeps_the_previous_ones(tmp_path, monkeyp
     monkeypatch.setattr(keras.Model, "save", save_half)
     os.remove(paths.history)  # no best value so far: best_model.keras is saved again
     with pytest.raises(DiskFullError, match="no space left on device while writing .*best_model.keras"):
-        fit(model, dataset, cfg, paths)
+        fit_once(model, dataset, cfg, paths)
     for name, content in saved.items():
         assert Path(getattr(paths, name)).read_bytes() == content, name
     assert leftovers(paths.root) == []
@@ -162,9 +162,9 @@ def test_rerun_sets_aside_a_truncated_best_model(tmp_path, capsys):
     whole = (tmp_path / "whole.keras").read_bytes()
     Path(paths.best).write_bytes(whole[: len(whole) // 2])  # a kill during the write
     Path(paths.history).write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,1.0,0.1,1.0,0.1\n")
-    engine.start_run(cfg)
+    devices.start_run(cfg)
     err = capsys.readouterr().err
     assert f"set aside {paths.best}" in err and len([line for line in err.splitlines() if "set aside" in line]) == 1
     assert Path(paths.best + ".corrupt").read_bytes() == whole[: len(whole) // 2]
-    fit(model, dataset, cfg, paths, epochs=2)
+    fit_once(model, dataset, cfg, paths, epochs=2)
     keras.saving.load_model(paths.best)  # written again although history.csv had a better value

@@ -1,7 +1,11 @@
 """Training: one train/evaluate runner for every task.
 
 - `runner`: `train_from_config` / `evaluate_from_config`, dispatching to a task by the registry.
-- `engine`: strategy, precision, optimizer, fit with resume, run files.
+- `preflight`: recipe checks the tasks share, the run's announcement, epoch sizes.
+- `devices`: strategy, precision, TF_CONFIG, `start_run`; `optimizers`: `make_optimizer`.
+- `fit`: `fit_run` (checkpoints, history, TensorBoard, resume); `run_files`: recipe.yaml, run.json, summary.
+- `run_lock`: the run folder's lock and resume rules; `divergence`: the NaN/inf stop;
+  `time_budget`: the epochs that fit in `train.time_budget_minutes`.
 - `backbones`: a recipe's backbone, pretrained weights, frozen stages.
 - `schedules`: `WarmupSchedule` (warm-up + cosine / one-cycle / constant).
 - `plots`: training curves and confusion matrices.

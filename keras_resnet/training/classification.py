@@ -1,6 +1,6 @@
 """Training and evaluation of classification recipes (`task: classification`).
 
-`train_classification` runs a recipe end to end on the engine (data
+`train_classification` runs a recipe end to end (data
 pipelines, the distribution strategy, mixed precision, the model, optionally
 initialised from a keras.applications `.h5` or a `.keras` file, with frozen
 stages and a two-phase head-then-fine-tune schedule, the optimizer and
@@ -36,7 +36,14 @@ import tensorflow as tf
 from keras_resnet.atomic_files import atomic_output, write_json
 from keras_resnet.data.classification import build_classification_datasets
 from keras_resnet.models.resnet.classifier import ResNetClassifier
-from keras_resnet.training import engine, time_budget
+from keras_resnet.training import (
+    devices,
+    fit,
+    optimizers,
+    preflight,
+    run_files,
+    time_budget,
+)
 from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
 from keras_resnet.training.checkpoints import save_model
 from keras_resnet.training.divergence import check_finite_loss
@@ -93,8 +100,8 @@ def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per
                warmup, backup_dir, paths, extra_callbacks=()):
     train_cfg = cfg.train
     _compile(model, train_cfg,
-             engine.make_optimizer(train_cfg, steps_per_epoch, epochs - initial_epoch, learning_rate, warmup))
-    engine.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg.model.backbone,
+             optimizers.make_optimizer(train_cfg, steps_per_epoch, epochs - initial_epoch, learning_rate, warmup))
+    fit.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg.model.backbone,
             panels=CLASSIFICATION_PANELS, best_key="top1", backup_dir=backup_dir, epochs=epochs,
             initial_epoch=initial_epoch, extra_callbacks=extra_callbacks)
 
@@ -146,7 +153,7 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
     epochs = train_cfg.epochs
     steps_per_epoch = train_cfg.steps_per_epoch or steps_per_epoch
     with strategy.scope():
-        optimizer = engine.make_optimizer(train_cfg, steps_per_epoch, epochs)
+        optimizer = optimizers.make_optimizer(train_cfg, steps_per_epoch, epochs)
         if keras.mixed_precision.dtype_policy().name == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         loss_fn = keras.losses.CategoricalCrossentropy(
@@ -189,14 +196,14 @@ def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, pa
 
     val_model_fn = tf.function(lambda images: model(images, training=False))
     writer = tf.summary.create_file_writer(os.path.join(paths.logs, "train")) if is_chief else None
-    best = (engine.previous_best(paths.history, "val_top1") if os.path.exists(paths.best) else None) or -1.0
+    best = (fit.previous_best(paths.history, "val_top1") if os.path.exists(paths.best) else None) or -1.0
     chunk = max(1, min(steps_per_epoch, 50))
     for epoch in range(int(epoch_var.numpy()), epochs):
         start = time.time()
         train_loss.reset_state()
         train_top1.reset_state()
         progress = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "top1"],
-                                       verbose=engine.fit_verbosity() if is_chief else 0)
+                                       verbose=fit.fit_verbosity() if is_chief else 0)
         done = 0
         while done < steps_per_epoch:
             steps = min(chunk, steps_per_epoch - done)
@@ -313,17 +320,17 @@ def train_classification(cfg):
     run_started = time.time()
     train_cfg, data_cfg, model_cfg = cfg.train, cfg.data, cfg.model
     time_budget.check_budget_settings(cfg)
-    strategy, paths, is_chief = engine.start_run(cfg)
+    strategy, paths, is_chief = devices.start_run(cfg)
     output_dir = paths.root
 
     train_ds, val_ds, info = _datasets(cfg)
-    engine.check_num_classes(cfg, info)
+    preflight.check_num_classes(cfg, info)
     num_classes = model_cfg.num_classes
-    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, model_cfg.backbone)
+    steps_per_epoch = preflight.announce_run(cfg, info, strategy, paths, model_cfg.backbone)
     with strategy.scope():
         model = build_classifier(cfg, info)
     if is_chief:
-        engine.write_run_files(cfg, paths, {
+        run_files.write_run_files(cfg, paths, {
             "task": "classification",
             "preset": model_cfg.backbone,
             "input_shape": list(model_cfg.input_shape),
@@ -343,7 +350,7 @@ def train_classification(cfg):
             fit_cfg, plan, budget_callbacks = time_budget.plan_epochs(
                 cfg, model,
                 lambda probe: _compile(probe, train_cfg,
-                                       engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs)),
+                                       optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs)),
                 train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
             )
             fit_steps = fit_cfg.train.steps_per_epoch or steps_per_epoch
@@ -352,7 +359,7 @@ def train_classification(cfg):
     if not is_chief:
         shutil.rmtree(output_dir, ignore_errors=True)
         return None
-    metrics = engine.finish_run(
+    metrics = run_files.finish_run(
         paths, lambda best: evaluate_classifier(best, val_ds, info["class_names"], output_dir,
                                                 train_cfg.label_smoothing),
         fit_steps, data_cfg.batch_size, train_seconds,
@@ -372,8 +379,8 @@ def evaluate_classification(cfg):
     Rewrites metrics.json (keeping the training summary: epochs, speed, time budget),
     confusion_matrix.csv and confusion_matrix.png, and returns the metrics.
     """
-    model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
-    metrics = engine.keep_run_summary(cfg.output_dir, lambda: evaluate_classifier(
+    model_path, model, val_ds, info = run_files.load_trained_run(cfg, _datasets)
+    metrics = run_files.keep_run_summary(cfg.output_dir, lambda: evaluate_classifier(
         model, val_ds, info["class_names"], cfg.output_dir, cfg.train.label_smoothing))
     smoothed = (f"; with the recipe's label_smoothing={cfg.train.label_smoothing:g}, as in training's "
                 f"val_loss: {metrics['loss_label_smoothed']:.4f}" if "loss_label_smoothed" in metrics else "")

@@ -1,6 +1,6 @@
 """Training and evaluation of object detection recipes (`task: detection`).
 
-`train_detection` runs a recipe end to end on `keras_resnet.training.engine`
+`train_detection` runs a recipe end to end on `keras_resnet.training.preflight`
 (strategy, precision, optimizer and schedule, run directory, resume) and writes:
 
     output_dir/
@@ -46,7 +46,7 @@ from keras_resnet.models.retinanet.evaluation import (
 )
 from keras_resnet.models.retinanet.losses import RetinaNetLoss
 from keras_resnet.tiling import DEFAULT_TILE_BATCH, detect_tiled
-from keras_resnet.training import engine
+from keras_resnet.training import devices, fit, optimizers, preflight, run_files
 from keras_resnet.training.backbones import (
     build_model_from_config,
     check_recipe_args,
@@ -75,7 +75,7 @@ _NOT_FOR_DETECTION = {
 
 
 def _check_detection_recipe(cfg):
-    engine.check_task_settings(cfg, DETECTION, _NOT_FOR_DETECTION, "does not apply to task=detection; set {key}={neutral}")
+    preflight.check_task_settings(cfg, DETECTION, _NOT_FOR_DETECTION, "does not apply to task=detection; set {key}={neutral}")
     check_recipe_args("head_args", cfg.model.head_args, RetinaNetDetector, HEAD_ARGS)
     check_recipe_args("decoder_args", cfg.model.decoder_args, DetectionDecoder, DECODER_ARGS)
 
@@ -316,14 +316,14 @@ def train_detection(cfg):
     """
     _check_detection_recipe(cfg)
     train_cfg, data_cfg, model_cfg = cfg.train, cfg.data, cfg.model
-    strategy, paths, _ = engine.start_run(cfg)
+    strategy, paths, _ = devices.start_run(cfg)
     output_dir = paths.root
 
     train_ds, val_ds, info = _datasets(cfg)
-    engine.check_num_classes(cfg, info)
+    preflight.check_num_classes(cfg, info)
     info["mean"], info["std"] = pixel_statistics(train_ds)
     boxes = f" ({info['num_train_boxes']} / {info['num_val_boxes']} boxes)"
-    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, f"{model_cfg.backbone} + RetinaNet", boxes)
+    steps_per_epoch = preflight.announce_run(cfg, info, strategy, paths, f"{model_cfg.backbone} + RetinaNet", boxes)
     with strategy.scope():
         model = build_detector(cfg, info)
         try:
@@ -331,14 +331,14 @@ def train_detection(cfg):
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model.decoder_args: {error}") from None
         model.compile(
-            optimizer=engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs),
+            optimizer=optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs),
             loss=RetinaNetLoss(model_cfg.num_classes, box_loss=train_cfg.box_loss,
                                box_variance=model.box_variance),
             jit_compile=train_cfg.jit_compile,
         )
     encoder = model.make_label_encoder()
     tile_overlap = evaluation_overlap(cfg)
-    engine.write_run_files(cfg, paths, {
+    run_files.write_run_files(cfg, paths, {
         "task": "detection",
         "preset": model_cfg.backbone,
         "head": "retinanet",
@@ -357,12 +357,12 @@ def train_detection(cfg):
     })
     start = time.time()
     with strategy.scope():
-        engine.fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
+        fit.fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
                 monitor="val_mAP", title=f"{model_cfg.backbone} RetinaNet", panels=DETECTION_PANELS,
                 best_key="mAP", backup_dir=os.path.join(paths.backup_root, "main"), epochs=train_cfg.epochs,
                 extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg.decoder_args, tile_overlap)])
     train_seconds = time.time() - start
-    metrics = engine.finish_run(
+    metrics = run_files.finish_run(
         paths, lambda best: evaluate_detector(best, val_ds, info, model_cfg.decoder_args, output_dir,
                                               title="best model", tile_overlap=tile_overlap),
         steps_per_epoch, data_cfg.batch_size, train_seconds,
@@ -381,8 +381,8 @@ def evaluate_detection(cfg):
     Rewrites metrics.json (COCO AP) and val_predictions.png and returns the metrics.
     """
     _check_detection_recipe(cfg)
-    model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
-    metrics = engine.keep_run_summary(cfg.output_dir, lambda: evaluate_detector(
+    model_path, model, val_ds, info = run_files.load_trained_run(cfg, _datasets)
+    metrics = run_files.keep_run_summary(cfg.output_dir, lambda: evaluate_detector(
         model, val_ds, info, cfg.model.decoder_args, cfg.output_dir, title=model_path,
         tile_overlap=evaluation_overlap(cfg)))
     print(

@@ -12,7 +12,7 @@ from keras_resnet.training.classification import (
     train_classification,
 )
 from keras_resnet.training.detection import evaluate_detection, train_detection
-from keras_resnet.training.engine import is_chief_process
+from keras_resnet.training.devices import is_chief_process
 from keras_resnet.training.run_lock import guard_run
 from keras_resnet.training.segmentation import evaluate_segmentation, train_segmentation
 from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION

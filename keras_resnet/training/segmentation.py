@@ -1,6 +1,6 @@
 """Training and evaluation of semantic segmentation recipes (`task: segmentation`).
 
-`train_segmentation` runs a recipe end to end on `keras_resnet.training.engine`
+`train_segmentation` runs a recipe end to end on `keras_resnet.training.preflight`
 (strategy, precision, optimizer and schedule, run directory, resume) and writes:
 
     output_dir/
@@ -46,7 +46,7 @@ from keras_resnet.tiling import (
     model_tile,
     segment_tiled,
 )
-from keras_resnet.training import engine
+from keras_resnet.training import devices, fit, optimizers, preflight, run_files
 from keras_resnet.training.backbones import (
     build_model_from_config,
     check_recipe_args,
@@ -68,7 +68,7 @@ _CLASSIFICATION_ONLY = {
 
 
 def _check_segmentation_recipe(cfg):
-    engine.check_task_settings(cfg, SEGMENTATION, _CLASSIFICATION_ONLY,
+    preflight.check_task_settings(cfg, SEGMENTATION, _CLASSIFICATION_ONLY,
                         "applies to classification only; set {key}={neutral} for task=segmentation")
 
 
@@ -243,17 +243,17 @@ def train_segmentation(cfg):
     """
     _check_segmentation_recipe(cfg)
     train_cfg, data_cfg = cfg.train, cfg.data
-    strategy, paths, _ = engine.start_run(cfg)
+    strategy, paths, _ = devices.start_run(cfg)
     output_dir = paths.root
 
     backup_dir = os.path.join(paths.backup_root, "main")
-    start_epoch = engine.backup_epoch(backup_dir)
+    start_epoch = fit.backup_epoch(backup_dir)
     if start_epoch:
         print(f"resuming from the backup in {backup_dir} at epoch {start_epoch + 1}")
     train_ds, val_ds, info = build_segmentation_datasets(cfg, seed=train_cfg.seed, start_epoch=start_epoch)
-    engine.check_num_classes(cfg, info)
+    preflight.check_num_classes(cfg, info)
     model_name = f"{cfg.model.backbone} + {cfg.model.head}"
-    steps_per_epoch = engine.announce_run(cfg, info, strategy, paths, model_name)
+    steps_per_epoch = preflight.announce_run(cfg, info, strategy, paths, model_name)
     with strategy.scope():
         model = build_segmenter(cfg, info)
         try:
@@ -261,12 +261,12 @@ def train_segmentation(cfg):
         except ValueError as error:
             raise ConfigError(str(error)) from None
         model.compile(
-            optimizer=engine.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs),
+            optimizer=optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs),
             loss=loss,
             metrics=[SegmentationMeanIoU(cfg.model.num_classes, IGNORE_INDEX), PixelAccuracy(IGNORE_INDEX)],
             jit_compile=train_cfg.jit_compile,
         )
-    engine.write_run_files(cfg, paths, {
+    run_files.write_run_files(cfg, paths, {
         "task": "segmentation",
         "preset": cfg.model.backbone,
         "head": cfg.model.head,
@@ -282,12 +282,12 @@ def train_segmentation(cfg):
     })
     start = time.time()
     with strategy.scope():
-        engine.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",
+        fit.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",
                 title=f"{cfg.model.backbone} {cfg.model.head}", panels=SEGMENTATION_PANELS,
                 best_key="miou", backup_dir=backup_dir, epochs=train_cfg.epochs)
     train_seconds = time.time() - start
     eval_ds, tile_overlap = evaluation_data(cfg, val_ds, info)
-    metrics = engine.finish_run(
+    metrics = run_files.finish_run(
         paths, lambda best: evaluate_segmenter(best, eval_ds, info["class_names"], output_dir, title="best model",
                                                tile_overlap=tile_overlap, tile_batch_size=data_cfg.batch_size),
         steps_per_epoch, data_cfg.batch_size, train_seconds,
@@ -306,9 +306,9 @@ def evaluate_segmentation(cfg):
     Rewrites metrics.json (mIoU, pixel accuracy, per-class IoU),
     confusion_matrix.csv and val_predictions.png, and returns the metrics.
     """
-    model_path, model, val_ds, info = engine.load_trained_run(cfg, _datasets)
+    model_path, model, val_ds, info = run_files.load_trained_run(cfg, _datasets)
     eval_ds, tile_overlap = evaluation_data(cfg, val_ds, info)
-    metrics = engine.keep_run_summary(cfg.output_dir, lambda: evaluate_segmenter(
+    metrics = run_files.keep_run_summary(cfg.output_dir, lambda: evaluate_segmenter(
         model, eval_ds, info["class_names"], cfg.output_dir, title=model_path, tile_overlap=tile_overlap,
         tile_batch_size=cfg.data.batch_size))
     print(

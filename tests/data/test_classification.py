@@ -20,7 +20,7 @@ from keras_resnet.data.fashion_mnist import (
     DEBIAN_FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
 )
-from keras_resnet.training.engine import epoch_steps
+from keras_resnet.training.preflight import epoch_steps
 from tests.helpers import write_idx_gz
 
 CLASS_VALUES = {"cat": 40, "dog": 210}  # each class is a flat image of this brightness

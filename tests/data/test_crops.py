@@ -16,7 +16,7 @@ from keras_resnet.data import SegmentationDataError, crops
 from keras_resnet.data.detection import build_detection_datasets
 from keras_resnet.data.detection.geometry import make_detection_crop, window_boxes
 from keras_resnet.data.segmentation import build_segmentation_datasets
-from keras_resnet.training.engine import announce_run, epoch_steps
+from keras_resnet.training.preflight import announce_run, epoch_steps
 from tests.helpers import coordinate_image, write_mask_pair, write_voc_image
 
 INPUT = (16, 24, 3)

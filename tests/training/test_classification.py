@@ -196,7 +196,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     from keras_resnet import ResNetClassifier
-    from keras_resnet.training.engine import make_strategy
+    from keras_resnet.training.devices import make_strategy
 
     x = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 1)).astype("float32")
     y = np.arange(8) % 3
@@ -259,7 +259,7 @@ def test_multi_worker_two_processes(toy_data, tmp_path):
 def test_fit_keeps_one_iterator_per_run_for_datasets_of_known_length():
     import tensorflow as tf
 
-    from keras_resnet.training.engine import one_iterator_per_run
+    from keras_resnet.training.fit import one_iterator_per_run
 
     batches = tf.data.Dataset.range(10).shuffle(10, seed=0, reshuffle_each_iteration=True).batch(3, drop_remainder=True)
     repeated, steps = one_iterator_per_run(batches, None)

@@ -17,7 +17,7 @@ from PIL import Image
 from keras_resnet.cli import main
 from keras_resnet.config import load_config
 from keras_resnet.runs import RunPaths
-from keras_resnet.training import engine
+from keras_resnet.training import fit
 from keras_resnet.training.plots import CLASSIFICATION_PANELS
 from keras_resnet.training.runner import train_from_config
 from keras_resnet_settings.errors import ConfigError, TrainingDivergedError
@@ -165,7 +165,7 @@ def test_nan_in_a_later_epoch_keeps_the_last_finite_models(tmp_path):
     paths = RunPaths.of(tmp_path)
     cfg = load_config({"train": {"steps_per_epoch": 2, "ema_momentum": None, "learning_rate": 0.1}})
     with pytest.raises(TrainingDivergedError, match="loss became NaN at epoch 2 step 1; lower train.learning_rate"):
-        engine.fit_run(model, cfg, train, val, paths, monitor="val_top1", title="t", panels=CLASSIFICATION_PANELS,
+        fit.fit_run(model, cfg, train, val, paths, monitor="val_top1", title="t", panels=CLASSIFICATION_PANELS,
                        best_key="top1", backup_dir=str(tmp_path / "backup"), epochs=3)
     for path in (paths.best, paths.last):
         weights = keras.saving.load_model(path).get_weights()

@@ -34,7 +34,7 @@ def test_a_resumed_run_trains_on_the_canvases_of_its_epochs(tiny_fashion_mnist, 
 
     # train_segmentation builds its data for the epoch BackupAndRestore will resume at
     from keras_resnet.training import segmentation as segmentation_training
-    from keras_resnet.training.engine import backup_epoch
+    from keras_resnet.training.fit import backup_epoch
 
     run = tmp_path / "run"
     backup = run / "backup" / "main"

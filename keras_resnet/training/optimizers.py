@@ -1,0 +1,39 @@
+"""The optimizer of a run: SGD or AdamW over a `WarmupSchedule`, optionally with weight averaging (EMA).
+"""
+
+
+import keras
+
+from keras_resnet.training.schedules import WarmupSchedule
+
+
+# ----------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------
+def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmup=True):
+    """SGD (momentum, Nesterov) or AdamW with a warm-up schedule.
+
+    Weight decay skips BatchNorm parameters and biases. With
+    `train.ema_momentum` set, the optimizer also keeps an exponential moving
+    average of the weights (Keras' `use_ema`); `fit_run` then validates and
+    checkpoints the averaged weights.
+    """
+    learning_rate = learning_rate or train_cfg.learning_rate
+    schedule = WarmupSchedule(
+        learning_rate,
+        total_steps=steps_per_epoch * epochs,
+        warmup_steps=int(train_cfg.warmup_epochs * steps_per_epoch) if warmup else 0,
+        schedule=train_cfg.schedule,
+    )
+    weight_decay = train_cfg.weight_decay or None
+    ema = {"use_ema": True, "ema_momentum": train_cfg.ema_momentum} if train_cfg.ema_momentum else {}
+    if train_cfg.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(
+            schedule, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov, weight_decay=weight_decay,
+            **ema,
+        )
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay or 0.0, **ema)
+    if weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
