@@ -11,7 +11,7 @@ def check_options(**options) -> ExportSettings:
     'uint8'
     """
     try:
-        settings = settings_from(ExportSettings, options, "the export options")
+        settings = settings_from(ExportSettings, options, "the export_model arguments")
         check_export_settings(settings)
     except ConfigError as error:
         raise ExportError(str(error)) from None

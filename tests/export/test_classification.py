@@ -171,7 +171,7 @@ def test_export_argument_errors(tmp_path):
     tiny_classifier().save(model_file)
     with pytest.raises(ValueError, match="applies only to format='tflite'"):
         export_model(model_file, format="onnx", quantize="int8", output=tmp_path)
-    with pytest.raises(ValueError, match="format='coreml' is not supported"):
+    with pytest.raises(ValueError, match="'format' must be one of 'saved_model', 'tflite', 'onnx', got 'coreml'"):
         export_model(model_file, format="coreml", output=tmp_path)
     with pytest.raises(ValueError, match="batch_size must be a positive int or 'dynamic'"):
         export_model(model_file, format="onnx", batch_size=0, output=tmp_path)

@@ -177,7 +177,7 @@ def test_cli_integer_io_needs_int8(classifier_run, tmp_path, capsys):
         assert "io='uint8'" in err and "--quantize int8" in err
     assert main(["export", str(classifier_run), "--format", "onnx", "--io", "int8"]) == 2
     assert not list(tmp_path.iterdir())
-    with pytest.raises(ExportError, match="io='int4' is not supported"):
+    with pytest.raises(ExportError, match="'io' must be one of 'float', 'uint8', 'int8', got 'int4'"):
         export_model(classifier_run, format="tflite", quantize="int8", io="int4")
 
 
