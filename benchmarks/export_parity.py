@@ -29,7 +29,7 @@ EXPORTS = [("saved_model", "none"), ("onnx", "none"), ("tflite", "none"), ("tfli
 def validation_set(run_dir):
     recipe = Path(run_dir) / "recipe.yaml"
     cfg = load_config(str(recipe), ["data.cache=false", "data.batch_size=256"])
-    _, val, _ = build_classification_datasets(cfg, seed=cfg["train"]["seed"])
+    _, val, _ = build_classification_datasets(cfg, seed=cfg.train.seed)
     images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in val])
     return np.concatenate(images).astype(np.float32), np.concatenate(labels), str(recipe)
 

@@ -31,7 +31,7 @@ def main():
     args = parser.parse_args()
     overrides = [*args.set, f"output_dir={args.output_dir}"]
     cfg = load_config(args.recipe, overrides)
-    shutil.rmtree(cfg["output_dir"], ignore_errors=True)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
     start = time.time()
     metrics = train_from_config(args.recipe, overrides)
     wall = time.time() - start
@@ -49,11 +49,11 @@ def main():
         "machine": platform.processor() or platform.machine(),
         "tensorflow": tf.__version__,
     }
-    with open(os.path.join(cfg["output_dir"], "benchmark.json"), "w") as f:
+    with open(os.path.join(cfg.output_dir, "benchmark.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
     print(
-        f"| {cfg['model']['backbone']} | {cfg['train']['mixed_precision']} | {epochs} | {result['top1']:.4f} | "
+        f"| {cfg.model.backbone} | {cfg.train.mixed_precision} | {epochs} | {result['top1']:.4f} | "
         f"{result['top5']:.4f} | {result['wall_minutes']:.1f} | {result['seconds_per_epoch']:.0f} | "
         f"{result['train_images_per_second']:.0f} |"
     )

@@ -35,12 +35,12 @@ def main():
     args = parser.parse_args()
     overrides = [*args.set, f"output_dir={args.output_dir}"]
     cfg = load_config(args.recipe, overrides)
-    shutil.rmtree(cfg["output_dir"], ignore_errors=True)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
     start = time.time()
     metrics = train_from_config(args.recipe, overrides)
     wall = time.time() - start
     epochs = metrics["epochs"]
-    task = cfg["task"]
+    task = cfg.task
     scores = ("mIoU", "pixel_accuracy") if task == "segmentation" else ("mAP", "AP50", "AP75")
     result = {
         "recipe": args.recipe,
@@ -55,15 +55,15 @@ def main():
         "machine": platform.processor() or platform.machine(),
         "tensorflow": tf.__version__,
     }
-    with open(os.path.join(cfg["output_dir"], "benchmark.json"), "w") as f:
+    with open(os.path.join(cfg.output_dir, "benchmark.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
-    precision = cfg["train"]["mixed_precision"]
-    shape = "x".join(map(str, cfg["model"]["input_shape"]))
+    precision = cfg.train.mixed_precision
+    shape = "x".join(map(str, cfg.model.input_shape))
     print(f"| recipe | backbone | head | input | precision | epochs | {' | '.join(scores)} | wall (min) "
           "| s/epoch | train img/s |")
     print(
-        f"| `{os.path.basename(args.recipe)}` | {cfg['model']['backbone']} | {cfg['model']['head']} | {shape} | "
+        f"| `{os.path.basename(args.recipe)}` | {cfg.model.backbone} | {cfg.model.head} | {shape} | "
         f"{precision} | {epochs} | {' | '.join(f'{result[key]:.4f}' for key in scores)} | "
         f"{result['wall_minutes']:.1f} | {result['seconds_per_epoch']:.0f} | {result['train_images_per_second']:.0f} |"
     )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keras_resnet.atomic_files import read_json, set_aside
-from keras_resnet_settings.errors import ConfigError
+from keras_resnet_settings.errors import ConfigError, ModelError
 
 BEST_MODEL_FILE = "best_model.keras"
 LAST_MODEL_FILE = "last_model.keras"
@@ -102,6 +102,24 @@ def keras_archive_problem(path) -> str | None:
     except (OSError, zipfile.BadZipFile, EOFError) as error:
         return f"unreadable: {error}"
     return f"damaged member {broken}" if broken else None
+
+
+def load_keras_model(path):
+    """`keras.saving.load_model(path, compile=False)`; a one-line `ModelError` naming `path` when it fails.
+
+    A truncated, empty or damaged archive is reported as such (Keras itself says "File not found").
+    """
+    import keras
+
+    problem = keras_archive_problem(path)
+    if problem:
+        problem = problem.removeprefix("not a .keras archive: ")
+        raise ModelError(f"{path} is not a valid .keras archive ({problem}); save or export the model again")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # JSON and deserialisation errors
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ModelError(f"cannot load Keras model {path}: {type(error).__name__}: {reason}") from None
 
 
 def set_aside_unreadable_models(run_dir) -> list[str]:

@@ -19,7 +19,7 @@ step 2/4 "training $RECIPE (20-minute budget unless overridden; one line per epo
 .venv/bin/keras-resnet train "$RECIPE" "$@"
 step 3/4 "evaluating the best model on the 10,000 test images"
 .venv/bin/keras-resnet evaluate "$RECIPE" "$@"
-RUN_DIR=$(TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -c "import sys; from keras_resnet.config import load_config; print(load_config(sys.argv[1], sys.argv[2:])['output_dir'])" "$RECIPE" $(printf '%s\n' "$@" | grep '=' || true))
+RUN_DIR=$(TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -c "import sys; from keras_resnet_settings import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)" "$RECIPE" $(printf '%s\n' "$@" | grep '=' || true))
 # Each export checks itself against the Keras model and fails on a parity miss.
 step 4/4 "exporting $RUN_DIR: SavedModel, ONNX, TFLite float32, TFLite int8 (each checked against the Keras model)"
 .venv/bin/keras-resnet export "$RUN_DIR" --format saved_model

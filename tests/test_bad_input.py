@@ -89,3 +89,31 @@ def test_truncated_saved_model_is_named(tmp_path):
         load_exported_model(export)
     message = _one_line(error)
     assert message.startswith(f"SavedModel {export} is corrupt or incomplete")
+
+
+def lambda_model_file(path):
+    """A .keras file whose model has a Lambda layer (Keras refuses to deserialise it in safe mode)."""
+    import keras
+
+    inputs = keras.Input((16, 16, 1))
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2.0)(inputs)))
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def test_a_lambda_model_as_weights_or_as_a_run_model_is_one_line(tmp_path, capsys):
+    from keras_resnet.cli import main
+    from tests.training.test_classification import make_toy_folders, write_recipe
+
+    folders = make_toy_folders(tmp_path / "toy", per_class=4)
+    weights = lambda_model_file(tmp_path / "lambda.keras")
+    recipe = write_recipe(tmp_path / "r.yaml", *folders, tmp_path / "run", epochs=1)
+    assert main(["train", str(recipe), "--set", f"model.weights={weights}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "internal error" not in err, err
+    assert f"cannot load Keras model {weights}" in err and "Lambda" in err
+    (tmp_path / "run").mkdir(exist_ok=True)
+    lambda_model_file(tmp_path / "run" / "best_model.keras")
+    assert main(["evaluate", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "best_model.keras" in err and "internal error" not in err, err

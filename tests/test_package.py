@@ -312,7 +312,7 @@ def test_public_api_paths_are_unchanged():
 # Settings travel as attributes: no recipe string keys below the loader
 # ----------------------------------------------------------------------------
 RECIPE_SECTIONS = {"model", "data", "train", "qat", "augment"}
-RECIPE_VARIABLES = ("cfg", "recipe")  # names (and suffixes: data_cfg, train_cfg) that hold a recipe or section
+RECIPE_VARIABLES = ("cfg", "recipe", "load_config")  # names (and suffixes: data_cfg) holding a recipe or section
 
 
 def recipe_key_reads(path: Path, root: Path = PACKAGE_ROOT.parent):
@@ -326,6 +326,8 @@ def recipe_key_reads(path: Path, root: Path = PACKAGE_ROOT.parent):
             target, key = node.func.value, node.args[0].value
         else:
             continue
+        if isinstance(target, ast.Call):  # load_config(path)["task"]
+            target = target.func
         name = target.id if isinstance(target, ast.Name) else getattr(target, "attr", "")
         if isinstance(key, str) and (key in RECIPE_SECTIONS or name in RECIPE_SECTIONS
                                      or name.endswith(RECIPE_VARIABLES)):
@@ -335,9 +337,10 @@ def recipe_key_reads(path: Path, root: Path = PACKAGE_ROOT.parent):
 
 def test_recipe_key_checker_finds_both_forms(tmp_path):
     planted = tmp_path / "planted.py"
-    planted.write_text("a = cfg['train']['epochs']\nb = data_cfg.get('sampling', 'resize')\nc = info['num_train']\n")
+    planted.write_text("a = cfg['train']['epochs']\nb = data_cfg.get('sampling', 'resize')\nc = info['num_train']\n"
+                       "d = load_config(path)['task']\n")
     found = sorted(line.split(" ", 1)[1] for line in recipe_key_reads(planted, tmp_path))
-    assert found == ["cfg['train']", "data_cfg['sampling']"]  # not info[...]; cfg["train"]["epochs"] once
+    assert found == ["cfg['train']", "data_cfg['sampling']", "load_config['task']"]  # not info[...]
 
 
 def test_no_module_below_the_settings_loader_reads_the_recipe_by_string_keys():
@@ -345,4 +348,6 @@ def test_no_module_below_the_settings_loader_reads_the_recipe_by_string_keys():
     # cfg["train"]["epochs"] (a key's type, default and range live in one declaration).
     found = [read for name, path in MODULES.items() if part_of(name) != "keras_resnet_settings"
              for read in recipe_key_reads(path)]
+    found += [read for path in sorted((PACKAGE_ROOT.parent / "benchmarks").glob("*.py"))
+              for read in recipe_key_reads(path)]
     assert not found, "\n".join(found)

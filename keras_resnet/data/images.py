@@ -7,7 +7,11 @@ and prediction (`load_image(s)`), so they all see the same pixels. It loads the
 whole file (a truncated file fails) and converts modes explicitly: palette ->
 RGB (or L) through the palette, 16-bit -> 8-bit by the bit depth its values use
 (`wide_integer_scale`: /257 for full-range data), 1-bit -> 0/255, CMYK
--> RGB, alpha dropped, then L or RGB for the model's channel count.
+-> RGB, alpha dropped, then L or RGB for the model's channel count. A
+JPEG's EXIF orientation is applied first (`ImageOps.exif_transpose`): pixels
+come out as a photo viewer shows them, and every size check uses that
+orientation (`displayed_size`). The rule for labels: boxes (VOC, COCO) and
+masks are in the displayed orientation, as annotation tools draw them.
 `image_problem` is the same full decode, for the data scans. Resizing and
 augmentation stay in TensorFlow. Training scans read `TRAINING_IMAGE_EXTENSIONS`.
 `letterbox_images` is the one letterbox of prediction, export and the
@@ -22,7 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageOps
 
 from keras_resnet_settings.errors import DataError
 
@@ -114,9 +118,34 @@ def pixels_of(image: Image.Image, channels: int) -> np.ndarray:
     return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
 
 
+EXIF_ORIENTATION = 0x0112  # 1: as stored; 2-8: flipped and/or rotated; 5-8 swap width and height
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an open image (1 when it has none)."""
+    try:
+        return int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a malformed EXIF block: take the pixels as stored
+        return 1
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """`(width, height)` of an open image as shown, its EXIF orientation applied."""
+    width, height = image.size
+    return (height, width) if orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def image_size(path) -> tuple[int, int]:
+    """`(width, height)` of an image file as shown (EXIF orientation applied), from its header."""
+    with Image.open(path) as image:
+        return displayed_size(image)
+
+
 def _decoded(path: str, channels: int) -> np.ndarray:
     with Image.open(path) as image:
         image.load()
+        if orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
         return pixels_of(image, channels)
 
 

@@ -22,7 +22,7 @@ from keras_resnet.runs import (
     RUN_INFO_FILE,
     RUN_MODEL_FILES,
     RUN_RECIPE_FILE,
-    keras_archive_problem,
+    load_keras_model,
     read_run_info,
     run_model_file,
 )
@@ -100,22 +100,6 @@ def load_model_source(model_or_dir) -> ModelSource:
         run_info=read_run_info(run_dir) if run_dir else {},
         recipe_path=str(recipe) if recipe and recipe.is_file() else None,
     )
-
-
-def load_keras_model(path) -> keras.Model:
-    """`keras.saving.load_model(path, compile=False)`; a one-line `ModelError` naming `path` when it fails.
-
-    A truncated, empty or damaged archive is reported as such (Keras itself says "File not found").
-    """
-    problem = keras_archive_problem(path)
-    if problem:
-        problem = problem.removeprefix("not a .keras archive: ")
-        raise ModelError(f"{path} is not a valid .keras archive ({problem}); save or export the model again")
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as error:  # JSON and deserialisation errors
-        reason = (str(error).strip().splitlines() or [""])[0]
-        raise ModelError(f"cannot load Keras model {path}: {type(error).__name__}: {reason}") from None
 
 
 def walk_layers(model: keras.Model):

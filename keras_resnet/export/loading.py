@@ -195,12 +195,14 @@ def _from_runtime(path, runtime, metadata: dict, raw_runtime=None) -> ExportedMo
 
 def _load_saved_model(path: Path) -> ExportedModel:
     """A SavedModel: `predict_outputs` runs `serve_float`; a detector's `predict` runs `serve_raw`."""
+    metadata = read_metadata(path)
+    check_not_rejected(path, metadata)
     loaded = load_saved_model(path)
     if "serve_float" not in loaded.signatures:
         raise ModelError(f"SavedModel {path} has no serve_float signature; export it with keras_resnet.export.api")
     runtime = signature_runtime(loaded, "serve_float")
     raw_runtime = signature_runtime(loaded, "serve_raw") if "serve_raw" in loaded.signatures else None
-    return _from_runtime(path, runtime, read_metadata(path), raw_runtime)
+    return _from_runtime(path, runtime, metadata, raw_runtime)
 
 
 def _load_keras(path) -> ExportedModel:
@@ -246,6 +248,17 @@ def _load_keras_detector(source) -> ExportedModel:
     )
 
 
+def check_not_rejected(path, metadata: dict) -> None:
+    """A ModelError for an artefact that failed its parity gate when it was exported (kept for inspection only)."""
+    rejected = metadata.get("rejected")
+    if rejected or ".rejected" in Path(path).name:
+        reason = f" ({rejected.get('criterion')}: {rejected.get('reason')})" if isinstance(rejected, dict) else ""
+        raise ModelError(
+            f"{path} failed its parity check against the Keras model when it was exported{reason} and is kept for "
+            "inspection only; predict with the passing artefact, or export again (e.g. more calibration samples)"
+        )
+
+
 def load_exported_model(path, num_threads: int = RUNTIME_THREADS) -> ExportedModel:
     """Open any model form for inference on float32 raw-pixel images.
 
@@ -275,8 +288,10 @@ def load_exported_model(path, num_threads: int = RUNTIME_THREADS) -> ExportedMod
     if path.is_dir() or path.suffix == ".keras":
         return _load_keras(path)
     if path.suffix in RUNTIMES:
+        metadata = read_metadata(path)
+        check_not_rejected(path, metadata)
         runtime = RUNTIMES[path.suffix](path, num_threads)
-        return _from_runtime(path, runtime, read_metadata(path))
+        return _from_runtime(path, runtime, metadata)
     raise ModelError(
         f"{path} is not a model: expected a .keras file, a training run dir, a SavedModel dir, .tflite or .onnx"
     )

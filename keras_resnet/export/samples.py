@@ -55,7 +55,7 @@ def recipe_images(recipe_path: str, input_shape, split: str, count: int) -> np.n
     from keras_resnet.data.classification import build_classification_datasets
 
     height, width, channels = input_shape
-    task = load_config(recipe_path)["task"]
+    task = load_config(recipe_path).task
     overrides = [
         f"model.input_shape=[{height},{width},{channels}]",
         "data.batch_size=1",
@@ -146,7 +146,7 @@ def letterboxed_folder_images(folder: str, input_shape, count: int) -> np.ndarra
 def recipe_has_task(path, task: str) -> bool:
     """True when `path` is a readable recipe of `task`."""
     try:
-        return load_config(str(path))["task"] == task
+        return load_config(str(path)).task == task
     except Exception:  # not a readable recipe: the caller reports it
         return False
 

@@ -9,6 +9,8 @@ parity is measured and judged, and its metadata.
 from __future__ import annotations
 
 import datetime
+import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -17,7 +19,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from keras_resnet.atomic_files import atomic_output, write_json
+from keras_resnet.atomic_files import atomic_output, temporary_sibling, write_json
 from keras_resnet.export.keras_model import (
     ModelSource,
     dtype_policies,
@@ -90,6 +92,23 @@ def tool_versions(format: str) -> dict:
     for package in TOOL_PACKAGES[format]:
         versions[package] = importlib_metadata.version(package)
     return versions
+
+
+REJECTED_MARK = ".rejected"
+
+
+def rejected_path(path: Path) -> Path:
+    """Where an artefact that failed its parity gate is kept: `<stem>.rejected<suffix>` beside `path`."""
+    return path.with_name(f"{path.stem}{REJECTED_MARK}{path.suffix}")
+
+
+def remove_rejected(rejected: Path) -> None:
+    """Deletes a rejected artefact and its metadata (once an export of the same artefact has passed)."""
+    if rejected.is_dir():
+        shutil.rmtree(rejected, ignore_errors=True)
+    else:
+        rejected.unlink(missing_ok=True)
+    metadata_path(rejected).unlink(missing_ok=True)
 
 
 def artefact_path(output_dir: Path, name: str, format: str, quantize: str, io: str = "float") -> Path:
@@ -194,7 +213,10 @@ class ExportJob:
         if request.format == "saved_model":
             check_saved_model_target(self.path)
         metadata_file = metadata_path(self.path)
-        # Written and checked under a temporary name; the old artefact is replaced whole only then.
+        rejected = rejected_path(self.path)
+        # Written and checked under a temporary name. An artefact that passes its gate replaces the old one
+        # and its metadata (both written whole first, then renamed one after the other); one that fails is
+        # kept under the rejected name and the old artefact stays as it was.
         with atomic_output(self.path) as self.written:
             written_metadata = metadata_path(self.written)
             try:
@@ -222,16 +244,27 @@ class ExportJob:
                 if self.io_quantization is not None:
                     metadata["int8"]["io_quantization"] = self.io_quantization
                     metadata["int8"]["boundary_ops"] = self.boundary
-            metadata_file.unlink(missing_ok=True)  # never the old metadata beside the new artefact
+            if figures["passed"]:
+                new_metadata = Path(temporary_sibling(metadata_file))
+                write_json(new_metadata, metadata)  # complete on disk before the artefact moves into place
+            else:
+                metadata["rejected"] = {"reason": self.failure(figures), "criterion": figures["criterion"],
+                                        "intended_path": str(self.path)}
+                with atomic_output(rejected) as rejected_temporary:
+                    os.replace(self.written, rejected_temporary)  # nothing left to replace self.path with
+                write_json(metadata_path(rejected), metadata)
         self.written = self.path
-        write_json(metadata_file, metadata)
         summary = self.summary(figures)
         print(parity_line(request.format, request.quantize, figures, summary, figures[self.count_key],
                           sample_source), flush=True)
         if not figures["passed"]:
+            kept = f"the earlier {self.path} is unchanged" if self.path.exists() else f"nothing written at {self.path}"
             raise ExportParityError(
-                f"{self.path} fails its parity check against Keras ({figures['criterion']}): {self.failure(figures)}"
+                f"the export fails its parity check against Keras ({figures['criterion']}): {self.failure(figures)}; "
+                f"kept for inspection as {rejected} ({kept})"
             )
+        os.replace(new_metadata, metadata_file)
+        remove_rejected(rejected)  # an earlier rejected export of this artefact is stale now
         return {
             "format": request.format,
             "quantize": request.quantize,

@@ -31,13 +31,17 @@ import numpy as np
 
 from keras_resnet.atomic_files import read_json
 from keras_resnet.data.images import find_image_files, letterbox_images, read_image
-from keras_resnet.export.keras_model import load_keras_model
 from keras_resnet.export.loading import as_exported_model
 from keras_resnet.export.signatures import RAW_NAME
 from keras_resnet.models.retinanet.decoder import decoder_from_config
 from keras_resnet.predict.progress import terminal_progress
 from keras_resnet.predict.tiling import decoder_setting, tile_plan
-from keras_resnet.runs import BEST_MODEL_FILE, RUN_INFO_FILE, read_run_info
+from keras_resnet.runs import (
+    BEST_MODEL_FILE,
+    RUN_INFO_FILE,
+    load_keras_model,
+    read_run_info,
+)
 from keras_resnet.tiling import DEFAULT_TILE_BATCH, detect_tiled
 from keras_resnet.visualize import draw_detections
 from keras_resnet_settings.errors import ModelError

@@ -31,12 +31,11 @@ from PIL import Image
 
 import keras_resnet.models.segmentation.segmenter  # noqa: F401  (registers the custom objects)
 from keras_resnet.data.images import find_image_files, load_image, read_image
-from keras_resnet.export.keras_model import load_keras_model
 from keras_resnet.export.loading import as_exported_model
 from keras_resnet.export.signatures import MASK_NAME
 from keras_resnet.predict.progress import terminal_progress
 from keras_resnet.predict.tiling import run_info_near, tile_plan
-from keras_resnet.runs import BEST_MODEL_FILE
+from keras_resnet.runs import BEST_MODEL_FILE, load_keras_model
 from keras_resnet.tiling import (
     DEFAULT_TILE_BATCH,
     keras_segment_function,

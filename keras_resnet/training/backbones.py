@@ -25,8 +25,6 @@ import difflib
 import inspect
 import os
 
-import keras
-
 from keras_resnet.convert.weight_files import is_torch_file
 from keras_resnet.layers.core import ImageNormalization
 from keras_resnet.models.resnet.backbone import ResNetBackbone
@@ -37,6 +35,7 @@ from keras_resnet.models.resnet.pretrained import (
     load_pretrained,
     read_pretrained,
 )
+from keras_resnet.runs import load_keras_model
 from keras_resnet_settings.errors import ConfigError, ConversionError
 
 KERAS_SUFFIX = ".keras"
@@ -289,7 +288,7 @@ def load_pretrained_weights(model, path, weights=None):
     _check_weights_path(path)
     target_name = f"model.backbone={model.backbone.name!r}"
     if str(path).endswith(KERAS_SUFFIX):
-        source = keras.saving.load_model(path, compile=False)
+        source = load_keras_model(path)
         source_backbone = getattr(source, "backbone", source)
         _copy_layer_weights(source_backbone.layers, model.backbone.layers, path, target_name)
         if isinstance(source, ResNetClassifier) and source.num_classes == model.num_classes:

@@ -121,13 +121,18 @@ def one_iterator_per_run(train_ds, steps_per_epoch):
     segmentation recipe). A repeated dataset with
     `steps_per_epoch` keeps one iterator for the whole `fit`; each pass is still
     reshuffled and re-augmented (and fresh mosaics are still new).
+
+    With `train.steps_per_epoch` set, the dataset is repeated too, so epochs
+    that end inside a pass continue where the last one stopped (a finite
+    dataset would run out part-way through an epoch: Keras warns and trains
+    the rest of it on nothing).
     """
-    if steps_per_epoch is not None or not isinstance(train_ds, tf.data.Dataset):
+    if not isinstance(train_ds, tf.data.Dataset):
         return train_ds, steps_per_epoch
     batches = int(train_ds.cardinality())
-    if batches <= 0:  # unknown or infinite length: leave as given
-        return train_ds, steps_per_epoch
-    return train_ds.repeat(), batches
+    if batches == tf.data.INFINITE_CARDINALITY or (batches < 0 and steps_per_epoch is None):
+        return train_ds, steps_per_epoch  # already endless, or of unknown length with nothing to count by
+    return train_ds.repeat(), steps_per_epoch or batches
 
 
 def backup_epoch(backup_dir):

@@ -13,14 +13,13 @@ TensorBoard, resume after a kill): the only difference is the model, which
 import math
 from pathlib import Path
 
-import keras
-
 from keras_resnet.config import load_config
 from keras_resnet.quantization import quantize_aware
 from keras_resnet.runs import (
     BEST_MODEL_FILE,
     METRICS_FILE,
     RUN_RECIPE_FILE,
+    load_keras_model,
     read_run_info,
 )
 from keras_resnet_settings.errors import ConfigError
@@ -85,7 +84,7 @@ def quantize_aware_from_run(cfg, info, model_class):
     model keeps inside.
     """
     run_dir = check_finished_run(cfg.qat.source_run)
-    model = keras.saving.load_model(run_dir / BEST_MODEL_FILE, compile=False)
+    model = load_keras_model(run_dir / BEST_MODEL_FILE)
     if not isinstance(model, model_class):
         raise ConfigError(
             f"{run_dir / BEST_MODEL_FILE} is a {type(model).__name__}, not the recipe's {model_class.__name__}; "

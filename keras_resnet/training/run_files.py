@@ -5,12 +5,11 @@ in metrics.json (`run_summary`, `finish_run`, `keep_run_summary`), and `load_tra
 import os
 import shutil
 
-import keras
-
 from keras_resnet.atomic_files import atomic_output, read_json, write_json
 from keras_resnet.config import dump_config
 from keras_resnet.runs import (
     RunPaths,
+    load_keras_model,
     trained_model_path,
 )
 from keras_resnet.training.plots import (
@@ -53,7 +52,7 @@ def finish_run(paths, evaluate, steps_per_epoch, batch_size, train_seconds, extr
         The metrics of best_model.keras with the `run_summary`, as written to metrics.json.
     """
     shutil.rmtree(paths.backup_root, ignore_errors=True)
-    best_model = keras.saving.load_model(paths.best, compile=False)
+    best_model = load_keras_model(paths.best)
     metrics = evaluate(best_model)
     metrics.update(run_summary(paths, steps_per_epoch, batch_size, train_seconds))
     metrics.update(extra or {})
@@ -100,4 +99,4 @@ def load_trained_run(cfg, build_datasets):
     model_path = trained_model_path(cfg)
     _, val_ds, info = build_datasets(cfg)
     check_num_classes(cfg, info)
-    return model_path, keras.saving.load_model(model_path, compile=False), val_ds, info
+    return model_path, load_keras_model(model_path), val_ds, info

@@ -21,13 +21,10 @@ from contextlib import contextmanager
 
 import yaml
 
-from keras_resnet.atomic_files import atomic_output
+from keras_resnet.atomic_files import atomic_output, read_json
 from keras_resnet.config import load_config
 from keras_resnet.runs import prepare_output_dir
-from keras_resnet_settings.errors import (
-    ConfigError,
-    RunFolderError,
-)
+from keras_resnet_settings.errors import ConfigError, ModelError, RunFolderError
 
 # Recipe keys that may change between a run and its resume.
 RESUMABLE_CHANGES = ("output_dir", "train.epochs")
@@ -127,7 +124,7 @@ def _flatten(value, prefix=""):
     return {prefix[:-1]: value}
 
 
-def recipe_changes(stored, cfg):
+def recipe_changes(stored, cfg, resumable=RESUMABLE_CHANGES):
     """The dotted keys in which recipe `cfg` differs from the `stored` dict, beyond a resumable change.
 
     The stored recipe is loaded as any recipe (defaults of keys added since it was
@@ -140,11 +137,48 @@ def recipe_changes(stored, cfg):
     old = _flatten(stored)
     new = _flatten(cfg.to_dict())
     changed = sorted(key for key in old.keys() | new.keys()
-                     if key not in RESUMABLE_CHANGES and old.get(key, "<unset>") != new.get(key, "<unset>"))
+                     if key not in resumable and old.get(key, "<unset>") != new.get(key, "<unset>"))
     old_epochs, new_epochs = old.get("train.epochs"), new.get("train.epochs")
     if isinstance(old_epochs, int) and isinstance(new_epochs, int) and new_epochs < old_epochs:
         changed.append(f"train.epochs (lowered from {old_epochs} to {new_epochs})")
     return changed
+
+
+def _stored_recipe(paths):
+    """The run folder's recipe.yaml as a dict, or None when it is missing or unreadable."""
+    try:
+        with open(paths.recipe, encoding="utf-8") as handle:
+            stored = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def finished_run(cfg, paths):
+    """The metrics of the finished run of recipe `cfg` in `paths`, or None when there is none.
+
+    A run is finished when its folder holds best_model.keras, metrics.json and
+    recipe.yaml and no resume backup. A finished run of another recipe is a
+    `RunFolderError` naming the keys that differ: training it again would replace
+    its model and metrics, so that takes `--restart` (which moves it to
+    previous/) or another output_dir.
+    """
+    if has_backup(paths) or not all(os.path.isfile(path) for path in (paths.best, paths.metrics, paths.recipe)):
+        return None
+    stored = _stored_recipe(paths)
+    if stored is None:
+        return None
+    changed = recipe_changes(stored, cfg, resumable=("output_dir",))
+    if changed:
+        raise RunFolderError(
+            f"{paths.root} holds a finished run of another recipe (differs in {', '.join(changed)}); training would "
+            f"replace its model and metrics. Start over with `keras-resnet train ... --restart` (moves the finished "
+            "run to previous/), or set another output_dir"
+        )
+    try:
+        return read_json(paths.metrics)
+    except ModelError:  # an unreadable metrics.json (a kill while it was written): train again
+        return None
 
 
 def check_resume(cfg, paths):
@@ -155,12 +189,8 @@ def check_resume(cfg, paths):
     """
     if not has_backup(paths) or not os.path.isfile(paths.recipe):
         return
-    try:
-        with open(paths.recipe, encoding="utf-8") as handle:
-            stored = yaml.safe_load(handle)
-    except (OSError, yaml.YAMLError):
-        return
-    if not isinstance(stored, dict):
+    stored = _stored_recipe(paths)
+    if stored is None:
         return
     changed = recipe_changes(stored, cfg)
     if changed:
@@ -191,21 +221,25 @@ def move_earlier_run(paths):
 
 @contextmanager
 def guard_run(cfg, paths, *, is_chief=True, restart=False):
-    """Holds the run folder's lock for a `train` and applies the resume rules.
+    """Holds the run folder's lock for a `train` and applies the resume and finished-run rules.
 
-    Non-chief workers of a multi-worker run write elsewhere and take no lock.
+    Yields the metrics of a finished run of the same recipe (nothing to train),
+    else None. Non-chief workers of a multi-worker run write elsewhere and take
+    no lock; they read the chief's folder to agree on whether it is finished.
     """
     if not is_chief:
-        yield
+        yield None if restart else finished_run(cfg, paths)
         return
     prepare_output_dir(paths.root)
     lock = RunLock(paths).acquire()
     try:
         if restart:
             move_earlier_run(paths)
+            finished = None
         else:
+            finished = finished_run(cfg, paths)
             check_resume(cfg, paths)
-        yield
+        yield finished
     finally:
         lock.release()
 

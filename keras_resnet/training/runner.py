@@ -34,8 +34,10 @@ def train_from_config(config, overrides=(), restart=False):
 
     The run folder is locked while it trains (a second `train` into it is a
     `RunFolderError`). An unfinished run there continues only with its own
-    recipe (a higher `train.epochs` allowed); `restart=True` moves it to
-    `output_dir/previous/` and starts over.
+    recipe (a higher `train.epochs` allowed). A finished run of the same
+    recipe is not trained again (its metrics are returned); a finished run
+    of another recipe is a `RunFolderError` naming the keys that differ.
+    `restart=True` moves an earlier run to `output_dir/previous/` and starts over.
 
     Args:
         config: path of a recipe YAML, or a dict.
@@ -46,8 +48,21 @@ def train_from_config(config, overrides=(), restart=False):
         The validation metrics of the best model (also in metrics.json).
     """
     cfg = load_config(config, overrides)
-    with guard_run(cfg, RunPaths.of(cfg.output_dir), is_chief=is_chief_process(cfg), restart=restart):
+    paths = RunPaths.of(cfg.output_dir)
+    with guard_run(cfg, paths, is_chief=is_chief_process(cfg), restart=restart) as finished:
+        if finished is not None:
+            print(f"{paths.root} holds a finished run of this recipe: nothing to train. Best model "
+                  f"{paths.best}, metrics {paths.metrics} ({describe_metrics(finished)}). `--restart` trains it "
+                  "again (the finished run moves to previous/).")
+            return finished
         return TRAIN_BY_TASK[cfg.task](cfg)
+
+
+def describe_metrics(metrics):
+    """The headline numbers of a metrics.json, e.g. "top1 0.9312, loss 0.2210"."""
+    shown = [f"{key} {value:.4g}" for key, value in metrics.items()
+             if isinstance(value, float) and not key.endswith(("seconds", "per_second", "_session"))]
+    return ", ".join(shown[:4]) or "no figures"
 
 
 def evaluate_from_config(config, overrides=()):

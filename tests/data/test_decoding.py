@@ -13,6 +13,7 @@ from keras_resnet.data.detection import read_voc
 from keras_resnet.data.images import (
     decode_image,
     decode_image_file,
+    image_size,
     load_image,
     read_image,
 )
@@ -147,3 +148,32 @@ def test_a_file_name_that_is_not_utf8_trains_and_predicts(tmp_path):
     seen = np.concatenate([images.numpy().reshape(-1, 3) for images, _ in dataset])
     assert (seen == 77.0).all(axis=1).sum() == 64  # the odd file's 8x8 pixels reached training
     np.testing.assert_array_equal(load_image(odd, 8, 8, 3), np.full((8, 8, 3), 77.0, np.float32))
+
+
+@pytest.mark.parametrize("orientation, expected_corner", [(1, (0, 0)), (6, (0, -1)), (3, (-1, -1)), (8, (-1, 0))])
+def test_exif_orientation_is_applied_in_the_one_decoder(tmp_path, orientation, expected_corner):
+    # Stored 40 wide x 20 high with a red block at the top-left; the EXIF tag says how a viewer turns it.
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:6, :6] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo_{orientation}.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    pixels = read_image(path, 3)
+    turned = orientation in (5, 6, 7, 8)
+    assert pixels.shape == ((40, 20, 3) if turned else (20, 40, 3))
+    assert image_size(path) == ((20, 40) if turned else (40, 20))  # (width, height) as shown
+    y, x = (0 if c == 0 else s - 3 for c, s in zip(expected_corner, pixels.shape[:2]))
+    assert pixels[y : y + 3, x : x + 3, 0].min() > 200 and pixels[y : y + 3, x : x + 3, 1].max() < 60
+    # ...and the training pipeline, prediction and export samples share it: a classification folder.
+    height, width = pixels.shape[:2]
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(stored).save(tmp_path / split / name / "x.jpg", quality=95, exif=exif)
+    config = folder_config(tmp_path / "train", tmp_path / "val", f"model.input_shape=[{height},{width},3]",
+                           "data.augment.random_crop_padding=0", "data.augment.horizontal_flip=false",
+                           "data.batch_size=2")
+    _, val, _ = build_classification_datasets(config)
+    images, _ = next(iter(val))
+    np.testing.assert_array_equal(images[0].numpy().astype(np.uint8), pixels)

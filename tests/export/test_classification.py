@@ -35,7 +35,7 @@ from keras_resnet.export import export_model, load_exported_model
 from keras_resnet.export import parity as export_parity
 from keras_resnet.export.keras_model import load_model_source
 from keras_resnet.predict.classification import predict_files
-from keras_resnet_settings.errors import ExportParityError
+from keras_resnet_settings.errors import ExportParityError, ModelError
 from tests.helpers import randomize_batch_norm, tiny_classifier
 
 CLASS_COLOURS = {"blue": (30, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
@@ -230,12 +230,23 @@ def test_input_size_override_rebuilds_the_model(run_dir, tmp_path):
     assert exported.input_shape == (40, 48, 3) and exported.batch_size == 1
 
 
-def test_parity_failure_raises_after_writing_metadata(run_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_parity, "FLOAT_RELATIVE_TOLERANCE", -1.0)
-    with pytest.raises(ExportParityError, match="fails its parity check"):
-        export_model(run_dir, format="onnx", output=tmp_path, parity_samples=4)
-    metadata = json.loads((tmp_path / "output.onnx.json").read_text())
-    assert metadata["parity"]["passed"] is False
+def test_a_failing_export_never_replaces_the_passing_one(run_dir, tmp_path, monkeypatch):
+    passing = export_model(run_dir, format="onnx", output=tmp_path, parity_samples=4)
+    artefact, metadata_file = Path(passing["path"]), Path(passing["metadata_path"])
+    kept = artefact.read_bytes(), metadata_file.read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(export_parity, "FLOAT_RELATIVE_TOLERANCE", -1.0)
+        with pytest.raises(ExportParityError, match="fails its parity check .* kept for inspection as .*"
+                                                    "output.rejected.onnx .the earlier .*output.onnx is unchanged"):
+            export_model(run_dir, format="onnx", output=tmp_path, parity_samples=4)
+    assert (artefact.read_bytes(), metadata_file.read_bytes()) == kept  # artefact and metadata untouched
+    rejected = json.loads((tmp_path / "output.rejected.onnx.json").read_text())
+    assert rejected["parity"]["passed"] is False and rejected["rejected"]["intended_path"] == str(artefact)
+    with pytest.raises(ModelError, match="failed its parity check .* kept for inspection only"):
+        load_exported_model(tmp_path / "output.rejected.onnx")
+    load_exported_model(artefact)  # the passing one still serves
+    export_model(run_dir, format="onnx", output=tmp_path, parity_samples=4)  # passes again: the stale reject goes
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["output.onnx", "output.onnx.json"]
 
 
 def test_mixed_precision_model_exports_in_float32(tmp_path):
@@ -358,6 +369,21 @@ def test_cli_export_and_predict(run_dir, tmp_path, capsys):
     assert [r["top"][0]["class"] for r in results] == ["red"] * VAL_PER_CLASS
     assert main(["predict", str(run_dir), str(val_folder / "blue" / "0.png")]) == 0
     assert "blue" in capsys.readouterr().out
+
+
+def test_tflite_export_and_predict_print_no_native_runtime_noise(run_dir, tmp_path, capfd):
+    # The converter's "fully_quantize: 0, ..." and the runtime's "INFO: Created TensorFlow Lite XNNPACK delegate"
+    # come from C++ on file descriptor 2; the CLI keeps them out of what a user reads.
+    assert main(["export", str(run_dir), "--format", "tflite", "--quantize", "dynamic", "--output", str(tmp_path),
+                 "--parity-samples", "4"]) == 0
+    (artefact,) = tmp_path.glob("*.tflite")
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
+    assert main(["predict", str(artefact), str(image), "--json"]) == 0
+    out, err = capfd.readouterr()
+    for noise in ("XNNPACK", "fully_quantize", "inference_type"):
+        assert noise not in out + err, (noise, out + err)
+    assert "parity tflite dynamic" in out
 
 
 @pytest.mark.slow

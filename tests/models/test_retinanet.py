@@ -264,6 +264,31 @@ def encoded_targets(num_anchors=50, positives=(3, 7), classes=(1, 0)):
     return targets
 
 
+# The values of torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none"),
+# computed in float64 from its formula (torch is not needed here):
+# ce * (1 - p_t) ** gamma * alpha_t with ce = BCE-with-logits, p_t = p if target else 1 - p.
+TORCHVISION_FOCAL = [  # (logit, target, loss)
+    (0.0, 1.0, 0.04332169878499658), (0.0, 0.0, 0.12996509635498973),
+    (2.0, 1.0, 0.0004508907088100953), (2.0, 0.0, 1.2375586345660556),
+    (-3.0, 1.0, 0.6915701102563155), (-3.0, 0.0, 8.196249337274796e-05),
+    (5.0, 0.0, 3.7049409162525757),
+]
+
+
+def test_focal_loss_matches_closed_form_and_torchvision_values():
+    logits, targets, expected = (np.array(column, np.float32) for column in zip(*TORCHVISION_FOCAL))
+    got = np.asarray(sigmoid_focal_loss(targets, logits))
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-7)
+    # The closed form -alpha_t (1 - p_t)^gamma log(p_t), at other alpha and gamma too.
+    p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    p_t = np.where(targets == 1, p, 1.0 - p)
+    for alpha, gamma in ((0.5, 0.0), (0.75, 1.0), (None, 3.0)):
+        alpha_t = 1.0 if alpha is None else np.where(targets == 1, alpha, 1.0 - alpha)
+        closed = -alpha_t * (1.0 - p_t) ** gamma * np.log(p_t)
+        np.testing.assert_allclose(np.asarray(sigmoid_focal_loss(targets, logits, alpha=alpha, gamma=gamma)),
+                                   closed, rtol=2e-5, atol=1e-7)
+
+
 def test_focal_loss_finite_without_positives():
     targets = np.zeros((2, 20, 5), "float32")
     targets[..., 4] = -1.0
@@ -351,6 +376,20 @@ def test_detector_keras_round_trip(tmp_path):
     assert sorted(got) == ["boxes", "classes", "num_detections", "scores"]
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
+    # The inference model is built once per set of decoder arguments and reused, and it survives a save.
+    builds = []
+    original = RetinaNetDetector.make_inference_model
+    RetinaNetDetector.make_inference_model = lambda self, *a, **k: builds.append(k) or original(self, *a, **k)
+    try:
+        for _ in range(3):
+            again = loaded.predict_detections(images, score_threshold=0.0, max_detections=10)
+        loaded.predict_detections(images, score_threshold=0.5)
+    finally:
+        RetinaNetDetector.make_inference_model = original
+    assert builds == [{"score_threshold": 0.5}]  # the first set was cached by the call above
+    np.testing.assert_array_equal(again["boxes"], got["boxes"])
+    loaded.save(tmp_path / "again.keras")
+    assert len(keras.models.load_model(tmp_path / "again.keras").weights) == len(model.weights)
 
 
 def test_classification_bias_prior_and_float32_output():

@@ -267,7 +267,27 @@ def test_fit_keeps_one_iterator_per_run_for_datasets_of_known_length():
     iterator = iter(repeated)
     passes = [sorted(int(v) for _ in range(steps) for v in next(iterator)) for _ in range(2)]
     assert len(passes[0]) == len(passes[1]) == 9  # every pass is a full pass of the dataset, then the next one
-    # Given steps_per_epoch, or a length tf.data cannot know, the dataset is left as it is.
-    assert one_iterator_per_run(batches, 2) == (batches, 2)
+    # A length tf.data cannot know, and no steps_per_epoch: left as it is.
     unknown = batches.filter(lambda batch: tf.reduce_sum(batch) >= 0)
     assert one_iterator_per_run(unknown, None) == (unknown, None)
+    # steps_per_epoch that does not divide a pass (2 of 3 batches): every epoch still gets its 2 batches,
+    # continuing where the last epoch stopped (a finite dataset ran dry in every other epoch).
+    for dataset in (batches, unknown):
+        repeated, steps = one_iterator_per_run(dataset, 2)
+        assert steps == 2
+        iterator = iter(repeated)
+        epochs = [[next(iterator) for _ in range(steps)] for _ in range(5)]
+        assert all(len(epoch) == 2 for epoch in epochs)
+
+
+def test_steps_per_epoch_that_does_not_divide_a_pass_trains_every_step(toy_data, tmp_path, capsys):
+    import warnings
+
+    # 48 training images in batches of 8: 6 batches a pass; 4 steps an epoch left the second epoch 2 steps short.
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=3, steps_per_epoch=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", str(recipe)]) == 0
+    captured = capsys.readouterr()
+    messages = [str(warning.message) for warning in caught] + [captured.out + captured.err]
+    assert not any("ran out of data" in message for message in messages), messages

@@ -131,6 +131,29 @@ def test_raising_epochs_continues_the_run(toy_data, tmp_path, monkeypatch, capsy
     assert raw_history_epochs(run) == [0, 1, 2, 3]
 
 
+def test_a_finished_run_is_never_trained_over(toy_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, run, epochs=1)
+    assert main(["train", str(recipe)]) == 0
+    kept = {name: (run / name).read_bytes() for name in ("best_model.keras", "history.csv", "metrics.json")}
+    capsys.readouterr()
+    # The same recipe: it says where the model and metrics are, trains nothing, exit 0.
+    assert main(["train", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "holds a finished run of this recipe: nothing to train" in out and str(run / "best_model.keras") in out
+    assert "Epoch" not in out
+    # Another recipe: exit 2 naming the keys, nothing replaced.
+    assert main(["train", str(recipe), "--set", "model.backbone=resnet18", "train.epochs=2"]) == 2
+    err = one_line_error(capsys)
+    assert "finished run of another recipe" in err and "model.backbone" in err and "train.epochs" in err
+    assert "--restart" in err
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    # --restart trains anew and keeps the finished run in previous/.
+    assert main(["train", str(recipe), "--restart", "--set", "train.seed=3"]) == 0
+    (previous,) = (run / "previous").iterdir()
+    assert (previous / "best_model.keras").read_bytes() == kept["best_model.keras"]
+
+
 # ----------------------------------------------------------------------------
 # NaN / inf
 # ----------------------------------------------------------------------------

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
-from keras_resnet.data.images import image_problem
+from keras_resnet.data.images import image_problem, image_size
 from keras_resnet_settings.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -65,8 +64,7 @@ def checked_image_size(path: Path, owner: str) -> tuple[int, int]:
     problem = image_problem(str(path))
     if problem:
         raise DataError(f"unreadable image {path} ({problem}); delete or replace it, or remove its annotation")
-    with Image.open(path) as image:
-        return image.size
+    return image_size(path)
 
 
 class BoxIssues:

@@ -27,6 +27,7 @@ from keras_resnet.data.images import (
     decode_image,
     encoded_paths,
     image_problem,
+    image_size,
 )
 from keras_resnet.data.pascal_voc import VOC_SEGMENTATION_CLASSES, read_split_ids
 from keras_resnet.data.scanning import progress
@@ -43,8 +44,7 @@ def _mask_problem(image_path: str, mask_path: str, num_classes: int) -> str | No
     problem = image_problem(image_path)
     if problem:
         return f"unreadable image {image_path} ({problem}); delete or replace it"
-    with Image.open(image_path) as image:
-        image_size = image.size
+    image_size_shown = image_size(image_path)
     try:
         with Image.open(mask_path) as mask:
             mode, mask_size = mask.mode, mask.size
@@ -56,10 +56,10 @@ def _mask_problem(image_path: str, mask_path: str, num_classes: int) -> str | No
             f"mask {mask_path} is a {mode} image; masks must be single-channel PNGs of class indices "
             "(mode L or palette P), not colour images: convert colours to indices"
         )
-    if mask_size != image_size:
+    if mask_size != image_size_shown:
         return (
             f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} but its image {image_path} is "
-            f"{image_size[0]}x{image_size[1]}; masks must have their image's size"
+            f"{image_size_shown[0]}x{image_size_shown[1]}; masks must have their image's size"
         )
     bad = np.unique(values[(values >= num_classes) & (values != IGNORE_INDEX)])
     if bad.size:

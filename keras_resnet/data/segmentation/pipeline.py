@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 from keras_resnet.data import crops
 from keras_resnet.data.batching import (
@@ -34,7 +33,7 @@ from keras_resnet.data.batching import (
     seeded_subset,
     shuffle_augment_batch,
 )
-from keras_resnet.data.images import decode_image_file
+from keras_resnet.data.images import decode_image_file, image_size
 from keras_resnet.data.rescale_crop import RescaleCrop
 from keras_resnet.data.segmentation.masks import (
     IGNORE_INDEX,
@@ -197,8 +196,8 @@ def _image_sizes(pairs):
     """`(height, width)` of each pair's image, from the file headers."""
     sizes = []
     for image_path, _ in pairs:
-        with Image.open(image_path) as image:
-            sizes.append((image.height, image.width))
+        width, height = image_size(image_path)
+        sizes.append((height, width))
     return sizes
 
 

@@ -320,9 +320,19 @@ class RetinaNetDetector(Task):
         return keras.Model(inputs, outputs, name=f"{self.name}_inference")
 
     def predict_detections(self, images, batch_size=8, **decoder_kwargs):
-        """Decoded detections (a dict of NumPy arrays) for a batch of images."""
-        model = self.make_inference_model(**decoder_kwargs)
-        return model.predict(images, batch_size=batch_size, verbose=0)
+        """Decoded detections (a dict of NumPy arrays) for a batch of images.
+
+        The inference model of each set of decoder arguments is built and traced
+        once, then reused by later calls (it shares this model's weights).
+        """
+        key = (repr(sorted(self.decoder_args.items())), repr(sorted(decoder_kwargs.items())))
+        cache = self.__dict__.get("_inference_models")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_inference_models", cache)  # untracked: not a sublayer, never saved
+        if key not in cache:
+            cache[key] = self.make_inference_model(**decoder_kwargs)
+        return cache[key].predict(images, batch_size=batch_size, verbose=0)
 
     def predict_tiled(self, image, tile=None, overlap=DEFAULT_OVERLAP, batch_size=DEFAULT_TILE_BATCH, progress=None,
                       **decoder_kwargs):
