@@ -87,7 +87,11 @@ def run(argv, load_commands) -> int:
             if args.command in RECIPE_COMMANDS:
                 check_recipe(args.config, args.set)  # every mistake at once, before TensorFlow starts
             quiet_tensorflow()
-            load_commands()[args.command](args)
+            from keras_resnet_settings.native_output import TENSORFLOW_STARTUP_NOISE, native_stderr_filtered
+
+            with native_stderr_filtered(TENSORFLOW_STARTUP_NOISE):  # importing TensorFlow prints from C++
+                commands = load_commands()
+            commands[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

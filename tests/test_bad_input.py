@@ -33,7 +33,8 @@ def test_backbone_args_typo_names_the_key_and_suggests_the_argument():
 def test_segmentation_head_args_typo_suggests_the_argument():
     with pytest.raises(ConfigError, match=r"model.head_args.head_widht is not an argument of ResNetSegmenter; "
                                           r"did you mean head_width\?"):
-        build_segmenter({"model": {"head_args": {"head_widht": 8}}}, INFO)
+        build_segmenter(load_config({"task": "segmentation", "data": {"source": "mosaic"},
+                                     "model": {"num_classes": 3, "head_args": {"head_widht": 8}}}), INFO)
 
 
 def test_duplicate_recipe_key_is_a_config_error_naming_it(tmp_path):

@@ -311,12 +311,35 @@ def test_public_api_paths_are_unchanged():
 # ----------------------------------------------------------------------------
 # Settings travel as attributes: no recipe string keys below the loader
 # ----------------------------------------------------------------------------
-RECIPE_SECTIONS = {"model", "data", "train", "qat", "augment"}
 RECIPE_VARIABLES = ("cfg", "recipe", "load_config")  # names (and suffixes: data_cfg) holding a recipe or section
 
 
+def section_keys():
+    """{section name: its declared keys}, e.g. {"data": {"source", "sampling", ...}, "augment": {...}}."""
+    import dataclasses
+
+    from keras_resnet_settings import Recipe
+    from keras_resnet_settings.fields import hints, is_section
+
+    found = {}
+
+    def walk(cls):
+        for field in dataclasses.fields(cls):
+            kind = hints(cls)[field.name]
+            if is_section(kind):
+                found[field.name] = {f.name for f in dataclasses.fields(kind)}
+                walk(kind)
+
+    walk(Recipe)
+    return found
+
+
+SECTION_KEYS = section_keys()
+
+
 def recipe_key_reads(path: Path, root: Path = PACKAGE_ROOT.parent):
-    """`x["train"]`, `cfg["epochs"]`, `data.get("source")`...: string-key reads of a recipe or a section."""
+    """`cfg["train"]`, `data_cfg.get("sampling")`, `load_config(p)["task"]`, `data["source"]`: string-key reads of a
+    recipe or of a section (a name of a section read with one of that section's keys)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
@@ -329,8 +352,7 @@ def recipe_key_reads(path: Path, root: Path = PACKAGE_ROOT.parent):
         if isinstance(target, ast.Call):  # load_config(path)["task"]
             target = target.func
         name = target.id if isinstance(target, ast.Name) else getattr(target, "attr", "")
-        if isinstance(key, str) and (key in RECIPE_SECTIONS or name in RECIPE_SECTIONS
-                                     or name.endswith(RECIPE_VARIABLES)):
+        if isinstance(key, str) and (name.endswith(RECIPE_VARIABLES) or key in SECTION_KEYS.get(name, ())):
             found.append(f"{path.relative_to(root)}:{node.lineno} {name}[{key!r}]")
     return found
 
@@ -338,9 +360,9 @@ def recipe_key_reads(path: Path, root: Path = PACKAGE_ROOT.parent):
 def test_recipe_key_checker_finds_both_forms(tmp_path):
     planted = tmp_path / "planted.py"
     planted.write_text("a = cfg['train']['epochs']\nb = data_cfg.get('sampling', 'resize')\nc = info['num_train']\n"
-                       "d = load_config(path)['task']\n")
+                       "d = load_config(path)['task']\ne = data['source']\nf = qat['path']\n")
     found = sorted(line.split(" ", 1)[1] for line in recipe_key_reads(planted, tmp_path))
-    assert found == ["cfg['train']", "data_cfg['sampling']", "load_config['task']"]  # not info[...]
+    assert found == ["cfg['train']", "data['source']", "data_cfg['sampling']", "load_config['task']"]
 
 
 def test_no_module_below_the_settings_loader_reads_the_recipe_by_string_keys():

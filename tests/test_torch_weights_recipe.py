@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from keras_resnet import ResNetClassifier
+from keras_resnet.config import load_config
 from keras_resnet.convert.torch_resnet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -45,8 +46,8 @@ def write_state(state, folder, name="model.safetensors"):
 
 
 def recipe(weights, backbone="resnet18", input_shape=(32, 32, 3)):
-    return {"model": {"backbone": backbone, "backbone_args": {}, "input_shape": list(input_shape),
-                      "num_classes": 2, "weights": str(weights), "freeze_stages": -1}}
+    return load_config({"model": {"backbone": backbone, "backbone_args": {}, "input_shape": list(input_shape),
+                                  "num_classes": 2, "weights": str(weights), "freeze_stages": -1}})
 
 
 class FakeTimmModule:

@@ -36,6 +36,7 @@ import tensorflow as tf
 from keras_resnet.export.options import check_options
 from keras_resnet.export.saved_model import write_saved_model
 from keras_resnet.export.signatures import Runtime, batches
+from keras_resnet_settings.native_output import TENSORFLOW_STARTUP_NOISE, TFLITE_NOISE, native_stderr_filtered
 from keras_resnet_settings.errors import ExportError, ModelError
 
 INTEGER_IO = {"uint8": tf.uint8, "int8": tf.int8}
@@ -59,43 +60,6 @@ def integer_input(fn):
         ))
 
     return served
-
-
-# What TensorFlow Lite's C++ code prints on every conversion and first run; other native output is passed on.
-NATIVE_NOISE = (
-    "INFO: Created TensorFlow Lite XNNPACK delegate",
-    "fully_quantize:",
-    "Estimated count of arithmetic ops",
-    "WARNING: All log messages before absl::InitializeLog",
-)
-
-
-@contextmanager
-def native_noise_quieted():
-    """Runs the block with file descriptor 2 captured; writes back what is not `NATIVE_NOISE` (unless debugging).
-
-    The TFLite converter and runtime print from C++ straight to the process's
-    stderr (`TF_CPP_MIN_LOG_LEVEL` does not reach them), which Python's
-    `sys.stderr` cannot intercept.
-    """
-    if os.environ.get("KERAS_RESNET_DEBUG"):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = captured.read().decode("utf-8", "replace")
-            kept = [line for line in text.splitlines() if line.strip() and not line.startswith(NATIVE_NOISE)]
-            if kept:
-                sys.stderr.write("\n".join(kept) + "\n")
 
 
 def tflite_bytes(fn, input_signature, track=None, quantize="none", calibration_images=None, batch_size=1,
@@ -151,7 +115,7 @@ def tflite_bytes(fn, input_signature, track=None, quantize="none", calibration_i
             converter.inference_input_type = INTEGER_IO[io]
             if quantized_outputs:
                 converter.inference_output_type = INTEGER_IO[io]
-        with native_noise_quieted():
+        with native_stderr_filtered(TFLITE_NOISE + TENSORFLOW_STARTUP_NOISE):
             model_bytes = converter.convert()
     if io != "float" or (quantize == "int8" and qat):
         model_bytes = fold_float_requantize(model_bytes)
@@ -516,7 +480,7 @@ def open_tflite(path, num_threads: int) -> Runtime:
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        with native_noise_quieted():
+        with native_stderr_filtered(TFLITE_NOISE + TENSORFLOW_STARTUP_NOISE):
             interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
     except ValueError as error:
         raise ModelError(f"cannot load TFLite model {path}: {error}") from None
@@ -535,7 +499,7 @@ def open_tflite(path, num_threads: int) -> Runtime:
 
     def fetch(batch, handles):
         if allocated["batch"] != len(batch):
-            with native_noise_quieted():  # the XNNPACK delegate announces itself on the first invoke
+            with native_stderr_filtered(TFLITE_NOISE + TENSORFLOW_STARTUP_NOISE):  # the XNNPACK delegate announces itself on the first invoke
                 if dynamic_batch:
                     interpreter.resize_tensor_input(input_detail["index"], [len(batch), *signature[1:]])
                 interpreter.allocate_tensors()

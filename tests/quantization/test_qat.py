@@ -345,8 +345,8 @@ def test_qat_command_fine_tunes_a_run_into_its_qat_folder(stripes, tmp_path, cap
     for name in ("best_model.keras", "last_model.keras", "history.csv", "metrics.json", "recipe.yaml", "run.json"):
         assert (qat_run / name).exists(), name
     recipe = yaml.safe_load((qat_run / "recipe.yaml").read_text())
-    assert recipe.qat.source_run == str(run) and recipe.train.epochs == 1
-    assert recipe.train.learning_rate == 0.001
+    assert recipe["qat"]["source_run"] == str(run) and recipe["train"]["epochs"] == 1
+    assert recipe["train"]["learning_rate"] == 0.001
     best = keras.saving.load_model(qat_run / "best_model.keras")
     assert isinstance(best, QuantizeAwareResNetClassifier)
     assert json.loads((qat_run / "run.json").read_text())["preprocessing"] == json.loads(

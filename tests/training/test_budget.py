@@ -91,7 +91,7 @@ def test_a_resumed_run_follows_its_stored_plan(tmp_path, monkeypatch, capsys):
     cfg = load_config(None, ["train.epochs=30", "train.time_budget_minutes=5", "train.warmup_epochs=3"])
     (tmp_path / time_budget.PLAN_FILE).write_text(json.dumps({"epochs": 4, "warmup_epochs": 0.4}))
     planned, _, callbacks = time_budget.plan_epochs(cfg, None, None, None, None, 10, str(tmp_path), 0.0)
-    assert (planned["train"]["epochs"], planned["train"]["warmup_epochs"]) == (4, 0.4)
+    assert (planned.train.epochs, planned.train.warmup_epochs) == (4, 0.4)
     assert cfg.train.epochs == 30  # the recipe itself is unchanged
     assert callbacks == []  # no deadline for a resumed run
     assert "resuming the plan" in capsys.readouterr().out
