@@ -52,6 +52,31 @@ def check_recipe(config, overrides):
     return load_config(config, overrides)
 
 
+DATA_FLAGS = ("task", "model", "weights", "epochs", "output")
+
+
+def train_recipe(args):
+    """`train`'s recipe: the YAML given, or with `--data FOLDER` one made for the folder (and announced)."""
+    from keras_resnet_settings.errors import ConfigError
+
+    given = [f"--{flag}" for flag in DATA_FLAGS if getattr(args, flag) is not None]
+    if args.data is None:
+        if args.config is None:
+            raise ConfigError("train needs a recipe (keras-resnet train RECIPE.yaml) or a folder of images "
+                              "(keras-resnet train --data FOLDER)")
+        if given:
+            raise ConfigError(f"{', '.join(given)} go with --data FOLDER; with a recipe, set its keys with --set")
+        return args.config
+    if args.config is not None:
+        raise ConfigError(f"give a recipe ({args.config}) or --data {args.data}, not both")
+    from keras_resnet_settings.folder_recipe import describe, recipe_for_folder
+
+    recipe = recipe_for_folder(args.data, task=args.task, model=args.model, weights=args.weights,
+                               epochs=args.epochs, output_dir=args.output)
+    print(describe(recipe, args.data), flush=True)
+    return recipe
+
+
 def show_recipe(args):
     """`keras-resnet recipe`: the reference (`--explain [SECTION]`), or a recipe checked and printed resolved."""
     import yaml
@@ -84,6 +109,8 @@ def run(argv, load_commands) -> int:
         elif args.command == "recipe":
             show_recipe(args)
         else:
+            if args.command == "train":
+                args.config = train_recipe(args)
             if args.command in RECIPE_COMMANDS:
                 check_recipe(args.config, args.set)  # every mistake at once, before TensorFlow starts
             quiet_tensorflow()

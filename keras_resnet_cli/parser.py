@@ -96,11 +96,29 @@ def build_parser():
         )
 
     for name, text in (
-        ("train", "train a task recipe (YAML)"),
+        ("train", "train a task recipe (YAML), or a folder of your own images (--data)"),
         ("evaluate", "evaluate the trained model of a recipe"),
     ):
         p = command(name, text)
-        p.add_argument("config", help="recipe YAML, e.g. tasks/classification/fashion_mnist_resnet20.yaml")
+        if name == "train":
+            p.add_argument("config", nargs="?", default=None,
+                           help="recipe YAML, e.g. tasks/classification/fashion_mnist_resnet20.yaml (or use --data)")
+            p.add_argument("--data", default=None, metavar="FOLDER",
+                           help="train on this folder without a recipe: the task, classes, input size, validation "
+                           "split and schedule are chosen from it (README: Your own data)")
+            p.add_argument("--task", default=None, choices=("classification", "segmentation", "detection"),
+                           help="with --data: the task the folder must be laid out for (default: detected)")
+            p.add_argument("--model", default=None, metavar="PRESET",
+                           help="with --data: the backbone preset (default: chosen by input size)")
+            p.add_argument("--weights", default=None, metavar="PATH",
+                           help="with --data: initial weights (a .keras model, a torchvision/timm state dict, a "
+                           "keras.applications .h5)")
+            p.add_argument("--epochs", type=_positive_int_arg, default=None,
+                           help="with --data: training epochs (default: enough for the data size)")
+            p.add_argument("--output", default=None, metavar="DIR",
+                           help="with --data: the run folder (default runs/<folder name>_<task>)")
+        else:
+            p.add_argument("config", help="recipe YAML, e.g. tasks/classification/fashion_mnist_resnet20.yaml")
         p.add_argument(
             "--set", nargs="+", default=[], metavar="KEY=VALUE",
             help="override recipe keys; values parse as YAML (train.epochs=3 model.input_shape=[20,20,1])",

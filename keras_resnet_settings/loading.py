@@ -31,6 +31,7 @@ from keras_resnet_settings.fields import (
 from keras_resnet_settings.recipe import (
     CROP_SOURCES,
     CROP_TASKS,
+    FILE_SOURCES,
     DataSettings,
     ExportSettings,
     Recipe,
@@ -324,6 +325,14 @@ def _check_together(values: dict, problems: Problems) -> None:
         problems.add(f"'data.mosaic_fresh_each_epoch' only applies to task 'segmentation' with data.source "
                      f"'mosaic' (here task {task!r}, source {data_source!r}); remove it or set it to false")
     _check_sampling(data, task, problems)
+    if data_source in FILE_SOURCES:
+        if data["val"] is None and data["val_split"] is None:
+            problems.add(f"data.val is required with data.source={data_source!r}: set it to the validation data, or "
+                         "set data.val_split (e.g. 0.2) to hold out part of data.train")
+        elif data["val"] is not None and data["val_split"] is not None:
+            problems.add(f"data.val ({data['val']}) and data.val_split ({data['val_split']}) both given: keep one")
+        if data["train"] is None:
+            problems.add(f"data.train is required with data.source={data_source!r}: set it to the training data")
     weights = train["class_weights"]
     if isinstance(weights, list) and isinstance(num_classes, int) and len(weights) != num_classes:
         problems.add(f"'train.class_weights' has {len(weights)} entries but model.num_classes is {num_classes}; "

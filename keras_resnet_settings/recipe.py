@@ -34,6 +34,8 @@ DATA_SOURCES = tuple(dict.fromkeys(source for sources in SOURCES_BY_TASK.values(
 # data.sampling=crop: the tasks and sources with images at their own size (not classification, not mosaics).
 CROP_TASKS = (SEGMENTATION, DETECTION)
 CROP_SOURCES = ("mask_folder", "voc", "coco")
+# Sources read from the user's files (data.train and data.val or data.val_split); the others are generated.
+FILE_SOURCES = ("image_folder", "mask_folder", "voc", "coco")
 
 
 def _scale_range(value: list) -> str | None:
@@ -98,7 +100,10 @@ class DataSettings(Settings):
 
     source: str = setting("fashion_mnist", "data source (must serve the task)", allowed=DATA_SOURCES)
     train: str | None = setting(None, "training data: a folder, VOC root or COCO JSON")
-    val: str | None = setting(None, "validation data: a folder, VOC root or COCO JSON")
+    val: str | None = setting(None, "validation data: a folder, VOC root or COCO JSON (or null with data.val_split)")
+    val_split: float | None = setting(
+        None, "without data.val: the fraction of data.train held out for validation (stratified by class for "
+        "classification, seeded by train.seed; recorded in run.json)", above=0, below=1)
     batch_size: int = setting(128, "global batch size", minimum=1)
     cache: bool = setting(True, "cache decoded images in memory")
     shuffle_buffer: int = setting(10000, "shuffle buffer size", minimum=1)

@@ -54,6 +54,7 @@ from tests.helpers import (
     TINY_DETECTOR,
     write_shape_fashion_mnist,
 )
+from tests.training.test_own_data import mask_folder, stripes_folder, voc_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -96,6 +97,10 @@ MADE_BY_MAIN_JOB = {"runs/fashion_mnist_resnet18_narrow": f"keras-resnet train {
 
 # Bash blocks naming these runs are checked, not run, unless KERAS_RESNET_README_FULL=1 (see the docstring).
 CHECKED_ONLY = {"runs/mosaic_deeplabv3plus_resnet18", "runs/mosaic_retinanet_resnet18"}
+# "Your own data": the folders README names, made in every section's folder (tests/training/test_own_data.py
+# makes them too and trains each for real); `train --data` lines get `--epochs 1` appended.
+OWN_DATA = {"my_photos": stripes_folder, "my_cells": mask_folder, "my_fields": voc_folder}
+OWN_DATA_TINY = ["--epochs", "1"]
 
 # With KERAS_RESNET_README_FULL=1, int8 exports of these runs get `--int8-min-agreement 0` appended: the
 # segmenter's gate (98 % of the pixels) is what a trained model reaches; the tiny one-epoch run reaches ~91 %.
@@ -104,7 +109,7 @@ INT8_GATE_OFF = {"mosaic_deeplabv3plus_resnet18", "qat"}
 # The QAT block (`keras-resnet qat` + its int8 export) is checked, not run, unless KERAS_RESNET_README_FULL=1: it
 # costs ~2.5 minutes here, and the tiny stand-in's QAT int8 agrees with Keras on ~83 % of 12 images (the gate is
 # for trained models; tests/quantization/test_qat.py tests the QAT command and export).
-CHECKED_ONLY_COMMANDS = ("keras-resnet qat ",)
+CHECKED_ONLY_COMMANDS = ("keras-resnet qat ", "--data my_cells", "--data my_fields")
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,8 @@ def checkouts(tmp_path_factory):
             pixels = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(photos / "wide.png")
             Image.fromarray(np.full((20, 18), 90, np.uint8)).save(photos / "small.jpg")
+            for name, make in OWN_DATA.items():
+                make(folder / name)
         return folder
 
     with pytest.MonkeyPatch.context() as patch:
@@ -302,7 +309,9 @@ def call_cli(argv, command, where):
 
 def run_cli(command, where):
     argv = shlex.split(command)[1:]
-    if argv[0] == "train":
+    if argv[0] == "train" and "--data" in argv:
+        argv += OWN_DATA_TINY
+    elif argv[0] == "train":
         argv += ["--set", *TINY[argv[1]]]
     if argv[0] == "export" and "int8" in argv and Path(argv[1]).name in INT8_GATE_OFF:
         argv += ["--int8-min-agreement", "0"]
@@ -327,7 +336,7 @@ class Checker:
     def train(self, args):
         from keras_resnet.config import load_config
 
-        self.made.add(Path(load_config(args.config, args.set).output_dir))
+        self.made.add(Path(load_config(args.config, args.set).output_dir))  # a --data recipe is args.config here
 
     def evaluate(self, args):
         from keras_resnet.config import load_config

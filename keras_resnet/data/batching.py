@@ -18,6 +18,37 @@ def seeded_subset(count: int, limit: int | None, seed: int) -> np.ndarray:
     return order if limit is None else order[:limit]
 
 
+def validation_split(count: int, fraction: float, seed: int, labels=None) -> tuple[np.ndarray, np.ndarray]:
+    """`(train indices, validation indices)` of `count` examples, `fraction` of them held out, seeded.
+
+    With `labels`, stratified: each class gives `round(fraction * n)` of its
+    `n` examples to validation, at least 1 when it has 2 or more (and never all).
+    Both index arrays are sorted, so the kept order follows the data's.
+    """
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(count)] if labels is None else [np.flatnonzero(np.asarray(labels) == label)
+                                                        for label in np.unique(labels)]
+    held = []
+    for members in groups:
+        take = int(round(fraction * len(members)))
+        take = min(max(take, 1), len(members) - 1) if len(members) >= 2 else 0
+        held.extend(rng.permutation(members)[:take].tolist())
+    val = np.sort(np.asarray(held, dtype=np.int64))
+    train = np.setdiff1d(np.arange(count), val)
+    if len(val) == 0 or len(train) == 0:
+        raise DataError(
+            f"data.val_split={fraction} of {count} examples leaves "
+            f"{'no validation' if len(val) == 0 else 'no training'} examples; add data or set data.val"
+        )
+    return train, val
+
+
+def split_record(fraction: float, seed: int, val_files, stratified: bool) -> dict:
+    """What run.json records of a held-out validation split (`data.val_split`)."""
+    return {"fraction": float(fraction), "seed": int(seed), "stratified_by_class": bool(stratified),
+            "val_files": [str(path) for path in val_files]}
+
+
 def check_batch_fits(batch_size, num_train, repeat=1, what="training examples", error=DataError, crops_per_image=1):
     """`error` (a DataError) when one training batch needs more than the `num_train` examples x `repeat` x `crops_per_image` of an epoch."""
     if batch_size <= num_train * repeat * crops_per_image:

@@ -18,6 +18,8 @@ import tensorflow as tf
 
 from keras_resnet.data.batching import (
     check_batch_fits,
+    split_record,
+    validation_split,
     seeded_subset,
     shuffle_augment_batch,
 )
@@ -220,30 +222,32 @@ def _fashion_mnist_sources(cfg: dict, seed: int):
         len(x_val),
         list(FASHION_MNIST_CLASSES),
         stats_sample,
+        None,
     )
 
 
 def _image_folder_sources(cfg: dict, seed: int):
     height, width, channels = cfg.model.input_shape
     data_cfg = cfg.data
-    for key in ("train", "val"):
-        if not getattr(data_cfg, key):
-            raise DataError(
-                f"data.{key} is required when data.source is image_folder; "
-                f"set data.{key} to a folder of class subfolders"
-            )
     train_paths, train_labels, class_names = scan_image_folder(
         data_cfg.train,
         num_classes=cfg.model.num_classes,
         skip_corrupt=data_cfg.skip_corrupt,
         config_key="data.train",
     )
-    val_paths, val_labels, _ = scan_image_folder(
-        data_cfg.val,
-        class_names=class_names,
-        skip_corrupt=data_cfg.skip_corrupt,
-        config_key="data.val",
-    )
+    held_out = None
+    if data_cfg.val is None:  # data.val_split: a stratified, seeded part of data.train
+        keep, hold = validation_split(len(train_paths), data_cfg.val_split, seed, labels=train_labels)
+        val_paths, val_labels = [train_paths[i] for i in hold], [train_labels[i] for i in hold]
+        train_paths, train_labels = [train_paths[i] for i in keep], [train_labels[i] for i in keep]
+        held_out = split_record(data_cfg.val_split, seed, val_paths, stratified=True)
+    else:
+        val_paths, val_labels, _ = scan_image_folder(
+            data_cfg.val,
+            class_names=class_names,
+            skip_corrupt=data_cfg.skip_corrupt,
+            config_key="data.val",
+        )
     train_index = seeded_subset(len(train_paths), data_cfg.limit_train, seed)
     val_index = seeded_subset(len(val_paths), data_cfg.limit_val, seed + 1)
     train_paths = np.asarray(train_paths)[train_index]
@@ -269,6 +273,7 @@ def _image_folder_sources(cfg: dict, seed: int):
         len(val_paths),
         class_names,
         stats_sample,
+        held_out,
     )
 
 
@@ -302,7 +307,7 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
         sources = _image_folder_sources(cfg, seed)
     else:
         raise DataError(f"data.source {data_cfg.source!r} is not one of fashion_mnist, image_folder")
-    train, val, num_train, num_val, class_names, stats_sample = sources
+    train, val, num_train, num_val, class_names, stats_sample, held_out = sources
     check_batch_fits(batch_size, num_train, data_cfg.repeat)
     mean, std = _channel_stats(stats_sample, input_shape[-1])
     if data_cfg.cache:
@@ -318,4 +323,6 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
         "mean": mean,
         "std": std,
     }
+    if held_out is not None:
+        info["val_split"] = held_out
     return train, val, info

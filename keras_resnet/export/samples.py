@@ -127,6 +127,7 @@ def detection_recipe_images(recipe_path: str, input_shape, split: str, count: in
         clip_boxes=data.clip_boxes,
         train_images=data.train_images,
         val_images=data.val_images,
+        val_split=data.val_split,
         mosaic_args=mosaic_args,
     )
     dataset = train if split == "train" else val

@@ -339,7 +339,7 @@ def train_classification(cfg):
             "preprocessing": preprocessing_info(info),
             "num_train": info["num_train"],
             "num_val": info["num_val"],
-        })
+        }, info)
     start = time.time()
     plan, fit_steps = None, steps_per_epoch
     if train_cfg.strategy == "multi_worker":

@@ -102,6 +102,7 @@ def _datasets(cfg):
         clip_boxes=data_cfg.clip_boxes,
         train_images=data_cfg.train_images,
         val_images=data_cfg.val_images,
+        val_split=data_cfg.val_split,
         mosaic_args={"train_size": data_cfg.mosaic_train_size, "val_size": data_cfg.mosaic_val_size},
         **{key: getattr(data_cfg, key) for key in SAMPLING_ARGS},
     )
@@ -354,7 +355,7 @@ def train_detection(cfg):
         "num_val": info["num_val"],
         "sampling": data_cfg.sampling,
         "tile_overlap": data_cfg.tile_overlap,
-    })
+    }, info)
     start = time.time()
     with strategy.scope():
         fit.fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,

@@ -21,8 +21,14 @@ from keras_resnet.training.preflight import check_num_classes
 # ----------------------------------------------------------------------------
 # Run files, summary, evaluation of the trained model
 # ----------------------------------------------------------------------------
-def write_run_files(cfg, paths, run_info):
-    """Writes the resolved recipe (recipe.yaml) and `run_info` (run.json) into the run folder."""
+def write_run_files(cfg, paths, run_info, data_info=None):
+    """Writes the resolved recipe (recipe.yaml) and `run_info` (run.json) into the run folder.
+
+    A validation split held out of data.train (`data.val_split`) is recorded
+    in run.json from the data's `info`: fraction, seed and the validation files.
+    """
+    if data_info is not None and data_info.get("val_split") is not None:
+        run_info = {**run_info, "val_split": data_info["val_split"]}
     with atomic_output(paths.recipe) as temporary:
         dump_config(cfg, temporary)
     write_json(paths.info, run_info)

@@ -140,6 +140,7 @@ def recipe_changes(stored, cfg, resumable=RESUMABLE_CHANGES):
                      if key not in resumable and old.get(key, "<unset>") != new.get(key, "<unset>"))
     old_epochs, new_epochs = old.get("train.epochs"), new.get("train.epochs")
     if isinstance(old_epochs, int) and isinstance(new_epochs, int) and new_epochs < old_epochs:
+        changed = [key for key in changed if key != "train.epochs"]
         changed.append(f"train.epochs (lowered from {old_epochs} to {new_epochs})")
     return changed
 

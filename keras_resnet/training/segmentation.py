@@ -279,7 +279,7 @@ def train_segmentation(cfg):
         "num_train": info["num_train"],
         "num_val": info["num_val"],
         **sampling_info(cfg),
-    })
+    }, info)
     start = time.time()
     with strategy.scope():
         fit.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",

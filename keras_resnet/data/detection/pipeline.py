@@ -52,6 +52,8 @@ import tensorflow as tf
 
 from keras_resnet.data.batching import (
     check_batch_fits,
+    split_record,
+    validation_split,
     seeded_subset,
     shuffle_augment_batch,
 )
@@ -179,8 +181,9 @@ def build_detection_datasets(
     limit_train: int | None = None,
     limit_val: int | None = None,
     clip_boxes: bool = False,
-    train_split: str = "train",
-    val_split: str = "val",
+    train_list: str = "train",
+    val_list: str = "val",
+    val_split: float | None = None,
     train_images: str | os.PathLike | None = None,
     val_images: str | os.PathLike | None = None,
     mosaic_args: dict | None = None,
@@ -215,7 +218,9 @@ def build_detection_datasets(
         cache: cache the decoded, letterboxed images in memory.
         limit_train, limit_val: use a seeded random subset of this many images.
         clip_boxes: clip out-of-image boxes instead of raising (see :func:`read_voc`).
-        train_split, val_split: VOCdevkit split lists.
+        train_list, val_list: VOCdevkit split lists.
+        val_split: without `val`, the fraction of the training records held
+            out for validation (seeded by `seed`; `info["val_split"]` records it).
         train_images, val_images: COCO image folders; default the JSON's folder.
         mosaic_args: mosaic options: ``train_size`` (5000), ``val_size``
             (500), ``canvas_size``, ``items_per_canvas``, ``item_size``,
@@ -265,9 +270,15 @@ def build_detection_datasets(
     unknown = sorted(set(augment_args) - set(DEFAULT_AUGMENT))
     if unknown:
         raise DataError(f"unknown detection augment option(s) {', '.join(unknown)}; use {', '.join(DEFAULT_AUGMENT)}")
-    train_records, names = _read_source(source, train, train_split, class_names, clip_boxes, train_images,
+    train_records, names = _read_source(source, train, train_list, class_names, clip_boxes, train_images,
                                         mosaic_args, seed, "train")
-    val_records, _ = _read_source(source, val, val_split, names, clip_boxes, val_images, mosaic_args, seed, "val")
+    held_out = None
+    if val is None and val_split is not None and source != "mosaic":
+        keep, hold = validation_split(len(train_records), val_split, seed)
+        val_records, train_records = [train_records[i] for i in hold], [train_records[i] for i in keep]
+        held_out = split_record(val_split, seed, [r.file_name for r in val_records], stratified=False)
+    else:
+        val_records, _ = _read_source(source, val, val_list, names, clip_boxes, val_images, mosaic_args, seed, "val")
     train_records = [train_records[i] for i in seeded_subset(len(train_records), limit_train, seed)]
     val_records = [val_records[i] for i in seeded_subset(len(val_records), limit_val, seed + 1)]
     check_batch_fits(batch_size, len(train_records), repeat, what="training images", crops_per_image=crops_per_image)
@@ -290,6 +301,8 @@ def build_detection_datasets(
         "num_train_windows": len(train_records) * crops_per_image * repeat,
         "num_val_windows": len(val_records),
     }
+    if held_out is not None:
+        info["val_split"] = held_out
     if sampling == "crop":
         info["num_val_windows"] = count_tiles([(r.height, r.width) for r in val_records], height, width)
         train_ds, val_ds, val_native = _crop_datasets(

@@ -30,6 +30,8 @@ import tensorflow as tf
 from keras_resnet.data import crops
 from keras_resnet.data.batching import (
     check_batch_fits,
+    split_record,
+    validation_split,
     seeded_subset,
     shuffle_augment_batch,
 )
@@ -129,18 +131,20 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
     crops.check_crop_args(sampling, crops_per_image, data_cfg.empty_crop_rate)
     if sampling == "crop" and source not in ("mask_folder", "voc"):
         raise SegmentationDataError(f"data.sampling=crop needs data.source mask_folder or voc, not {source!r}")
+    held_out = None
     if source in ("mask_folder", "voc"):
-        for key in ("train", "val"):
-            if not getattr(data_cfg, key):
-                what = "a folder with images/ and masks/" if source == "mask_folder" else "the VOC20xx root"
-                raise SegmentationDataError(f"data.{key} is required when data.source is {source}; set it to {what}")
         if source == "mask_folder":
             train_pairs, class_names = scan_mask_folder(data_cfg.train, num_classes, config_key="data.train")
-            val_pairs, _ = scan_mask_folder(data_cfg.val, num_classes, config_key="data.val")
+            val_pairs = (scan_mask_folder(data_cfg.val, num_classes, config_key="data.val")[0]
+                         if data_cfg.val is not None else None)
         else:
             train_pairs = scan_voc(data_cfg.train, "train", num_classes, config_key="data.train")
-            val_pairs = scan_voc(data_cfg.val, "val", num_classes, config_key="data.val")
+            val_pairs = scan_voc(data_cfg.val, "val", num_classes, config_key="data.val") if data_cfg.val else None
             class_names = list(VOC_CLASSES)
+        if val_pairs is None:  # data.val_split: a seeded part of data.train
+            keep, hold = validation_split(len(train_pairs), data_cfg.val_split, seed)
+            val_pairs, train_pairs = [train_pairs[i] for i in hold], [train_pairs[i] for i in keep]
+            held_out = split_record(data_cfg.val_split, seed, [image for image, _ in val_pairs], stratified=False)
         train_pairs = [train_pairs[i] for i in seeded_subset(len(train_pairs), data_cfg.limit_train, seed)]
         val_pairs = [val_pairs[i] for i in seeded_subset(len(val_pairs), data_cfg.limit_val, seed + 1)]
         num_train, num_val = len(train_pairs), len(val_pairs)
@@ -173,6 +177,8 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
     info = {"class_names": class_names, "num_train": num_train, "num_val": num_val, "mean": mean, "std": std,
             "sampling": sampling, "crops_per_image": crops_per_image,
             "num_train_windows": num_train * crops_per_image * data_cfg.repeat, "num_val_windows": num_val}
+    if held_out is not None:
+        info["val_split"] = held_out
     if sampling == "crop":
         info["num_val_windows"] = crops.count_tiles(_image_sizes(val_pairs), height, width)
         train, val, info["val_full"] = _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed,
