@@ -2,6 +2,7 @@
 
 import gzip
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from keras_resnet.data.fashion_mnist import (
     FASHION_MNIST_FILES,
 )
 from keras_resnet.training.preflight import epoch_steps
+from keras_resnet_settings.errors import ConfigError
 from tests.helpers import write_idx_gz
 
 CLASS_VALUES = {"cat": 40, "dog": 210}  # each class is a flat image of this brightness
@@ -159,10 +161,26 @@ def test_val_classes_differ(folders):
         build_classification_datasets(folder_config(*folders))
 
 
-def test_image_folder_requires_val(folders):
-    config = folder_config(folders[0], folders[1], "data.val=null")
-    with pytest.raises(DataError, match="data.val is required"):
-        build_classification_datasets(config)
+def test_image_folder_requires_val_or_a_val_split(folders):
+    with pytest.raises(ConfigError, match="data.val is required .* or set data.val_split"):
+        folder_config(folders[0], folders[1], "data.val=null")
+    with pytest.raises(ConfigError, match="both given: keep one"):
+        folder_config(folders[0], folders[1], "data.val_split=0.2")
+
+
+def test_a_val_split_is_stratified_seeded_and_recorded(folders):
+    config = folder_config(folders[0], folders[1], "data.val=null", "data.val_split=0.25")
+    _, val, info = build_classification_datasets(config, seed=3)
+    split = info["val_split"]
+    held = sorted(Path(path).parent.name for path in split["val_files"])
+    per_class = {name: held.count(name) for name in set(held)}
+    assert len(per_class) == len(info["class_names"]) and len(set(per_class.values())) == 1  # stratified
+    assert info["num_val"] == len(split["val_files"]) and split["seed"] == 3 and split["fraction"] == 0.25
+    again = build_classification_datasets(config, seed=3)[2]["val_split"]["val_files"]
+    other = build_classification_datasets(config, seed=4)[2]["val_split"]["val_files"]
+    assert again == split["val_files"] and other != split["val_files"]  # seeded
+    images = [path for path in Path(folders[0]).rglob("*") if path.is_file()]
+    assert info["num_train"] + info["num_val"] == len(images)  # every image once: trained on or held out
 
 
 def test_batch_size_larger_than_training_set(folders):
