@@ -10,7 +10,9 @@ the size of the images given and returns `probabilities` and `mask`
 there; its `serve_float` returns both at the model size.
 
 Parity: float exports must match Keras' per-pixel probabilities to a
-relative max difference of 1e-4; int8 must agree with Keras on the argmax
+relative max difference of 1e-4, or, for a model that outputs logits, to what
+logits agreeing to 1e-4 of their magnitude allow (`softmax_tolerance`: half of
+that; large logits saturate the softmax); int8 must agree with Keras on the argmax
 class of at least `int8_min_agreement` of the pixels (0.98 by default).
 The figures also give the mIoU of the export's masks taken against Keras'
 masks. Keras and the export run chunk by chunk, so large parity sets fit
@@ -82,6 +84,8 @@ class SegmentationExport(DenseExport):
         for start in range(0, len(images), step):
             chunk = images[start : start + step]
             reference = keras_outputs(tf.constant(chunk, tf.float32))
+            if self.spec.logits:  # the probabilities are the export's softmax of these
+                parity.add_logits(self.model(tf.constant(chunk, tf.float32), training=False).numpy())
             exported = run_export(chunk)
             parity.update(
                 reference[OUTPUT_NAME].numpy(), exported[OUTPUT_NAME], reference[MASK_NAME].numpy(),

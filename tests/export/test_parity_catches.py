@@ -168,3 +168,37 @@ def test_int8_calibration_yields_the_recipe_training_images(tmp_path, monkeypatc
 
     for got, want in zip(sorted(seen, key=key), sorted(written, key=key)):
         np.testing.assert_array_equal(got, want)
+
+
+def softmax(logits):
+    shifted = logits - logits.max(-1, keepdims=True)
+    return np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+
+
+def test_saturated_logits_do_not_fail_a_correct_segmenter_export_and_real_errors_still_do():
+    from keras_resnet.export.parity import SegmentationParity, relative_diff_rule
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1, (2, 8, 8, 3)) * 1e5
+    logits[..., 1] = logits[..., 0] + rng.normal(0, 0.05, (2, 8, 8))  # near-ties, as at class boundaries
+    rounded = logits * (1 + rng.normal(0, 1e-6, logits.shape))  # another runtime's float32 rounding
+
+    def judged(reference_logits, exported_probabilities, with_logits=True):
+        parity = SegmentationParity(3)
+        reference = softmax(reference_logits)
+        parity.update(reference, exported_probabilities, reference.argmax(-1), exported_probabilities.argmax(-1))
+        if with_logits:
+            parity.add_logits(reference_logits)
+        figures = parity.figures()
+        return figures, relative_diff_rule(figures)[1]
+
+    figures, passed = judged(logits, softmax(rounded), with_logits=False)
+    assert figures["relative_max_diff"] > 0.01 and not passed  # the old gate: probabilities to 1e-4 refuse it
+    figures, passed = judged(logits, softmax(rounded))
+    assert passed and figures["probability_tolerance"] == pytest.approx(1e-4 * np.abs(logits).max() / 2)
+    # Ordinary logits (a trained model): the tolerance stays near 1e-4, and a 1e-2 error is refused.
+    small = rng.normal(0, 3, (2, 8, 8, 3))
+    figures, passed = judged(small, softmax(small) + 1e-2)
+    assert not passed and figures["probability_tolerance"] < 1e-3
+    figures, passed = judged(small, softmax(small * (1 + 1e-7)))
+    assert passed

@@ -242,6 +242,22 @@ def test_untrained_mixed_precision_fpn_exports_in_float32(tmp_path):
         assert outputs["probabilities"].shape == (3, height, width, 4) and outputs["mask"].shape == (3, height, width)
 
 
+def test_a_segmenter_with_huge_logits_reports_their_scale_and_passes(tmp_path):
+    # An untrained deep segmenter can output logits of 1e5: the float gate allows what logits agreeing to 1e-4 of
+    # their magnitude allow (tests/export/test_parity_catches.py tests the rule on near-tied logits).
+    keras.utils.set_random_seed(0)
+    model = tiny_segmenter("fpn", num_classes=4)
+    last = [layer for layer in model.layers if getattr(layer, "kernel", None) is not None][-1]
+    last.kernel.assign(last.kernel * 3e4)
+    model_file = tmp_path / "loud.keras"
+    model.save(model_file)
+    result = export_model(model_file, format="tflite", output=tmp_path, parity_samples=4)
+    parity = result["parity"]
+    assert parity["logit_scale"] > 1e3 and parity["passed"], parity
+    assert parity["criterion"].startswith("relative max diff <=") and "softmax of logits up to" in parity["criterion"]
+    assert parity["pixel_agreement"] >= 0.99
+
+
 # --------------------------------------------------------------------------- int8
 
 
