@@ -66,7 +66,8 @@ def test_unknown_key_names_allowed_keys_and_suggests(tmp_path):
 
 
 def test_one_class_is_for_detection_only():
-    assert load_config(None, ["task=detection", "data.source=voc", "model.num_classes=1"]).model.num_classes == 1
+    one_class = ["task=detection", "data.source=voc", "data.train=voc", "data.val=voc", "model.num_classes=1"]
+    assert load_config(None, one_class).model.num_classes == 1
     with pytest.raises(ConfigError, match="task 'segmentation' needs background \\+ at least one class"):
         load_config(None, ["task=segmentation", "data.source=mosaic", "model.num_classes=1"])
 

@@ -141,7 +141,7 @@ def relative_diff_rule(figures: dict) -> tuple[str, bool]:
     for check in figures.get("checks", {}).values():
         passed = passed and within_tolerance(check) and check.get("top_class_matches_argmax", True)
     criterion = float_criterion()
-    if figures.get("probability_tolerance", 0.0) > FLOAT_RELATIVE_TOLERANCE:
+    if "probability_tolerance" in figures and figures["probability_tolerance"] > FLOAT_RELATIVE_TOLERANCE:
         criterion = (f"relative max diff <= {figures['probability_tolerance']:.3g} (softmax of logits up to "
                      f"{figures['logit_scale']:.3g} within {FLOAT_RELATIVE_TOLERANCE:g})")
     return criterion, passed

@@ -235,7 +235,8 @@ def test_epoch_is_images_x_crops_x_repeat(tmp_path):
 
 def test_announcement_counts_windows(capsys):
     cfg = load_config({"task": "detection", "model": {"num_classes": 1, "backbone": "resnet18"},
-                       "data": {"source": "voc", "sampling": "crop", "crops_per_image": 8, "batch_size": 4}})
+                       "data": {"source": "voc", "train": "voc", "val": "voc", "sampling": "crop",
+                                "crops_per_image": 8, "batch_size": 4}})
     info = {"num_train": 12, "num_val": 3, "sampling": "crop", "crops_per_image": 8, "num_train_windows": 96,
             "num_val_windows": 7}
     steps = announce_run(cfg, info, SimpleNamespace(num_replicas_in_sync=1), SimpleNamespace(root="run"), "m")
@@ -305,8 +306,9 @@ def test_resize_sampling_also_gives_val_full(tmp_path):
 
 def crop_recipe(task="segmentation", source="mask_folder", **data):
     num_classes = 1 if task == "detection" else 11 if source == "mosaic" else 3
+    files = {"train": "train", "val": "val"} if source != "mosaic" else {}
     return {"task": task, "model": {"backbone": "resnet18", "num_classes": num_classes},
-            "data": {"source": source, **data}}
+            "data": {"source": source, **files, **data}}
 
 
 def test_crop_keys_load_with_their_defaults():

@@ -65,7 +65,8 @@ CLASS_NAMES = ["background", "a", "b"]
 def tiling_recipe(sampling):
     """A segmentation recipe with `data.sampling` and tile_overlap 0.3."""
     return load_config({"task": "segmentation", "model": {"num_classes": 3},
-                        "data": {"source": "mask_folder", "sampling": sampling, "tile_overlap": 0.3}})
+                        "data": {"source": "mask_folder", "train": "train", "val": "val", "sampling": sampling,
+                                 "tile_overlap": 0.3}})
 
 def conv_segmenter(kernel=1, depth=1, input_size=(None, None), classes=3, seed=0):
     """Per-pixel scores of `depth` convs of `kernel` x `kernel` ('same' padding); logits out."""
