@@ -18,10 +18,10 @@ import tensorflow as tf
 
 from keras_resnet.data.batching import (
     check_batch_fits,
-    split_record,
-    validation_split,
     seeded_subset,
     shuffle_augment_batch,
+    split_record,
+    validation_split,
 )
 from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from keras_resnet.data.images import (
@@ -237,10 +237,11 @@ def _image_folder_sources(cfg: dict, seed: int):
     )
     held_out = None
     if data_cfg.val is None:  # data.val_split: a stratified, seeded part of data.train
-        keep, hold = validation_split(len(train_paths), data_cfg.val_split, seed, labels=train_labels)
+        # seeded by train.seed, not `seed`: export's calibration and parity samples see the same split
+        keep, hold = validation_split(len(train_paths), data_cfg.val_split, cfg.train.seed, labels=train_labels)
         val_paths, val_labels = [train_paths[i] for i in hold], [train_labels[i] for i in hold]
         train_paths, train_labels = [train_paths[i] for i in keep], [train_labels[i] for i in keep]
-        held_out = split_record(data_cfg.val_split, seed, val_paths, stratified=True)
+        held_out = split_record(data_cfg.val_split, cfg.train.seed, val_paths, stratified=True)
     else:
         val_paths, val_labels, _ = scan_image_folder(
             data_cfg.val,

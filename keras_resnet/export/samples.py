@@ -102,34 +102,21 @@ def detection_recipe_images(recipe_path: str, input_shape, split: str, count: in
         `build_detection_datasets` (its `val_images` / `val_coco` describe
         the validation images returned, in order).
     """
-    from keras_resnet.data.detection import build_detection_datasets
+    from keras_resnet.data.detection import (
+        build_detection_datasets,
+        recipe_dataset_args,
+    )
 
     cfg = load_config(recipe_path)
-    data = cfg.data
-    mosaic_args = {
-        "train_size": count if split == "train" else 1,
-        "val_size": data.mosaic_val_size,
-    }
-    train, val, info = build_detection_datasets(
-        data.source,
-        data.train,
-        data.val,
-        input_shape=tuple(int(v) for v in input_shape),
-        batch_size=1,
-        max_boxes=data.max_boxes,
-        augment={"horizontal_flip": False, "scale_range": (1.0, 1.0)},
-        class_names=data.class_names,
-        seed=SAMPLE_SEED,
-        shuffle_buffer=1,
-        cache=False,
-        limit_train=count if split == "train" else 1,
-        limit_val=count,
-        clip_boxes=data.clip_boxes,
-        train_images=data.train_images,
-        val_images=data.val_images,
-        val_split=data.val_split,
-        mosaic_args=mosaic_args,
+    args = recipe_dataset_args(cfg)  # the run's data and its validation split (train.seed), then:
+    args.update(
+        input_shape=tuple(int(v) for v in input_shape), batch_size=1, seed=SAMPLE_SEED, shuffle_buffer=1,
+        augment={"horizontal_flip": False, "scale_range": (1.0, 1.0)}, cache=False, repeat=1, sampling="resize",
+        crops_per_image=1, empty_crop_rate=0.1,
+        limit_train=count if split == "train" else 1, limit_val=count,
+        mosaic_args={"train_size": count if split == "train" else 1, "val_size": cfg.data.mosaic_val_size},
     )
+    train, val, info = build_detection_datasets(**args)
     dataset = train if split == "train" else val
     images = np.concatenate([batch.numpy() for batch, _ in dataset.take(count)]).astype(np.float32)
     return images, info

@@ -25,10 +25,7 @@ feeding float32 raw pixels and reading float outputs. Artefacts run with
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
-from contextlib import contextmanager
 
 import numpy as np
 import tensorflow as tf
@@ -36,8 +33,12 @@ import tensorflow as tf
 from keras_resnet.export.options import check_options
 from keras_resnet.export.saved_model import write_saved_model
 from keras_resnet.export.signatures import Runtime, batches
-from keras_resnet_settings.native_output import TENSORFLOW_STARTUP_NOISE, TFLITE_NOISE, native_stderr_filtered
 from keras_resnet_settings.errors import ExportError, ModelError
+from keras_resnet_settings.native_output import (
+    TENSORFLOW_STARTUP_NOISE,
+    TFLITE_NOISE,
+    native_stderr_filtered,
+)
 
 INTEGER_IO = {"uint8": tf.uint8, "int8": tf.int8}
 INPUT_RANGE = (0.0, 255.0)  # raw pixels: scale 1 over 8 bits

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from keras_resnet.atomic_files import atomic_output, write_json
 from keras_resnet.data import build_detection_datasets
+from keras_resnet.data.detection import recipe_dataset_args
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.detector import (
     DECODER_DEFAULT_ARGS,
@@ -62,8 +63,6 @@ NORMALIZATION_SAMPLE_BATCHES = 16
 HEAD_ARGS = ("fpn_width", "min_level", "max_level", "head_depth", "head_width", "head_norm", "anchor_sizes",
              "aspect_ratios", "anchor_scales", "extra_levels_from", "prior_probability")
 DECODER_ARGS = DECODER_DEFAULT_ARGS  # the DetectionDecoder arguments a detector or recipe may set
-# data.* keys build_detection_datasets takes as they are (native-resolution crop sampling).
-SAMPLING_ARGS = ("sampling", "crops_per_image", "empty_crop_rate")
 # Recipe keys that detection does not implement: key -> neutral value.
 _NOT_FOR_DETECTION = {
     ("train", "head_epochs"): 0,
@@ -81,31 +80,7 @@ def _check_detection_recipe(cfg):
 
 
 def _datasets(cfg):
-    data_cfg, train_cfg = cfg.data, cfg.train
-    augment = {"horizontal_flip": data_cfg.augment.horizontal_flip,
-               "scale_range": tuple(data_cfg.augment.scale_range)}
-    return build_detection_datasets(
-        data_cfg.source,
-        data_cfg.train,
-        data_cfg.val,
-        input_shape=tuple(cfg.model.input_shape),
-        batch_size=data_cfg.batch_size,
-        max_boxes=data_cfg.max_boxes,
-        augment=augment,
-        class_names=data_cfg.class_names,
-        seed=train_cfg.seed,
-        shuffle_buffer=data_cfg.shuffle_buffer,
-        cache=data_cfg.cache,
-        limit_train=data_cfg.limit_train,
-        limit_val=data_cfg.limit_val,
-        repeat=data_cfg.repeat,
-        clip_boxes=data_cfg.clip_boxes,
-        train_images=data_cfg.train_images,
-        val_images=data_cfg.val_images,
-        val_split=data_cfg.val_split,
-        mosaic_args={"train_size": data_cfg.mosaic_train_size, "val_size": data_cfg.mosaic_val_size},
-        **{key: getattr(data_cfg, key) for key in SAMPLING_ARGS},
-    )
+    return build_detection_datasets(**recipe_dataset_args(cfg))
 
 
 def pixel_statistics(dataset, batches=NORMALIZATION_SAMPLE_BATCHES):

@@ -26,6 +26,7 @@ from keras_resnet.data.detection.mosaic_reader import (
 from keras_resnet.data.detection.pipeline import (
     DEFAULT_AUGMENT,
     build_detection_datasets,
+    recipe_dataset_args,
 )
 from keras_resnet.data.detection.records import (
     BOX_TOLERANCE,
@@ -49,6 +50,7 @@ __all__ = [
     "VOC_CLASSES",
     "DetectionRecord",
     "build_detection_datasets",
+    "recipe_dataset_args",
     "read_coco",
     "coco_ground_truth",
     "default_mosaic_cache_dir",

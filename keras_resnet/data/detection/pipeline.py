@@ -52,10 +52,10 @@ import tensorflow as tf
 
 from keras_resnet.data.batching import (
     check_batch_fits,
-    split_record,
-    validation_split,
     seeded_subset,
     shuffle_augment_batch,
+    split_record,
+    validation_split,
 )
 from keras_resnet.data.crops import (
     check_crop_args,
@@ -165,6 +165,23 @@ def _read_source(source, path, split, class_names, clip_boxes, images_dir, mosai
     raise DataError(f"data.source {source!r} is not one of voc, coco, mosaic")
 
 
+def recipe_dataset_args(cfg) -> dict:
+    """`build_detection_datasets` keyword arguments of a recipe: the one mapping of the recipe's data keys
+    (training and evaluation use it as is; export samples override batching, augmentation and limits)."""
+    data = cfg.data
+    return {
+        "source": data.source, "train": data.train, "val": data.val,
+        "input_shape": tuple(cfg.model.input_shape), "batch_size": data.batch_size, "max_boxes": data.max_boxes,
+        "augment": {"horizontal_flip": data.augment.horizontal_flip, "scale_range": tuple(data.augment.scale_range)},
+        "class_names": data.class_names, "seed": cfg.train.seed, "shuffle_buffer": data.shuffle_buffer,
+        "cache": data.cache, "limit_train": data.limit_train, "limit_val": data.limit_val, "repeat": data.repeat,
+        "clip_boxes": data.clip_boxes, "train_images": data.train_images, "val_images": data.val_images,
+        "val_split": data.val_split, "split_seed": cfg.train.seed,
+        "mosaic_args": {"train_size": data.mosaic_train_size, "val_size": data.mosaic_val_size},
+        "sampling": data.sampling, "crops_per_image": data.crops_per_image, "empty_crop_rate": data.empty_crop_rate,
+    }
+
+
 def build_detection_datasets(
     source: str = "mosaic",
     train: str | os.PathLike | None = None,
@@ -184,6 +201,7 @@ def build_detection_datasets(
     train_list: str = "train",
     val_list: str = "val",
     val_split: float | None = None,
+    split_seed: int | None = None,
     train_images: str | os.PathLike | None = None,
     val_images: str | os.PathLike | None = None,
     mosaic_args: dict | None = None,
@@ -220,7 +238,9 @@ def build_detection_datasets(
         clip_boxes: clip out-of-image boxes instead of raising (see :func:`read_voc`).
         train_list, val_list: VOCdevkit split lists.
         val_split: without `val`, the fraction of the training records held
-            out for validation (seeded by `seed`; `info["val_split"]` records it).
+            out for validation (`info["val_split"]` records it).
+        split_seed: the seed of that split (default `seed`; export samples
+            pass the run's `train.seed` to see the run's split).
         train_images, val_images: COCO image folders; default the JSON's folder.
         mosaic_args: mosaic options: ``train_size`` (5000), ``val_size``
             (500), ``canvas_size``, ``items_per_canvas``, ``item_size``,
@@ -274,9 +294,10 @@ def build_detection_datasets(
                                         mosaic_args, seed, "train")
     held_out = None
     if val is None and val_split is not None and source != "mosaic":
-        keep, hold = validation_split(len(train_records), val_split, seed)
+        split_seed = seed if split_seed is None else split_seed
+        keep, hold = validation_split(len(train_records), val_split, split_seed)
         val_records, train_records = [train_records[i] for i in hold], [train_records[i] for i in keep]
-        held_out = split_record(val_split, seed, [r.file_name for r in val_records], stratified=False)
+        held_out = split_record(val_split, split_seed, [r.file_name for r in val_records], stratified=False)
     else:
         val_records, _ = _read_source(source, val, val_list, names, clip_boxes, val_images, mosaic_args, seed, "val")
     train_records = [train_records[i] for i in seeded_subset(len(train_records), limit_train, seed)]

@@ -30,10 +30,10 @@ import tensorflow as tf
 from keras_resnet.data import crops
 from keras_resnet.data.batching import (
     check_batch_fits,
-    split_record,
-    validation_split,
     seeded_subset,
     shuffle_augment_batch,
+    split_record,
+    validation_split,
 )
 from keras_resnet.data.images import decode_image_file, image_size
 from keras_resnet.data.rescale_crop import RescaleCrop
@@ -142,9 +142,10 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
             val_pairs = scan_voc(data_cfg.val, "val", num_classes, config_key="data.val") if data_cfg.val else None
             class_names = list(VOC_CLASSES)
         if val_pairs is None:  # data.val_split: a seeded part of data.train
-            keep, hold = validation_split(len(train_pairs), data_cfg.val_split, seed)
+            keep, hold = validation_split(len(train_pairs), data_cfg.val_split, cfg.train.seed)  # as export samples
             val_pairs, train_pairs = [train_pairs[i] for i in hold], [train_pairs[i] for i in keep]
-            held_out = split_record(data_cfg.val_split, seed, [image for image, _ in val_pairs], stratified=False)
+            held_out = split_record(data_cfg.val_split, cfg.train.seed, [image for image, _ in val_pairs],
+                                    stratified=False)
         train_pairs = [train_pairs[i] for i in seeded_subset(len(train_pairs), data_cfg.limit_train, seed)]
         val_pairs = [val_pairs[i] for i in seeded_subset(len(val_pairs), data_cfg.limit_val, seed + 1)]
         num_train, num_val = len(train_pairs), len(val_pairs)
