@@ -85,13 +85,14 @@ def detect_layout(folder: str | os.PathLike) -> dict:
         raise ConfigError(f"--data {folder}: not a folder; pass a folder of images (see README, Your own data)")
     val = _val_folder(root)
     train = root / "train" if (root / "train").is_dir() else root
-    for split_root in filter(None, (train, val)):
-        if (split_root / "images").is_dir() and (split_root / "masks").is_dir():
-            return {"task": SEGMENTATION, "source": "mask_folder", "train": train, "val": val}
+    if (train / "images").is_dir() and (train / "masks").is_dir():
+        has_val = val is not None and (val / "images").is_dir() and (val / "masks").is_dir()
+        return {"task": SEGMENTATION, "source": "mask_folder", "train": train, "val": val if has_val else None}
     if (root / "Annotations").is_dir() or any((sub / "Annotations").is_dir() for sub in _subfolders(root)):
         return {"task": DETECTION, "source": "voc", "train": root, "val": root, "voc_lists": True}
     if any(train.glob("*.xml")):
-        return {"task": DETECTION, "source": "voc", "train": train, "val": val}
+        return {"task": DETECTION, "source": "voc", "train": train,
+                "val": val if val is not None and any(val.glob("*.xml")) else None}
     coco = _coco_json(train)
     if coco is not None:
         val_coco = _coco_json(val) if val is not None else None
@@ -99,7 +100,8 @@ def detect_layout(folder: str | os.PathLike) -> dict:
                 "train_images": train / "images" if (train / "images").is_dir() else None,
                 "val_images": val / "images" if val is not None and (val / "images").is_dir() else None}
     if len(_class_folders(train)) >= 1:
-        return {"task": CLASSIFICATION, "source": "image_folder", "train": train, "val": val}
+        has_val = val is not None and bool(_class_folders(val))
+        return {"task": CLASSIFICATION, "source": "image_folder", "train": train, "val": val if has_val else None}
     raise ConfigError(
         f"--data {folder}: no layout found. Use one subfolder per class (classification), images/ and masks/ "
         "(segmentation), images with VOC .xml files or a COCO .json (detection); train/ and val/ may hold them"
@@ -186,7 +188,10 @@ def _coco_class_names(path: Path) -> list[str]:
 
 
 def _count_train(layout: dict, num_images: int) -> int:
-    return num_images if layout.get("val") is not None else max(1, num_images - round(VAL_SPLIT * num_images))
+    """Training images after the held-out split (as `validation_split` takes it: at least one held out)."""
+    if layout.get("val") is not None:
+        return num_images
+    return max(1, num_images - max(1, round(VAL_SPLIT * num_images)))
 
 
 def _num_images(layout: dict) -> int:
@@ -265,13 +270,16 @@ def recipe_for_folder(folder, task=None, model=None, weights=None, epochs=None, 
             if layout.get(key) is not None:
                 data[key] = str(layout[key])
     model_section["input_shape"] = [size, size, channels]
-    num_train = _count_train(layout, _num_images(layout))
+    num_images = _num_images(layout)
+    if layout.get("val") is None and num_images < 2:
+        raise ConfigError(f"--data {folder}: {num_images} image(s) and no val/ folder: nothing to hold out for "
+                          "validation; add images, or put validation images in val/ beside train/")
+    num_train = _count_train(layout, num_images)
     batch = BATCH_SIZE[found]
     while batch > 2 and batch > num_train // 2:
         batch //= 2
-    steps_per_pass = max(1, num_train // batch)
-    repeat = max(1, math.ceil(MIN_STEPS_PER_EPOCH / steps_per_pass))
-    steps_per_epoch = steps_per_pass * repeat
+    repeat = max(1, math.ceil(MIN_STEPS_PER_EPOCH * batch / num_train))  # each image this often per epoch
+    steps_per_epoch = num_train * repeat // batch
     if epochs is None:
         epochs = min(100, max(8, math.ceil(MIN_STEPS[pretrained] / steps_per_epoch)))
     data.update(batch_size=batch, repeat=repeat)

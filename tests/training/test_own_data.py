@@ -105,8 +105,10 @@ def test_layouts_are_recognised(tmp_path):
     coco = tmp_path / "coco"
     (coco / "images").mkdir(parents=True)
     Image.fromarray(np.zeros((600, 800, 3), np.uint8)).save(coco / "images" / "a.jpg")
+    Image.fromarray(np.zeros((600, 800, 3), np.uint8)).save(coco / "images" / "b.jpg")
     (coco / "instances.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.jpg", "width": 800, "height": 600}],
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 800, "height": 600},
+                   {"id": 2, "file_name": "b.jpg", "width": 800, "height": 600}],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 2, 30, 40]}],
         "categories": [{"id": 3, "name": "tree"}]}))
     recipe = load_config(recipe_for_folder(coco))
@@ -124,8 +126,22 @@ def test_layouts_are_recognised(tmp_path):
 def test_tiny_data_gets_enough_steps_and_pretrained_weights_a_lower_rate(tmp_path):
     stripes_folder(tmp_path / "few", per_class=5)
     scratch = recipe_for_folder(tmp_path / "few")
-    steps = scratch["train"]["epochs"] * (8 // scratch["data"]["batch_size"]) * scratch["data"]["repeat"]
+    steps = scratch["train"]["epochs"] * (8 * scratch["data"]["repeat"] // scratch["data"]["batch_size"])
     assert steps >= 600 and scratch["data"]["batch_size"] <= 4
+    # One training image (a single large photo): still at least 16 steps an epoch and 600 in all.
+    (tmp_path / "one" / "images").mkdir(parents=True)
+    (tmp_path / "one" / "masks").mkdir()
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "one" / "images" / "a.png")
+    Image.fromarray(np.eye(300, dtype=np.uint8)).save(tmp_path / "one" / "masks" / "a.png")
+    (tmp_path / "one" / "val").mkdir()  # an empty val/ is not a validation set
+    with pytest.raises(ConfigError, match="1 image.s. and no val/ folder"):
+        recipe_for_folder(tmp_path / "one")
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "one" / "images" / "b.png")
+    Image.fromarray(np.eye(300, dtype=np.uint8)).save(tmp_path / "one" / "masks" / "b.png")
+    single = recipe_for_folder(tmp_path / "one")  # 2 images: 1 held out, 1 trained on
+    assert single["data"]["val"] is None and single["data"]["val_split"] == 0.2
+    per_epoch = 1 * single["data"]["repeat"] // single["data"]["batch_size"]
+    assert per_epoch >= 16 and per_epoch * single["train"]["epochs"] >= 600, single
     tuned = recipe_for_folder(tmp_path / "few", weights="resnet18.pth", model="resnet18")
     assert tuned["train"]["learning_rate"] < scratch["train"]["learning_rate"]
     assert tuned["model"]["backbone"] == "resnet18" and tuned["model"]["weights"] == "resnet18.pth"
