@@ -42,10 +42,10 @@ def _declared(parser, flag, key, **kwargs):
     """`parser.add_argument(flag)` for export option `key`: choices, default and help from its declaration."""
     from keras_resnet_settings import allowed, default, help_of
 
-    choices = allowed(f"export.{key}")
-    parser.add_argument(flag, default=default(f"export.{key}"), choices=choices,
-                        help=f"{help_of(f'export.{key}')} (default {default(f'export.{key}')})".replace("%", "%%"),
-                        **kwargs)
+    name = f"export.{key}"
+    value = default(name)
+    parser.add_argument(flag, default=value, choices=allowed(name),
+                        help=f"{help_of(name)} (default {value})".replace("%", "%%"), **kwargs)
 
 
 def build_parser():

@@ -5,7 +5,7 @@
   `DataSettings` (-> `AugmentSettings`), `TrainSettings`, `QatSettings`; and
   the `keras-resnet export` options, `ExportSettings`.
 - `loading`: `load_config(path_or_dict, overrides) -> Recipe`, every problem of
-  a recipe in one `ConfigError`; `dump_config`.
+  a recipe in one `ConfigError`; `dump_config`; `recipe.to_dict()` for YAML.
 - `explain`: the reference generated from the declarations.
 - `errors`: the `KerasResNetError` family; `registry`: tasks, sources, heads.
 
@@ -24,7 +24,6 @@ from keras_resnet_settings.loading import (
     load_config,
     range_of,
     settings_from,
-    to_dict,
 )
 from keras_resnet_settings.recipe import (
     AugmentSettings,
@@ -53,5 +52,4 @@ __all__ = [
     "load_config",
     "range_of",
     "settings_from",
-    "to_dict",
 ]

@@ -10,6 +10,7 @@ list, default or range of a setting is written in a second place.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -103,16 +104,8 @@ def setting(default: Any, help: str, **rule: Any) -> Any:
     """
     metadata = {"rule": Rule(help=help, **rule)}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: _copy(default), metadata=metadata)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _copy(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_copy(item) for item in value]
-    return value
 
 
 def rule_of(field: dataclasses.Field) -> Rule:

@@ -90,7 +90,7 @@ def load_config(path_or_dict: str | os.PathLike | Mapping | Recipe | None = None
     if path_or_dict is None:
         source, given = "defaults", {}
     elif isinstance(path_or_dict, Recipe):
-        source, given = "recipe", to_dict(path_or_dict)
+        source, given = "recipe", path_or_dict.to_dict()
     elif isinstance(path_or_dict, Mapping):
         source, given = "recipe dict", _plain(path_or_dict)
     else:
@@ -106,11 +106,6 @@ def load_config(path_or_dict: str | os.PathLike | Mapping | Recipe | None = None
     return _build(Recipe, recipe_values)
 
 
-def to_dict(settings: Any) -> dict:
-    """A settings object (or Recipe) as the plain nested dict written to recipe.yaml and run.json."""
-    return settings.to_dict()
-
-
 def dump_config(recipe: Recipe | Mapping, path: str | os.PathLike) -> None:
     """Write a recipe as YAML (declaration order), creating parent folders.
 
@@ -121,10 +116,9 @@ def dump_config(recipe: Recipe | Mapping, path: str | os.PathLike) -> None:
     directory = os.path.dirname(os.fspath(path))
     if directory:
         os.makedirs(directory, exist_ok=True)
-    plain = to_dict(recipe) if isinstance(recipe, Recipe) else _plain(recipe)
+    plain = recipe.to_dict() if isinstance(recipe, Recipe) else _plain(recipe)
     with open(path, "w", encoding="utf-8") as stream:
         yaml.safe_dump(plain, stream, sort_keys=False, default_flow_style=None)
-
 
 
 def settings_from(cls: type, values: Mapping, source: str) -> Any:

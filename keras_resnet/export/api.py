@@ -8,7 +8,7 @@ it with the Keras model (`parity`) and writes `<artefact>.json` (source,
 preset, input contract, outputs, preprocessing, class names, quantization,
 parity figures, tool versions).
 
-Every export takes float32 raw pixels 0..255, NHWC (`contract`). How each
+Every export takes float32 raw pixels 0..255, NHWC (`signatures`). How each
 format is produced (Keras 3.15 / TF 2.21 / tf2onnx 1.17): `saved_model`
 (`keras.export.ExportArchive`), `tflite` (builtin ops only, int8
 full-integer with float32 input and output), `onnx` (tf2onnx on the frozen

@@ -35,6 +35,7 @@ from keras_resnet.export.signatures import (
     RAW_NAME,
     batches,
     is_detection_output,
+    is_rejected_path,
     output_spec,
     outputs_fn,
     read_metadata,
@@ -251,7 +252,7 @@ def _load_keras_detector(source) -> ExportedModel:
 def check_not_rejected(path, metadata: dict) -> None:
     """A ModelError for an artefact that failed its parity gate when it was exported (kept for inspection only)."""
     rejected = metadata.get("rejected")
-    if rejected or ".rejected" in Path(path).name:
+    if rejected or is_rejected_path(path):
         reason = f" ({rejected.get('criterion')}: {rejected.get('reason')})" if isinstance(rejected, dict) else ""
         raise ModelError(
             f"{path} failed its parity check against the Keras model when it was exported{reason} and is kept for "

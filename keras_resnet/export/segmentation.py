@@ -32,7 +32,6 @@ from keras_resnet.export.signatures import (
     MASK_NAME,
     OUTPUT_NAME,
     PREDICT_CHUNK,
-    outputs_fn,
     segmentation_outputs,
 )
 from keras_resnet_settings.registry import SEGMENTATION
@@ -78,14 +77,14 @@ class SegmentationExport(DenseExport):
     def chunked_parity(self, run_export, images: np.ndarray) -> dict:
         """Streams images through Keras and `run_export` (`float32 chunk -> {probabilities, mask}`)."""
         num_classes = int(self.model.output_shape[-1])
-        keras_outputs = outputs_fn(self.model, self.spec)
         parity = SegmentationParity(num_classes)
         step = segmentation_chunk(self.model.input_shape[1:], num_classes)
         for start in range(0, len(images), step):
             chunk = images[start : start + step]
-            reference = keras_outputs(tf.constant(chunk, tf.float32))
+            scores = self.model(tf.constant(chunk, tf.float32), training=False)  # what every export computes from
+            reference = segmentation_outputs(scores, self.spec.logits)
             if self.spec.logits:  # the probabilities are the export's softmax of these
-                parity.add_logits(self.model(tf.constant(chunk, tf.float32), training=False).numpy())
+                parity.add_logits(scores.numpy())
             exported = run_export(chunk)
             parity.update(
                 reference[OUTPUT_NAME].numpy(), exported[OUTPUT_NAME], reference[MASK_NAME].numpy(),

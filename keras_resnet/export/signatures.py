@@ -115,6 +115,20 @@ def metadata_path(path) -> Path:
     return Path(str(path).rstrip("/\\") + METADATA_SUFFIX)
 
 
+REJECTED_MARK = ".rejected"
+
+
+def rejected_path(path) -> Path:
+    """Where an artefact that failed its parity gate is kept: `<stem>.rejected<suffix>` beside `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}{REJECTED_MARK}{path.suffix}")
+
+
+def is_rejected_path(path) -> bool:
+    """True for a path `rejected_path` makes."""
+    return REJECTED_MARK in Path(path).name
+
+
 def read_metadata(path) -> dict:
     """The metadata JSON beside an artefact, or {} when it has none."""
     path = metadata_path(path)

@@ -34,6 +34,7 @@ from keras_resnet.export.signatures import (
     image_spec,
     integer_io_metadata,
     metadata_path,
+    rejected_path,
 )
 from keras_resnet.export.tflite import (
     INPUT_ZERO_POINTS,
@@ -92,14 +93,6 @@ def tool_versions(format: str) -> dict:
     for package in TOOL_PACKAGES[format]:
         versions[package] = importlib_metadata.version(package)
     return versions
-
-
-REJECTED_MARK = ".rejected"
-
-
-def rejected_path(path: Path) -> Path:
-    """Where an artefact that failed its parity gate is kept: `<stem>.rejected<suffix>` beside `path`."""
-    return path.with_name(f"{path.stem}{REJECTED_MARK}{path.suffix}")
 
 
 def remove_rejected(rejected: Path) -> None:
@@ -324,7 +317,7 @@ class ExportJob:
         return self.integer_io.format(io=io, zero_point=INPUT_ZERO_POINTS[io])
 
     def io_metadata(self, metadata: dict) -> dict:
-        """`metadata` with "io" after "quantization" (int8 TFLite) and the integer I/O marked (see `contract`)."""
+        """`metadata` with "io" after "quantization" (int8 TFLite) and the integer I/O marked (see `signatures`)."""
         if self.request.quantize != "int8":
             return metadata
         if self.request.io != "float":

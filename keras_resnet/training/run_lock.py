@@ -188,9 +188,7 @@ def check_resume(cfg, paths):
     Raising `train.epochs` continues the run; anything else must match the
     recipe.yaml the run was started with.
     """
-    if not has_backup(paths) or not os.path.isfile(paths.recipe):
-        return
-    stored = _stored_recipe(paths)
+    stored = _stored_recipe(paths) if has_backup(paths) else None
     if stored is None:
         return
     changed = recipe_changes(stored, cfg)
