@@ -1,8 +1,10 @@
 """Reading other libraries' weight files into NumPy arrays (the file formats, no architecture).
 
 - `read_state_dict`: a PyTorch state dict (`{key: array}`) from a `.pth`/`.pt`/`.bin`
-  file (`torch.load(weights_only=True)`), a `.safetensors` file (no PyTorch needed),
-  a dict of NumPy arrays or torch tensors, or a live `torch.nn.Module`.
+  file (`torch_pickle.load_torch_checkpoint`: both `torch.save` formats, NumPy
+  only, tensors and containers only, so a checkpoint never runs code), a
+  `.safetensors` file, a dict of NumPy arrays or torch tensors, or a live
+  `torch.nn.Module`. No file needs PyTorch.
 - `read_keras_h5`: a legacy Keras HDF5 weight file (the keras.applications layout)
   as `{layer: {weight: array}}`.
 
@@ -11,21 +13,16 @@ e.g. `keras_resnet.convert.torch_resnet`.
 """
 
 import os
-import pickle
-import re
 
 import numpy as np
 
+from keras_resnet.convert.torch_pickle import load_torch_checkpoint
 from keras_resnet_settings.errors import ConversionError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Containers that training scripts wrap a state dict in ({"state_dict": ...}, {"model": ...}).
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-TORCH_MISSING = (
-    "reading {path} needs PyTorch: pip install 'keras_resnet[torch]', or save the state dict as .safetensors "
-    "(safetensors.torch.save_file(model.state_dict(), 'model.safetensors')), which loads without PyTorch"
-)
 
 
 def is_torch_file(path) -> bool:
@@ -37,9 +34,10 @@ def read_state_dict(source):
     """A flat `{key: np.ndarray}` state dict, and a name for messages.
 
     Args:
-        source: a `.pth`/`.pt`/`.bin` path (read with `torch.load(path,
-            map_location="cpu", weights_only=True)`), a `.safetensors` path,
-            a dict of arrays or tensors, or a module with `state_dict()`.
+        source: a `.pth`/`.pt`/`.bin` path (read without torch by
+            `load_torch_checkpoint`, which refuses pickles of anything but
+            tensors and containers), a `.safetensors` path, a dict of
+            arrays or tensors, or a module with `state_dict()`.
             `{"state_dict": ...}` / `{"model": ...}` wrappers and a
             "module." key prefix (DataParallel) are removed.
 
@@ -48,8 +46,8 @@ def read_state_dict(source):
 
     Raises:
         ConversionError: a missing or unreadable file, a pickle that
-            `weights_only=True` refuses, PyTorch missing for a `.pth`, or
-            something that is not a state dict.
+            holds more than tensors and containers, or something that is
+            not a state dict.
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -89,25 +87,14 @@ def _load_safetensors(path):
 
 
 def _load_torch_file(path):
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError(TORCH_MISSING.format(path=path)) from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+", str(error))
-        reason = refused.group(0) if refused else _first_line(error)
-        raise ConversionError(
-            f"{path} holds more than tensors, and torch.load(weights_only=True) refuses it "
-            f"({reason}): unpickling arbitrary objects can execute code, so "
-            "keras_resnet reads weights only. Save model.state_dict() instead of the model (or convert it to "
-            ".safetensors) in a session you trust."
-        ) from None
-    except Exception as error:  # noqa: BLE001 - torch.load raises what its zip/pickle readers raise
-        raise ConversionError(
-            f"{path} is not a PyTorch state dict file: torch.load fails ({type(error).__name__}: {_first_line(error)})."
-        ) from None
+    """A `.pth`/`.pt`/`.bin` file's object, tensors as NumPy arrays, without torch.
+
+    Raises:
+        ConversionError: one line: a pickle of more than tensors and
+            containers ("... unpickling arbitrary objects can execute code
+            ..."), or "<path> is not a PyTorch state dict file: ...".
+    """
+    return load_torch_checkpoint(path)
 
 
 def _first_line(error):
