@@ -1,19 +1,23 @@
-"""README.md's code blocks run as written.
+"""The code blocks of README.md and of every page in docs/ run as written.
 
-Every fenced ```python and ```bash block of README.md is found here and either
-run, checked or skipped, by rule:
+Every fenced ```python and ```bash block of README.md and docs/**/*.md (`DOCS`)
+is found here and either run, checked or skipped, by rule; a test id names
+the file and the line of the block's opening fence (`FILE:LINE`, e.g. `docs/qat.md:10`):
 
-* python blocks run as written, in README order, in one subprocess of the
-  repository's `.venv` python (one TensorFlow start-up for all of them): each
-  as a script of its own (fresh globals, `__name__ == "__main__"`), in the
-  folder of its README section.
+* python blocks run as written, in file order (README.md, then docs/ by
+  name), in one subprocess of the repository's `.venv` python (one TensorFlow
+  start-up for all of them): each as a script of its own (fresh globals,
+  `__name__ == "__main__"`), in the folder of its file and section.
 * A bash line `keras-resnet ARGS` runs as the `keras-resnet` console script's
-  entry point with ARGS, in this process, in the folder of its section, and
-  must exit 0. Any other bash line must be in `SKIPPED`, with the reason;
-  `test_every_block_is_run_or_skipped` fails on one that is not, on a block in
-  a language that may be code (```sh, ```console ...) and on a `SKIPPED` line
-  README.md no longer has.
-* A section's folder stands in for the repository root: `tasks/` links to the
+  entry point with ARGS, in this process, in the folder of its file and
+  section, and must exit 0. Any other bash line must be in `SKIPPED`, keyed by
+  file and line text, with the reason; `test_every_block_is_run_or_skipped`
+  fails on one that is not, on a block in a language that may be code (```sh,
+  ```console ...) and on a `SKIPPED` entry its file no longer has.
+* Every relative link of these files names a file that exists (and a heading
+  of it, for `#anchor`), and docs/README.md links every page of docs/.
+* A section's folder (one per file and `## ` section) stands in for the
+  repository root: `tasks/` links to the
   repository's recipes, `photos/` ("a folder of your own images") holds two
   images; Fashion-MNIST is a small stand-in (`KERAS_RESNET_FASHION_MNIST_DIR`,
   tests/helpers.py's `write_shape_fashion_mnist`); Keras' home and the mosaic
@@ -58,15 +62,21 @@ from tests.training.test_own_data import mask_folder, stripes_folder, voc_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS_INDEX = ROOT / "docs" / "README.md"
+# The files whose blocks run here: README.md, then every page of docs/ (recipe_reference.md, generated, has none).
+DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 CLASSIFICATION_RECIPE = "tasks/classification/fashion_mnist_resnet18_narrow.yaml"
 FULL = bool(os.environ.get("KERAS_RESNET_README_FULL"))
 
-# bash lines not run (comments stripped, spaces collapsed), and why.
+# bash lines not run, by (file, line: comments stripped, spaces collapsed), and why.
 SKIPPED = {
-    "bash scripts/main.sh": "the main job: sets up .venv and trains for ~20 min; its train line runs here tiny "
-    "(MADE_BY_MAIN_JOB) and its exports as the Export block",
-    "bash .ci/run": "deletes and rebuilds .venv, then runs the whole suite (this test included)",
+    ("README.md", "bash scripts/setup.sh"): "makes or updates .venv (pip installs ~2 GB); this test runs in that .venv",
+    ("README.md", "bash scripts/main.sh"): "the main job: sets up .venv and trains for ~20 min; its train line runs "
+    "here tiny (MADE_BY_MAIN_JOB) and its exports as the Export block",
+    ("README.md", "bash .ci/run"): "deletes and rebuilds .venv, then runs the whole suite (this test included)",
+    ("docs/testing.md", ".venv/bin/python -m pytest -q -ra -n 2 --dist loadscope"): "the whole suite, this test "
+    "included",
 }
 
 # Size-only overrides appended to every `keras-resnet train RECIPE` line.
@@ -92,7 +102,7 @@ TINY = {
     DETECTION_RECIPE: [*TINY_DETECTOR, "train.epochs=1", "train.steps_per_epoch=2"],
 }
 
-# Run folders README's blocks take from the main job (`bash scripts/main.sh`), and its line that makes them.
+# Run folders the blocks take from the main job (`bash scripts/main.sh`), and its line that makes them.
 MADE_BY_MAIN_JOB = {"runs/fashion_mnist_resnet18_narrow": f"keras-resnet train {CLASSIFICATION_RECIPE}"}
 
 # Bash blocks naming these runs are checked, not run, unless KERAS_RESNET_README_FULL=1 (see the docstring).
@@ -118,15 +128,29 @@ class Block:
     text: str
     line: int  # of the opening fence
     section: str  # the `## ` heading above it
+    file: str = "README.md"  # relative to the repository root
+
+    @property
+    def id(self):
+        return f"{self.file}:{self.line}"
 
     @property
     def name(self):
-        return f"README.md:{self.line} {self.language} ({self.section})"
+        return f"{self.id} {self.language} ({self.section})"
+
+    @property
+    def place(self):
+        """The file and section whose folder the block runs in."""
+        return self.file, self.section
 
 
-def readme_blocks(text=None):
-    """The fenced blocks of README.md, in order."""
-    lines = (README.read_text(encoding="utf-8") if text is None else text).splitlines()
+def relative(path):
+    return Path(path).relative_to(ROOT).as_posix()
+
+
+def readme_blocks(text=None, file="README.md"):
+    """The fenced blocks of `file` (a path relative to the repository root) or of `text`, in order."""
+    lines = ((ROOT / file).read_text(encoding="utf-8") if text is None else text).splitlines()
     blocks, section, index = [], "", 0
     while index < len(lines):
         line = lines[index]
@@ -137,7 +161,8 @@ def readme_blocks(text=None):
             end = index + 1
             while end < len(lines) and lines[end].strip() != fence.group(1):
                 end += 1
-            blocks.append(Block(fence.group(2).lower(), "\n".join(lines[index + 1 : end]) + "\n", index + 1, section))
+            text_of_block = "\n".join(lines[index + 1 : end]) + "\n"
+            blocks.append(Block(fence.group(2).lower(), text_of_block, index + 1, section, file))
             index = end
         index += 1
     return blocks
@@ -167,22 +192,26 @@ def runs_named(text):
 
 RUN_LANGUAGES = {"python", "bash"}
 NOT_CODE = {"", "yaml", "text"}  # the CLI synopsis, the recipe keys, the package layout
-BLOCKS = readme_blocks()
+BLOCKS = [block for path in DOCS for block in readme_blocks(file=relative(path))]
 PYTHON_BLOCKS = [b for b in BLOCKS if b.language == "python"]
 BASH_BLOCKS = [b for b in BLOCKS if b.language == "bash" and any(map(runnable, bash_commands(b)))]
 
 
 def test_every_block_is_run_or_skipped():
+    assert {"README.md", "docs/README.md"} <= {relative(path) for path in DOCS}
     unknown = [b.name for b in BLOCKS if b.language not in RUN_LANGUAGES | NOT_CODE]
-    assert not unknown, f"README blocks in a language this test neither runs nor ignores: {unknown}"
+    assert not unknown, f"blocks in a language this test neither runs nor ignores: {unknown}"
     commands = [(b, c) for b in BLOCKS if b.language == "bash" for c in bash_commands(b)]
-    unlisted = [f"{b.name}: {c}" for b, c in commands if not runnable(c) and c not in SKIPPED]
-    assert not unlisted, f"README bash lines this test cannot run; make them runnable or add to SKIPPED: {unlisted}"
-    stale = set(SKIPPED) - {c for _, c in commands}
-    assert not stale, f"SKIPPED lists lines README.md no longer has: {sorted(stale)}"
-    assert len(PYTHON_BLOCKS) >= 4 and len(BASH_BLOCKS) >= 3  # the parser still finds README's blocks
+    unlisted = [f"{b.name}: {c}" for b, c in commands if not runnable(c) and (b.file, c) not in SKIPPED]
+    assert not unlisted, f"bash lines this test cannot run; make them runnable or add to SKIPPED: {unlisted}"
+    stale = set(SKIPPED) - {(b.file, c) for b, c in commands}
+    assert not stale, f"SKIPPED lists (file, line) pairs the file no longer has: {sorted(stale)}"
+    # the parser still finds the blocks: README's own, and the ones moved to docs/
+    assert len(PYTHON_BLOCKS) >= 6 and len(BASH_BLOCKS) >= 6
+    assert any(b.file == "README.md" for b in PYTHON_BLOCKS) and any(b.file != "README.md" for b in PYTHON_BLOCKS)
+    assert any(b.file == "README.md" for b in BASH_BLOCKS) and any(b.file != "README.md" for b in BASH_BLOCKS)
     # python blocks run before the bash blocks (one subprocess): none may come after a bash block of its section
-    late = [p.name for p in PYTHON_BLOCKS if any(b.section == p.section and b.line < p.line for b in BASH_BLOCKS)]
+    late = [p.name for p in PYTHON_BLOCKS if any(b.place == p.place and b.line < p.line for b in BASH_BLOCKS)]
     assert not late, f"python blocks after a keras-resnet block of their section (not supported here): {late}"
 
 
@@ -191,8 +220,8 @@ def test_the_block_parser_sees_fences_continuations_and_comments():
         "## A\n```bash\nkeras-resnet a \\\n    --b 1   # note\n# only a comment\n\nbash x.sh\n```\n"
         "## B\n```python\nprint(1)\n```\n```\nkeras-resnet models\n```\n"
     )
-    bash, python, plain = readme_blocks(text)
-    assert (bash.language, bash.section, bash.line) == ("bash", "A", 2)
+    bash, python, plain = readme_blocks(text, file="docs/x.md")
+    assert (bash.language, bash.section, bash.line, bash.id) == ("bash", "A", 2, "docs/x.md:2")
     assert bash_commands(bash) == ["keras-resnet a --b 1", "bash x.sh"]
     assert (python.language, python.section, python.text) == ("python", "B", "print(1)\n")
     assert plain.language == ""
@@ -210,12 +239,82 @@ def test_export_file_names_in_readme_are_those_export_writes():
         assert f"`{path.name}`" in text or f"`{path.name}/`" in text, path
 
 
+def test_readme_states_the_commands_ci_runs():
+    """.ci/run runs "README's test command": README states it, and the main job, verbatim."""
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    (test_command,) = [line.strip() for line in ci.splitlines() if line.startswith(".venv/bin/python -m pytest")]
+    text = README.read_text(encoding="utf-8")
+    assert f"`{test_command}`" in text
+    commands = {c for b in BLOCKS if b.file == "README.md" and b.language == "bash" for c in bash_commands(b)}
+    assert {"bash scripts/main.sh", "bash .ci/run", "bash scripts/setup.sh"} <= commands
+
+
+# ----------------------------------------------------------------------------- links
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def without_fences(text):
+    return re.sub(r"^(```+)[^\n]*\n.*?^\1\s*$", "", text, flags=re.S | re.M)
+
+
+def prose(text):
+    """`text` without its fenced blocks and inline code (whose brackets are not links)."""
+    return re.sub(r"(`+).*?\1", "", without_fences(text), flags=re.S)
+
+
+def heading_anchors(text):
+    """GitHub's anchors of a markdown text's headings: lower case, punctuation dropped, spaces to -, -1 on repeats."""
+    anchors, seen = set(), {}
+    for line in without_fences(text).splitlines():
+        match = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if match:
+            slug = re.sub(r"[^\w\- ]", "", match.group(1).lower()).replace(" ", "-")
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def relative_links(path):
+    """(target path, anchor or None, link text) of every relative link in the markdown file `path`."""
+    for target in LINK.findall(prose(path.read_text(encoding="utf-8"))):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        yield (path.parent / file).resolve() if file else path, anchor or None, target
+
+
+@pytest.mark.parametrize("path", DOCS, ids=relative)
+def test_relative_links_point_to_files_and_headings(path):
+    broken = []
+    for target, anchor, link in relative_links(path):
+        if not target.exists():
+            broken.append(f"{link}: no such file")
+        elif anchor and target.suffix == ".md" and anchor not in heading_anchors(target.read_text(encoding="utf-8")):
+            broken.append(f"{link}: {relative(target)} has no heading with that anchor")
+    assert not broken, f"{relative(path)}: broken links: {broken}"
+
+
+def test_docs_index_links_every_page():
+    linked = {target for target, _, _ in relative_links(DOCS_INDEX)}
+    pages = {path.resolve() for path in DOCS if path not in (README, DOCS_INDEX)}
+    assert not pages - linked, f"docs/README.md does not link {sorted(relative(p) for p in pages - linked)}"
+    assert DOCS_INDEX.resolve() in {target for target, _, _ in relative_links(README)}
+
+
+def test_the_link_checker_sees_links_anchors_and_code():
+    text = "# Recipes (`tasks/`)\n## A, b & c\n## A, b & c\n[x](a.md#y) `[no](link.md)`\n```\n[no](b.md)\n```\n"
+    assert heading_anchors(text) == {"recipes-tasks", "a-b--c", "a-b--c-1"}
+    assert LINK.findall(prose(text)) == ["a.md#y"]
+
+
 # ----------------------------------------------------------------------------- running the blocks
 
 
 @pytest.fixture(scope="module")
 def checkouts(tmp_path_factory):
-    """`checkout(section)`: the section's folder; the environment every block sees is set meanwhile."""
+    """`checkout(block)`: the folder of its file and section; the environment every block sees is set meanwhile."""
     root = tmp_path_factory.mktemp("readme")
     variables = {
         "KERAS_RESNET_FASHION_MNIST_DIR": str(write_shape_fashion_mnist(root / "fashion-mnist")),
@@ -223,8 +322,8 @@ def checkouts(tmp_path_factory):
         "KERAS_HOME": str(root / "keras-home"),
     }
 
-    def checkout(section):
-        folder = root / re.sub(r"\W+", "_", section)
+    def checkout(block):
+        folder = root / re.sub(r"\W+", "_", f"{block.file} {block.section}")
         if not folder.exists():
             folder.mkdir()
             (folder / "tasks").symlink_to(ROOT / "tasks")
@@ -247,7 +346,7 @@ def checkouts(tmp_path_factory):
 RUNNER = """
 import json, os, sys, time, traceback
 results = {}
-for line, folder, script in json.loads(sys.argv[1]):
+for key, folder, script in json.loads(sys.argv[1]):
     os.chdir(folder)
     start = time.perf_counter()
     try:
@@ -256,7 +355,7 @@ for line, folder, script in json.loads(sys.argv[1]):
         error = None
     except BaseException:
         error = traceback.format_exc()
-    results[line] = {"error": error, "seconds": time.perf_counter() - start}
+    results[key] = {"error": error, "seconds": time.perf_counter() - start}
     with open(sys.argv[2], "w", encoding="utf-8") as stream:
         json.dump(results, stream)
 """
@@ -264,13 +363,13 @@ for line, folder, script in json.loads(sys.argv[1]):
 
 @pytest.fixture(scope="module")
 def python_results(checkouts, tmp_path_factory):
-    """{README line: {"error": traceback or None, "seconds": ...}} of every python block, run once."""
+    """{block id: {"error": traceback or None, "seconds": ...}} of every python block, run once."""
     work = tmp_path_factory.mktemp("readme_python")
     jobs = []
     for block in PYTHON_BLOCKS:
-        script = work / f"README_line_{block.line}.py"
+        script = work / (re.sub(r"\W+", "_", block.file) + f"_line_{block.line}.py")
         script.write_text(block.text, encoding="utf-8")
-        jobs.append((str(block.line), str(checkouts(block.section)), str(script)))
+        jobs.append((block.id, str(checkouts(block)), str(script)))
     out = work / "results.json"
     env = {
         **os.environ,
@@ -282,15 +381,15 @@ def python_results(checkouts, tmp_path_factory):
     command = [str(python), "-c", RUNNER, json.dumps(jobs), str(out)]
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=900)
     results = json.loads(out.read_text()) if out.exists() else {}
-    return {int(line): value for line, value in results.items()}, result
+    return results, result
 
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: f"line{b.line}")
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: b.id)
 def test_python_block_runs(block, python_results):
     results, process = python_results
-    assert block.line in results, f"{block.name} did not run:\n{process.stderr[-4000:]}"
-    print(f"{results[block.line]['seconds']:.1f} s  {block.name}")
-    assert results[block.line]["error"] is None, f"{block.name} failed:\n{results[block.line]['error']}"
+    assert block.id in results, f"{block.name} did not run:\n{process.stderr[-4000:]}"
+    print(f"{results[block.id]['seconds']:.1f} s  {block.name}")
+    assert results[block.id]["error"] is None, f"{block.name} failed:\n{results[block.id]['error']}"
 
 
 def keras_resnet_main():
@@ -373,11 +472,11 @@ def check_cli(command, where, checker, monkeypatch):
     assert not checker.problems and status == 0, f"{where}: `{command}`: {checker.problems or f'exit {status}'}"
 
 
-@pytest.mark.parametrize("block", BASH_BLOCKS, ids=lambda b: f"line{b.line}")
+@pytest.mark.parametrize("block", BASH_BLOCKS, ids=lambda b: b.id)
 def test_bash_block_runs(block, checkouts, python_results, monkeypatch):
     checked_only = not FULL and (runs_named(block.text) & CHECKED_ONLY
                                  or any(command in block.text for command in CHECKED_ONLY_COMMANDS))
-    monkeypatch.chdir(checkouts(block.section))  # after the section's python blocks (python_results)
+    monkeypatch.chdir(checkouts(block))  # after the section's python blocks (python_results)
     checker = Checker(MADE_BY_MAIN_JOB)
     for command in filter(runnable, bash_commands(block)):
         if checked_only:
