@@ -62,6 +62,7 @@ def _cmd_export(args):
         output=args.output,
         parity_samples=args.parity_samples,
         calibration_samples=args.calibration_samples,
+        calibration_method=args.calibration_method,
         int8_min_agreement=args.int8_min_agreement,
         detection_outputs=args.detection_outputs,
         io=args.io,

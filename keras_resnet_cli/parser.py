@@ -172,6 +172,7 @@ def build_parser():
     p.add_argument("--output", default=None, metavar="DIR", help="output folder (default saved_models/<name>/)")
     _declared(p, "--parity-samples", "parity_samples", type=int)
     _declared(p, "--calibration-samples", "calibration_samples", type=int)
+    _declared(p, "--calibration-method", "calibration_method")
     _declared(p, "--int8-min-agreement", "int8_min_agreement", type=float)
     _declared(p, "--detection-outputs", "detection_outputs")
     p.add_argument("--score-threshold", type=float, default=None, help="detectors: decoder score threshold "

@@ -207,6 +207,11 @@ class ExportSettings(Settings):
     parity_samples: int = setting(100, "images compared with the Keras model", minimum=1)
     calibration_samples: int = setting(200, "int8: images whose activations set the quantization ranges",
                                        minimum=1)
+    calibration_method: str = setting(
+        "mean_range", "int8 calibration: mean_range (each activation's range is the mean over batches of 8 "
+        "calibration images of their min and max: more images steady the ranges) or minmax (the TFLite converter's "
+        "min and max over all images: one unusual image widens a range for all)",
+        allowed=("mean_range", "minmax"))
     int8_min_agreement: float | None = setting(
         None, "minimum int8 agreement with Keras (null: 0.99 top-1, 0.98 pixels, 0.9 detections)",
         minimum=0, maximum=1)

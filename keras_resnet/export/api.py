@@ -31,6 +31,7 @@ from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATI
 
 DEFAULT_PARITY_SAMPLES = default("export.parity_samples")
 DEFAULT_CALIBRATION_SAMPLES = default("export.calibration_samples")
+DEFAULT_CALIBRATION_METHOD = default("export.calibration_method")
 EXPORTS = {
     CLASSIFICATION: ClassificationExport,
     SEGMENTATION: SegmentationExport,
@@ -57,6 +58,7 @@ def export_model(
     output=None,
     parity_samples: int = DEFAULT_PARITY_SAMPLES,
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    calibration_method: str = DEFAULT_CALIBRATION_METHOD,
     int8_min_agreement: float | None = None,
     name: str | None = None,
     detection_outputs: str = "decoded",
@@ -88,6 +90,12 @@ def export_model(
         output: output folder; defaults to `saved_models/<name>/`.
         parity_samples: images used for the parity check.
         calibration_samples: images used for int8 calibration.
+        calibration_method: int8 calibration (not for a quantization-aware
+            model): "mean_range" (default: each activation's range is the
+            mean over batches of calibration images of their min and max,
+            set on the model's quantization-aware copy; see
+            `keras_resnet.quantization.calibration`) or "minmax" (the TFLite
+            converter's min and max over all calibration images).
         int8_min_agreement: minimum int8 agreement with Keras: top-1 over
             samples for a classifier (default 0.99), argmax over pixels for
             a segmenter (default 0.98), Keras detections matched by class
@@ -124,12 +132,14 @@ def export_model(
             artefact and metadata are written first).
     """
     check_options(format=format, quantize=quantize, io=io, parity_samples=parity_samples,
-                  calibration_samples=calibration_samples, int8_min_agreement=int8_min_agreement,
+                  calibration_samples=calibration_samples, calibration_method=calibration_method,
+                  int8_min_agreement=int8_min_agreement,
                   detection_outputs=detection_outputs)
     request = ExportRequest(
         format=format, quantize=quantize, calibration=calibration, input_size=input_size,
         batch_size=parse_batch_size(batch_size), output=output, parity_samples=int(parity_samples),
-        calibration_samples=int(calibration_samples), int8_min_agreement=int8_min_agreement, name=name,
+        calibration_samples=int(calibration_samples), calibration_method=calibration_method,
+        int8_min_agreement=int8_min_agreement, name=name,
         detection_outputs=detection_outputs, decoder_args=decoder_args, io=io,
     )
     with spinner("loading the Keras model"):

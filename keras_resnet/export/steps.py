@@ -67,6 +67,7 @@ class ExportRequest:
     output: object
     parity_samples: int
     calibration_samples: int
+    calibration_method: str
     int8_min_agreement: float | None
     name: str | None
     detection_outputs: str
@@ -231,6 +232,7 @@ class ExportJob:
                     "io": self.int8_io_text(),
                     "quantization_source": "qat" if self.qat else "ptq",
                     "calibration": calibration_text if not self.qat else "none: the ranges trained with the model",
+                    "calibration_method": request.calibration_method if not self.qat else None,
                     "calibration_samples": len(calibration) if calibration is not None else 0,
                     "min_agreement": self.int8_min_agreement,
                 }
@@ -287,9 +289,32 @@ class ExportJob:
         if request.format == "saved_model":
             write_saved_model(self.written, self.model, self.saved_model_endpoints())
         elif request.format == "tflite":
-            self.written.write_bytes(self.tflite_model(calibration))
+            with self.mean_range_calibrated(calibration) as calibration:
+                self.written.write_bytes(self.tflite_model(calibration))
         else:
             convert_onnx(self.outputs_fn(), self.image_spec(), self.output_names, self.written, request.batch_size)
+
+    @contextmanager
+    def mean_range_calibrated(self, calibration):
+        """Inside, `self.model` is the mean-range calibrated quantization-aware copy (int8 "mean_range" only).
+
+        Yields the calibration images the converter still needs: None when
+        the ranges come from the calibrated copy. The Keras reference
+        stays the float model's (computed before), and so does everything
+        after the conversion.
+        """
+        if calibration is None or self.request.calibration_method != "mean_range":
+            yield calibration
+            return
+        from keras_resnet.quantization.calibration import calibrate_mean_ranges
+
+        float_model = self.model
+        with spinner(f"calibrating int8 ranges on {len(calibration)} images (mean of batch ranges)"):
+            self.model, self.qat = calibrate_mean_ranges(float_model, calibration), True
+        try:
+            yield None
+        finally:
+            self.model, self.qat = float_model, False
 
     def tflite_model(self, calibration) -> bytes:
         """The TFLite flatbuffer (builtin ops only); a full-integer one's I/O quantization is kept."""

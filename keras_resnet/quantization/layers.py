@@ -121,6 +121,7 @@ class FakeQuant(keras.layers.Layer):
         self.momentum = float(momentum)
         self.fixed_range = tuple(float(v) for v in fixed_range) if fixed_range is not None else None
         self.enabled = bool(enabled)
+        self.observing = False  # `calibration.observing`: update the range in inference calls too
 
     def build(self, input_shape):
         low, high = self.fixed_range or (0.0, 0.0)
@@ -144,7 +145,7 @@ class FakeQuant(keras.layers.Layer):
 
     def call(self, inputs, training=False):
         x = ops.cast(inputs, "float32")
-        if training and self.fixed_range is None:
+        if (training or self.observing) and self.fixed_range is None:
             self._update_range(tf.stop_gradient(x))
         return self.fake_quantize(x)
 

@@ -35,7 +35,7 @@ def make_strategy(name):
         if not os.environ.get("TF_CONFIG"):
             raise ConfigError(
                 "train.strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task); "
-                "see README 'Several machines'."
+                "see docs/training.md, 'Several machines'."
             )
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
@@ -49,8 +49,18 @@ def make_strategy(name):
     raise ConfigError(f"train.strategy={name!r}; allowed: auto, one_device, mirrored, multi_worker")
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: bfloat16 is emulated under them, not native.
+ISA_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def cpu_has_native_bfloat16():
-    """True on x86 CPUs with AVX512-BF16 or AMX-BF16 (bfloat16 runs fast there)."""
+    """True on x86 CPUs with AVX512-BF16 or AMX-BF16 (bfloat16 runs fast there).
+
+    False when oneDNN is capped below them (`ONEDNN_MAX_CPU_ISA=AVX2`, as on
+    a CPU without them: how BENCHMARKS.md runs the slow CPU kind here).
+    """
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in ISA_CAPS_WITHOUT_BF16:
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

@@ -159,9 +159,25 @@ def test_int8_calibration_yields_the_recipe_training_images(tmp_path, monkeypatc
 
     monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model", staticmethod(from_saved_model))
     result = export_model(tiny_classifier(), format="tflite", quantize="int8", calibration=recipe,
-                          output=tmp_path / "export", parity_samples=4)
+                          output=tmp_path / "export", parity_samples=4, calibration_method="minmax")
     assert result["quantize"] == "int8"
     assert len(seen) == len(written)
+    # The default, "mean_range", takes the same images (its ranges come from them, not from the converter).
+    from keras_resnet.quantization import calibration as mean_range
+
+    real_calibrate = mean_range.calibrate_mean_ranges
+    calibrated_on = []
+
+    def calibrate(model, images, batch_size=mean_range.CALIBRATION_BATCH):
+        calibrated_on.extend(np.asarray(images, np.float32))
+        return real_calibrate(model, images, batch_size)
+
+    monkeypatch.setattr(mean_range, "calibrate_mean_ranges", calibrate)
+    seen.clear()
+    export_model(tiny_classifier(), format="tflite", quantize="int8", calibration=recipe,
+                 output=tmp_path / "export_mean_range", parity_samples=4)
+    assert seen == [] and len(calibrated_on) == len(written)
+    assert sorted(map(bytes, calibrated_on)) == sorted(map(bytes, written))
 
     def key(image):
         return image.tobytes()

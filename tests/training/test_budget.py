@@ -153,3 +153,16 @@ def test_stop_at_deadline_stops_within_the_budget(capsys, monkeypatch):
     callback.on_epoch_end(1)
     assert model.stop_training
     assert "training stops after epoch 2 of 5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cap, native", [("AVX2", False), ("avx512_core", False), ("", None)])
+def test_auto_precision_follows_a_onednn_isa_cap(cap, native, monkeypatch):
+    """`mixed_precision: auto` on CPU: a oneDNN cap below AVX512-BF16 means no native bfloat16 (float32)."""
+    from keras_resnet.training import devices
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.setattr(devices.tf.config, "list_logical_devices", lambda kind=None: [])
+    has_flag = "avx512_bf16" in open("/proc/cpuinfo").read()
+    expected = has_flag if native is None else native
+    assert devices.cpu_has_native_bfloat16() is expected
+    assert devices.resolve_precision("auto") == ("mixed_bfloat16" if expected else "float32")
