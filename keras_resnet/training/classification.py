@@ -96,43 +96,12 @@ def _compile(model, train_cfg, optimizer):
     )
 
 
-def _fit_phase(model, cfg, train_ds, val_ds, *, epochs, initial_epoch, steps_per_epoch, learning_rate,
-               warmup, backup_dir, paths, extra_callbacks=()):
-    train_cfg = cfg.train
-    _compile(model, train_cfg,
-             optimizers.make_optimizer(train_cfg, steps_per_epoch, epochs - initial_epoch, learning_rate, warmup))
-    fit.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_top1", title=cfg.model.backbone,
-            panels=CLASSIFICATION_PANELS, best_key="top1", backup_dir=backup_dir, epochs=epochs,
-            initial_epoch=initial_epoch, extra_callbacks=extra_callbacks)
-
-
 def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths, extra_callbacks=()):
-    train_cfg = cfg.train
-    epochs, head_epochs = train_cfg.epochs, min(train_cfg.head_epochs, train_cfg.epochs)
-    head_done = os.path.join(paths.backup_root, "head_phase.weights.h5")
-    if head_epochs:
-        if os.path.exists(head_done):
-            print(f"head phase already finished; restoring {head_done}")
-            model.load_weights(head_done)
-        else:
-            print(f"phase 1: {head_epochs} epoch(s) training the head with the backbone frozen")
-            model.backbone.trainable = False
-            _fit_phase(model, cfg, train_ds, val_ds, epochs=head_epochs, initial_epoch=0,
-                       steps_per_epoch=steps_per_epoch, learning_rate=None, warmup=True,
-                       backup_dir=os.path.join(paths.backup_root, "head"), paths=paths)
-            with atomic_output(head_done) as temporary:
-                model.save_weights(temporary)
-        model.backbone.trainable = True
-        model.backbone.freeze_stages(cfg.model.freeze_stages)
-        if head_epochs < epochs:
-            print(f"phase 2: fine-tuning epochs {head_epochs + 1}-{epochs}")
-    if head_epochs < epochs:
-        learning_rate = train_cfg.fine_tune_learning_rate if head_epochs else None
-        if head_epochs and learning_rate is None:
-            learning_rate = train_cfg.learning_rate / 10
-        _fit_phase(model, cfg, train_ds, val_ds, epochs=epochs, initial_epoch=head_epochs,
-                   steps_per_epoch=steps_per_epoch, learning_rate=learning_rate, warmup=not head_epochs,
-                   backup_dir=os.path.join(paths.backup_root, "main"), paths=paths, extra_callbacks=extra_callbacks)
+    """`fit.fit_in_phases` with the classifier's loss and metrics (`extra_callbacks`: the last phase's)."""
+    fit.fit_in_phases(model, cfg, train_ds, val_ds, paths,
+                      compile_model=lambda target, optimizer: _compile(target, cfg.train, optimizer),
+                      steps_per_epoch=steps_per_epoch, main_callbacks=extra_callbacks, monitor="val_top1",
+                      title=cfg.model.backbone, panels=CLASSIFICATION_PANELS, best_key="top1")
 
 
 # ----------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from keras_resnet.models.retinanet.evaluation import (
 )
 from keras_resnet.models.retinanet.losses import RetinaNetLoss
 from keras_resnet.tiling import DEFAULT_TILE_BATCH, detect_tiled
-from keras_resnet.training import devices, fit, optimizers, preflight, run_files
+from keras_resnet.training import devices, fit, preflight, run_files
 from keras_resnet.training.backbones import (
     build_model_from_config,
     check_recipe_args,
@@ -306,12 +306,12 @@ def train_detection(cfg):
             model.make_decoder(**model_cfg.decoder_args)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model.decoder_args: {error}") from None
-        model.compile(
-            optimizer=optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs),
-            loss=RetinaNetLoss(model_cfg.num_classes, box_loss=train_cfg.box_loss,
-                               box_variance=model.box_variance),
-            jit_compile=train_cfg.jit_compile,
-        )
+
+    def compile_detector(target, optimizer):
+        target.compile(optimizer=optimizer, loss=RetinaNetLoss(model_cfg.num_classes, box_loss=train_cfg.box_loss,
+                                                               box_variance=target.box_variance),
+                       jit_compile=train_cfg.jit_compile)
+
     encoder = model.make_label_encoder()
     tile_overlap = evaluation_overlap(cfg)
     run_files.write_run_files(cfg, paths, {
@@ -333,10 +333,10 @@ def train_detection(cfg):
     }, info)
     start = time.time()
     with strategy.scope():
-        fit.fit_run(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
-                monitor="val_mAP", title=f"{model_cfg.backbone} RetinaNet", panels=DETECTION_PANELS,
-                best_key="mAP", backup_dir=os.path.join(paths.backup_root, "main"), epochs=train_cfg.epochs,
-                extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg.decoder_args, tile_overlap)])
+        fit.fit_in_phases(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
+                          compile_model=compile_detector, steps_per_epoch=steps_per_epoch, monitor="val_mAP",
+                          title=f"{model_cfg.backbone} RetinaNet", panels=DETECTION_PANELS, best_key="mAP",
+                          extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg.decoder_args, tile_overlap)])
     train_seconds = time.time() - start
     metrics = run_files.finish_run(
         paths, lambda best: evaluate_detector(best, val_ds, info, model_cfg.decoder_args, output_dir,

@@ -1,4 +1,6 @@
-"""`fit_run`: `model.fit` with the run folder's callbacks (best/last checkpoints, history.csv, TensorBoard,
+"""`fit_in_phases`: a head warm-up with the backbone frozen, then fine-tuning (`train.head_epochs`), each by `fit_run`.
+
+`fit_run`: `model.fit` with the run folder's callbacks (best/last checkpoints, history.csv, TensorBoard,
 training_curves.png) and resume through `keras.callbacks.BackupAndRestore` (`backup_epoch` reads where a run
 resumes; `previous_best` the best value so far); it drops the history.csv rows of epochs trained again and
 stops at the first NaN/inf loss.
@@ -12,6 +14,8 @@ import sys
 import keras
 import tensorflow as tf
 
+from keras_resnet.atomic_files import atomic_output
+from keras_resnet.training import optimizers
 from keras_resnet.training.checkpoints import ModelCheckpoint
 from keras_resnet.training.divergence import StopOnNonFinite
 from keras_resnet.training.plots import (
@@ -104,6 +108,58 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         shuffle=False,  # the tf.data pipelines shuffle; Keras would warn that shuffle=True is ignored
         verbose=fit_verbosity(),
     )
+
+
+def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_per_epoch, extra_callbacks=(),
+                  main_callbacks=(), **run_args):
+    """Training in one phase, or two with `train.head_epochs`: the head alone (backbone frozen), then all of it.
+
+    The first `train.head_epochs` epochs train with the whole backbone
+    frozen (its BatchNorm in inference mode) at `train.learning_rate`, with
+    the warm-up: a fresh head learns on top of pretrained features without
+    disturbing them. Then the backbone is unfrozen (but `model.freeze_stages`)
+    and the rest of the epochs run at `train.fine_tune_learning_rate`
+    (default `learning_rate / 10`), each phase with its own cosine schedule.
+    A run killed in phase 2 does not redo phase 1 (its weights are kept in
+    the run's backup folder); each phase resumes from its own backup.
+
+    Args:
+        model, cfg, train_ds, val_ds, paths: as `fit_run`'s.
+        compile_model: `compile_model(model, optimizer)` compiles `model` as
+            the task trains it (loss, metrics, jit_compile).
+        steps_per_epoch: optimizer steps per epoch (for the schedules).
+        extra_callbacks: `fit_run`'s, in both phases (e.g. an mAP evaluation the monitor needs).
+        main_callbacks: callbacks of the last phase only (e.g. the time budget's).
+        **run_args: the rest of `fit_run`'s keyword arguments (monitor, title, panels, best_key).
+    """
+    train_cfg = cfg.train
+    epochs, head_epochs = train_cfg.epochs, min(train_cfg.head_epochs, train_cfg.epochs)
+
+    def phase(first, last, learning_rate, warmup, name, callbacks):
+        compile_model(model, optimizers.make_optimizer(train_cfg, steps_per_epoch, last - first, learning_rate,
+                                                       warmup))
+        fit_run(model, cfg, train_ds, val_ds, paths, backup_dir=os.path.join(paths.backup_root, name),
+                epochs=last, initial_epoch=first, extra_callbacks=callbacks, **run_args)
+
+    if head_epochs:
+        head_done = os.path.join(paths.backup_root, "head_phase.weights.h5")
+        if os.path.exists(head_done):
+            print(f"head phase already finished; restoring {head_done}")
+            model.load_weights(head_done)
+        else:
+            print(f"phase 1: {head_epochs} epoch(s) training the head with the backbone frozen")
+            model.backbone.trainable = False
+            phase(0, head_epochs, None, True, "head",
+                  [*extra_callbacks, *(main_callbacks if head_epochs == epochs else ())])
+            with atomic_output(head_done) as temporary:
+                model.save_weights(temporary)
+        model.backbone.trainable = True
+        model.backbone.freeze_stages(cfg.model.freeze_stages)
+        if head_epochs < epochs:
+            print(f"phase 2: fine-tuning epochs {head_epochs + 1}-{epochs}")
+    if head_epochs < epochs:
+        learning_rate = (train_cfg.fine_tune_learning_rate or train_cfg.learning_rate / 10) if head_epochs else None
+        phase(head_epochs, epochs, learning_rate, not head_epochs, "main", [*extra_callbacks, *main_callbacks])
 
 
 def fit_verbosity():

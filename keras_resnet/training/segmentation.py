@@ -46,7 +46,7 @@ from keras_resnet.tiling import (
     model_tile,
     segment_tiled,
 )
-from keras_resnet.training import devices, fit, optimizers, preflight, run_files
+from keras_resnet.training import devices, fit, preflight, run_files
 from keras_resnet.training.backbones import (
     build_model_from_config,
     check_recipe_args,
@@ -260,12 +260,11 @@ def train_segmentation(cfg):
             loss = make_segmentation_loss(train_cfg.loss, IGNORE_INDEX, train_cfg.class_weights)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        model.compile(
-            optimizer=optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs),
-            loss=loss,
-            metrics=[SegmentationMeanIoU(cfg.model.num_classes, IGNORE_INDEX), PixelAccuracy(IGNORE_INDEX)],
-            jit_compile=train_cfg.jit_compile,
-        )
+
+    def compile_segmenter(target, optimizer):
+        target.compile(optimizer=optimizer, loss=loss, jit_compile=train_cfg.jit_compile,
+                       metrics=[SegmentationMeanIoU(cfg.model.num_classes, IGNORE_INDEX), PixelAccuracy(IGNORE_INDEX)])
+
     run_files.write_run_files(cfg, paths, {
         "task": "segmentation",
         "preset": cfg.model.backbone,
@@ -282,9 +281,9 @@ def train_segmentation(cfg):
     }, info)
     start = time.time()
     with strategy.scope():
-        fit.fit_run(model, cfg, train_ds, val_ds, paths, monitor="val_miou",
-                title=f"{cfg.model.backbone} {cfg.model.head}", panels=SEGMENTATION_PANELS,
-                best_key="miou", backup_dir=backup_dir, epochs=train_cfg.epochs)
+        fit.fit_in_phases(model, cfg, train_ds, val_ds, paths, compile_model=compile_segmenter,
+                          steps_per_epoch=steps_per_epoch, monitor="val_miou",
+                          title=f"{cfg.model.backbone} {cfg.model.head}", panels=SEGMENTATION_PANELS, best_key="miou")
     train_seconds = time.time() - start
     eval_ds, tile_overlap = evaluation_data(cfg, val_ds, info)
     metrics = run_files.finish_run(
