@@ -183,8 +183,20 @@ def _cmd_convert(args):
     print(f"wrote {args.output}")
 
 
+def _cmd_weights(args):
+    """`keras-resnet weights --download PRESET [--weights NAME]`: the file fetched, verified and cached."""
+    from keras_resnet.weights import weights_file
+    from keras_resnet_settings.weights import IMAGENET, TASK_PRESETS, find_entry
+
+    name = args.weights or ("coco" if args.download in TASK_PRESETS else IMAGENET)
+    entry = find_entry(args.download, name)
+    path = weights_file(entry)
+    print(f"{entry.name}: {path}")
+
+
 COMMANDS = {
     "summary": _cmd_summary,
+    "weights": _cmd_weights,
     "convert": _cmd_convert,
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,

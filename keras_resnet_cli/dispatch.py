@@ -8,6 +8,7 @@ import traceback
 
 from keras_resnet_cli.parser import build_parser
 from keras_resnet_cli.presets_table import print_presets
+from keras_resnet_cli.weights_table import print_weights
 
 # OSErrors about the user's paths or machine, not bugs: one line, exit 2.
 USER_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -108,6 +109,12 @@ def run(argv, load_commands) -> int:
             print_presets(args.filter, wide=args.wide)
         elif args.command == "recipe":
             show_recipe(args)
+        elif args.command == "weights" and not args.download:
+            if args.weights:
+                from keras_resnet_settings.errors import ConfigError
+
+                raise ConfigError("--weights goes with --download PRESET")
+            print_weights(args.filter, wide=args.wide)
         else:
             if args.command == "train":
                 args.config = train_recipe(args)

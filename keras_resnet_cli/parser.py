@@ -61,6 +61,15 @@ def build_parser():
     p.add_argument("--filter", default="", help="only presets whose name contains this")
     p.add_argument("--wide", action="store_true", help="full descriptions (the table may exceed the terminal)")
 
+    p = command("weights", "list the pretrained weights catalogue, or download weights into the cache")
+    p.add_argument("filter", nargs="?", default="", help="only rows whose preset or tag contains this")
+    p.add_argument("--wide", action="store_true", help="also what they were trained on and their licence")
+    p.add_argument("--download", default=None, metavar="PRESET",
+                   help="fetch and verify the weights of PRESET into the cache (for a machine without network)")
+    p.add_argument("--weights", default=None, metavar="NAME",
+                   help="with --download: imagenet (default), coco / coco_voc (task presets) or a tag such as "
+                        "torchvision:IMAGENET1K_V1")
+
     p = command("summary", "print the Keras summary of a preset")
     p.add_argument("name", help="preset name (see `keras-resnet models`)")
     p.add_argument("--input-size", type=_positive_int_arg, default=None, help="square input size (224; 32 for *_cifar)")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from keras_resnet_settings.errors import ConfigError
 from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION, TASKS
+from keras_resnet_settings.weights import is_weights_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 VAL_FOLDERS = ("val", "valid", "validation")
@@ -215,7 +216,8 @@ def recipe_for_folder(folder, task=None, model=None, weights=None, epochs=None, 
         folder: the data folder.
         task: "classification", "segmentation" or "detection" to check the detected layout against, or None.
         model: a backbone preset (default: resnet20_cifar for classifier inputs of 64 px or less, else resnet18).
-        weights: `model.weights` (a weight file); pretrained weights get a lower learning rate and fewer steps.
+        weights: `model.weights` ("imagenet", a catalogue tag or a weight file); pretrained weights get a lower
+            learning rate and fewer steps, and ImageNet weights by name three input channels.
         epochs: `train.epochs` (default: enough for `MIN_STEPS` steps).
         output_dir: the run folder (default `runs/<folder name>_<task>`).
 
@@ -231,6 +233,8 @@ def recipe_for_folder(folder, task=None, model=None, weights=None, epochs=None, 
         raise ConfigError(f"--data {folder} is laid out for {found}, not --task {task}; see README, Your own data")
     pretrained = weights is not None
     channels, shorts, longs = _image_facts(_sample_images(layout))
+    if is_weights_name(weights):
+        channels = 3  # ImageNet weights take RGB: grey images are read as three equal channels
     short_side, long_side = statistics.median(shorts), statistics.median(longs)
     data = {"source": layout["source"], "train": str(layout["train"])}
     data["val"] = str(layout["val"]) if layout.get("val") is not None else None

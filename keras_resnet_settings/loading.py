@@ -37,11 +37,13 @@ from keras_resnet_settings.recipe import (
     Recipe,
 )
 from keras_resnet_settings.registry import (
+    CLASSIFICATION,
     DETECTION,
     HEADS_BY_TASK,
     SEGMENTATION,
     SOURCES_BY_TASK,
 )
+from keras_resnet_settings.weights import find_entry, is_weights_name
 
 
 class Problems:
@@ -327,10 +329,26 @@ def _check_together(values: dict, problems: Problems) -> None:
             problems.add(f"data.val ({data['val']}) and data.val_split ({data['val_split']}) both given: keep one")
         if data["train"] is None:
             problems.add(f"data.train is required with data.source={data_source!r}: set it to the training data")
+    _check_weights_name(model, problems)
     weights = train["class_weights"]
     if isinstance(weights, list) and isinstance(num_classes, int) and len(weights) != num_classes:
         problems.add(f"'train.class_weights' has {len(weights)} entries but model.num_classes is {num_classes}; "
                      "give one weight per class or null")
+
+
+def _check_weights_name(model: dict, problems: Problems) -> None:
+    """`model.weights` given by name ("imagenet", a tag) must be backbone weights the catalogue has for the preset."""
+    name = model["weights"]
+    if not is_weights_name(name) or not isinstance(model["backbone"], str):
+        return
+    try:
+        entry = find_entry(model["backbone"], name)
+    except ConfigError as error:
+        problems.add(f"'model.weights'={name!r}: {error}")
+        return
+    if entry.task != CLASSIFICATION:
+        problems.add(f"'model.weights'={name!r}: {entry.name} are {entry.task} weights of a whole model; a recipe "
+                     "loads backbone (ImageNet) weights: use 'imagenet'")
 
 
 def _check_sampling(data: dict, task: str, problems: Problems) -> None:

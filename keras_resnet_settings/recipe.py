@@ -67,7 +67,9 @@ class ModelSettings(Settings):
         [28, 28, 1], "[height, width, channels] of the model input; channels 1 or 3",
         check=_input_shape, check_text="3 positive ints, channels 1 or 3")
     weights: str | None = setting(
-        None, "initial weights: a .keras model, a torchvision/timm state dict or a keras.applications .h5")
+        None, "initial weights: imagenet (the backbone preset's default ImageNet weights, downloaded once and cached) "
+        "or a catalogue tag such as torchvision:IMAGENET1K_V1 (`keras-resnet weights` lists them), a .keras model, a "
+        "torchvision/timm state dict or a keras.applications .h5")
     freeze_stages: int = setting(-1, "backbone stages kept frozen (-1: none, 0: the stem, k: stem + k stages)",
                                  minimum=-1)
     dropout: float = setting(0.0, "dropout before the classifier", minimum=0, below=1)

@@ -30,7 +30,8 @@ ALLOWED_IMPORTS = {
     "visualize": set(),
     "layers": set(),
     "tiling": set(),
-    "models": {"layers", "tiling"},
+    "weights": set(),  # the catalogue's files: download, verify, cache (the table is in keras_resnet_settings)
+    "models": {"layers", "tiling", "weights"},
     "data": {"config", "tiling"},
     "convert": {"models", "layers"},
     "quantization": {"models", "layers"},
@@ -38,7 +39,7 @@ ALLOWED_IMPORTS = {
     "export": {"atomic_files", "models", "layers", "data", "config", "runs", "quantization"},
     "predict": {"atomic_files", "export", "models", "layers", "data", "config", "runs", "visualize", "quantization", "tiling"},
     "cli": {"atomic_files", "models", "layers", "data", "config", "runs", "convert", "training", "export", "predict", "quantization",
-            "visualize", "__init__", "keras_resnet_cli"},
+            "visualize", "weights", "__init__", "keras_resnet_cli"},
     "__init__": {"convert", "layers", "models", "quantization", "training"},
     # The front door: keras_resnet.cli only, and only inside functions (test_the_cli_front_door_...).
     "keras_resnet_cli": {"cli", "keras_resnet_settings"},

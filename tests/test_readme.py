@@ -59,6 +59,7 @@ from tests.helpers import (
     write_shape_fashion_mnist,
 )
 from tests.training.test_own_data import mask_folder, stripes_folder, voc_folder
+from tests.weights_helpers import write_weights_mirror
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -320,6 +321,12 @@ def checkouts(tmp_path_factory):
         "KERAS_RESNET_FASHION_MNIST_DIR": str(write_shape_fashion_mnist(root / "fashion-mnist")),
         "KERAS_RESNET_MOSAIC_CACHE": str(root / "mosaic-cache"),
         "KERAS_HOME": str(root / "keras-home"),
+        # "Pretrained weights": no network; timm's resnet18d weights (real layout, formula values) in a mirror
+        # folder as the Hub serves them, an empty weights cache, the Hub offline.
+        "KERAS_RESNET_WEIGHTS_MIRROR": str(write_weights_mirror(root / "weights-mirror")),
+        "KERAS_RESNET_CACHE": str(root / "weights-cache"),
+        "HF_HUB_CACHE": str(root / "hf-cache"),
+        "HF_HUB_OFFLINE": "1",
     }
 
     def checkout(block):

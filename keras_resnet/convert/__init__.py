@@ -25,12 +25,32 @@ from keras_resnet.convert.keras_applications import (
 )
 from keras_resnet.convert.torch import from_torch, source_parity, torch_parity
 from keras_resnet.convert.torch_resnet import TORCH_ARCHS, TorchWeights
+from keras_resnet.convert.torch_retinanet import detector_from_torch
+from keras_resnet.convert.torch_segmentation import segmenter_from_torch
+from keras_resnet.convert.weight_files import read_state_dict
 from keras_resnet.models.resnet.pretrained import register_weights_reader
+from keras_resnet.models.task_weights import register_task_weights_builder
 from keras_resnet_settings.errors import ConversionError
+from keras_resnet_settings.registry import DETECTION, SEGMENTATION
+
+
+def detector_from_file(path, arch, **kwargs):
+    """`RetinaNetDetector.from_preset`'s builder: a torchvision RetinaNet weight file -> `detector_from_torch`."""
+    state, source_name = read_state_dict(path)
+    return detector_from_torch(state, source_name, arch=arch, **kwargs)
+
+
+def segmenter_from_file(path, arch, **kwargs):
+    """`ResNetSegmenter.from_preset`'s builder: a torchvision DeepLabV3/FCN weight file -> `segmenter_from_torch`."""
+    state, source_name = read_state_dict(path)
+    return segmenter_from_torch(state, source_name, arch=arch, **kwargs)
+
 
 # keras.applications first: TorchWeights also takes any in-memory source.
 register_weights_reader(KerasApplicationsWeights)
 register_weights_reader(TorchWeights)
+register_task_weights_builder(DETECTION, detector_from_file)
+register_task_weights_builder(SEGMENTATION, segmenter_from_file)
 
 __all__ = [
     "KERAS_APPLICATIONS_ARCHS",

@@ -62,9 +62,9 @@ def from_torch(source, arch=None, include_top=None, num_classes=None, input_shap
     """Converts a torchvision or timm ResNet to ours, exactly.
 
     Args:
-        source: a state dict file (`.pth`, `.pt`, `.bin`: read with
-            `torch.load(weights_only=True)`; `.safetensors`: no torch
-            needed), a dict of NumPy arrays or torch tensors, or a live
+        source: a state dict file (`.pth`, `.pt`, `.bin`: read without
+            PyTorch by `keras_resnet.convert.torch_pickle`, tensors only;
+            `.safetensors`), a dict of NumPy arrays or torch tensors, or a live
             `torch.nn.Module`. `{"state_dict": ...}`/`{"model": ...}`
             wrappers and a "module." prefix are removed.
         arch: the source model's name: torchvision `resnet18` ...

@@ -37,6 +37,7 @@ from keras_resnet.models.resnet.pretrained import (
 )
 from keras_resnet.runs import load_keras_model
 from keras_resnet_settings.errors import ConfigError, ConversionError
+from keras_resnet_settings.weights import is_weights_name
 
 KERAS_SUFFIX = ".keras"
 H5_SUFFIX = ".h5"
@@ -94,6 +95,8 @@ def read_recipe_weights(model_cfg):
 
 
 def _check_weights_path(path):
+    if is_weights_name(path):  # "imagenet" or a catalogue tag: resolved (downloaded once) by read_pretrained
+        return
     if not os.path.exists(path):
         raise ConfigError(f"model.weights file {path} does not exist.")
     if not (str(path).endswith((KERAS_SUFFIX, H5_SUFFIX)) or is_torch_file(path)):

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keras_resnet_settings.errors import ConversionError
+from keras_resnet_settings.weights import CACHE_VARIABLE, cache_dir
 
 MIRROR_VARIABLE = "KERAS_RESNET_WEIGHTS_MIRROR"
-CACHE_VARIABLE = "KERAS_RESNET_CACHE"
 PARTIAL_MARK = ".partial-"
 STALE_PARTIAL_SECONDS = 6 * 3600  # a partial folder untouched this long is dead even if its pid is reused
 HF_ENDPOINT = "https://huggingface.co"
@@ -59,20 +59,6 @@ class WeightsDownloadError(ConversionError):
 
 # ---------------------------------------------------------------------------
 # Places
-
-
-def cache_dir() -> Path:
-    """The folder that holds downloaded weight files.
-
-    Returns:
-        `$KERAS_RESNET_CACHE` when set, else `$KERAS_HOME/keras_resnet/weights`
-        (`KERAS_HOME` defaults to `~/.keras`). The folder may not exist yet.
-    """
-    explicit = os.environ.get(CACHE_VARIABLE)
-    if explicit:
-        return Path(explicit).expanduser()
-    keras_home = os.environ.get("KERAS_HOME") or os.path.join("~", ".keras")
-    return Path(keras_home).expanduser() / "keras_resnet" / "weights"
 
 
 def _mirror() -> str | None:

@@ -367,7 +367,12 @@ class ResNetBackbone(keras.Model):
 
         Args:
             preset: a name from `keras_resnet.list_presets()`.
-            weights: None (random initialisation) or pretrained weights of
+            weights: None (random initialisation), a name from the weights
+                catalogue (`keras-resnet weights` lists them): "imagenet"
+                (the preset's default ImageNet weights) or a tag such as
+                "torchvision:IMAGENET1K_V2", "timm:a1_in1k",
+                "keras_applications" -- downloaded once, verified and cached
+                (`keras_resnet.weights`) --, or pretrained weights of
                 the same architecture: a torchvision/timm state dict
                 (`.pth`, `.pt`, `.bin`, `.safetensors`, a dict of arrays, a
                 live `torch.nn.Module`) or a keras.applications `.h5` file
@@ -380,6 +385,7 @@ class ResNetBackbone(keras.Model):
                 `weights`, only those that keep the architecture.
 
         Example:
+        >>> backbone = ResNetBackbone.from_preset("resnet50", weights="imagenet")  # torchvision IMAGENET1K_V2
         >>> backbone = ResNetBackbone.from_preset("resnet50", weights="resnet50.safetensors")
         """
         pretrained = read_pretrained(weights, preset=preset) if weights is not None else None

@@ -93,8 +93,9 @@ class ResNetClassifier(Task):
         Args:
             preset: a name from `keras_resnet.list_presets()`.
             num_classes: number of output classes.
-            weights: None, or pretrained weights of the preset's
-                architecture (see `ResNetBackbone.from_preset`). The
+            weights: None, a catalogue name ("imagenet", "torchvision:IMAGENET1K_V2",
+                "timm:a1_in1k", "keras_applications"; see `ResNetBackbone.from_preset`),
+                or pretrained weights of the preset's architecture. The
                 backbone is loaded; the head too when the source has one
                 with `num_classes` classes, else the head is fresh. Unless
                 `preprocessing` is given, the source's input normalisation
@@ -104,6 +105,7 @@ class ResNetClassifier(Task):
                 arguments (anything else, e.g. `input_shape`).
 
         Example:
+        >>> model = ResNetClassifier.from_preset("resnet50", weights="imagenet")  # 1000 ImageNet classes
         >>> model = ResNetClassifier.from_preset("resnet50", weights="resnet50.pth", num_classes=10)
         """
         pretrained = read_pretrained(weights, preset=preset) if weights is not None else None

@@ -18,6 +18,7 @@ import inspect
 
 from keras_resnet.models.resnet.presets import get_preset_config
 from keras_resnet_settings.errors import ConversionError
+from keras_resnet_settings.weights import is_weights_name
 
 # Backbone arguments that change the graph or its numbers; the others (input_shape, output_stride, drop_path_rate,
 # frozen_stages, bn_momentum, zero_init_last_bn, name) leave the weights meaningful.
@@ -42,12 +43,19 @@ def read_pretrained(source, arch=None, preset=None):
     """Reads `source` (a weight file, a dict of arrays, a torch module, a keras.applications model) once.
 
     Args:
-        source: see the module docstring; a reader returned earlier is passed through.
+        source: see the module docstring; a reader returned earlier is passed through. With `preset`, a
+            catalogue name ("imagenet", "torchvision:IMAGENET1K_V2", "timm:a1_in1k", "keras_applications";
+            `keras_resnet_settings.weights`) is downloaded once and read from the cache.
         arch: the source model's name, inferred when None.
         preset: the preset to prefer when several fit a state dict.
     """
     if isinstance(source, tuple(WEIGHTS_READERS)):
         return source
+    if preset is not None and is_weights_name(source):
+        from keras_resnet.weights.catalogue import resolve_weights
+
+        source, catalogue_arch = resolve_weights(source, preset)
+        arch = arch or catalogue_arch
     for reader in WEIGHTS_READERS:
         if reader.accepts(source):
             return reader.read(source, arch, preset)

@@ -27,6 +27,7 @@ Targets come from `make_label_encoder()`, the loss is
 boxes with class-wise NMS (see `keras_resnet.models.retinanet.decoder`).
 """
 
+import inspect
 import math
 
 import keras
@@ -42,7 +43,10 @@ from keras_resnet.models.retinanet.anchors import (
 from keras_resnet.models.retinanet.boxes import BOX_VARIANCE
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.encoder import RetinaNetLabelEncoder
+from keras_resnet.models.resnet.backbone import ResNetBackbone
+from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
 from keras_resnet.models.task import Task
+from keras_resnet.models.task_weights import is_task_preset, task_model_from_catalogue
 from keras_resnet.tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_BATCH,
@@ -51,6 +55,7 @@ from keras_resnet.tiling import (
     model_tile,
 )
 from keras_resnet_settings.errors import ConfigError
+from keras_resnet_settings.registry import DETECTION
 
 HEAD_NORMS = (None, "group")
 # DetectionDecoder arguments a detector may carry as its defaults (`decoder_args`).
@@ -364,6 +369,46 @@ class RetinaNetDetector(Task):
             progress=progress,
         )
 
+    @classmethod
+    def from_preset(cls, preset, weights=None, num_classes=None, **kwargs):
+        """A detector on a backbone preset, or a task preset with its published COCO weights.
+
+        Args:
+            preset: a task preset of the weights catalogue,
+                "retinanet_resnet50_fpn" or "retinanet_resnet50_fpn_v2"
+                (torchvision's RetinaNet, exactly: anchors, box coder and
+                post-processing), or a backbone preset (`keras_resnet.list_presets()`).
+            weights: task presets: "coco" (downloaded once, verified and
+                cached; `keras-resnet weights` lists them). Backbone presets:
+                None or ImageNet backbone weights ("imagenet", a catalogue
+                tag or a file), whose normalisation goes in front (the model
+                then takes raw pixels 0-255).
+            num_classes: task presets: None keeps COCO's 91 ids (80 classes,
+                `class_names` set); another number keeps everything but the
+                class output conv. Backbone presets: required.
+            **kwargs: task presets: `input_shape` (default 800x800), `mean`,
+                `std`. Backbone presets: detector arguments (`fpn_width`,
+                `anchor_sizes`, ...) and backbone arguments (the rest, e.g. `input_shape`).
+
+        Example:
+        >>> coco = RetinaNetDetector.from_preset("retinanet_resnet50_fpn_v2", weights="coco", input_shape=(512, 512, 3))
+        >>> mine = RetinaNetDetector.from_preset("resnet50", weights="imagenet", num_classes=3,
+        ...                                      input_shape=(512, 512, 3))
+        """
+        if is_task_preset(preset):
+            return task_model_from_catalogue(DETECTION, preset, weights, num_classes=num_classes, **kwargs)
+        if num_classes is None:
+            raise ValueError(f"RetinaNetDetector.from_preset({preset!r}) needs num_classes")
+        detector_args = {key: kwargs.pop(key) for key in list(kwargs) if key in DETECTOR_ARGS}
+        pretrained = read_pretrained(weights, preset=preset) if weights is not None else None
+        if pretrained is not None:
+            detector_args.setdefault("preprocessing", pretrained.preprocessing(name="preprocessing"))
+        backbone = ResNetBackbone.from_preset(preset, **kwargs)
+        if pretrained is not None:
+            load_pretrained(pretrained, backbone, preset=preset)
+        detector_args.setdefault("name", f"{preset}_retinanet")
+        return cls(backbone, num_classes, **detector_args)
+
     def get_config(self):
         return {
             **self.task_config(),
@@ -386,5 +431,12 @@ class RetinaNetDetector(Task):
             "class_names": self.class_names,
         }
 
+
+
+# The constructor arguments `from_preset` routes to the detector (the rest go to the backbone).
+DETECTOR_ARGS = tuple(
+    name for name, parameter in inspect.signature(RetinaNetDetector.__init__).parameters.items()
+    if name not in ("self", "backbone", "num_classes") and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+)
 
 __all__ = ["DECODER_DEFAULT_ARGS", "HEAD_NORMS", "RetinaNetDetector"]

@@ -30,7 +30,9 @@ import numpy as np
 from keras import layers
 
 from keras_resnet.layers.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn
+from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
 from keras_resnet.models.task import Task
+from keras_resnet.models.task_weights import is_task_preset, task_model_from_catalogue
 from keras_resnet.tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_BATCH,
@@ -39,7 +41,7 @@ from keras_resnet.tiling import (
     segment_tiled,
 )
 from keras_resnet_settings.errors import ConfigError
-from keras_resnet_settings.registry import SEGMENTATION_HEADS
+from keras_resnet_settings.registry import SEGMENTATION, SEGMENTATION_HEADS
 
 HEADS = SEGMENTATION_HEADS
 ACTIVATIONS = (None, "softmax")
@@ -351,22 +353,44 @@ class ResNetSegmenter(Task):
         return {"probabilities": probabilities, "mask": probabilities.argmax(-1).astype(np.int32)}
 
     @classmethod
-    def from_preset(cls, preset, num_classes, head="deeplabv3plus", **overrides):
-        """Builds a segmenter on a named backbone preset.
+    def from_preset(cls, preset, num_classes=None, head="deeplabv3plus", weights=None, **overrides):
+        """Builds a segmenter on a named backbone preset, or a task preset with its published weights.
 
         Args:
-            preset: a name from `keras_resnet.list_presets()`.
-            num_classes: number of classes.
-            head: "deeplabv3plus", "fpn", "deeplabv3" or "fcn".
+            preset: a backbone preset (`keras_resnet.list_presets()`), or a
+                task preset of the weights catalogue: "deeplabv3_resnet50",
+                "deeplabv3_resnet101", "fcn_resnet50", "fcn_resnet101"
+                (torchvision's, exactly; `keras-resnet weights` lists them).
+            num_classes: number of classes. A task preset keeps its weights'
+                21 (background + the 20 VOC classes) when None; another
+                number keeps the backbone and head and makes a fresh final
+                1x1 classifier.
+            head: "deeplabv3plus", "fpn", "deeplabv3" or "fcn" (backbone presets).
+            weights: backbone presets: None or ImageNet backbone weights
+                ("imagenet", a catalogue tag or a file; see
+                `ResNetBackbone.from_preset`), whose normalisation goes in
+                front of the model (it then takes raw pixels 0-255). Task
+                presets: "coco_voc" (or "coco"), downloaded once and cached.
             **overrides: segmenter arguments (`preprocessing`, `activation`,
                 `head_width`, `decoder_width`, `aspp_rates`, `decoder_level`, `name`) and
                 backbone arguments (anything else, e.g. `input_shape`,
-                `output_stride`).
+                `output_stride`); for a task preset, `input_shape` only.
 
         Example:
         >>> model = ResNetSegmenter.from_preset("resnet50", 21, head="fpn", input_shape=(256, 256, 3))
+        >>> voc = ResNetSegmenter.from_preset("deeplabv3_resnet50", weights="coco_voc", input_shape=(520, 520, 3))
         """
+        if is_task_preset(preset):
+            return task_model_from_catalogue(SEGMENTATION, preset, weights, num_classes=num_classes, **overrides)
+        if num_classes is None:
+            raise ValueError(f"ResNetSegmenter.from_preset({preset!r}) needs num_classes")
+        overrides = dict(overrides)
+        if weights is not None:
+            pretrained = read_pretrained(weights, preset=preset)
+            overrides.setdefault("preprocessing", pretrained.preprocessing(name="preprocessing"))
         backbone, segmenter_args = cls.backbone_from_preset(preset, overrides)
+        if weights is not None:
+            load_pretrained(pretrained, backbone, preset=preset)
         segmenter_args.setdefault("name", f"{preset}_{head}")
         return cls(backbone, num_classes, head=head, **segmenter_args)
 

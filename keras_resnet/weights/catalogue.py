@@ -1,0 +1,58 @@
+"""Catalogue names to files: `weights="imagenet"` (or a tag) becomes a verified file in the cache.
+
+The table itself is `keras_resnet_settings.weights.CATALOGUE` (no
+TensorFlow, so `keras-resnet weights` lists it at once); this module fetches
+an entry's file with `keras_resnet.weights.download`: the Hugging Face repo
+first where timm hosts the weights as safetensors, then the source's URLs.
+
+Example:
+>>> path = weights_file(find_entry("resnet50", "imagenet"))   # resnet50-11ad3fa6.pth, downloaded once
+>>> source, arch = resolve_weights("imagenet", "resnet50")
+"""
+
+from pathlib import Path
+
+from keras_resnet.weights.download import WeightsDownloadError, fetch, fetch_hf
+from keras_resnet_settings.weights import find_entry, is_weights_name
+
+HF_FILENAME = "model.safetensors"
+
+
+def weights_file(entry, progress: bool = True) -> Path:
+    """The entry's file in the cache, downloaded and verified if it is not there yet.
+
+    Args:
+        entry: a `keras_resnet_settings.weights.WeightsEntry`.
+        progress: show a progress bar while downloading.
+
+    Raises:
+        WeightsDownloadError: every source failed (one line: the URL, where to put the file by hand, the mirror
+            variable) or the file does not match its hash.
+    """
+    if entry.hf_repo:
+        try:
+            return fetch_hf(entry.hf_repo, HF_FILENAME, progress=progress)
+        except WeightsDownloadError:
+            if not entry.urls:
+                raise
+    return fetch(list(entry.urls), entry.filename, hash_prefix=entry.hash_prefix, md5=entry.md5,
+                 progress=progress)
+
+
+def resolve_weights(source, preset, progress: bool = True):
+    """`(source, arch)`: a catalogue name of `preset` becomes its cached file and the source's architecture name.
+
+    Anything else (a path, a dict of arrays, a module) is returned as it is, with arch None.
+
+    Raises:
+        ConfigError: a catalogue name the preset has no weights for (naming those it has).
+        WeightsDownloadError: the file could not be fetched.
+    """
+    if not is_weights_name(source):
+        return source, None
+    entry = find_entry(preset, source)
+    arch = entry.arch if entry.source in ("torchvision", "timm") else None
+    return weights_file(entry, progress), arch
+
+
+__all__ = ["HF_FILENAME", "resolve_weights", "weights_file"]
