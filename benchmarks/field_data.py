@@ -10,6 +10,9 @@ time):
   train = `2019_YELL_2_528000_4978000_image_crop2` (2472 x 2299, 574 trees)
   + `OSBS_029` (400 x 400, 61 trees; SOAP_061 is left out: it labels Alive/Dead),
   val = `2019_YELL_2_541000_4977000_image_crop` (1035 x 1249, 279 trees).
+- **Tree patches (classification, tree / ground).** 64 x 64 px patches of
+  the same tiles: centred on a labelled crown, or touching no labelled box
+  (up to 300 per class from the train tiles, 100 from the val tile).
 - **Nuclei (segmentation, background + nucleus).** StarDist's 2D test image,
   a 512 x 512 16-bit fluorescence crop of the 2018 Data Science Bowl
   (BBBC038, CC0) with its instance mask, from the `stardist` wheel (BSD-3):
@@ -102,10 +105,58 @@ def prepare_nuclei(wheel: Path, root: Path) -> None:
         (folder / "classes.txt").write_text("background\nnucleus\n")
 
 
+PATCH = 64  # tree_patches: side of a patch (px, 10 cm/px: 6.4 m)
+PATCHES_PER_CLASS = {"train": 300, "val": 100}
+
+
+def _boxes(xml: Path) -> np.ndarray:
+    import xml.etree.ElementTree as ElementTree
+
+    found = []
+    for box in ElementTree.parse(xml).getroot().iter("bndbox"):
+        found.append([float(box.find(key).text) for key in ("xmin", "ymin", "xmax", "ymax")])
+    return np.asarray(found, np.float32).reshape(-1, 4)
+
+
+def prepare_tree_patches(root: Path, seed: int = 0) -> None:
+    """Class folders `root/tree_patches/{train,val}/{tree,ground}`: 64 px patches of the tree tiles.
+
+    `tree`: centred on a labelled crown; `ground`: random patches that touch no labelled box. Real field
+    imagery labelled by the DeepForest boxes, split as the detection data (train tiles / the val tile).
+    """
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        trees, ground = [], []
+        for xml in sorted((root / "trees" / split).glob("*.xml")):
+            image = np.asarray(Image.open(xml.with_suffix(".png")).convert("RGB"))
+            height, width = image.shape[:2]
+            boxes = _boxes(xml)
+            for x0, y0, x1, y1 in boxes:
+                cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+                left, top = min(max(cx - PATCH // 2, 0), width - PATCH), min(max(cy - PATCH // 2, 0), height - PATCH)
+                trees.append(image[top:top + PATCH, left:left + PATCH])
+            for _ in range(200 * len(boxes)):
+                if len(ground) >= 4 * PATCHES_PER_CLASS[split]:
+                    break
+                left, top = int(rng.integers(0, width - PATCH)), int(rng.integers(0, height - PATCH))
+                touches = ((boxes[:, 0] < left + PATCH) & (boxes[:, 2] > left) & (boxes[:, 1] < top + PATCH)
+                           & (boxes[:, 3] > top))
+                if not touches.any():
+                    ground.append(image[top:top + PATCH, left:left + PATCH])
+        for name, patches in (("tree", trees), ("ground", ground)):
+            folder = root / "tree_patches" / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            chosen = rng.permutation(len(patches))[:PATCHES_PER_CLASS[split]]
+            for index in chosen:
+                Image.fromarray(np.ascontiguousarray(patches[index])).save(folder / f"{name}_{index:04d}.png")
+
+
 def prepare(root: Path, cache: Path) -> None:
     prepare_trees(fetch_wheel(WHEELS["deepforest"], cache), root)
     prepare_nuclei(fetch_wheel(WHEELS["stardist"], cache), root)
-    print(f"wrote {root}/trees (VOC, 1 class) and {root}/nuclei (mask folder, 2 classes)")
+    prepare_tree_patches(root)
+    print(f"wrote {root}/trees (VOC, 1 class), {root}/nuclei (mask folder, 2 classes) and {root}/tree_patches "
+          "(class folders tree / ground)")
 
 
 DETECTION_RECIPE = "tasks/detection/voc_retinanet_resnet50.yaml"

@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import sys
+import time
 
 import keras
 import tensorflow as tf
@@ -48,6 +49,32 @@ class _PlotCurves(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if os.path.exists(self.history_path):
             plot_history(read_history_csv(self.history_path), self.plot_path, self.title, self.panels, self.best_key)
+
+
+class EpochEstimate(keras.callbacks.Callback):
+    """One line, early in a run logged one line per epoch: seconds per step, and the minutes an epoch and the run take.
+
+    Without progress bars (a log file, CI) a long epoch is otherwise silent
+    until it ends (`keras-resnet qat` said `Epoch 1/2` and nothing for 25
+    minutes). After `warmup` steps (tracing, pipeline start-up) it times the
+    next `timed` ones.
+    """
+
+    def __init__(self, steps_per_epoch, epochs, warmup=3, timed=10):
+        super().__init__()
+        self.steps_per_epoch, self.epochs, self.warmup, self.timed = steps_per_epoch, epochs, warmup, timed
+        self.stamps = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if len(self.stamps) > self.warmup + self.timed:
+            return
+        self.stamps.append(time.perf_counter())
+        if len(self.stamps) == self.warmup + self.timed + 1:
+            step = (self.stamps[-1] - self.stamps[self.warmup]) / self.timed
+            epoch_minutes = step * self.steps_per_epoch / 60
+            print(f"~{step:.3g} s/step here: an epoch's {self.steps_per_epoch} steps take ~{epoch_minutes:.1f} min, "
+                  f"the {self.epochs} epoch(s) of this phase ~{epoch_minutes * self.epochs:.0f} min "
+                  "(validation not counted)", flush=True)
 
 
 def previous_best(history_path, monitor):
@@ -98,6 +125,8 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         _backup_and_restore(backup_dir),
     ]
     train_ds, steps_per_epoch = one_iterator_per_run(train_ds, cfg.train.steps_per_epoch)
+    if fit_verbosity() == 2 and steps_per_epoch and steps_per_epoch > 20:  # no progress bar to show it
+        callbacks.insert(0, EpochEstimate(steps_per_epoch, epochs - (resume_epoch or initial_epoch)))
     model.fit(
         train_ds,
         validation_data=val_ds,

@@ -166,3 +166,17 @@ def test_auto_precision_follows_a_onednn_isa_cap(cap, native, monkeypatch):
     expected = has_flag if native is None else native
     assert devices.cpu_has_native_bfloat16() is expected
     assert devices.resolve_precision("auto") == ("mixed_bfloat16" if expected else "float32")
+
+
+def test_long_epochs_without_progress_bars_announce_their_time(capsys, monkeypatch):
+    """One line after the first timed steps (`keras-resnet qat` was silent for 25 minutes after `Epoch 1/2`)."""
+    from keras_resnet.training import fit
+
+    clock = iter(float(second) for second in range(100))  # one second per step
+    monkeypatch.setattr(fit.time, "perf_counter", lambda: next(clock))
+    estimate = fit.EpochEstimate(steps_per_epoch=600, epochs=2)
+    for batch in range(40):
+        estimate.on_train_batch_end(batch)
+    printed = capsys.readouterr().out
+    assert printed.count("s/step") == 1
+    assert "~1 s/step here: an epoch's 600 steps take ~10.0 min, the 2 epoch(s) of this phase ~20 min" in printed
