@@ -159,7 +159,7 @@ def test_every_flag_and_subcommand_has_help_text():
     subcommands = [sub for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)
                    for sub in action._choices_actions]
     missing += [f"keras-resnet {sub.dest}" for sub in subcommands if not (sub.help or "").strip()]
-    assert len(subcommands) == 9 and not missing, missing
+    assert len(subcommands) == 10 and not missing, missing
 
 
 def test_models_fits_100_columns_one_line_per_preset(monkeypatch, capsys):

@@ -152,6 +152,7 @@ class ExportJob:
     int8_io: str  # the I/O of an int8 model with float I/O
     integer_io: str  # ... with uint8 / int8 I/O ("{io}" and "{zero_point}" filled in)
     ops = None  # a TFLite artefact's operators
+    calibration_method = None  # the int8 calibration used (mean_range falls back to minmax for dilated models)
     io_quantization = None  # a full-integer TFLite artefact's `io_quantization`
     boundary = None  # ... and its `boundary_ops`
     _quantization = None  # ... and its `io_quantization` by inputs and outputs
@@ -232,7 +233,7 @@ class ExportJob:
                     "io": self.int8_io_text(),
                     "quantization_source": "qat" if self.qat else "ptq",
                     "calibration": calibration_text if not self.qat else "none: the ranges trained with the model",
-                    "calibration_method": request.calibration_method if not self.qat else None,
+                    "calibration_method": self.calibration_method if not self.qat else None,
                     "calibration_samples": len(calibration) if calibration is not None else 0,
                     "min_agreement": self.int8_min_agreement,
                 }
@@ -303,10 +304,19 @@ class ExportJob:
         stays the float model's (computed before), and so does everything
         after the conversion.
         """
+        self.calibration_method = self.request.calibration_method if calibration is not None else None
         if calibration is None or self.request.calibration_method != "mean_range":
             yield calibration
             return
-        from keras_resnet.quantization.calibration import calibrate_mean_ranges
+        from keras_resnet.quantization.calibration import calibrate_mean_ranges, has_dilated_convolutions
+
+        if has_dilated_convolutions(self.model):
+            self.calibration_method = "minmax"
+            print(f"note: {self.model.name} has dilated convolutions, which TFLite's quantization-aware conversion "
+                  "leaves in float32: calibrating with the converter's min/max instead of mean batch ranges",
+                  flush=True)
+            yield calibration
+            return
 
         float_model = self.model
         with spinner(f"calibrating int8 ranges on {len(calibration)} images (mean of batch ranges)"):

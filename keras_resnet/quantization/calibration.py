@@ -25,6 +25,7 @@ Example:
 
 import contextlib
 
+import keras
 import numpy as np
 
 from keras_resnet.quantization.layers import FakeQuant, sublayers
@@ -34,6 +35,19 @@ from keras_resnet.quantization.transform import quantize_aware
 # the same agreement on Fashion-MNIST, 99.4 %; 128 gave 99.2 %; the converter's min/max 99.0 %).
 CALIBRATION_BATCH = 8
 METHODS = ("mean_range", "minmax")
+
+
+def has_dilated_convolutions(model) -> bool:
+    """True when a convolution of `model` is dilated (atrous: a segmenter below output stride 32).
+
+    TFLite lowers a dilated convolution to SpaceToBatchND / conv / BatchToSpaceND, and in the converter's
+    quantization-aware mode the tensors between them get no range: they stay float32 (measured, TF 2.21).
+    Such a model is calibrated by the converter (`"minmax"`) instead.
+    """
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.Conv2D) and tuple(layer.dilation_rate) != (1, 1):
+            return True
+    return False
 
 
 def observed_ranges(model) -> list:
@@ -88,4 +102,5 @@ def calibrate_mean_ranges(model, images: np.ndarray, batch_size: int = CALIBRATI
     return calibrated
 
 
-__all__ = ["CALIBRATION_BATCH", "METHODS", "calibrate_mean_ranges", "observed_ranges", "observing"]
+__all__ = ["CALIBRATION_BATCH", "METHODS", "calibrate_mean_ranges", "has_dilated_convolutions", "observed_ranges",
+           "observing"]

@@ -65,7 +65,6 @@ HEAD_ARGS = ("fpn_width", "min_level", "max_level", "head_depth", "head_width", 
 DECODER_ARGS = DECODER_DEFAULT_ARGS  # the DetectionDecoder arguments a detector or recipe may set
 # Recipe keys that detection does not implement: key -> neutral value.
 _NOT_FOR_DETECTION = {
-    ("train", "head_epochs"): 0,
     ("train", "label_smoothing"): 0.0,
     ("train", "class_weights"): None,
     ("model", "dropout"): 0.0,

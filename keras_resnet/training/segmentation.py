@@ -60,7 +60,6 @@ from keras_resnet_settings.registry import SEGMENTATION
 NUM_PREDICTION_EXAMPLES = 4
 # Recipe keys of classification training that segmentation does not implement: key -> neutral value.
 _CLASSIFICATION_ONLY = {
-    ("train", "head_epochs"): 0,
     ("train", "label_smoothing"): 0.0,
     ("model", "dropout"): 0.0,
     ("train", "time_budget_minutes"): None,

@@ -269,9 +269,12 @@ def test_int8_reports_pixel_agreement_against_keras(run_dir, tmp_path, capsys):
     assert parity["criterion"] == "pixel agreement >= 0.98" and parity["passed"], parity
     assert parity["pixel_agreement"] >= 0.98 and 0.9 <= parity["mask_miou"] <= 1.0
     assert parity["samples"] == VAL_IMAGES and parity["sample_source"].startswith("validation images of")
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr().out
+    line = printed.strip().splitlines()[-1]
     assert line.startswith("parity tflite int8:") and "pixel agreement" in line and "mask mIoU" in line
     metadata = json.loads(Path(result["metadata_path"]).read_text())
+    # A dilated (output stride < 32) segmenter: the converter's min/max, said and recorded (see calibration.py)
+    assert "has dilated convolutions" in printed and metadata["int8"]["calibration_method"] == "minmax"
     assert metadata["int8"]["calibration"] == f"training images of {run_dir / 'recipe.yaml'}"
     assert metadata["int8"]["calibration_samples"] == TRAIN_IMAGES and metadata["int8"]["min_agreement"] == 0.98
     assert metadata["parity"]["pixel_agreement"] == parity["pixel_agreement"]

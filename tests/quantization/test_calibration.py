@@ -116,3 +116,18 @@ def test_export_uses_the_method_and_records_it(model, method, tmp_path):
     assert metadata["int8"]["calibration_method"] == method
     assert metadata["int8"]["quantization_source"] == "ptq"
     assert metadata["parity"]["top1_agreement"] >= 0.75
+
+
+def test_dilated_models_are_told_apart():
+    from keras_resnet import ResNetSegmenter
+    from keras_resnet.quantization.calibration import has_dilated_convolutions
+    from tests.helpers import TINY_BACKBONE
+
+    def segmenter(head, **args):
+        return ResNetSegmenter.from_preset("resnet18", 3, head=head, input_shape=(64, 64, 3),
+                                           **{**TINY_BACKBONE, **args})
+
+    assert has_dilated_convolutions(segmenter("deeplabv3plus", aspp_rates=[1, 2, 3]))  # atrous ASPP
+    assert has_dilated_convolutions(segmenter("fpn", output_stride=8, stackwise_num_blocks=[1, 1, 2, 2]))
+    assert not has_dilated_convolutions(segmenter("fpn"))
+    assert not has_dilated_convolutions(tiny_classifier())
