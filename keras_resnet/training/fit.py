@@ -24,7 +24,7 @@ from keras_resnet.training.plots import (
     plot_history,
     read_history_csv,
 )
-from keras_resnet.training.run_lock import trim_history
+from keras_resnet.training.run_lock import continued_epochs, trim_history
 from keras_resnet_settings.errors import ModelError
 
 
@@ -150,7 +150,9 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
     and the rest of the epochs run at `train.fine_tune_learning_rate`
     (default `learning_rate / 10`), each phase with its own cosine schedule.
     A run killed in phase 2 does not redo phase 1 (its weights are kept in
-    the run's backup folder); each phase resumes from its own backup.
+    the run's backup folder); each phase resumes from its own backup. A
+    finished run whose `train.epochs` was raised continues from its last
+    model, with a schedule over the epochs added (no warm-up).
 
     Args:
         model, cfg, train_ds, val_ds, paths: as `fit_run`'s.
@@ -163,6 +165,10 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
     """
     train_cfg = cfg.train
     epochs, head_epochs = train_cfg.epochs, min(train_cfg.head_epochs, train_cfg.epochs)
+    done = continued_epochs(paths)  # a finished run continued to a higher train.epochs
+    if done:
+        model.load_weights(paths.last)
+        print(f"continuing from epoch {done + 1} of {epochs} with the weights of {paths.last}", flush=True)
 
     def phase(first, last, learning_rate, warmup, name, callbacks):
         compile_model(model, optimizers.make_optimizer(train_cfg, steps_per_epoch, last - first, learning_rate,
@@ -170,7 +176,9 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
         fit_run(model, cfg, train_ds, val_ds, paths, backup_dir=os.path.join(paths.backup_root, name),
                 epochs=last, initial_epoch=first, extra_callbacks=callbacks, **run_args)
 
-    if head_epochs:
+    if head_epochs and done:
+        model.backbone.freeze_stages(cfg.model.freeze_stages)  # past the head phase: the fine-tuning set-up
+    elif head_epochs:
         head_done = os.path.join(paths.backup_root, "head_phase.weights.h5")
         if os.path.exists(head_done):
             print(f"head phase already finished; restoring {head_done}")
@@ -186,9 +194,10 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
         model.backbone.freeze_stages(cfg.model.freeze_stages)
         if head_epochs < epochs:
             print(f"phase 2: fine-tuning epochs {head_epochs + 1}-{epochs}")
-    if head_epochs < epochs:
+    first = max(head_epochs, done)
+    if first < epochs:
         learning_rate = (train_cfg.fine_tune_learning_rate or train_cfg.learning_rate / 10) if head_epochs else None
-        phase(head_epochs, epochs, learning_rate, not head_epochs, "main", [*extra_callbacks, *main_callbacks])
+        phase(first, epochs, learning_rate, not (head_epochs or done), "main", [*extra_callbacks, *main_callbacks])
 
 
 def fit_verbosity():

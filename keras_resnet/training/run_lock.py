@@ -170,16 +170,50 @@ def finished_run(cfg, paths):
     if stored is None:
         return None
     changed = recipe_changes(stored, cfg, resumable=("output_dir",))
+    if changed == ["train.epochs"]:  # raised (a lowered one reads "train.epochs (lowered ...)")
+        _check_continuable(cfg, paths)
+        print(f"{paths.root} holds a finished run of {stored.get('train', {}).get('epochs')} epochs: continuing it "
+              f"to {cfg.train.epochs} from its last model ({paths.last}); the earlier epochs stay in history.csv",
+              flush=True)
+        return None
     if changed:
         raise RunFolderError(
             f"{paths.root} holds a finished run of another recipe (differs in {', '.join(changed)}); training would "
             f"replace its model and metrics. Start over with `keras-resnet train ... --restart` (moves the finished "
-            "run to previous/), or set another output_dir"
+            "run to previous/), set another output_dir, or raise train.epochs alone to continue it"
         )
     try:
         return read_json(paths.metrics)
     except ModelError:  # an unreadable metrics.json (a kill while it was written): train again
         return None
+
+
+def _check_continuable(cfg, paths):
+    """A RunFolderError when a finished run cannot be continued to a higher `train.epochs`."""
+    reason = None
+    if cfg.train.time_budget_minutes is not None:
+        reason = "its train.time_budget_minutes chooses the epochs itself"
+    elif cfg.train.strategy == "multi_worker":
+        reason = "train.strategy=multi_worker runs do not continue finished runs"
+    elif not os.path.isfile(paths.last) or not os.path.isfile(paths.history):
+        reason = f"{paths.last} or {paths.history} is missing"
+    if reason:
+        raise RunFolderError(f"{paths.root} holds a finished run; it cannot be continued to train.epochs="
+                             f"{cfg.train.epochs} ({reason}). Start over with `keras-resnet train ... --restart` "
+                             "(moves the finished run to previous/), or set another output_dir")
+
+
+def continued_epochs(paths) -> int:
+    """The epochs a finished run being continued has trained (history.csv rows), else 0.
+
+    A run folder reaches training with its metrics.json and no backup only when
+    `finished_run` let it continue (train.epochs raised): the count is where the
+    continuation starts.
+    """
+    if has_backup(paths) or not all(os.path.isfile(p) for p in (paths.metrics, paths.last, paths.history)):
+        return 0
+    with open(paths.history, encoding="utf-8") as handle:
+        return max(0, sum(1 for line in handle if line.strip()) - 1)
 
 
 def check_resume(cfg, paths):

@@ -11,6 +11,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import yaml
 import tensorflow as tf
 from PIL import Image
 
@@ -152,6 +153,39 @@ def test_a_finished_run_is_never_trained_over(toy_data, tmp_path, capsys):
     assert main(["train", str(recipe), "--restart", "--set", "train.seed=3"]) == 0
     (previous,) = (run / "previous").iterdir()
     assert (previous / "best_model.keras").read_bytes() == kept["best_model.keras"]
+
+
+def test_raising_epochs_continues_a_finished_run_from_its_last_model(toy_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, run, epochs=2)
+    assert main(["train", str(recipe)]) == 0
+    last = [w.copy() for w in keras.models.load_model(run / "last_model.keras").get_weights()]
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--set", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "holds a finished run of 2 epochs: continuing it to 3" in out
+    assert "continuing from epoch 3 of 3" in out and "Epoch 3/3" in out and "Epoch 1/3" not in out
+    assert raw_history_epochs(run) == [0, 1, 2]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["epochs"] == 3
+    # it started from the last model: one more epoch moved it, and not back to a fresh start
+    continued = keras.models.load_model(run / "last_model.keras").get_weights()
+    assert not all(np.array_equal(a, b) for a, b in zip(last, continued))
+    # the same command again: finished, nothing to train; lowering train.epochs is a changed recipe
+    assert main(["train", str(recipe), "--set", "train.epochs=3"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert main(["train", str(recipe), "--set", "train.epochs=2"]) == 2
+    assert "train.epochs (lowered from 3 to 2)" in one_line_error(capsys)
+
+
+def test_a_budgeted_finished_run_is_not_continued_by_raising_epochs(toy_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, run, epochs=1)
+    assert main(["train", str(recipe), "--set", "train.time_budget_minutes=30"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--set", "train.time_budget_minutes=30", "train.epochs=2"]) == 2
+    err = one_line_error(capsys)
+    assert "cannot be continued to train.epochs=2" in err and "time_budget_minutes" in err and "--restart" in err
 
 
 # ----------------------------------------------------------------------------
