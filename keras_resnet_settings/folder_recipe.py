@@ -46,6 +46,7 @@ LEARNING_RATE = {False: 2.0e-3, True: 5.0e-4}
 CLASSIFIER_SIZES = (32, 64, 96, 128, 160, 192, 224)
 DENSE_SIZES = (128, 192, 256, 320, 384, 512)  # segmentation and detection inputs
 BATCH_SIZE = {CLASSIFICATION: 32, SEGMENTATION: 8, DETECTION: 4}
+COLOR_JITTER = 0.2  # RGB photos: brightness/contrast/saturation (field images of other days and sites, issue 29)
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
@@ -249,7 +250,8 @@ def recipe_for_folder(folder, task=None, model=None, weights=None, epochs=None, 
         size = _largest_not_above(CLASSIFIER_SIZES, short_side)
         model_section.update(num_classes=len(classes), backbone=model or ("resnet20_cifar" if size <= 64 and
                                                                          not pretrained else "resnet18"))
-        data["augment"] = {"random_crop_padding": max(2, size // 8), "horizontal_flip": True}
+        data["augment"] = {"random_crop_padding": max(2, size // 8), "horizontal_flip": True,
+                           "color_jitter": COLOR_JITTER if channels == 3 else 0.0}
     else:
         size = _largest_not_above(DENSE_SIZES, short_side)
         if found == SEGMENTATION:

@@ -91,6 +91,10 @@ class AugmentSettings(Settings):
     horizontal_flip: bool = setting(True, "random left-right flips")
     random_erasing: float = setting(0.0, "classification: probability of erasing a random rectangle",
                                     minimum=0, maximum=1)
+    color_jitter: float = setting(
+        0.0, "classification: random brightness (+-j x 255), contrast and, for RGB, saturation (x [1-j, 1+j]) "
+        "per image; 0: off. Photos from other days, sites or cameras than the training ones want ~0.2",
+        minimum=0, below=1)
     scale_range: list[float] = setting(
         [0.75, 1.25], "segmentation, detection: random scale range [low, high]",
         check=_scale_range, check_text="[low, high], 0 < low <= high")

@@ -160,14 +160,31 @@ def _random_erase(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.T
     return tf.where(inside & apply, noise, image)
 
 
+COLOR_SEED_FOLD = 7
+
+
+def _color_jitter(image, seed, jitter: float, channels: int):
+    """Random brightness (+-jitter x 255), contrast and (RGB) saturation (x [1-jitter, 1+jitter]) of 0..255 pixels."""
+    brightness_seed, contrast_seed, saturation_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
+    image = tf.image.stateless_random_brightness(image, jitter * 255.0, brightness_seed)
+    image = tf.image.stateless_random_contrast(image, 1.0 - jitter, 1.0 + jitter, contrast_seed)
+    if channels == 3:
+        image = tf.image.stateless_random_saturation(image, 1.0 - jitter, 1.0 + jitter, saturation_seed)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
 def _make_augment(augment_cfg: dict, input_shape: Sequence[int]):
     """Build ``(image, label, seed) -> (image, label)`` applying the enabled augmentations."""
     padding = augment_cfg.random_crop_padding
     flip = augment_cfg.horizontal_flip
     erase_probability = augment_cfg.random_erasing
+    jitter = augment_cfg.color_jitter
 
     def augment(image, label, seed):
         crop_seed, flip_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
+        if jitter > 0:  # its own seeds, folded from `seed`: the other augmentations draw as without it
+            image = _color_jitter(image, tf.random.experimental.stateless_fold_in(seed, COLOR_SEED_FOLD), jitter,
+                                  int(input_shape[-1]))
         if padding > 0:
             padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
             image = tf.image.stateless_random_crop(padded, list(input_shape), seed=crop_seed)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from keras_resnet.config import load_config
@@ -283,3 +284,24 @@ def test_real_fashion_mnist_debian_copy(monkeypatch, tmp_path):
     assert [x.shape[0] for x, _ in val] == [32, 8]
     labels = np.concatenate([y.numpy() for _, y in train_batches])
     assert len(set(labels.tolist())) > 3  # the seeded shuffle mixes classes
+
+
+def test_color_jitter_changes_colours_within_its_bounds_and_nothing_else():
+    from keras_resnet.data.classification import _color_jitter, _make_augment
+    from keras_resnet_settings.recipe import AugmentSettings
+
+    gray = tf.fill([8, 8, 3], 128.0)
+    shifts = [float(tf.reduce_mean(_color_jitter(gray, tf.constant([s, 1]), 0.2, 3)) - 128.0) for s in range(40)]
+    assert max(abs(v) for v in shifts) <= 0.2 * 255 + 1e-3 and len({round(v, 3) for v in shifts}) > 30
+    image = np.zeros((16, 16, 3), np.float32)
+    image[3, 11] = (250.0, 20.0, 20.0)  # one red pixel: where crops and flips put it must not depend on jitter
+    seed = tf.constant([5, 9])
+    plain = _make_augment(AugmentSettings(random_crop_padding=2), (16, 16, 3))(tf.constant(image), 0, seed)[0]
+    jittered = _make_augment(AugmentSettings(random_crop_padding=2, color_jitter=0.3),
+                             (16, 16, 3))(tf.constant(image), 0, seed)[0]
+    assert np.unravel_index(np.argmax(plain[..., 0]), (16, 16)) == np.unravel_index(
+        np.argmax(np.asarray(jittered)[..., 0] - np.asarray(jittered)[..., 1]), (16, 16))
+    assert not np.allclose(plain, jittered) and 0.0 <= float(tf.reduce_min(jittered)) <= float(
+        tf.reduce_max(jittered)) <= 255.0
+    with pytest.raises(ConfigError, match="color_jitter"):
+        load_config("tasks/classification/fashion_mnist_resnet20.yaml", ["data.augment.color_jitter=1.5"])
