@@ -176,10 +176,10 @@ def test_imagenet_by_name_downloads_verifies_caches_and_loads(weights_env, monke
 
 
 def test_a_download_that_fails_says_where_to_put_the_file(weights_env, monkeypatch):
+    import socket
+
     from keras_resnet import ResNetBackbone
     from keras_resnet.weights import WeightsDownloadError
-
-    import socket
 
     def offline(*args, **kwargs):
         raise socket.gaierror(-3, "Temporary failure in name resolution")
