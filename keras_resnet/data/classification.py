@@ -163,7 +163,7 @@ def _random_erase(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.T
 COLOR_SEED_FOLD = 7
 
 
-def _color_jitter(image, seed, jitter: float, channels: int):
+def jitter_colors(image, seed, jitter: float, channels: int):
     """Random brightness (+-jitter x 255), contrast and (RGB) saturation (x [1-jitter, 1+jitter]) of 0..255 pixels."""
     brightness_seed, contrast_seed, saturation_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
     image = tf.image.stateless_random_brightness(image, jitter * 255.0, brightness_seed)
@@ -173,7 +173,7 @@ def _color_jitter(image, seed, jitter: float, channels: int):
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def _make_augment(augment_cfg: dict, input_shape: Sequence[int]):
+def make_augment(augment_cfg: dict, input_shape: Sequence[int]):
     """Build ``(image, label, seed) -> (image, label)`` applying the enabled augmentations."""
     padding = augment_cfg.random_crop_padding
     flip = augment_cfg.horizontal_flip
@@ -183,7 +183,7 @@ def _make_augment(augment_cfg: dict, input_shape: Sequence[int]):
     def augment(image, label, seed):
         crop_seed, flip_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
         if jitter > 0:  # its own seeds, folded from `seed`: the other augmentations draw as without it
-            image = _color_jitter(image, tf.random.experimental.stateless_fold_in(seed, COLOR_SEED_FOLD), jitter,
+            image = jitter_colors(image, tf.random.experimental.stateless_fold_in(seed, COLOR_SEED_FOLD), jitter,
                                   int(input_shape[-1]))
         if padding > 0:
             padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
@@ -331,7 +331,7 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
     if data_cfg.cache:
         train, val = train.cache(), val.cache()
     train, val = shuffle_augment_batch(
-        train, val, _make_augment(data_cfg.augment, input_shape), num_train, seed,
+        train, val, make_augment(data_cfg.augment, input_shape), num_train, seed,
         batch_size=data_cfg.batch_size, shuffle_buffer=data_cfg.shuffle_buffer, repeat=data_cfg.repeat,
     )
     info = {

@@ -287,17 +287,17 @@ def test_real_fashion_mnist_debian_copy(monkeypatch, tmp_path):
 
 
 def test_color_jitter_changes_colours_within_its_bounds_and_nothing_else():
-    from keras_resnet.data.classification import _color_jitter, _make_augment
+    from keras_resnet.data.classification import jitter_colors, make_augment
     from keras_resnet_settings.recipe import AugmentSettings
 
     gray = tf.fill([8, 8, 3], 128.0)
-    shifts = [float(tf.reduce_mean(_color_jitter(gray, tf.constant([s, 1]), 0.2, 3)) - 128.0) for s in range(40)]
+    shifts = [float(tf.reduce_mean(jitter_colors(gray, tf.constant([s, 1]), 0.2, 3)) - 128.0) for s in range(40)]
     assert max(abs(v) for v in shifts) <= 0.2 * 255 + 1e-3 and len({round(v, 3) for v in shifts}) > 30
     image = np.zeros((16, 16, 3), np.float32)
     image[3, 11] = (250.0, 20.0, 20.0)  # one red pixel: where crops and flips put it must not depend on jitter
     seed = tf.constant([5, 9])
-    plain = _make_augment(AugmentSettings(random_crop_padding=2), (16, 16, 3))(tf.constant(image), 0, seed)[0]
-    jittered = _make_augment(AugmentSettings(random_crop_padding=2, color_jitter=0.3),
+    plain = make_augment(AugmentSettings(random_crop_padding=2), (16, 16, 3))(tf.constant(image), 0, seed)[0]
+    jittered = make_augment(AugmentSettings(random_crop_padding=2, color_jitter=0.3),
                              (16, 16, 3))(tf.constant(image), 0, seed)[0]
     assert np.unravel_index(np.argmax(plain[..., 0]), (16, 16)) == np.unravel_index(
         np.argmax(np.asarray(jittered)[..., 0] - np.asarray(jittered)[..., 1]), (16, 16))
