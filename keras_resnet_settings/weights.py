@@ -36,6 +36,7 @@ from pathlib import Path
 from keras_resnet_settings.errors import ConfigError
 
 CACHE_VARIABLE = "KERAS_RESNET_CACHE"
+HF_FILENAME = "model.safetensors"  # the weights file of a timm repository on the Hugging Face Hub
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # of 0..1 RGB pixels (torchvision, timm)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET = "imagenet"
@@ -294,11 +295,16 @@ def cache_dir() -> Path:
     return Path(keras_home).expanduser() / "keras_resnet" / "weights"
 
 
+def hf_mirror_folder(repo_id: str) -> str:
+    """A Hub repository id as one folder name (in a mirror and in the cache): `timm/x.y` -> `timm__x.y`."""
+    return repo_id.replace("/", "__")
+
+
 def cached_path(entry: WeightsEntry) -> Path | None:
     """Where the entry's file is in the weights cache (its own name, or the Hub mirror copy), or None."""
     candidates = [cache_dir() / entry.filename]
     if entry.hf_repo:
-        candidates.append(cache_dir() / entry.hf_repo.replace("/", "__") / "model.safetensors")
+        candidates.append(cache_dir() / hf_mirror_folder(entry.hf_repo) / HF_FILENAME)
     return next((path for path in candidates if path.is_file()), None)
 
 
@@ -339,5 +345,6 @@ def find_entry(preset: str, name: str) -> WeightsEntry:
     raise ConfigError(f"preset {preset!r} has no weights {name!r}; it has: {tags}")
 
 
-__all__ = ["CACHE_VARIABLE", "CATALOGUE", "DEFAULT_IMAGENET", "IMAGENET", "TASK_PRESETS", "WeightsEntry",
-           "cache_dir", "cached_path", "entries_for", "find_entry", "is_weights_name"]
+__all__ = ["CACHE_VARIABLE", "CATALOGUE", "DEFAULT_IMAGENET", "HF_FILENAME", "IMAGENET", "TASK_PRESETS",
+           "WeightsEntry", "cache_dir", "cached_path", "entries_for", "find_entry", "hf_mirror_folder",
+           "is_weights_name"]

@@ -15,6 +15,7 @@ Subclasses keep their own registered names (`keras_resnet>ResNetClassifier`,
 import keras
 
 from keras_resnet.models.resnet.backbone import ResNetBackbone
+from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
 
 
 def serialize_optional(layer):
@@ -51,16 +52,31 @@ class Task(keras.Model):
         return cls(**config)
 
     @classmethod
-    def backbone_from_preset(cls, preset, overrides: dict):
-        """Splits `overrides` into task arguments (`TASK_ARGS`) and backbone arguments.
+    def backbone_from_preset(cls, preset, overrides: dict, weights=None):
+        """Splits `overrides` into task arguments (`TASK_ARGS`) and backbone arguments; loads `weights`.
+
+        Args:
+            preset: a backbone preset.
+            overrides: task and backbone arguments.
+            weights: None, or pretrained weights of the preset (a catalogue
+                name, a file...; see `ResNetBackbone.from_preset`): read
+                once, loaded into the backbone, and their normalisation put
+                in the task arguments as `preprocessing` (unless given).
 
         Returns:
-            `(backbone, task_args)`: the preset's `ResNetBackbone` built with
-            the backbone arguments, and the remaining task arguments.
+            `(backbone, task_args, pretrained)`: the preset's `ResNetBackbone`
+            built with the backbone arguments, the remaining task arguments,
+            and the weights' reader (None without weights), e.g. for a head.
         """
         overrides = dict(overrides)
         task_args = {key: overrides.pop(key) for key in cls.TASK_ARGS if key in overrides}
-        return ResNetBackbone.from_preset(preset, **overrides), task_args
+        pretrained = read_pretrained(weights, preset=preset) if weights is not None else None
+        if pretrained is not None:
+            task_args.setdefault("preprocessing", pretrained.preprocessing(name="preprocessing"))
+        backbone = ResNetBackbone.from_preset(preset, **overrides)
+        if pretrained is not None:
+            load_pretrained(pretrained, backbone, preset=preset)
+        return backbone, task_args, pretrained
 
 
 __all__ = ["Task", "serialize_optional"]

@@ -34,7 +34,6 @@ from keras_resnet.quantization.transform import quantize_aware
 # Images per calibration batch: the mean of per-batch extremes over batches this size (issue 29: 8 and 32 gave
 # the same agreement on Fashion-MNIST, 99.4 %; 128 gave 99.2 %; the converter's min/max 99.0 %).
 CALIBRATION_BATCH = 8
-METHODS = ("mean_range", "minmax")
 
 
 def has_dilated_convolutions(model) -> bool:
@@ -44,10 +43,8 @@ def has_dilated_convolutions(model) -> bool:
     quantization-aware mode the tensors between them get no range: they stay float32 (measured, TF 2.21).
     Such a model is calibrated by the converter (`"minmax"`) instead.
     """
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.Conv2D) and tuple(layer.dilation_rate) != (1, 1):
-            return True
-    return False
+    return any(isinstance(layer, keras.layers.Conv2D) and tuple(layer.dilation_rate) != (1, 1)
+               for layer in sublayers(model))
 
 
 def observed_ranges(model) -> list:
@@ -102,5 +99,5 @@ def calibrate_mean_ranges(model, images: np.ndarray, batch_size: int = CALIBRATI
     return calibrated
 
 
-__all__ = ["CALIBRATION_BATCH", "METHODS", "calibrate_mean_ranges", "has_dilated_convolutions", "observed_ranges",
+__all__ = ["CALIBRATION_BATCH", "calibrate_mean_ranges", "has_dilated_convolutions", "observed_ranges",
            "observing"]

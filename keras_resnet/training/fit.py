@@ -25,6 +25,7 @@ from keras_resnet.training.plots import (
     read_history_csv,
 )
 from keras_resnet.training.run_lock import continued_epochs, trim_history
+from keras_resnet.training.time_budget import seconds_per_step
 from keras_resnet_settings.errors import ModelError
 
 
@@ -70,7 +71,7 @@ class EpochEstimate(keras.callbacks.Callback):
             return
         self.stamps.append(time.perf_counter())
         if len(self.stamps) == self.warmup + self.timed + 1:
-            step = (self.stamps[-1] - self.stamps[self.warmup]) / self.timed
+            step = seconds_per_step(self.stamps, self.warmup + 1)
             epoch_minutes = step * self.steps_per_epoch / 60
             print(f"~{step:.3g} s/step here: an epoch's {self.steps_per_epoch} steps take ~{epoch_minutes:.1f} min, "
                   f"the {self.epochs} epoch(s) of this phase ~{epoch_minutes * self.epochs:.0f} min "
@@ -168,7 +169,8 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
     done = continued_epochs(paths)  # a finished run continued to a higher train.epochs
     if done:
         model.load_weights(paths.last)
-        print(f"continuing from epoch {done + 1} of {epochs} with the weights of {paths.last}", flush=True)
+        print(f"continuing from epoch {done + 1} of {epochs} with the weights of {paths.last}" if done < epochs else
+              f"all {epochs} epochs are trained (its metrics.json was unreadable): evaluating it again", flush=True)
 
     def phase(first, last, learning_rate, warmup, name, callbacks):
         compile_model(model, optimizers.make_optimizer(train_cfg, steps_per_epoch, last - first, learning_rate,

@@ -46,7 +46,7 @@ class _BatchClock(keras.callbacks.Callback):
         self.test.append(time.perf_counter())
 
 
-def _seconds_per_step(stamps, warmup):
+def seconds_per_step(stamps, warmup):
     """Mean seconds per step after the first `warmup` steps (tracing, pipeline start-up)."""
     timed = stamps[warmup - 1:]
     return (timed[-1] - timed[0]) / (len(timed) - 1)
@@ -83,8 +83,8 @@ def measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch):
     val_batches = _batches(val_ds)
     val_steps = min(val_batches, WARMUP_STEPS + TIMED_STEPS)
     probe.evaluate(val_ds.take(val_steps), verbose=0, callbacks=[clock])
-    train_step = _seconds_per_step(clock.train, WARMUP_STEPS)
-    val_step = _seconds_per_step(clock.test, min(WARMUP_STEPS, val_steps - 1)) if val_steps > 1 else 0.0
+    train_step = seconds_per_step(clock.train, WARMUP_STEPS)
+    val_step = seconds_per_step(clock.test, min(WARMUP_STEPS, val_steps - 1)) if val_steps > 1 else 0.0
     del probe
     return {
         "train_step_seconds": round(train_step, 4),

@@ -13,9 +13,7 @@ Example:
 from pathlib import Path
 
 from keras_resnet.weights.download import WeightsDownloadError, fetch, fetch_hf
-from keras_resnet_settings.weights import find_entry, is_weights_name
-
-HF_FILENAME = "model.safetensors"
+from keras_resnet_settings.weights import HF_FILENAME, find_entry, is_weights_name
 
 
 def weights_file(entry, progress: bool = True) -> Path:
@@ -55,4 +53,4 @@ def resolve_weights(source, preset, progress: bool = True):
     return weights_file(entry, progress), arch
 
 
-__all__ = ["HF_FILENAME", "resolve_weights", "weights_file"]
+__all__ = ["resolve_weights", "weights_file"]

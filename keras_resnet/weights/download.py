@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keras_resnet_settings.errors import ConversionError
-from keras_resnet_settings.weights import CACHE_VARIABLE, cache_dir
+from keras_resnet_settings.weights import CACHE_VARIABLE, cache_dir, hf_mirror_folder
 
 MIRROR_VARIABLE = "KERAS_RESNET_WEIGHTS_MIRROR"
 PARTIAL_MARK = ".partial-"
@@ -420,11 +420,6 @@ def hf_url(repo_id: str, filename: str, revision: str = "main") -> str:
     return f"{HF_ENDPOINT}/{repo_id}/resolve/{revision}/{filename}"
 
 
-def _hf_mirror_name(repo_id: str) -> str:
-    """A repository id as one folder name: `timm/resnet50.a1_in1k` -> `timm__resnet50.a1_in1k`."""
-    return repo_id.replace("/", "__")
-
-
 @contextmanager
 def _hf_progress(progress: bool):
     """huggingface_hub's tqdm bars as they are or, with `progress=False`, off for the block."""
@@ -490,7 +485,7 @@ def _from_hub(repo_id: str, filename: str, revision: str, progress: bool) -> Pat
 
 def _hf_mirror_copy(repo_id: str, filename: str) -> Path:
     """Where a Hub file taken from the mirror is kept: `cache_dir()/<owner>__<name>/<filename>`."""
-    return cache_dir() / _hf_mirror_name(repo_id) / filename
+    return cache_dir() / hf_mirror_folder(repo_id) / filename
 
 
 def _from_hf_mirror(repo_id: str, filename: str, sha256: str | None, progress: bool):
@@ -504,7 +499,7 @@ def _from_hf_mirror(repo_id: str, filename: str, sha256: str | None, progress: b
     final = _hf_mirror_copy(repo_id, filename)
     if final.is_file():
         return final, [], []
-    source = _mirror_source(f"{_hf_mirror_name(repo_id)}/{filename}")
+    source = _mirror_source(f"{hf_mirror_folder(repo_id)}/{filename}")
     if source is None:
         return None, [], []
     return _try_sources(final, [source], Expected(sha256=sha256), progress)
@@ -599,4 +594,4 @@ def _hf_unavailable_message(repo_id: str, filename: str, failures: list[tuple[st
         f"put it in the Hugging Face cache {repo_cache} (`hf download {repo_id} {filename}` where there is a network, "
         "then copy that folder; HF_HUB_CACHE or HF_HOME choose the cache)"
     )
-    return _unavailable_message(filename, failures, put, f"{_hf_mirror_name(repo_id)}/{filename}")
+    return _unavailable_message(filename, failures, put, f"{hf_mirror_folder(repo_id)}/{filename}")

@@ -4,7 +4,6 @@ import keras
 from keras import layers
 
 from keras_resnet.layers.core import ImageNormalization
-from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
 from keras_resnet.models.task import Task
 from keras_resnet_settings.errors import ConfigError
 
@@ -108,15 +107,11 @@ class ResNetClassifier(Task):
         >>> model = ResNetClassifier.from_preset("resnet50", weights="imagenet")  # 1000 ImageNet classes
         >>> model = ResNetClassifier.from_preset("resnet50", weights="resnet50.pth", num_classes=10)
         """
-        pretrained = read_pretrained(weights, preset=preset) if weights is not None else None
-        overrides = dict(overrides)
-        if pretrained is not None:
-            overrides.setdefault("preprocessing", pretrained.preprocessing(name="preprocessing"))
-        backbone, classifier_args = cls.backbone_from_preset(preset, overrides)
+        backbone, classifier_args, pretrained = cls.backbone_from_preset(preset, overrides, weights)
         classifier_args.setdefault("name", f"{preset}_classifier")
         model = cls(backbone, num_classes, **classifier_args)
-        if pretrained is not None:
-            load_pretrained(pretrained, backbone, head=model.get_layer("predictions"), preset=preset)
+        if pretrained is not None and pretrained.num_classes == num_classes:
+            pretrained.load_head(model.get_layer("predictions"))
         return model
 
 

@@ -43,8 +43,6 @@ from keras_resnet.models.retinanet.anchors import (
 from keras_resnet.models.retinanet.boxes import BOX_VARIANCE
 from keras_resnet.models.retinanet.decoder import DetectionDecoder
 from keras_resnet.models.retinanet.encoder import RetinaNetLabelEncoder
-from keras_resnet.models.resnet.backbone import ResNetBackbone
-from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
 from keras_resnet.models.task import Task
 from keras_resnet.models.task_weights import is_task_preset, task_model_from_catalogue
 from keras_resnet.tiling import (
@@ -399,13 +397,7 @@ class RetinaNetDetector(Task):
             return task_model_from_catalogue(DETECTION, preset, weights, num_classes=num_classes, **kwargs)
         if num_classes is None:
             raise ValueError(f"RetinaNetDetector.from_preset({preset!r}) needs num_classes")
-        detector_args = {key: kwargs.pop(key) for key in list(kwargs) if key in DETECTOR_ARGS}
-        pretrained = read_pretrained(weights, preset=preset) if weights is not None else None
-        if pretrained is not None:
-            detector_args.setdefault("preprocessing", pretrained.preprocessing(name="preprocessing"))
-        backbone = ResNetBackbone.from_preset(preset, **kwargs)
-        if pretrained is not None:
-            load_pretrained(pretrained, backbone, preset=preset)
+        backbone, detector_args, _ = cls.backbone_from_preset(preset, kwargs, weights)
         detector_args.setdefault("name", f"{preset}_retinanet")
         return cls(backbone, num_classes, **detector_args)
 
@@ -434,7 +426,7 @@ class RetinaNetDetector(Task):
 
 
 # The constructor arguments `from_preset` routes to the detector (the rest go to the backbone).
-DETECTOR_ARGS = tuple(
+RetinaNetDetector.TASK_ARGS = tuple(
     name for name, parameter in inspect.signature(RetinaNetDetector.__init__).parameters.items()
     if name not in ("self", "backbone", "num_classes") and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
 )

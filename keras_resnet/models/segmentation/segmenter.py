@@ -30,7 +30,6 @@ import numpy as np
 from keras import layers
 
 from keras_resnet.layers.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn
-from keras_resnet.models.resnet.pretrained import load_pretrained, read_pretrained
 from keras_resnet.models.task import Task
 from keras_resnet.models.task_weights import is_task_preset, task_model_from_catalogue
 from keras_resnet.tiling import (
@@ -384,13 +383,7 @@ class ResNetSegmenter(Task):
             return task_model_from_catalogue(SEGMENTATION, preset, weights, num_classes=num_classes, **overrides)
         if num_classes is None:
             raise ValueError(f"ResNetSegmenter.from_preset({preset!r}) needs num_classes")
-        overrides = dict(overrides)
-        if weights is not None:
-            pretrained = read_pretrained(weights, preset=preset)
-            overrides.setdefault("preprocessing", pretrained.preprocessing(name="preprocessing"))
-        backbone, segmenter_args = cls.backbone_from_preset(preset, overrides)
-        if weights is not None:
-            load_pretrained(pretrained, backbone, preset=preset)
+        backbone, segmenter_args, _ = cls.backbone_from_preset(preset, overrides, weights)
         segmenter_args.setdefault("name", f"{preset}_{head}")
         return cls(backbone, num_classes, head=head, **segmenter_args)
 
