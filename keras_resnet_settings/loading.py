@@ -43,7 +43,7 @@ from keras_resnet_settings.registry import (
     SEGMENTATION,
     SOURCES_BY_TASK,
 )
-from keras_resnet_settings.weights import find_entry, is_weights_name
+from keras_resnet_settings.weights import find_entry, is_weights_name, weights_names
 
 
 class Problems:
@@ -339,6 +339,12 @@ def _check_together(values: dict, problems: Problems) -> None:
 def _check_weights_name(model: dict, problems: Problems) -> None:
     """`model.weights` given by name ("imagenet", a tag) must be backbone weights the catalogue has for the preset."""
     name = model["weights"]
+    if isinstance(name, str) and not is_weights_name(name) and "." not in os.path.basename(name):
+        close = difflib.get_close_matches(name, weights_names(), n=1)
+        problems.add(f"'model.weights'={name!r} is neither a weights name (imagenet, coco, or a tag such as "
+                     "torchvision:IMAGENET1K_V1: `keras-resnet weights` lists them) nor a weight file (.keras, .h5, "
+                     f".pth, .safetensors...){f'; did you mean {close[0]!r}?' if close else ''}")
+        return
     if not is_weights_name(name) or not isinstance(model["backbone"], str):
         return
     try:

@@ -321,6 +321,11 @@ def is_weights_name(value) -> bool:
                                                                                                "timm")
 
 
+def weights_names() -> list:
+    """Every name `is_weights_name` accepts that the catalogue has: imagenet, the aliases and the tags."""
+    return sorted({IMAGENET, *(alias for e in CATALOGUE for alias in e.aliases), *(e.tag for e in CATALOGUE)})
+
+
 def find_entry(preset: str, name: str) -> WeightsEntry:
     """The catalogue entry `name` of `preset` ("imagenet", a tag, "coco", "coco_voc").
 
@@ -347,4 +352,4 @@ def find_entry(preset: str, name: str) -> WeightsEntry:
 
 __all__ = ["CACHE_VARIABLE", "CATALOGUE", "DEFAULT_IMAGENET", "HF_FILENAME", "IMAGENET", "TASK_PRESETS",
            "WeightsEntry", "cache_dir", "cached_path", "entries_for", "find_entry", "hf_mirror_folder",
-           "is_weights_name"]
+           "is_weights_name", "weights_names"]

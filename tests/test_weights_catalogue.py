@@ -239,6 +239,9 @@ def test_recipes_check_weight_names_before_tensorflow():
         load_config("tasks/detection/voc_retinanet_resnet50.yaml",
                     ["model.weights=torchvision:COCO_V1", "model.backbone=retinanet_resnet50_fpn_v2"])
     assert load_config(recipe, ["model.weights=imagenet", "model.backbone=resnet50"]).model.weights == "imagenet"
+    with pytest.raises(ConfigError, match="'imagenett' is neither a weights name .* did you mean 'imagenet'"):
+        load_config(recipe, ["model.weights=imagenett", "model.backbone=resnet50"])
+    assert load_config(recipe, ["model.weights=my/model.keras"]).model.weights == "my/model.keras"  # checked later
 
 
 def test_the_weights_command_lists_and_downloads(weights_env, capsys):

@@ -10,6 +10,7 @@
   so each epoch is listed once.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -263,6 +264,7 @@ def guard_run(cfg, paths, *, is_chief=True, restart=False):
     if not is_chief:
         yield None if restart else finished_run(cfg, paths)
         return
+    created = not os.path.isdir(paths.root)
     prepare_output_dir(paths.root)
     lock = RunLock(paths).acquire()
     try:
@@ -275,6 +277,9 @@ def guard_run(cfg, paths, *, is_chief=True, restart=False):
         yield finished
     finally:
         lock.release()
+        if created:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(paths.root)
 
 
 # ----------------------------------------------------------------------------

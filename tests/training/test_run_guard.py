@@ -178,6 +178,19 @@ def test_raising_epochs_continues_a_finished_run_from_its_last_model(toy_data, t
     assert "train.epochs (lowered from 3 to 2)" in one_line_error(capsys)
 
 
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(toy_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, run, epochs=1)
+    assert main(["train", str(recipe), "--set", f"model.weights={tmp_path / 'missing.keras'}"]) == 2
+    assert "missing.keras does not exist" in one_line_error(capsys)
+    assert not run.exists()
+    kept = tmp_path / "mine"
+    kept.mkdir()  # a folder the user made stays, empty or not
+    assert main(["train", str(recipe), "--set", f"model.weights={tmp_path / 'missing.keras'}",
+                 f"output_dir={kept}"]) == 2
+    assert kept.is_dir()
+
+
 def test_a_budgeted_finished_run_is_not_continued_by_raising_epochs(toy_data, tmp_path, capsys):
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", *toy_data, run, epochs=1)
