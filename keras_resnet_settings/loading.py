@@ -339,7 +339,7 @@ def _check_together(values: dict, problems: Problems) -> None:
 def _check_weights_name(model: dict, problems: Problems) -> None:
     """`model.weights` given by name ("imagenet", a tag) must be backbone weights the catalogue has for the preset."""
     name = model["weights"]
-    if isinstance(name, str) and not is_weights_name(name) and "." not in os.path.basename(name):
+    if isinstance(name, str) and name and not is_weights_name(name) and "." not in os.path.basename(name):
         close = difflib.get_close_matches(name, weights_names(), n=1)
         problems.add(f"'model.weights'={name!r} is neither a weights name (imagenet, coco, or a tag such as "
                      "torchvision:IMAGENET1K_V1: `keras-resnet weights` lists them) nor a weight file (.keras, .h5, "
