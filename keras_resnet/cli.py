@@ -26,9 +26,14 @@ def _cmd_summary(args):
 
 
 def _cmd_train(args):
+    from keras_resnet.training.devices import rejoin_cluster
     from keras_resnet.training.runner import train_from_config
+    from keras_resnet_settings.errors import WorkerLostError
 
-    train_from_config(args.config, args.set, restart=args.restart)
+    try:
+        train_from_config(args.config, args.set, restart=args.restart)
+    except WorkerLostError as error:  # a multi-worker peer was lost: rejoin the cluster, resume from the backup
+        rejoin_cluster(error, getattr(error, "restarts", 0))
 
 
 def _cmd_qat(args):

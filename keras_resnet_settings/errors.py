@@ -50,6 +50,11 @@ class RunFolderError(KerasResNetError, ValueError):
     """A run folder that cannot be trained into now: locked by another run, or an unfinished run of another recipe."""
 
 
+class WorkerLostError(KerasResNetError, RuntimeError):
+    """A multi-worker run lost a peer (its process ended or cannot be reached); every worker resumes from the
+    last finished epoch when each runs the same command again (the command line restarts the survivors)."""
+
+
 class TrainingDivergedError(KerasResNetError, ValueError):
     """The training loss became NaN or infinite: names the epoch and step and what to lower."""
 
@@ -64,5 +69,6 @@ __all__ = [
     "ExportError",
     "ExportParityError",
     "RunFolderError",
+    "WorkerLostError",
     "TrainingDivergedError",
 ]

@@ -157,6 +157,16 @@ class TrainSettings(Settings):
         minimum=0, below=1)
     strategy: str = setting("auto", "tf.distribute strategy (multi_worker reads TF_CONFIG)",
                             allowed=("auto", "one_device", "mirrored", "multi_worker"))
+    worker_wait_minutes: float = setting(
+        10.0, "multi_worker: how long a worker waits for every worker of TF_CONFIG (at the start and after a "
+        "restart) before it stops with an error", above=0)
+    worker_restarts: int = setting(
+        3, "multi_worker: how often a worker whose peer was lost restarts itself to rejoin the cluster and "
+        "resume from the last finished epoch (0: it stops with an error)", minimum=0)
+    sync_batch_norm: bool = setting(
+        False, "mirrored/multi_worker: BatchNorm statistics over the global batch (all replicas) instead of "
+        "each replica's share: small per-replica batches (detection, segmentation), and the same result as "
+        "one device")
     mixed_precision: bool | str = setting(
         False, "compute dtype policy (auto: bfloat16/float16 where the hardware is fast at it)",
         allowed=(False, True, "auto", "mixed_float16", "mixed_bfloat16", "float32"))

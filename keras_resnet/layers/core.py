@@ -15,6 +15,29 @@ from keras_resnet_settings.errors import ConfigError
 PACKAGE = "keras_resnet"
 
 
+def mean_over_replicas(value):
+    """`value` averaged over the replicas of the tf.distribute step computing it (unchanged outside one).
+
+    A loss normalised by a count taken over the batch (positive anchors,
+    labelled pixels) must use the count of the global batch, not of each
+    replica's share: with the mean count as normaliser, Keras' per-replica
+    loss scaling and gradient sum give exactly the one-device loss
+    `sum(losses) / count(global batch)`. No gradient flows through the count.
+
+    Example:
+    >>> float(mean_over_replicas(ops.convert_to_tensor(3.0)))  # one device: unchanged
+    3.0
+    """
+    if keras.backend.backend() != "tensorflow":
+        return value
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.MEAN, tf.stop_gradient(value))
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class DropPath(keras.layers.Layer):
     """Stochastic depth: drops the whole residual branch per sample.

@@ -19,14 +19,12 @@ schedule) and writes the run directory:
       backup/                BackupAndRestore state while a run is unfinished
 
 A killed run started again with the same recipe continues from its last
-finished epoch. `train.strategy: multi_worker` uses a custom training loop
-(Keras `fit` fails under MultiWorkerMirroredStrategy with TF 2.21 / Keras
-3.15, keras-team/keras#20585) with `tf.train.CheckpointManager` resume.
+finished epoch. `train.strategy: multi_worker` trains with the same `fit`
+on every worker (`keras_resnet.training.devices.MultiWorkerStrategy`); the
+chief writes the run folder and evaluates.
 """
 
 import os
-import shutil
-import tempfile
 import time
 
 import keras
@@ -45,16 +43,11 @@ from keras_resnet.training import (
     time_budget,
 )
 from keras_resnet.training.backbones import build_model_from_config, preprocessing_info
-from keras_resnet.training.checkpoints import save_model
-from keras_resnet.training.divergence import check_finite_loss
 from keras_resnet.training.plots import (
     CLASSIFICATION_PANELS,
     plot_confusion_matrix,
-    plot_history,
-    read_history_csv,
 )
-from keras_resnet.training.run_lock import trim_history
-from keras_resnet_settings.errors import ConfigError, DataError
+from keras_resnet_settings.errors import DataError
 
 
 # ----------------------------------------------------------------------------
@@ -85,7 +78,7 @@ def _datasets(cfg):
 
 
 # ----------------------------------------------------------------------------
-# Fit (single process: one device or MirroredStrategy): head phase, then fine-tuning
+# Fit (one device, MirroredStrategy or every worker of MultiWorkerStrategy): head phase, then fine-tuning
 # ----------------------------------------------------------------------------
 def _compile(model, train_cfg, optimizer):
     model.compile(
@@ -102,124 +95,6 @@ def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths, extra_callbacks=(
                       compile_model=lambda target, optimizer: _compile(target, cfg.train, optimizer),
                       steps_per_epoch=steps_per_epoch, main_callbacks=extra_callbacks, monitor="val_top1",
                       title=cfg.model.backbone, panels=CLASSIFICATION_PANELS, best_key="top1")
-
-
-# ----------------------------------------------------------------------------
-# Custom loop (MultiWorkerMirroredStrategy)
-# ----------------------------------------------------------------------------
-def _fit_custom_loop(model, cfg, strategy, train_ds, val_ds, steps_per_epoch, paths, is_chief):
-    """A distributed custom training loop with checkpoint resume.
-
-    Used for MultiWorkerMirroredStrategy. Every worker runs the same steps;
-    only the chief writes models, history and plots (the others checkpoint
-    into a temporary folder, as tf.distribute requires).
-    """
-    train_cfg = cfg.train
-    if train_cfg.ema_momentum:
-        raise ConfigError("train.ema_momentum is not supported with train.strategy=multi_worker; set it to null")
-    num_classes = cfg.model.num_classes
-    global_batch = cfg.data.batch_size
-    epochs = train_cfg.epochs
-    steps_per_epoch = train_cfg.steps_per_epoch or steps_per_epoch
-    with strategy.scope():
-        optimizer = optimizers.make_optimizer(train_cfg, steps_per_epoch, epochs)
-        if keras.mixed_precision.dtype_policy().name == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        loss_fn = keras.losses.CategoricalCrossentropy(
-            label_smoothing=train_cfg.label_smoothing, reduction=None
-        )
-        train_loss = keras.metrics.Mean(name="loss")
-        train_top1 = keras.metrics.CategoricalAccuracy(name="top1")
-        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
-    backup_dir = paths.backup_root if is_chief else tempfile.mkdtemp(prefix="keras_resnet_worker_")
-    manager = tf.train.CheckpointManager(checkpoint, backup_dir, max_to_keep=1)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint)
-        print(f"resuming from {manager.latest_checkpoint}: epoch {int(epoch_var.numpy()) + 1}")
-    if is_chief:
-        trim_history(paths.history, int(epoch_var.numpy()))  # epochs trained again leave history.csv
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    distributed = strategy.experimental_distribute_dataset(train_ds.repeat().with_options(options))
-    iterator = iter(distributed)
-
-    def step_fn(images, labels):
-        with tf.GradientTape() as tape:
-            predictions = model(images, training=True)
-            per_example = loss_fn(labels, predictions)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
-        gradients = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        train_loss.update_state(per_example)
-        train_top1.update_state(labels, predictions)
-
-    @tf.function
-    def train_steps(iterator, steps):
-        for _ in tf.range(steps):
-            images, labels = next(iterator)
-            strategy.run(step_fn, args=(images, labels))
-
-    val_model_fn = tf.function(lambda images: model(images, training=False))
-    writer = tf.summary.create_file_writer(os.path.join(paths.logs, "train")) if is_chief else None
-    best = (fit.previous_best(paths.history, "val_top1") if os.path.exists(paths.best) else None) or -1.0
-    chunk = max(1, min(steps_per_epoch, 50))
-    for epoch in range(int(epoch_var.numpy()), epochs):
-        start = time.time()
-        train_loss.reset_state()
-        train_top1.reset_state()
-        progress = keras.utils.Progbar(steps_per_epoch, stateful_metrics=["loss", "top1"],
-                                       verbose=fit.fit_verbosity() if is_chief else 0)
-        done = 0
-        while done < steps_per_epoch:
-            steps = min(chunk, steps_per_epoch - done)
-            train_steps(iterator, tf.constant(steps))
-            done += steps
-            loss = float(train_loss.result())
-            check_finite_loss(loss, epoch + 1, done, train_cfg.learning_rate)  # before anything is saved
-            progress.update(done, [("loss", loss), ("top1", float(train_top1.result()))])
-        val_metrics = _evaluate_predictions(val_model_fn, val_ds, num_classes, label_smoothing=train_cfg.label_smoothing)
-        val_loss = val_metrics.get("loss_label_smoothed", val_metrics["loss"])  # the training loss's definition
-        check_finite_loss(val_loss, epoch + 1, None, train_cfg.learning_rate, what="validation loss")
-        row = {
-            "epoch": epoch,
-            "loss": float(train_loss.result()),
-            "top1": float(train_top1.result()),
-            "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
-            "val_loss": val_loss,
-            "val_top1": val_metrics["top1"],
-            "val_top5": val_metrics["top5"],
-        }
-        epoch_var.assign(epoch + 1)
-        manager.save()
-        if is_chief:
-            print(f"epoch {epoch + 1}/{epochs} ({time.time() - start:.1f}s): "
-                  + ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-            _append_history_row(paths.history, row)
-            with writer.as_default(step=epoch):
-                for key, value in row.items():
-                    if key != "epoch":
-                        tf.summary.scalar(key, value)
-            save_model(model, paths.last)
-            if row["val_top1"] > best:
-                best = row["val_top1"]
-                save_model(model, paths.best)
-            plot_history(read_history_csv(paths.history), paths.curves, cfg.model.backbone)
-    if is_chief:
-        shutil.rmtree(paths.backup_root, ignore_errors=True)
-    else:
-        shutil.rmtree(backup_dir, ignore_errors=True)
-
-
-def _append_history_row(path, row):
-    new_file = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new_file:
-            f.write(",".join(row) + "\n")
-        f.write(",".join(str(v) for v in row.values()) + "\n")
 
 
 # ----------------------------------------------------------------------------
@@ -310,23 +185,18 @@ def train_classification(cfg):
             "num_val": info["num_val"],
         }, info)
     start = time.time()
-    plan, fit_steps = None, steps_per_epoch
-    if train_cfg.strategy == "multi_worker":
-        _fit_custom_loop(model, cfg, strategy, _one_hot(train_ds, num_classes), val_ds, steps_per_epoch, paths, is_chief)
-    else:
-        with strategy.scope():
-            train_onehot, val_onehot = _one_hot(train_ds, num_classes), _one_hot(val_ds, num_classes)
-            fit_cfg, plan, budget_callbacks = time_budget.plan_epochs(
-                cfg, model,
-                lambda probe: _compile(probe, train_cfg,
-                                       optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs)),
-                train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
-            )
-            fit_steps = fit_cfg.train.steps_per_epoch or steps_per_epoch
-            _fit(model, fit_cfg, train_onehot, val_onehot, fit_steps, paths, extra_callbacks=budget_callbacks)
+    with strategy.scope():
+        train_onehot, val_onehot = _one_hot(train_ds, num_classes), _one_hot(val_ds, num_classes)
+        fit_cfg, plan, budget_callbacks = time_budget.plan_epochs(
+            cfg, model,
+            lambda probe: _compile(probe, train_cfg,
+                                   optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs)),
+            train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
+        )
+        fit_steps = fit_cfg.train.steps_per_epoch or steps_per_epoch
+        _fit(model, fit_cfg, train_onehot, val_onehot, fit_steps, paths, extra_callbacks=budget_callbacks)
     train_seconds = time.time() - start
-    if not is_chief:
-        shutil.rmtree(output_dir, ignore_errors=True)
+    if devices.leave_run(paths, is_chief):
         return None
     metrics = run_files.finish_run(
         paths, lambda best: evaluate_classifier(best, val_ds, info["class_names"], output_dir,

@@ -263,21 +263,34 @@ def evaluation_overlap(cfg):
 
 class _COCOEvaluation(keras.callbacks.Callback):
     """Adds val_mAP / val_AP50 / val_AP75 to the epoch logs (pycocotools on the validation set, tiled with
-    `tile_overlap` over the full images of a crop-sampled run)."""
+    `tile_overlap` over the full images of a crop-sampled run).
 
-    def __init__(self, val_ds, info, decoder_args, tile_overlap=None):
+    In a multi-worker run the chief alone evaluates (`is_chief`), over the
+    whole validation set, and every worker receives its figures
+    (`devices.share_from_chief`): all of them then save the best model at
+    the same epochs.
+    """
+
+    KEYS = ("mAP", "AP50", "AP75")
+
+    def __init__(self, val_ds, info, decoder_args, tile_overlap=None, is_chief=True):
         super().__init__()
         self.val_ds, self.info, self.decoder_args = val_ds, info, decoder_args
         self.tile_overlap = tile_overlap  # crop-sampled runs: tiled over the full validation images
+        self.is_chief = is_chief
         self.detect = None  # traced once, at the first epoch end, then reused
 
     def on_epoch_end(self, epoch, logs=None):
-        self.detect = self.detect or detection_function(self.model, self.decoder_args)
-        metrics = evaluate_detector(self.model, self.val_ds, self.info, self.decoder_args, verbose=False,
-                                    detect=self.detect, tile_overlap=self.tile_overlap)
+        figures = [0.0] * len(self.KEYS)
+        if self.is_chief:
+            self.detect = self.detect or detection_function(self.model, self.decoder_args)
+            metrics = evaluate_detector(self.model, self.val_ds, self.info, self.decoder_args, verbose=False,
+                                        detect=self.detect, tile_overlap=self.tile_overlap)
+            figures = [metrics[key] for key in self.KEYS]
+        figures = devices.share_from_chief(self.model.distribute_strategy, figures, self.is_chief)
         if logs is not None:
-            for key in ("mAP", "AP50", "AP75"):
-                logs[f"val_{key}"] = metrics[key]
+            for key, value in zip(self.KEYS, figures):
+                logs[f"val_{key}"] = value
 
 
 # ----------------------------------------------------------------------------
@@ -291,7 +304,7 @@ def train_detection(cfg):
     """
     _check_detection_recipe(cfg)
     train_cfg, data_cfg, model_cfg = cfg.train, cfg.data, cfg.model
-    strategy, paths, _ = devices.start_run(cfg)
+    strategy, paths, is_chief = devices.start_run(cfg)
     output_dir = paths.root
 
     train_ds, val_ds, info = _datasets(cfg)
@@ -331,12 +344,15 @@ def train_detection(cfg):
         "tile_overlap": data_cfg.tile_overlap,
     }, info)
     start = time.time()
+    evaluation = [_COCOEvaluation(val_ds, info, model_cfg.decoder_args, tile_overlap, is_chief)]
     with strategy.scope():
         fit.fit_in_phases(model, cfg, _encode_targets(train_ds, encoder), _encode_targets(val_ds, encoder), paths,
                           compile_model=compile_detector, steps_per_epoch=steps_per_epoch, monitor="val_mAP",
                           title=f"{model_cfg.backbone} RetinaNet", panels=DETECTION_PANELS, best_key="mAP",
-                          extra_callbacks=[_COCOEvaluation(val_ds, info, model_cfg.decoder_args, tile_overlap)])
+                          extra_callbacks=evaluation)
     train_seconds = time.time() - start
+    if devices.leave_run(paths, is_chief):
+        return None
     metrics = run_files.finish_run(
         paths, lambda best: evaluate_detector(best, val_ds, info, model_cfg.decoder_args, output_dir,
                                               title="best model", tile_overlap=tile_overlap),

@@ -16,7 +16,8 @@ import keras
 import tensorflow as tf
 
 from keras_resnet.atomic_files import atomic_output
-from keras_resnet.training import optimizers
+from keras_resnet.quantization.layers import sublayers
+from keras_resnet.training import devices, optimizers
 from keras_resnet.training.checkpoints import ModelCheckpoint
 from keras_resnet.training.divergence import StopOnNonFinite
 from keras_resnet.training.plots import (
@@ -26,7 +27,7 @@ from keras_resnet.training.plots import (
 )
 from keras_resnet.training.run_lock import continued_epochs, trim_history
 from keras_resnet.training.time_budget import seconds_per_step
-from keras_resnet_settings.errors import ModelError
+from keras_resnet_settings.errors import ModelError, WorkerLostError
 
 
 # ----------------------------------------------------------------------------
@@ -102,6 +103,11 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         epochs, initial_epoch: as in `fit`.
         extra_callbacks: run first, so the logs they add (e.g. val_mAP) reach
             the CSV, the checkpoints and the plots.
+
+    Every worker of a multi-worker run runs the same callbacks (saving a
+    model under MultiWorkerMirroredStrategy is a collective operation: all
+    workers save, the others into their temporary folder, which starts as a
+    copy of the chief's, `devices.start_run`).
     """
     # Epochs at and after the one fit resumes at are trained again: their rows leave history.csv.
     resume_epoch = backup_epoch(backup_dir)
@@ -125,7 +131,10 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         _PlotCurves(paths.history, paths.curves, title, panels=panels, best_key=best_key),
         _backup_and_restore(backup_dir),
     ]
+    if isinstance(model.distribute_strategy, devices.MultiWorkerStrategy):
+        train_ds, val_ds = devices.shard_by_data(train_ds), devices.shard_by_data(val_ds)
     train_ds, steps_per_epoch = one_iterator_per_run(train_ds, cfg.train.steps_per_epoch)
+    train_ds = spare_batch_for_the_build(train_ds)
     if fit_verbosity() == 2 and steps_per_epoch and steps_per_epoch > 20:  # no progress bar to show it
         callbacks.insert(0, EpochEstimate(steps_per_epoch, epochs - (resume_epoch or initial_epoch)))
     model.fit(
@@ -138,6 +147,22 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         shuffle=False,  # the tf.data pipelines shuffle; Keras would warn that shuffle=True is ignored
         verbose=fit_verbosity(),
     )
+
+
+def synchronize_batch_norm(model, synchronized):
+    """Sets every BatchNormalization layer of `model` to compute its training statistics over all replicas
+    (`synchronized=True`, Keras' synchronized BN: an all-reduce of the moments) or over each replica's batch.
+
+    Only training steps under a tf.distribute strategy with several replicas
+    differ; inference, exports and one-device training are unchanged.
+    """
+    layers = [layer for layer in sublayers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.synchronized = bool(synchronized)
+    replicas = model.distribute_strategy.num_replicas_in_sync
+    if synchronized and replicas > 1:
+        print(f"train.sync_batch_norm: {len(layers)} BatchNorm layers compute their statistics over all "
+              f"{replicas} replicas", flush=True)
 
 
 def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_per_epoch, extra_callbacks=(),
@@ -172,9 +197,13 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
         print(f"continuing from epoch {done + 1} of {epochs} with the weights of {paths.last}" if done < epochs else
               f"all {epochs} epochs are trained (its metrics.json was unreadable): evaluating it again", flush=True)
 
+    synchronize_batch_norm(model, train_cfg.sync_batch_norm)
+
     def phase(first, last, learning_rate, warmup, name, callbacks):
         compile_model(model, optimizers.make_optimizer(train_cfg, steps_per_epoch, last - first, learning_rate,
                                                        warmup))
+        if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+            print("float16 policy: gradients through Keras' LossScaleOptimizer (dynamic loss scaling)", flush=True)
         fit_run(model, cfg, train_ds, val_ds, paths, backup_dir=os.path.join(paths.backup_root, name),
                 epochs=last, initial_epoch=first, extra_callbacks=callbacks, **run_args)
 
@@ -231,6 +260,23 @@ def one_iterator_per_run(train_ds, steps_per_epoch):
     return train_ds.repeat(), steps_per_epoch or batches
 
 
+def spare_batch_for_the_build(train_ds):
+    """`train_ds` with one batch in front that Keras' `fit` takes under a tf.distribute strategy, else unchanged.
+
+    Under a strategy scope Keras 3.15's TensorFlow `fit` builds the model on
+    `next()` of the training iterator (`_maybe_symbolic_build`) and then
+    trains on the same iterator: with the repeated dataset of
+    `one_iterator_per_run` the first batch was never trained on and every
+    later step saw the batch one step ahead of a one-device run. The spare
+    batch (read from the same pipeline) goes to the build instead.
+    """
+    if not tf.distribute.has_strategy() or not isinstance(train_ds, tf.data.Dataset):
+        return train_ds
+    if int(train_ds.cardinality()) != tf.data.INFINITE_CARDINALITY:
+        return train_ds  # a finite dataset gets a new iterator each epoch: the build's batch is not missed
+    return train_ds.take(1).concatenate(train_ds)
+
+
 def backup_epoch(backup_dir):
     """The epoch a run resumed from `backup_dir` starts at: 0 without a backup.
 
@@ -255,8 +301,34 @@ def backup_epoch(backup_dir):
         ) from None
 
 
+class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` whose workers agree on where a multi-worker run resumes.
+
+    Under `MultiWorkerStrategy` the workers compare the epoch each restored
+    (an all-reduce at the start of `fit`): a worker restarted while the chief
+    was still writing its backup could have copied the one before. If they
+    differ, `fit` stops with a `WorkerLostError` and the command line
+    restarts the workers, which then read the same backup.
+    """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        strategy = self.model.distribute_strategy
+        if not isinstance(strategy, devices.MultiWorkerStrategy):
+            return
+        epoch = float(backup_epoch(self.backup_dir))
+        # All equal exactly when n * sum(e^2) == sum(e)^2 (ReduceOp has no MIN/MAX); every worker sees the same sums.
+        sums = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant([1.0, epoch, epoch ** 2],
+                                                                                             tf.float64)), axis=None)
+        count, total, squares = (float(value) for value in sums.numpy())
+        if count * squares != total ** 2:
+            raise WorkerLostError(f"the workers restored different epochs from {self.backup_dir} (this one: epoch "
+                                  f"{int(epoch) + 1}, mean {total / count + 1:g}); every worker reads it again "
+                                  "when restarted")
+
+
 def _backup_and_restore(backup_dir):
-    """BackupAndRestore keeping the previous checkpoint too where Keras can.
+    """WorkerBackupAndRestore keeping the previous checkpoint too where Keras can.
 
     A corrupt `training_metadata.json` in `backup_dir` is reported here with
     the file and the fix (Keras would fail on it with a bare JSON error).
@@ -265,4 +337,4 @@ def _backup_and_restore(backup_dir):
     kwargs = {"delete_checkpoint": True}
     if "double_checkpoint" in inspect.signature(keras.callbacks.BackupAndRestore).parameters:
         kwargs["double_checkpoint"] = True  # survives a kill during the write
-    return keras.callbacks.BackupAndRestore(backup_dir, **kwargs)
+    return WorkerBackupAndRestore(backup_dir, **kwargs)

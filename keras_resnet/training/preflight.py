@@ -29,17 +29,12 @@ def check_task_settings(cfg, task, neutral_values, message):
 
     Args:
         cfg: the recipe.
-        task: the task name, for `train.strategy=multi_worker` (rejected: it is
-            implemented for classification only).
+        task: the task name (for messages).
         neutral_values: `{(section, key): value}` of keys the task ignores; any
             other value is an error.
         message: the error after `section.key=value`, formatted with `key`
             (dotted), `neutral` ("null" for None).
     """
-    if cfg.train.strategy == "multi_worker":
-        raise ConfigError(
-            f"train.strategy=multi_worker is not supported for task={task}; use auto, one_device or mirrored"
-        )
     for (section, key), neutral in neutral_values.items():
         value = getattr(getattr(cfg, section), key)
         if value != neutral:
@@ -65,9 +60,11 @@ def announce_run(cfg, info, strategy, paths, model_name, details=""):
                   f"{epoch_examples(cfg, info)} windows / {info['num_val']} val images{tiles}")
     else:
         counts = f"{info['num_train']} train / {info['num_val']} val images"
+    replicas = strategy.num_replicas_in_sync  # data.batch_size is the global batch, split over the replicas
+    per_replica = f" ({data_cfg.batch_size / replicas:g} per replica)" if replicas > 1 else ""
     print(
         f"{model_name} on {data_cfg.source}: {counts}"
-        f"{details}, batch {data_cfg.batch_size} over {strategy.num_replicas_in_sync} replica(s), "
+        f"{details}, batch {data_cfg.batch_size} over {replicas} replica(s){per_replica}, "
         f"policy {keras.mixed_precision.dtype_policy().name}, output {paths.root}"
     )
     return epoch_steps(cfg, info)

@@ -261,8 +261,13 @@ def guard_run(cfg, paths, *, is_chief=True, restart=False):
     else None. Non-chief workers of a multi-worker run write elsewhere and take
     no lock; they read the chief's folder to agree on whether it is finished.
     """
-    if not is_chief:
-        yield None if restart else finished_run(cfg, paths)
+    if not is_chief:  # reads the chief's folder: the same answer as the chief, or the same error
+        if restart:
+            yield None
+            return
+        finished = finished_run(cfg, paths)
+        check_resume(cfg, paths)
+        yield finished
         return
     created = not os.path.isdir(paths.root)
     prepare_output_dir(paths.root)

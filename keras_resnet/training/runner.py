@@ -12,9 +12,10 @@ from keras_resnet.training.classification import (
     train_classification,
 )
 from keras_resnet.training.detection import evaluate_detection, train_detection
-from keras_resnet.training.devices import is_chief_process
+from keras_resnet.training.devices import is_chief_process, lost_worker
 from keras_resnet.training.run_lock import guard_run
 from keras_resnet.training.segmentation import evaluate_segmentation, train_segmentation
+from keras_resnet_settings.errors import WorkerLostError
 from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION
 
 TRAIN_BY_TASK = {
@@ -45,7 +46,13 @@ def train_from_config(config, overrides=(), restart=False):
         restart: start over instead of resuming an unfinished run.
 
     Returns:
-        The validation metrics of the best model (also in metrics.json).
+        The validation metrics of the best model (also in metrics.json); None
+        in a multi-worker run's non-chief worker.
+
+    Raises:
+        WorkerLostError: a multi-worker run lost a peer; its `restarts` is the
+            recipe's `train.worker_restarts` (the command line restarts the
+            worker that many times, `keras_resnet.training.devices.rejoin_cluster`).
     """
     cfg = load_config(config, overrides)
     paths = RunPaths.of(cfg.output_dir)
@@ -55,7 +62,15 @@ def train_from_config(config, overrides=(), restart=False):
                   f"{paths.best}, metrics {paths.metrics} ({describe_metrics(finished)}). `--restart` trains it "
                   "again (the finished run moves to previous/).")
             return finished
-        return TRAIN_BY_TASK[cfg.task](cfg)
+        try:
+            return TRAIN_BY_TASK[cfg.task](cfg)
+        except Exception as error:  # a collective that lost its peer fails with one of several TensorFlow errors
+            lost = error if isinstance(error, WorkerLostError) else (
+                lost_worker(error) if cfg.train.strategy == "multi_worker" else None)
+            if lost is None:
+                raise
+            lost.restarts = cfg.train.worker_restarts
+            raise lost from None
 
 
 def describe_metrics(metrics):

@@ -242,7 +242,7 @@ def train_segmentation(cfg):
     """
     _check_segmentation_recipe(cfg)
     train_cfg, data_cfg = cfg.train, cfg.data
-    strategy, paths, _ = devices.start_run(cfg)
+    strategy, paths, is_chief = devices.start_run(cfg)
     output_dir = paths.root
 
     backup_dir = os.path.join(paths.backup_root, "main")
@@ -284,6 +284,8 @@ def train_segmentation(cfg):
                           steps_per_epoch=steps_per_epoch, monitor="val_miou",
                           title=f"{cfg.model.backbone} {cfg.model.head}", panels=SEGMENTATION_PANELS, best_key="miou")
     train_seconds = time.time() - start
+    if devices.leave_run(paths, is_chief):
+        return None
     eval_ds, tile_overlap = evaluation_data(cfg, val_ds, info)
     metrics = run_files.finish_run(
         paths, lambda best: evaluate_segmenter(best, eval_ds, info["class_names"], output_dir, title="best model",

@@ -159,8 +159,9 @@ def check_budget_settings(cfg):
         )
     if train_cfg.strategy == "multi_worker":
         raise ConfigError(
-            "train.time_budget_minutes is not supported with train.strategy=multi_worker; set it to null "
-            "and choose train.epochs"
+            "train.time_budget_minutes is not supported with train.strategy=multi_worker: the budget times an "
+            "epoch on the machine before training, and workers measuring their own speed could choose different "
+            "epoch counts, which would stall the cluster; set it to null and choose train.epochs"
         )
 
 

@@ -241,7 +241,8 @@ def _free_ports(count):
 
 @pytest.mark.slow
 def test_multi_worker_two_processes(toy_data, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=2, strategy="multi_worker")
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=2, strategy="multi_worker",
+                          ema_momentum=0.9)  # weight averaging under multi_worker too
     workers = [f"localhost:{p}" for p in _free_ports(2)]
     processes = []
     for index in range(2):

@@ -73,7 +73,7 @@ def test_cli_train_evaluate_and_predict_boxes(tiny_fashion_dir, tmp_path, capsys
         ("model.decoder_args={nms: 0.5}", "model.decoder_args.nms is not an argument of DetectionDecoder"),
         ("model.head_args={fpn_depth: 2}",
          "model.head_args.fpn_depth is not an argument of RetinaNetDetector; did you mean fpn_width"),
-        ("train.strategy=multi_worker", "not supported for task=detection"),
+        ("train.strategy=multi_worker", "train.strategy=multi_worker needs the TF_CONFIG environment variable"),
         ("train.label_smoothing=0.1", "does not apply to task=detection"),
         ("data.source=fashion_mnist", "use one of 'voc', 'coco', 'mosaic'"),
     ],

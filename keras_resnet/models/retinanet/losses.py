@@ -16,6 +16,8 @@ class logits. As in the paper (and keras-cv's RetinaNet):
   least 1), Detectron's normalisation. The per-image values `call` returns
   are scaled by the batch size so that Keras' "sum_over_batch_size"
   reduction gives exactly `(sum of losses) / (positives in the batch)`.
+  Under tf.distribute the count is the global batch's (the mean over the
+  replicas, `mean_over_replicas`), so several replicas train as one device.
 
 GIoU is invariant to translating and to scaling each axis of both boxes, so
 it is computed in the anchor's own frame (centre 0, size 1): the decoded
@@ -28,6 +30,7 @@ Everything is computed in float32, whatever the model's dtype policy.
 import keras
 from keras import ops
 
+from keras_resnet.layers.core import mean_over_replicas
 from keras_resnet.models.retinanet.boxes import (
     BOX_VARIANCE,
     MAX_LOG_SCALE,
@@ -140,7 +143,8 @@ class RetinaNetLoss(keras.losses.Loss):
             box = giou_loss_from_deltas(box_targets, box_predictions, self.box_variance)
         box = ops.sum(box * positive, axis=-1)
         batch_size = ops.cast(ops.shape(y_true)[0], "float32")
-        normalizer = ops.maximum(ops.sum(positive), 1.0) / batch_size
+        # Positives per replica's batch, averaged over the replicas: the global batch's normalisation.
+        normalizer = ops.maximum(mean_over_replicas(ops.sum(positive)), 1.0) / batch_size
         return (classification + self.box_loss_weight * box) / normalizer
 
     def get_config(self):

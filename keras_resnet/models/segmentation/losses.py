@@ -5,12 +5,14 @@ to `ignore_index` (255, the VOC convention for borders and padding) add
 nothing to the loss. Predictions are `(N, H, W, num_classes)` logits
 (`from_logits=True`, the default) or probabilities. Every loss returns one
 value per image, and Keras' default "sum_over_batch_size" reduction turns
-them into the batch loss.
+them into the batch loss. Cross-entropy's pixel count is the global batch's
+under tf.distribute (`mean_over_replicas`), as on one device.
 """
 
 import keras
 from keras import ops
 
+from keras_resnet.layers.core import mean_over_replicas
 from keras_resnet_settings.errors import ConfigError
 
 PACKAGE = "keras_resnet"
@@ -60,7 +62,8 @@ class SegmentationCrossEntropy(keras.losses.Loss):
         if self.class_weights is not None:
             weights = weights * ops.take(ops.convert_to_tensor(self.class_weights, "float32"), labels)
         # Scaled so that the mean over all pixels equals sum(w * ce) / sum(w).
-        scale = ops.cast(ops.size(weights), "float32") / ops.maximum(ops.sum(weights), 1e-6)
+        # Under tf.distribute sum(w) is the global batch's (per replica, averaged over the replicas).
+        scale = ops.cast(ops.size(weights), "float32") / ops.maximum(mean_over_replicas(ops.sum(weights)), 1e-6)
         return ops.mean(per_pixel * weights * scale, axis=(1, 2))
 
     def get_config(self):
