@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.helpers import free_ports  # noqa: E402  (the tests' local-cluster ports)
+
 RECIPES = {
     "classification": ("tasks/classification/fashion_mnist_resnet18_narrow.yaml",
                        ["train.time_budget_minutes=null"]),
@@ -49,16 +51,6 @@ RECIPES = {
 }
 SETUPS = ("1proc-2thr", "2workers-1thr", "1proc-1thr")
 STEP_TIME = re.compile(r"~([0-9.e+-]+) s/step here")  # the run's EpochEstimate line: steps 5-14, timed
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def seconds_per_step(output):

@@ -145,6 +145,10 @@ class TrainSettings(Settings):
     epochs: int = setting(30, "passes over the training set", minimum=1)
     optimizer: str = setting("sgd", "optimizer", allowed=("sgd", "adamw"))
     learning_rate: float = setting(0.1, "peak learning rate", above=0)
+    learning_rate_batch_size: int | None = setting(
+        None, "the global batch size learning_rate (and fine_tune_learning_rate) were chosen for: the rates are "
+        "scaled linearly to data.batch_size (x data.batch_size / this, Goyal et al. 2017); null: used as given",
+        minimum=1)
     momentum: float = setting(0.9, "SGD momentum", minimum=0, below=1)
     nesterov: bool = setting(True, "SGD Nesterov momentum")
     weight_decay: float = setting(5.0e-4, "decoupled weight decay (0: off)", minimum=0)

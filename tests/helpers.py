@@ -1,6 +1,7 @@
 """Test helpers shared by several test modules (fixtures live in conftest.py)."""
 
 import gzip
+import socket
 import struct
 
 import keras
@@ -129,3 +130,14 @@ def write_voc_image(folder, stem, image, boxes, name="cat"):
         f"<depth>3</depth></size>{objects}</annotation>"
     )
     return folder
+
+
+def free_ports(count):
+    """`count` TCP ports free on localhost now (for a local TF_CONFIG cluster)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

@@ -36,7 +36,7 @@ TASK_RECIPES = sorted((ROOT / "tasks").rglob("*.yaml"))
 
 # Recipe keys declared after tests/fixtures/saved_recipes/ was written (by the dict loader of af57587).
 ADDED_SINCE_FIXTURES = {"data.val_split", "data.augment.color_jitter", "train.worker_wait_minutes",
-                        "train.worker_restarts", "train.sync_batch_norm"}
+                        "train.worker_restarts", "train.sync_batch_norm", "train.learning_rate_batch_size"}
 
 
 def flatten(tree, prefix=""):

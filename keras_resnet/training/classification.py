@@ -190,7 +190,8 @@ def train_classification(cfg):
         fit_cfg, plan, budget_callbacks = time_budget.plan_epochs(
             cfg, model,
             lambda probe: _compile(probe, train_cfg,
-                                   optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs)),
+                                   optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs,
+                                                             batch_size=cfg.data.batch_size)),
             train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
         )
         fit_steps = fit_cfg.train.steps_per_epoch or steps_per_epoch

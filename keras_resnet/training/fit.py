@@ -198,10 +198,15 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
               f"all {epochs} epochs are trained (its metrics.json was unreadable): evaluating it again", flush=True)
 
     synchronize_batch_norm(model, train_cfg.sync_batch_norm)
+    scale = optimizers.learning_rate_scale(train_cfg, cfg.data.batch_size)
+    if scale != 1.0:
+        print(f"learning rates x {scale:g} (linear scaling rule: data.batch_size {cfg.data.batch_size} / "
+              f"train.learning_rate_batch_size {train_cfg.learning_rate_batch_size}): train.learning_rate "
+              f"{train_cfg.learning_rate:g} -> {train_cfg.learning_rate * scale:g}", flush=True)
 
     def phase(first, last, learning_rate, warmup, name, callbacks):
         compile_model(model, optimizers.make_optimizer(train_cfg, steps_per_epoch, last - first, learning_rate,
-                                                       warmup))
+                                                       warmup, batch_size=cfg.data.batch_size))
         if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
             print("float16 policy: gradients through Keras' LossScaleOptimizer (dynamic loss scaling)", flush=True)
         fit_run(model, cfg, train_ds, val_ds, paths, backup_dir=os.path.join(paths.backup_root, name),

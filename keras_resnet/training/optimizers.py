@@ -10,15 +10,33 @@ from keras_resnet.training.schedules import WarmupSchedule
 # ----------------------------------------------------------------------------
 # Optimizer
 # ----------------------------------------------------------------------------
-def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmup=True):
+def learning_rate_scale(train_cfg, batch_size):
+    """The linear scaling rule's factor: `batch_size / train.learning_rate_batch_size`, 1.0 when that is null.
+
+    Goyal et al. 2017 ("Accurate, Large Minibatch SGD"): k times the global
+    batch, k times the learning rate, with a warm-up. `batch_size` is the
+    global batch (`data.batch_size`, split over all replicas of all workers).
+
+    Example:
+    >>> from keras_resnet_settings.recipe import TrainSettings
+    >>> learning_rate_scale(TrainSettings(learning_rate_batch_size=128), 512)
+    4.0
+    """
+    if not train_cfg.learning_rate_batch_size or batch_size is None:
+        return 1.0
+    return batch_size / train_cfg.learning_rate_batch_size
+
+
+def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmup=True, batch_size=None):
     """SGD (momentum, Nesterov) or AdamW with a warm-up schedule.
 
     Weight decay skips BatchNorm parameters and biases. With
     `train.ema_momentum` set, the optimizer also keeps an exponential moving
     average of the weights (Keras' `use_ema`); `fit_run` then validates and
-    checkpoints the averaged weights.
+    checkpoints the averaged weights. The learning rate (`learning_rate`, else
+    `train.learning_rate`) is scaled by `learning_rate_scale(train_cfg, batch_size)`.
     """
-    learning_rate = learning_rate or train_cfg.learning_rate
+    learning_rate = (learning_rate or train_cfg.learning_rate) * learning_rate_scale(train_cfg, batch_size)
     schedule = WarmupSchedule(
         learning_rate,
         total_steps=steps_per_epoch * epochs,

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import yaml
 from PIL import Image
 
 from keras_resnet.cli import main
+from tests.helpers import free_ports
 
 TINY_BACKBONE = {"stackwise_num_blocks": [1, 1, 1], "stackwise_num_filters": [8, 16, 16], "stem_width": 8}
 
@@ -229,21 +229,11 @@ def test_mirrored_two_cpus_matches_one_device(tmp_path):
     assert "replicas=2" in result.stdout
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_multi_worker_two_processes(toy_data, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=2, strategy="multi_worker",
                           ema_momentum=0.9)  # weight averaging under multi_worker too
-    workers = [f"localhost:{p}" for p in _free_ports(2)]
+    workers = [f"localhost:{p}" for p in free_ports(2)]
     processes = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}

@@ -19,7 +19,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -30,20 +29,15 @@ import numpy as np
 import pytest
 
 from keras_resnet.training.plots import read_history_csv
-from tests.helpers import TINY_BACKBONE, TINY_DETECTOR, write_shape_fashion_mnist
+from tests.helpers import (
+    TINY_BACKBONE,
+    TINY_DETECTOR,
+    free_ports,
+    write_shape_fashion_mnist,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def cluster_env(workers, index, extra):
@@ -208,3 +202,20 @@ def test_a_worker_whose_cluster_never_comes_up_stops_with_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if "train.worker_wait_minutes=0.1" in line]
     assert len(lines) == 1 and "worker 1 at " + workers[1] in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_crop_sampling_trains_on_two_workers(tmp_path):
+    """`data.sampling: crop` (windows of large images, tiled validation) under multi_worker, with weight averaging."""
+    from tests.training.test_own_data import mask_folder
+
+    train, val = mask_folder(tmp_path / "train", count=6, size=96), mask_folder(tmp_path / "val", count=2, seed=1)
+    overrides = [f"data.train={train}", f"data.val={val}", "model.num_classes=3", "model.backbone=resnet18",
+                 "model.input_shape=[32,32,3]", "model.backbone_args=" + json.dumps(TINY_BACKBONE),
+                 "model.head_args={head_width: 16}", "data.sampling=crop", "data.crops_per_image=4",
+                 "data.batch_size=8", "train.epochs=2", "train.mixed_precision=false", "train.ema_momentum=0.9",
+                 "train.strategy=multi_worker", f"output_dir={tmp_path / 'run'}"]
+    chief, _ = train_on_workers(["tasks/segmentation/mask_folder_fpn_resnet50.yaml", "--set", *overrides], {})
+    assert "6 train images x 4 crops = 24 windows" in chief, chief[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and "mIoU" in metrics
+    assert read_history_csv(tmp_path / "run" / "history.csv")["epoch"] == [0, 1]

@@ -108,3 +108,15 @@ def test_fine_tune_recipes_start_from_imagenet_with_a_head_warm_up(recipe):
     assert cfg.model.weights == "imagenet" and cfg.model.input_shape[-1] == 3
     assert 0 < cfg.train.head_epochs < cfg.train.epochs
     assert cfg.train.fine_tune_learning_rate < cfg.train.learning_rate
+
+
+@pytest.mark.parametrize("reference, factor", [(None, 1.0), (128, 4.0), (1024, 0.5)])
+def test_learning_rate_batch_size_scales_both_phases_linearly(reference, factor):
+    from keras_resnet.training.optimizers import make_optimizer
+
+    cfg = load_config(CLASSIFICATION_RECIPE, ["data.batch_size=512", "train.learning_rate=0.1",
+                                              "train.schedule=constant", "train.warmup_epochs=0",
+                                              f"train.learning_rate_batch_size={reference or 'null'}"])
+    for given, expected in ((None, 0.1 * factor), (0.02, 0.02 * factor)):  # train.learning_rate, a phase's own
+        optimizer = make_optimizer(cfg.train, 10, 2, given, warmup=False, batch_size=cfg.data.batch_size)
+        assert float(optimizer.learning_rate) == pytest.approx(expected)
