@@ -117,7 +117,10 @@ def deadline(seconds, message):
 
 
 def start_multi_worker(wait_minutes):
-    """A `MultiWorkerStrategy` once every worker of TF_CONFIG is up (a first all-reduce), else exit 3.
+    """A `MultiWorkerStrategy` once every worker of TF_CONFIG is up (a first all-reduce).
+
+    A cluster still incomplete after `wait_minutes` ends the process with one
+    line (`deadline`: exit status 137).
 
     Args:
         wait_minutes: how long to wait for the whole cluster (`train.worker_wait_minutes`).
