@@ -107,6 +107,12 @@ def test_two_workers_train_as_one_device(recipe, overrides, metric, data_env, tm
         p.name for p in run.iterdir()}
     assert read_history_csv(run / "history.csv")["epoch"] == [0, 1]
 
+    # The finished-run rule holds on every worker: a non-chief started again reads the chief's folder and stops.
+    again = subprocess.run([sys.executable, "-m", "keras_resnet.cli", "train", *common, "train.strategy=multi_worker",
+                            f"output_dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=cluster_env(["localhost:1", "localhost:2"], 1, data_env))
+    assert again.returncode == 0 and "holds a finished run of this recipe" in again.stdout, again.stdout[-2000:]
+
     train_in_one_process([*common, "train.strategy=one_device", f"output_dir={tmp_path / 'single'}"], data_env)
     cluster_weights = model_weights(run / "last_model.keras")
     single_weights = model_weights(tmp_path / "single" / "last_model.keras")
