@@ -56,7 +56,6 @@ from keras_resnet.training.backbones import (
 from keras_resnet.training.plots import DETECTION_PANELS
 from keras_resnet.visualize import plot_detections
 from keras_resnet_settings.errors import ConfigError, DataError
-from keras_resnet_settings.registry import DETECTION
 
 NUM_PREDICTION_EXAMPLES = 4
 NORMALIZATION_SAMPLE_BATCHES = 16
@@ -73,7 +72,7 @@ _NOT_FOR_DETECTION = {
 
 
 def _check_detection_recipe(cfg):
-    preflight.check_task_settings(cfg, DETECTION, _NOT_FOR_DETECTION, "does not apply to task=detection; set {key}={neutral}")
+    preflight.check_task_settings(cfg, _NOT_FOR_DETECTION, "does not apply to task=detection; set {key}={neutral}")
     check_recipe_args("head_args", cfg.model.head_args, RetinaNetDetector, HEAD_ARGS)
     check_recipe_args("decoder_args", cfg.model.decoder_args, DetectionDecoder, DECODER_ARGS)
 

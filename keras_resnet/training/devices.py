@@ -135,10 +135,17 @@ def start_multi_worker(wait_minutes):
                "or raise train.worker_wait_minutes")
     with deadline(wait_minutes * 60, message):
         strategy = MultiWorkerStrategy()
-        ones = strategy.run(lambda: tf.ones(()))
-        workers = int(strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None))
+        workers = int(sum_over_workers(strategy, [1.0])[0])
     print(f"multi-worker: cluster ready, {workers} replica(s)", flush=True)
     return strategy
+
+
+def sum_over_workers(strategy, values):
+    """The element-wise sum of `values` (floats, one list per worker) over the workers: an all-reduce
+    that every worker of the strategy must call with a list of the same length."""
+    local = tf.constant([float(v) for v in values], tf.float64)
+    summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: local), axis=None)
+    return [float(v) for v in summed.numpy()]
 
 
 def share_from_chief(strategy, values, is_chief):
@@ -150,9 +157,7 @@ def share_from_chief(strategy, values, is_chief):
     """
     if not isinstance(strategy, MultiWorkerStrategy):
         return list(values)
-    local = tf.constant([float(v) if is_chief else 0.0 for v in values], tf.float64)
-    summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: local), axis=None)
-    return [float(v) for v in summed.numpy()]
+    return sum_over_workers(strategy, [v if is_chief else 0.0 for v in values])
 
 
 # TensorFlow's errors when a collective loses a peer (the peer's process ended or cannot be reached).

@@ -323,9 +323,7 @@ class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
             return
         epoch = float(backup_epoch(self.backup_dir))
         # All equal exactly when n * sum(e^2) == sum(e)^2 (ReduceOp has no MIN/MAX); every worker sees the same sums.
-        sums = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant([1.0, epoch, epoch ** 2],
-                                                                                             tf.float64)), axis=None)
-        count, total, squares = (float(value) for value in sums.numpy())
+        count, total, squares = devices.sum_over_workers(strategy, [1.0, epoch, epoch ** 2])
         if count * squares != total ** 2:
             raise WorkerLostError(f"the workers restored different epochs from {self.backup_dir} (this one: epoch "
                                   f"{int(epoch) + 1}, mean {total / count + 1:g}); every worker reads it again "

@@ -24,12 +24,11 @@ def check_num_classes(cfg, info):
         )
 
 
-def check_task_settings(cfg, task, neutral_values, message):
+def check_task_settings(cfg, neutral_values, message):
     """ConfigError for recipe settings that a task's training does not implement.
 
     Args:
         cfg: the recipe.
-        task: the task name (for messages).
         neutral_values: `{(section, key): value}` of keys the task ignores; any
             other value is an error.
         message: the error after `section.key=value`, formatted with `key`

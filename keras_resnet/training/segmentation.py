@@ -55,7 +55,6 @@ from keras_resnet.training.backbones import (
 from keras_resnet.training.plots import SEGMENTATION_PANELS, plt, save_figure
 from keras_resnet.visualize import overlay_mask
 from keras_resnet_settings.errors import ConfigError, DataError
-from keras_resnet_settings.registry import SEGMENTATION
 
 NUM_PREDICTION_EXAMPLES = 4
 # Recipe keys of classification training that segmentation does not implement: key -> neutral value.
@@ -67,7 +66,7 @@ _CLASSIFICATION_ONLY = {
 
 
 def _check_segmentation_recipe(cfg):
-    preflight.check_task_settings(cfg, SEGMENTATION, _CLASSIFICATION_ONLY,
+    preflight.check_task_settings(cfg, _CLASSIFICATION_ONLY,
                         "applies to classification only; set {key}={neutral} for task=segmentation")
 
 
