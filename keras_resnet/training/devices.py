@@ -78,9 +78,32 @@ def shard_by_data(dataset):
     return dataset.with_options(options)
 
 
+def read_tf_config():
+    """The TF_CONFIG environment variable as a dict ({} when unset), checked: a ConfigError naming the problem
+    when it is not a JSON object, or its task is not one of its cluster's (`{"cluster": {"worker": [...]},
+    "task": {"type": "worker", "index": N}}`)."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return {}
+    fix = ('set it to e.g. {"cluster": {"worker": ["host-a:12345", "host-b:12345"]}, "task": {"type": "worker", '
+           '"index": 0}} (docs/cluster.md)')
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"TF_CONFIG is not JSON ({error.msg} at character {error.pos}); {fix}") from None
+    cluster, task = (config.get("cluster"), config.get("task")) if isinstance(config, dict) else (None, None)
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise ConfigError(f"TF_CONFIG needs a 'cluster' and a 'task' object, got {text[:200]!r}; {fix}")
+    addresses, index = cluster.get(task.get("type")), task.get("index", 0)
+    if not isinstance(addresses, list) or not isinstance(index, int) or not 0 <= index < len(addresses):
+        raise ConfigError(f"TF_CONFIG's task {task} is not one of its cluster's ({cluster}); give each worker "
+                          f"its own index 0..N-1 in the same cluster list; {fix}")
+    return config
+
+
 def cluster_addresses():
     """`["worker 0 at host:port", ...]` of TF_CONFIG's cluster (for messages)."""
-    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    cluster = read_tf_config().get("cluster", {})
     return [f"{job} {index} at {address}" for job, addresses in cluster.items()
             for index, address in enumerate(addresses)]
 
@@ -279,7 +302,7 @@ def resolve_precision(value):
 
 def task_info():
     """(task type, index, is_chief) from TF_CONFIG; single-process runs are chief."""
-    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    tf_config = read_tf_config()
     task = tf_config.get("task", {})
     task_type, index = task.get("type"), int(task.get("index", 0))
     cluster = tf_config.get("cluster", {})

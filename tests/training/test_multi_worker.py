@@ -225,3 +225,19 @@ def test_crop_sampling_trains_on_two_workers(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and "mIoU" in metrics
     assert read_history_csv(tmp_path / "run" / "history.csv")["epoch"] == [0, 1]
+
+
+@pytest.mark.parametrize("tf_config, expected", [
+    ("{'cluster': 1}", "TF_CONFIG is not JSON (Expecting property name enclosed in double quotes at character 1)"),
+    ('{"task": {"type": "worker", "index": 0}}', "TF_CONFIG needs a 'cluster' and a 'task' object"),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 1}}',
+     "TF_CONFIG's task {'type': 'worker', 'index': 1} is not one of its cluster's"),
+])
+def test_a_malformed_tf_config_is_one_line_before_tensorflow_starts(tf_config, expected, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_resnet.cli", "train", DETECTION[0], "--set", "train.strategy=multi_worker",
+         f"output_dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "TF_CONFIG": tf_config})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "docs/cluster.md" in result.stderr
