@@ -3,8 +3,8 @@
 With `train.time_budget_minutes` set, `plan_epochs` times a few training and
 validation steps of a throwaway copy of the model (same architecture, dtype
 policy, loss and input pipeline) before training starts, estimates one
-epoch, and chooses the number of epochs that fit in what is left of the
-budget, at most `train.epochs`. The learning-rate schedule is then laid out
+epoch, and chooses the epochs (at most `train.epochs`) and steps per epoch
+that fill what is left of the budget (`choose_run_length`). The learning-rate schedule is then laid out
 over the chosen epochs (the warm-up shrinks in proportion), so a short run
 is a complete run, not the first part of a long one. The plan is printed up
 front and kept in the run's backup folder: a resumed run follows it instead
@@ -96,22 +96,26 @@ def measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch):
 
 
 def choose_run_length(budget_minutes, elapsed_seconds, measured, max_epochs, steps_per_epoch):
-    """`(epochs, steps per epoch)` whose estimated time fits in the rest of the budget.
+    """`(epochs, steps per epoch)` whose estimated time fills the rest of the budget.
 
     The rest is the budget minus `elapsed_seconds` (data loading and the
     measurement) minus one validation pass for the final evaluation of the
-    best model; everything counts `SAFETY_FACTOR` times its estimate. Whole
-    epochs (at most `max_epochs`) where at least one fits; otherwise one
-    shortened epoch of the training steps that fit (at least 1), validated
-    on the whole validation set.
+    best model; everything counts `SAFETY_FACTOR` times its estimate. All
+    `max_epochs` where they fit. Otherwise the budget is filled to the step,
+    not to the last whole epoch: the run has one epoch more than whole epochs
+    fit, each shortened evenly to the steps that fit (every epoch is still
+    validated on the whole validation set). With 2.9 epochs' time that is 3
+    epochs of 97 % of the steps, not 2 whole epochs; with less than one
+    epoch's time, one shortened epoch (at least 1 step).
     """
     validation = measured["val_batches"] * measured["val_step_seconds"]
     available = (budget_minutes * 60.0 - elapsed_seconds - validation) / SAFETY_FACTOR
-    fits = math.floor(available / measured["epoch_seconds"])
-    if fits >= 1:
-        return min(max_epochs, fits), steps_per_epoch
-    steps = math.floor((available - validation - EPOCH_OVERHEAD_SECONDS) / measured["train_step_seconds"])
-    return 1, max(1, min(steps_per_epoch, steps))
+    if available >= max_epochs * measured["epoch_seconds"]:
+        return max_epochs, steps_per_epoch
+    epochs = min(max_epochs, max(1, math.ceil(available / measured["epoch_seconds"])))
+    per_epoch = available / epochs - validation - EPOCH_OVERHEAD_SECONDS
+    steps = math.floor(per_epoch / measured["train_step_seconds"] + 1e-6)  # not 107.99999 for 108
+    return epochs, max(1, min(steps_per_epoch, steps))
 
 
 class StopAtDeadline(keras.callbacks.Callback):
@@ -236,9 +240,13 @@ def describe_plan(plan):
     expect = f"expect ~{plan['estimated_minutes']:.0f} min"
     if epochs == recipe_epochs and steps == full_steps:
         return head + f"All {recipe_epochs} epochs fit: {expect}."
-    if steps < full_steps:
+    if steps < full_steps and epochs == 1:
         what = (f"not even one epoch fits, so training 1 shortened epoch of {steps} of its {full_steps} steps "
                 f"({steps / full_steps:.0%} of the training images)")
+    elif steps < full_steps:
+        what = (f"training {epochs} of the recipe's {recipe_epochs} epochs, each shortened to {steps} of its "
+                f"{full_steps} steps to fill the budget ({epochs * steps / full_steps:.2f} passes over the "
+                "training images)")
     else:
         what = f"training {epochs} of the recipe's {recipe_epochs} epochs"
     return head + (

@@ -27,12 +27,14 @@ def toy_data(tmp_path_factory):
     return make_toy_folders(tmp_path_factory.mktemp("toy"))
 
 
-def test_run_length_fits_the_rest_of_the_budget():
-    # (10 min - 60 s used - 2 s final evaluation) / 1.1 = 489 s; 489 / 60 s per epoch = 8.15 -> 8 whole epochs.
-    assert time_budget.choose_run_length(10, 60.0, MEASURED, max_epochs=16, steps_per_epoch=100) == (8, 100)
-    assert time_budget.choose_run_length(10, 60.0, MEASURED, max_epochs=5, steps_per_epoch=100) == (5, 100)
-    # Not even one 600-s epoch fits in 5 min: one shortened epoch, (270.9 - 2 - 4) / 0.5 = 529 -> all 100 steps
-    # would not fit at 5 s a step: (270.9 - 2 - 4) / 5 = 52 steps.
+def test_run_length_fills_the_rest_of_the_budget():
+    # (10 min - 60 s used - 2 s final evaluation) / 1.1 = 489 s = 8.15 epochs of 60 s: not 8 whole epochs (800
+    # steps) but 9 shortened ones, (489 / 9 - 2 s validation - 4 s overhead) / 0.5 s = 96 steps each: 864 steps.
+    assert time_budget.choose_run_length(10, 60.0, MEASURED, max_epochs=16, steps_per_epoch=108) == (9, 96)
+    assert time_budget.choose_run_length(10, 60.0, MEASURED, max_epochs=5, steps_per_epoch=108) == (5, 108)
+    # Exactly whole epochs' time: whole epochs. 4 epochs x 60 s x 1.1 + 2 s final evaluation = 266 s.
+    assert time_budget.choose_run_length(266 / 60, 0.0, MEASURED, max_epochs=16, steps_per_epoch=108) == (4, 108)
+    # Not even one 600-s epoch fits in 5 min: one shortened epoch, (270.9 - 2 - 4) / 5 s a step = 52 steps.
     slow = {**MEASURED, "epoch_seconds": 600.0, "train_step_seconds": 5.0}
     assert time_budget.choose_run_length(5, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 52)
     assert time_budget.choose_run_length(0.1, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 1)  # at least a step
@@ -61,8 +63,12 @@ def test_measure_epoch_times_a_copy_and_leaves_the_model_alone():
 
 
 def test_budget_run_trains_the_epochs_that_fit_with_the_schedule_over_them(toy_data, tmp_path, monkeypatch, capsys):
-    # An epoch "takes" 60 s (66 s with the safety factor): a 3-minute budget fits 2 of the recipe's 30 epochs (whatever this machine's speed).
-    monkeypatch.setattr(time_budget, "measure_epoch", lambda *args: dict(MEASURED))
+    # An epoch "takes" 60 s (66 s with the safety factor), whatever this machine's speed: a 3-minute budget
+    # fits 2.3-2.5 of the recipe's 30 epochs (less what loading the data took): 3 epochs of fewer steps.
+    def measured(model, compile_model, train_ds, val_ds, steps_per_epoch):
+        return {**MEASURED, "train_step_seconds": 54.0 / steps_per_epoch}
+
+    monkeypatch.setattr(time_budget, "measure_epoch", measured)
     recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=30, optimizer="sgd",
                           learning_rate=0.05, warmup_epochs=3, schedule="cosine", time_budget_minutes=3)
     with warnings.catch_warnings(record=True) as caught:
@@ -70,13 +76,15 @@ def test_budget_run_trains_the_epochs_that_fit_with_the_schedule_over_them(toy_d
         assert main(["train", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "time budget 3 min: one epoch takes ~1.0 min here" in out
-    assert "training 2 of the recipe's 30 epochs" in out and "warm-up 0.2 epochs" in out
+    assert "training 3 of the recipe's 30 epochs, each shortened to" in out and "warm-up 0.3 epochs" in out
     history = read_history_csv(tmp_path / "run" / "history.csv")
-    assert history["epoch"] == [0, 1]
-    # The cosine ends at 0 after the 2 chosen epochs (over 30 it would still be near its 0.05 peak).
+    assert history["epoch"] == [0, 1, 2]
+    # The cosine ends at 0 after the 3 chosen epochs (over 30 it would still be near its 0.05 peak).
     assert history["learning_rate"][-1] < 1e-6 < history["learning_rate"][0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["time_budget"]["epochs"] == 2 and metrics["epochs"] == 2
+    plan = metrics["time_budget"]
+    assert plan["epochs"] == 3 and metrics["epochs"] == 3
+    assert 0 < plan["steps_per_epoch"] < plan["full_steps_per_epoch"]
     assert not (tmp_path / "run" / "backup").exists()
     # Not a terminal: one line per epoch (verbose=2), no progress-bar redraws, no shuffle warning.
     assert "\x08" not in out and "\r" not in out
