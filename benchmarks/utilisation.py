@@ -39,6 +39,8 @@ Models (`--models`, default: all that are installed):
 * deeplabv3plus_512: `ResNetSegmenter.from_preset("resnet50", 21,
   head="deeplabv3plus")` (output stride 32) with the default segmentation
   loss, batch 2.
+* deeplabv3plus_separable_512: the same with `separable=True`
+  (depthwise-separable 3x3 convs in the ASPP and the decoder).
 * keras_apps_resnet50_224/_160: `keras.applications.ResNet50(weights=None)`
   (stride in the first 1x1 conv of a block: 3.86 GMACs at 224 against our
   4.09), sparse categorical cross-entropy.
@@ -272,14 +274,14 @@ def build_retinanet(batch, rng, size=512):
     return model, _pipeline(_images(rng, batch * 2, size), model.make_label_encoder()(boxes, classes), batch)
 
 
-def build_deeplab(batch, rng, size=512):
+def build_deeplab(batch, rng, size=512, separable=False):
     from keras_resnet.data.segmentation import IGNORE_INDEX
     from keras_resnet.models.segmentation.losses import make_segmentation_loss
     from keras_resnet.models.segmentation.segmenter import ResNetSegmenter
     from keras_resnet_settings.loading import load_config
 
     model = ResNetSegmenter.from_preset("resnet50", SEGMENTATION_CLASSES, head="deeplabv3plus",
-                                        input_shape=(size, size, 3))
+                                        input_shape=(size, size, 3), separable=separable)
     model.compile(optimizer=_sgd(), loss=make_segmentation_loss(load_config(None).train.loss, IGNORE_INDEX))
     masks = rng.integers(0, SEGMENTATION_CLASSES, (batch * 2, size, size)).astype("int32")
     return model, _pipeline(_images(rng, batch * 2, size), masks, batch)
@@ -291,6 +293,11 @@ def _hub_resnet50(size):
         input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 128, 256, 512],
         stackwise_num_blocks=[3, 4, 6, 3], stackwise_num_strides=[1, 2, 2, 2], block_type="bottleneck_block",
         use_pre_activation=False, image_shape=(size, size, 3))
+
+
+def build_deeplab_separable(batch, rng, size=512):
+    """Our DeepLabV3+ with depthwise-separable ASPP and decoder convs (`separable=True`)."""
+    return build_deeplab(batch, rng, size, separable=True)
 
 
 def build_hub_resnet50(size):
@@ -333,6 +340,7 @@ MODELS = {
     "resnet50_160": (build_resnet50(160), "160x160x3", 16, 4, "ours", None),
     "retinanet_512": (build_retinanet, "512x512x3", 2, 4, "ours", None),
     "deeplabv3plus_512": (build_deeplab, "512x512x3", 2, 4, "ours", None),
+    "deeplabv3plus_separable_512": (build_deeplab_separable, "512x512x3", 2, 4, "ours", None),
     "keras_apps_resnet50_224": (build_keras_apps_resnet50(224), "224x224x3", 16, 4, "keras.applications",
                                 "resnet50_224"),
     "keras_apps_resnet50_160": (build_keras_apps_resnet50(160), "160x160x3", 16, 4, "keras.applications",
@@ -340,7 +348,8 @@ MODELS = {
     "hub_resnet50_224": (build_hub_resnet50(224), "224x224x3", 16, 4, "keras-hub", "resnet50_224"),
     "hub_resnet50_160": (build_hub_resnet50(160), "160x160x3", 16, 4, "keras-hub", "resnet50_160"),
     "hub_retinanet_512": (build_hub_retinanet, "512x512x3", 2, 4, "keras-hub", "retinanet_512"),
-    "hub_deeplabv3plus_512": (build_hub_deeplab, "512x512x3", 2, 4, "keras-hub", "deeplabv3plus_512"),
+    "hub_deeplabv3plus_512": (build_hub_deeplab, "512x512x3", 2, 4, "keras-hub",
+                              ("deeplabv3plus_512", "deeplabv3plus_separable_512")),
 }
 
 
@@ -398,7 +407,9 @@ def print_table(benches, args, compute_dtype, machine, load_before, load_after, 
         step_ms = batch / rate * 1000
         busy = statistics.median(bench["cpu_ms"]) / step_ms
         # our step time / theirs = their images/s / ours
-        versus = f"{rate / statistics.median(benches[ours]['rates']):.2f}" if ours in benches else ""
+        ours = (ours,) if isinstance(ours, str) else ours or ()
+        versus = " / ".join(f"{rate / statistics.median(benches[our]['rates']):.2f} ({our})"
+                            for our in ours if our in benches)
         print(f"| {name} | {library} | {size} | {batch} | {args.dtype} | {bench['macs'] / 1e9:.3f} "
               f"({bench['count_macs'] / 1e9:.3f}) | {rate:.2f} | {bench['macs'] * 6 * rate / 1e9:.1f} | "
               f"{statistics.median(bench['matmul']):.1f} | {statistics.median(bench['ratios']):.3f} | {busy:.2f} | "

@@ -66,6 +66,20 @@ def apply_conv_bn_relu(x, filters, kernel_size, name, dilation_rate=1):
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
+def apply_separable_conv_bn_relu(x, filters, name, dilation_rate=1):
+    """Depthwise-separable 3x3 unit: depthwise 3x3 + BatchNorm + ReLU, then 1x1 conv + BatchNorm + ReLU.
+
+    DeepLabV3+'s "SC" (Chen et al., 2018, section 3.2; DeepLab's `split_separable_conv2d`): the same
+    receptive field as `apply_conv_bn_relu(x, filters, 3, ...)` at about 1/9 + 1/filters of its
+    multiply-accumulates. Layers are "{name}_depthwise", "{name}_depthwise_bn", "{name}_conv", "{name}_bn".
+    """
+    x = layers.DepthwiseConv2D(3, padding="same", dilation_rate=dilation_rate, use_bias=False,
+                               name=f"{name}_depthwise")(x)
+    x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_depthwise_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_depthwise_relu")(x)
+    return apply_conv_bn_relu(x, filters, 1, name=name)
+
+
 def apply_fpn(pyramid, levels=("C2", "C3", "C4", "C5"), width=256, name="fpn"):
     """Feature Pyramid Network: lateral 1x1 convs, top-down path, 3x3 outputs.
 

@@ -77,7 +77,7 @@ def _datasets(cfg):
 def build_segmenter(cfg, info):
     """The recipe's `ResNetSegmenter` (logits), taking raw pixels 0..255.
 
-    `model.head_args` passes `head_width`, `decoder_width`, `aspp_rates` and `decoder_level`
+    `model.head_args` passes `head_width`, `decoder_width`, `aspp_rates`, `decoder_level` and `separable`
     to the segmenter. Normalisation by the training set's mean/std is a layer inside the
     model; `model.weights` (a `.keras` model or keras.applications `.h5`)
     initialises the backbone; `model.freeze_stages` freezes its first stages.
@@ -86,7 +86,7 @@ def build_segmenter(cfg, info):
     check_recipe_args("head_args", model_cfg.head_args, ResNetSegmenter)
     return build_model_from_config(
         cfg, info, ResNetSegmenter, model_cfg.head,
-        "model.head_args: {error}; allowed: head_width, decoder_width, aspp_rates, decoder_level",
+        "model.head_args: {error}; allowed: head_width, decoder_width, aspp_rates, decoder_level, separable",
         head=model_cfg.head, **model_cfg.head_args,
     )
 

@@ -115,6 +115,32 @@ def test_decoder_levels_list_fuses_each_level_coarse_to_fine(tmp_path):
             ResNetSegmenter(backbone, 3, decoder_level=bad)
 
 
+def test_separable_deeplabv3plus_uses_depthwise_convs_and_round_trips(tmp_path):
+    backbone = ResNetBackbone.from_preset("resnet18", input_shape=(64, 64, 3), output_stride=16, **ONE_BLOCK)
+    dense = ResNetSegmenter(backbone, 3, head_width=32, decoder_width=8, aspp_rates=[1, 2, 3])
+    separable = ResNetSegmenter(backbone, 3, head_width=32, decoder_width=8, aspp_rates=[1, 2, 3], separable=True)
+    # Every 3x3 of the ASPP and the decoder is depthwise (rate kept) then 1x1; the 1x1 branches are unchanged.
+    for name, rate in [("aspp_rate2", 2), ("decoder_refine1", 1), ("decoder_refine2", 1)]:
+        assert separable.get_layer(f"{name}_depthwise").dilation_rate == (rate, rate)
+        assert separable.get_layer(f"{name}_conv").kernel_size == (1, 1)
+        assert dense.get_layer(f"{name}_conv").kernel_size == (3, 3)
+    assert separable.get_layer("aspp_1x1_conv").kernel_size == (1, 1)
+    head_params = lambda model: model.count_params() - backbone.count_params()  # noqa: E731
+    # 3x3 x Cin x Cout against 3x3 x Cin + Cin x Cout (+ the depthwise BN): far fewer head weights.
+    assert head_params(separable) < 0.3 * head_params(dense)
+    images = np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    separable.save(tmp_path / "separable.keras")
+    loaded = keras.saving.load_model(tmp_path / "separable.keras")
+    assert loaded.separable is True and loaded.get_layer("decoder_refine2_depthwise") is not None
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), separable.predict(images, verbose=0), atol=1e-6)
+    # A configuration saved before the argument existed (no "separable" key) builds the dense head it was.
+    config = dense.get_config()
+    del config["separable"]
+    assert ResNetSegmenter.from_config(config).get_layer("decoder_refine2_conv").kernel_size == (3, 3)
+    with pytest.raises(ValueError, match="separable=True needs head='deeplabv3plus'"):
+        ResNetSegmenter(backbone, 3, head="deeplabv3", separable=True)
+
+
 def test_odd_and_dynamic_input_sizes_and_float32_output_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = tiny_segmenter("fpn", input_shape=(None, None, 3))
