@@ -29,7 +29,12 @@ import keras
 import numpy as np
 from keras import layers
 
-from keras_resnet.layers.fpn import ResizeLike, apply_conv_bn_relu, apply_fpn, apply_separable_conv_bn_relu
+from keras_resnet.layers.fpn import (
+    ResizeLike,
+    apply_conv_bn_relu,
+    apply_fpn,
+    apply_separable_conv_bn_relu,
+)
 from keras_resnet.models.task import Task
 from keras_resnet.models.task_weights import is_task_preset, task_model_from_catalogue
 from keras_resnet.tiling import (
