@@ -369,24 +369,36 @@ def run_utilisation(args):
     benches = {}
     for name in names:
         builder, _, batch, steps, _, _ = MODELS[name]
+        batch = args.batch or batch
         start = time.perf_counter()
         model, dataset = builder(batch, rng)
         macs, counted = graph_macs(model), count_macs(model)
         warmup = 1 if args.quick else 2
-        model.fit(dataset, steps_per_epoch=warmup, epochs=1, verbose=0)  # traces the train step
-        benches[name] = {"model": model, "dataset": dataset, "macs": macs, "count_macs": counted,
+        if args.inference:
+            images = next(iter(dataset))[0]
+            forward = tf.function(lambda x, model=model: model(x, training=False))
+            for _ in range(warmup):
+                tf.nest.map_structure(lambda t: t.numpy(), forward(images))  # traces the forward pass
+            benches[name] = {"forward": forward, "images": images}
+        else:
+            model.fit(dataset, steps_per_epoch=warmup, epochs=1, verbose=0)  # traces the train step
+        benches.setdefault(name, {}).update({"model": model, "dataset": dataset, "macs": macs, "count_macs": counted,
+                                             "batch": batch,
                          "steps": args.steps or (2 if args.quick else steps), "rates": [], "cpu_ms": [],
-                         "matmul": [], "ratios": []}
+                         "matmul": [], "ratios": []})
         print(f"built {name}: {macs / 1e9:.3f} GMACs/image (count_macs {counted / 1e9:.3f}), "
               f"{model.count_params():,} params, {time.perf_counter() - start:.0f} s with warm-up", flush=True)
     before = matmul.gflops()
     for round_index in range(args.rounds):
         for name, bench in benches.items():
-            batch = MODELS[name][2]
-            rate, cpu_ms = timed_fit(bench["model"], bench["dataset"], bench["steps"], batch)
+            batch = bench["batch"]
+            if args.inference:
+                rate, cpu_ms = timed_forward(bench["forward"], bench["images"], bench["steps"], batch)
+            else:
+                rate, cpu_ms = timed_fit(bench["model"], bench["dataset"], bench["steps"], batch)
             after = matmul.gflops()
             reference, before = (before + after) / 2, after  # the matmul timings just before and just after
-            achieved = bench["macs"] * 6 * rate / 1e9
+            achieved = bench["macs"] * flops_per_mac(args) * rate / 1e9
             bench["rates"].append(rate)
             bench["cpu_ms"].append(cpu_ms)
             bench["matmul"].append(reference)
@@ -396,13 +408,30 @@ def run_utilisation(args):
     return benches, compute_dtype
 
 
+def flops_per_mac(args):
+    """2 FLOPs per multiply-accumulate, x3 for a train step (forward + backward), x1 for inference."""
+    return 2 if args.inference else 6
+
+
+def timed_forward(forward, images, steps, batch):
+    """(images/s, CPU ms per call) of `steps - 1` timed calls of `forward` after one untimed call."""
+    tf.nest.map_structure(lambda t: t.numpy(), forward(images))
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps - 1):
+        outputs = forward(images)
+    tf.nest.map_structure(lambda t: t.numpy(), outputs)
+    seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
+    return (steps - 1) * batch / seconds, cpu_seconds / (steps - 1) * 1000
+
+
 def print_table(benches, args, compute_dtype, machine, load_before, load_after, seconds):
     print()
     print(f"| model | library | input | batch | dtype | GMACs/image (count_macs) | images/s | GFLOP/s | "
           f"{compute_dtype} matmul {args.matmul_size}^2 GFLOP/s | ratio | CPU s / wall s | time ours/theirs |")
     print("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, bench in benches.items():
-        _, size, batch, _, library, ours = MODELS[name]
+        _, size, _, _, library, ours = MODELS[name]
+        batch = bench["batch"]
         rate = statistics.median(bench["rates"])
         step_ms = batch / rate * 1000
         busy = statistics.median(bench["cpu_ms"]) / step_ms
@@ -411,7 +440,8 @@ def print_table(benches, args, compute_dtype, machine, load_before, load_after, 
         versus = " / ".join(f"{rate / statistics.median(benches[our]['rates']):.2f} ({our})"
                             for our in ours if our in benches)
         print(f"| {name} | {library} | {size} | {batch} | {args.dtype} | {bench['macs'] / 1e9:.3f} "
-              f"({bench['count_macs'] / 1e9:.3f}) | {rate:.2f} | {bench['macs'] * 6 * rate / 1e9:.1f} | "
+              f"({bench['count_macs'] / 1e9:.3f}) | {rate:.2f} | "
+              f"{bench['macs'] * flops_per_mac(args) * rate / 1e9:.1f} | "
               f"{statistics.median(bench['matmul']):.1f} | {statistics.median(bench['ratios']):.3f} | {busy:.2f} | "
               f"{versus} |")
     print()
@@ -419,10 +449,11 @@ def print_table(benches, args, compute_dtype, machine, load_before, load_after, 
     print(f"load average (1/5/15 min) before {load_before}, after {load_after}; {seconds / 60:.1f} min")
     print(f"medians of {args.rounds} interleaved rounds; steps per round (first untimed): "
           + ", ".join(f"{name} {bench['steps']}" for name, bench in benches.items()))
-    print("GFLOP/s = graph MACs x 2 x 3 x images/s; ratio = median over rounds of model GFLOP/s / mean of the "
-          "matmul GFLOP/s timed just before and after; CPU s / wall s = process CPU time (all threads) per wall "
-          "second of the timed steps (at most the core count); time ours/theirs = our step time "
-          "/ theirs (<1: ours faster)")
+    what = "forward pass (inference)" if args.inference else "train step"
+    print(f"timed: the {what}; GFLOP/s = graph MACs x {flops_per_mac(args)} x images/s; ratio = median over "
+          "rounds of model GFLOP/s / mean of the matmul GFLOP/s timed just before and after; CPU s / wall s = "
+          "process CPU time (all threads) per wall second of the timed steps (at most the core count); "
+          "time ours/theirs = our step time / theirs (<1: ours faster)")
 
 
 # ----------------------------------------------------------------------------
@@ -548,6 +579,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["float32", "mixed_bfloat16"], default="float32")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--quick", action="store_true", help="1 round of 2 steps, 1 warm-up step: a smoke check")
+    parser.add_argument("--inference", action="store_true",
+                        help="time the forward pass (training=False, a tf.function) instead of the train step; "
+                        "GFLOP/s then counts MACs x 2")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
     parser.add_argument("--profile", action="store_true", help="profile the recipe's train step instead")
     parser.add_argument("--profile-steps", type=int, default=5)
     args = parser.parse_args(argv)
