@@ -185,6 +185,11 @@ class TrainSettings(Settings):
     time_budget_minutes: float | None = setting(
         None, "classification: train the epochs (at most `epochs`) that fit in this many minutes, measured "
         "on the machine before training", above=0)
+    time_budget_fallback: dict = setting(
+        {}, "classification with time_budget_minutes: recipe overrides ({dotted key: value}, as --set takes them) "
+        "for a cheaper network, trained instead when less than time_budget_fallback_below of the epochs fit")
+    time_budget_fallback_below: float = setting(
+        0.5, "use time_budget_fallback when the budget fits less than this fraction of `epochs`", above=0)
     loss: str = setting("ce", "segmentation loss", allowed=("ce", "dice", "ce+dice"))
     class_weights: list[float] | None = setting(
         None, "segmentation: per-class loss weights (one per class)",

@@ -36,14 +36,18 @@ TASK_RECIPES = sorted((ROOT / "tasks").rglob("*.yaml"))
 
 # Recipe keys declared after tests/fixtures/saved_recipes/ was written (by the dict loader of af57587).
 ADDED_SINCE_FIXTURES = {"data.val_split", "data.augment.color_jitter", "train.worker_wait_minutes",
-                        "train.worker_restarts", "train.sync_batch_norm", "train.learning_rate_batch_size"}
+                        "train.worker_restarts", "train.sync_batch_norm", "train.learning_rate_batch_size",
+                        "train.time_budget_fallback", "train.time_budget_fallback_below"}
+
+
+FREE_FORM = ("backbone_args", "head_args", "decoder_args", "time_budget_fallback")  # mappings, not sections
 
 
 def flatten(tree, prefix=""):
     """{"data.augment.scale_range": [...], ...} of a nested recipe dict."""
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and key not in ("backbone_args", "head_args", "decoder_args"):
+        if isinstance(value, dict) and key not in FREE_FORM:
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

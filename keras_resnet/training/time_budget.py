@@ -14,6 +14,7 @@ The budget covers the `train` command: data loading, the measurement, the
 epochs and the final evaluation of the best model; not installation or exports.
 """
 
+import json
 import math
 import os
 import time
@@ -167,9 +168,48 @@ def check_budget_settings(cfg):
             "epoch on the machine before training, and workers measuring their own speed could choose different "
             "epoch counts, which would stall the cluster; set it to null and choose train.epochs"
         )
+    if train_cfg.time_budget_fallback:
+        if cfg.model.weights is not None:
+            raise ConfigError(
+                f"train.time_budget_fallback (another network) does not combine with model.weights="
+                f"{cfg.model.weights!r} (weights of the recipe's network); set train.time_budget_fallback={{}}"
+            )
+        fallback_recipe(cfg)  # a bad key or value is a ConfigError now, not after the measurement
 
 
-def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, backup_root, run_started):
+FALLBACK_REFUSED = ("model.input_shape", "model.num_classes", "model.weights")
+
+
+def fallback_overrides(train_cfg):
+    """`train.time_budget_fallback` as `--set` strings ("model.backbone_args.stem_width=16", ...)."""
+    return [f"{key}={json.dumps(value)}" for key, value in train_cfg.time_budget_fallback.items()]
+
+
+def fallback_recipe(cfg):
+    """`cfg` with `train.time_budget_fallback` applied: the recipe of the cheaper network.
+
+    Only `model.*` keys (the network; not its input shape, classes or
+    weights): the data, batches and schedule stay the recipe's, so the two
+    networks' epochs are the same steps and compare by their measured time.
+    """
+    from keras_resnet_settings.loading import load_config
+
+    keys = list(cfg.train.time_budget_fallback)
+    refused = [key for key in keys if not key.startswith("model.") or key.startswith(FALLBACK_REFUSED)]
+    if refused:
+        raise ConfigError(
+            f"train.time_budget_fallback: {', '.join(refused)} cannot change; it takes keys of the network "
+            f"(model.*, e.g. model.backbone_args.stackwise_num_filters), not {', '.join(FALLBACK_REFUSED)} "
+            "or keys outside model"
+        )
+    try:
+        return load_config(cfg, fallback_overrides(cfg.train))
+    except ConfigError as error:
+        raise ConfigError(f"train.time_budget_fallback: {error}") from None
+
+
+def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, backup_root, run_started,
+                build_fallback=None):
     """The recipe to train under `train.time_budget_minutes`: `cfg` with the epochs that fit.
 
     Without a budget, returns `(cfg, None, [])`. Otherwise measures an epoch
@@ -180,11 +220,19 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     spans the run that will happen; `callbacks` holds the `StopAtDeadline`
     of a new plan (a resumed run has no clock to keep: none).
 
+    With `train.time_budget_fallback` set and less than
+    `train.time_budget_fallback_below` of the recipe's epochs fitting, the
+    cheaper network is measured too and, where more of its epochs fit, is
+    what trains: the planned cfg then has the fallback applied
+    (`fallback_recipe`) and `plan["fallback"]` lists its overrides, so the
+    caller builds that network (a resumed run does the same from the stored plan).
+
     Args:
         cfg: the recipe.
         model, compile_model, train_ds, val_ds, steps_per_epoch: see `measure_epoch`.
         backup_root: the run's backup folder (deleted when the run finishes).
         run_started: `time.time()` when the `train` command started.
+        build_fallback: `build_fallback(fallback cfg) -> model` (None: no fallback).
     """
     budget = cfg.train.time_budget_minutes
     if budget is None:
@@ -194,12 +242,25 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     if os.path.exists(path):
         plan = read_json(path)
         callbacks = []
+        network = f", the fallback network ({', '.join(plan['fallback'])})" if plan.get("fallback") else ""
         print(f"time budget: resuming the plan made when this run started ({path}): "
-              f"{plan['epochs']} of {recipe_epochs} epochs")
+              f"{plan['epochs']} of {recipe_epochs} epochs{network}")
     else:
         measured = measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch)
         elapsed = time.time() - run_started
         epochs, steps = choose_run_length(budget, elapsed, measured, recipe_epochs, steps_per_epoch)
+        recipe_passes, fallback = epochs * steps / steps_per_epoch, None
+        if (build_fallback is not None and cfg.train.time_budget_fallback
+                and recipe_passes < cfg.train.time_budget_fallback_below * recipe_epochs):
+            cheaper = measure_epoch(build_fallback(fallback_recipe(cfg)), compile_model, train_ds, val_ds,
+                                    steps_per_epoch)
+            elapsed = time.time() - run_started
+            fallback_epochs, fallback_steps = choose_run_length(budget, elapsed, cheaper, recipe_epochs,
+                                                                steps_per_epoch)
+            if fallback_epochs * fallback_steps > epochs * steps:
+                fallback = {"fallback": fallback_overrides(cfg.train),
+                            "recipe_network": {"passes": round(recipe_passes, 2), **measured}}
+                measured, epochs, steps = cheaper, fallback_epochs, fallback_steps
         validation = measured["val_batches"] * measured["val_step_seconds"]
         run_seconds = epochs * (steps * measured["train_step_seconds"] + validation + EPOCH_OVERHEAD_SECONDS)
         plan = {
@@ -214,6 +275,7 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
             "elapsed_seconds_before_training": round(elapsed, 1),
             "estimated_minutes": round((elapsed + run_seconds + validation) / 60.0, 1),
             **measured,
+            **(fallback or {}),
         }
         print(describe_plan(plan))
         os.makedirs(backup_root, exist_ok=True)
@@ -223,7 +285,8 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     changes = {"epochs": plan["epochs"], "warmup_epochs": float(plan["warmup_epochs"])}
     if plan.get("steps_per_epoch", steps_per_epoch) < steps_per_epoch:
         changes["steps_per_epoch"] = plan["steps_per_epoch"]
-    return cfg.replace(train=cfg.train.replace(**changes)), plan, callbacks
+    planned = fallback_recipe(cfg) if plan.get("fallback") else cfg
+    return planned.replace(train=planned.train.replace(**changes)), plan, callbacks
 
 
 def describe_plan(plan):
@@ -237,6 +300,14 @@ def describe_plan(plan):
         f"batches x {plan['val_step_seconds']:.3f} s, policy {plan['policy']}); "
         f"{plan['elapsed_seconds_before_training'] / 60.0:.1f} min used before training. "
     )
+    if plan.get("fallback"):
+        slower = plan["recipe_network"]
+        head += (
+            f"The recipe's network would take ~{slower['epoch_seconds'] / 60.0:.1f} min per epoch "
+            f"({slower['train_step_seconds']:.3f} s/step): {slower['passes']:g} of its {recipe_epochs} epochs, "
+            f"under train.time_budget_fallback_below; so the cheaper network of train.time_budget_fallback "
+            f"({', '.join(plan['fallback'])}) trains instead (times above). "
+        )
     expect = f"expect ~{plan['estimated_minutes']:.0f} min"
     if epochs == recipe_epochs and steps == full_steps:
         return head + f"All {recipe_epochs} epochs fit: {expect}."

@@ -91,6 +91,87 @@ def test_budget_run_trains_the_epochs_that_fit_with_the_schedule_over_them(toy_d
     assert not [w for w in caught if "shuffle" in str(w.message)]
 
 
+FALLBACK = {"model.backbone_args.stackwise_num_filters": [4, 4, 8], "model.backbone_args.stem_width": 4}
+
+
+def _measured_by_width(slow_seconds, fast_seconds):
+    """A fake `measure_epoch`: epochs of the recipe's network (stem width 8) take `slow_seconds`, the fallback's
+    (stem width 4) `fast_seconds`; records the stem width of each network measured."""
+    widths = []
+
+    def measured(model, compile_model, train_ds, val_ds, steps_per_epoch):
+        width = model.backbone.get_config()["stem_width"]
+        widths.append(width)
+        seconds = slow_seconds if width == 8 else fast_seconds
+        return {**MEASURED, "epoch_seconds": seconds, "train_step_seconds": (seconds - 6.0) / steps_per_epoch}
+
+    return measured, widths
+
+
+def test_a_slow_machine_trains_the_cheaper_fallback_network(toy_data, tmp_path, monkeypatch, capsys):
+    # The recipe's network: 100-s epochs, ~1.6 of 30 fit in 3 minutes (< half); the fallback's: 20-s epochs, ~8.
+    measured, widths = _measured_by_width(100.0, 20.0)
+    monkeypatch.setattr(time_budget, "measure_epoch", measured)
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=30, time_budget_minutes=3,
+                          time_budget_fallback=FALLBACK)
+    assert main(["train", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert widths == [8, 4]  # both measured, the recipe's first
+    assert "so the cheaper network of train.time_budget_fallback" in out
+    assert "model.backbone_args.stem_width=4" in out
+    run = tmp_path / "run"
+    plan = json.loads((run / "metrics.json").read_text())["time_budget"]
+    assert plan["fallback"] and 7 <= plan["epochs"] <= 9 and plan["recipe_network"]["passes"] < 2
+    trained = keras.saving.load_model(run / "best_model.keras")
+    assert trained.backbone.get_config()["stem_width"] == 4
+    # recipe.yaml stays the recipe as given, so the finished run is recognised as this recipe's.
+    assert "time_budget_fallback" in (run / "recipe.yaml").read_text()
+    assert main(["train", str(recipe)]) == 0
+    assert "holds a finished run of this recipe" in capsys.readouterr().out
+
+
+def test_a_fast_machine_keeps_the_recipes_network(toy_data, tmp_path, monkeypatch, capsys):
+    # 20-s epochs: 7 of 30 epochs fit, above time_budget_fallback_below=0.2 of them: the fallback is not measured.
+    measured, widths = _measured_by_width(20.0, 1.0)
+    monkeypatch.setattr(time_budget, "measure_epoch", measured)
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=30, time_budget_minutes=3,
+                          time_budget_fallback=FALLBACK, time_budget_fallback_below=0.2)
+    assert main(["train", str(recipe)]) == 0
+    assert widths == [8] and "time_budget_fallback" not in capsys.readouterr().out
+    trained = keras.saving.load_model(tmp_path / "run" / "best_model.keras")
+    assert trained.backbone.get_config()["stem_width"] == 8
+
+
+def test_a_resumed_run_builds_the_network_its_plan_chose(tmp_path):
+    cfg = load_config(None, ["train.epochs=30", "train.time_budget_minutes=5", "model.backbone=resnet18",
+                             f"train.time_budget_fallback={json.dumps({'model.backbone_args.stem_width': 16})}"])
+    stored = {"epochs": 9, "warmup_epochs": 0.3, "fallback": time_budget.fallback_overrides(cfg.train)}
+    (tmp_path / time_budget.PLAN_FILE).write_text(json.dumps(stored))
+    planned, _, _ = time_budget.plan_epochs(cfg, None, None, None, None, 10, str(tmp_path), 0.0)
+    assert planned.model.backbone_args["stem_width"] == 16 and planned.train.epochs == 9
+    (tmp_path / time_budget.PLAN_FILE).write_text(json.dumps({"epochs": 9, "warmup_epochs": 0.3}))
+    planned, _, _ = time_budget.plan_epochs(cfg, None, None, None, None, 10, str(tmp_path), 0.0)
+    assert "stem_width" not in planned.model.backbone_args  # the recipe's own network
+
+
+@pytest.mark.parametrize("fallback, message", [
+    ({"train.epochs": 3}, "train.epochs cannot change"),
+    ({"model.input_shape": [8, 8, 1]}, "model.input_shape cannot change"),
+    ({"model.no_such_key": 1}, "train.time_budget_fallback: unknown key 'model.no_such_key'"),
+    ({"model.dropout": "x"}, "train.time_budget_fallback: 'model.dropout' must be a float"),
+])
+def test_a_fallback_that_cannot_work_is_a_config_error(fallback, message, tmp_path):
+    cfg = load_config(None, ["train.time_budget_minutes=5", f"train.time_budget_fallback={json.dumps(fallback)}"])
+    with pytest.raises(ConfigError, match=message):
+        time_budget.check_budget_settings(cfg)
+    weights = tmp_path / "w.keras"
+    weights.write_bytes(b"")
+    cfg = load_config(None, ["train.time_budget_minutes=5", f"model.weights={weights}",
+                             "train.time_budget_fallback={\"model.dropout\": 0.1}"])
+    with pytest.raises(ConfigError, match="does not combine with model.weights"):
+        time_budget.check_budget_settings(cfg)
+
+
 def test_a_resumed_run_follows_its_stored_plan(tmp_path, monkeypatch, capsys):
     def must_not_measure(*args):
         raise AssertionError("a resumed run measured again")
