@@ -40,8 +40,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # step_timer, utilisation (imported by the cost phase only)
 RECIPE = ROOT / "tasks/classification/fashion_mnist_resnet18_narrow.yaml"
-FASHION_MNIST_INFO = {"mean": [72.94], "std": [90.02]}
 TRAIN_IMAGES = 60000
 
 # name -> overrides of the default recipe (keras-resnet train --set ...)
@@ -77,28 +77,17 @@ def load(overrides):
 
 
 def build(overrides, rng):
-    import numpy as np
-    import tensorflow as tf
+    """(model, cached synthetic data, batch) of a candidate: `utilisation.build_recipe` with its overrides, float32."""
+    from utilisation import build_recipe
 
-    from keras_resnet.training import classification, optimizers
-
-    cfg = load(overrides + ["train.mixed_precision=float32"])
-    model = classification.build_classifier(cfg, dict(FASHION_MNIST_INFO))
-    batch = cfg.data.batch_size
-    classification._compile(model, cfg.train, optimizers.make_optimizer(cfg.train, TRAIN_IMAGES // batch,
-                                                                       cfg.train.epochs))
-    size, _, channels = cfg.model.input_shape
-    images = (rng.random((batch * 2, size, size, channels)) * 255).astype("float32")
-    labels = np.eye(10, dtype="float32")[rng.integers(0, 10, batch * 2)]
-    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch, drop_remainder=True).cache().repeat()
+    batch = load(overrides).data.batch_size
+    model, data = build_recipe(batch, rng, [*overrides, "train.mixed_precision=float32"])
     return model, data, batch
 
 
 def phase_cost(args):
     import keras
     import numpy as np
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from step_timer import timed_fit
 
     from keras_resnet.models.resnet.analysis import count_macs

@@ -214,11 +214,13 @@ def _boxes(rng, count, size):
     return boxes, rng.integers(0, DETECTION_CLASSES, (count, BOXES_PER_IMAGE)).astype("int32")
 
 
-def build_recipe(batch, rng):
+def build_recipe(batch, rng, overrides=()):
+    """The default recipe's network (with `overrides`, as `--set` takes them) compiled as training does, on a
+    cached synthetic batch of `batch` one-hot labelled images."""
     from keras_resnet.training import classification, optimizers
     from keras_resnet_settings.loading import load_config
 
-    cfg = load_config(RECIPE)
+    cfg = load_config(RECIPE, overrides)
     model = classification.build_classifier(cfg, dict(FASHION_MNIST_INFO))
     steps_per_epoch = 60000 // cfg.data.batch_size
     classification._compile(model, cfg.train, optimizers.make_optimizer(cfg.train, steps_per_epoch, cfg.train.epochs))
@@ -374,18 +376,17 @@ def run_utilisation(args):
         model, dataset = builder(batch, rng)
         macs, counted = graph_macs(model), count_macs(model)
         warmup = 1 if args.quick else 2
+        bench = {"model": model, "dataset": dataset, "macs": macs, "count_macs": counted, "batch": batch,
+                 "steps": args.steps or (2 if args.quick else steps), "rates": [], "cpu_ms": [], "matmul": [],
+                 "ratios": []}
         if args.inference:
-            images = next(iter(dataset))[0]
-            forward = tf.function(lambda x, model=model: model(x, training=False))
-            for _ in range(warmup):
-                tf.nest.map_structure(lambda t: t.numpy(), forward(images))  # traces the forward pass
-            benches[name] = {"forward": forward, "images": images}
+            bench["images"] = next(iter(dataset))[0]
+            bench["forward"] = tf.function(lambda x, model=model: model(x, training=False))
+            for _ in range(warmup):  # traces the forward pass
+                tf.nest.map_structure(lambda t: t.numpy(), bench["forward"](bench["images"]))
         else:
             model.fit(dataset, steps_per_epoch=warmup, epochs=1, verbose=0)  # traces the train step
-        benches.setdefault(name, {}).update({"model": model, "dataset": dataset, "macs": macs, "count_macs": counted,
-                                             "batch": batch,
-                         "steps": args.steps or (2 if args.quick else steps), "rates": [], "cpu_ms": [],
-                         "matmul": [], "ratios": []})
+        benches[name] = bench
         print(f"built {name}: {macs / 1e9:.3f} GMACs/image (count_macs {counted / 1e9:.3f}), "
               f"{model.count_params():,} params, {time.perf_counter() - start:.0f} s with warm-up", flush=True)
     before = matmul.gflops()
