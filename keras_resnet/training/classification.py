@@ -173,6 +173,7 @@ def train_classification(cfg):
     steps_per_epoch = preflight.announce_run(cfg, info, strategy, paths, model_cfg.backbone)
     with strategy.scope():
         model = build_classifier(cfg, info)
+        fallback_model = time_budget.build_fallback_network(cfg, lambda cheaper: build_classifier(cheaper, info))
     if is_chief:
         run_files.write_run_files(cfg, paths, {
             "task": "classification",
@@ -193,10 +194,10 @@ def train_classification(cfg):
                                    optimizers.make_optimizer(train_cfg, steps_per_epoch, train_cfg.epochs,
                                                              batch_size=cfg.data.batch_size)),
             train_onehot, val_onehot, steps_per_epoch, paths.backup_root, run_started,
-            build_fallback=lambda fallback_cfg: build_classifier(fallback_cfg, info),
+            fallback_model=fallback_model,
         )
         if plan and plan.get("fallback"):  # the budget's cheaper network trains instead of the recipe's
-            model = build_classifier(fit_cfg, info)
+            model = fallback_model
         fit_steps = fit_cfg.train.steps_per_epoch or steps_per_epoch
         _fit(model, fit_cfg, train_onehot, val_onehot, fit_steps, paths, extra_callbacks=budget_callbacks)
     train_seconds = time.time() - start

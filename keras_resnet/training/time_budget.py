@@ -208,8 +208,28 @@ def fallback_recipe(cfg):
         raise ConfigError(f"train.time_budget_fallback: {error}") from None
 
 
+def build_fallback_network(cfg, build):
+    """The untrained network of `train.time_budget_fallback` (`build(fallback recipe)`), or None without one.
+
+    Built when the run starts, whether or not the budget ends up choosing
+    it, so a fallback that cannot be built (e.g. widths for another number of
+    stages) is a ConfigError naming the setting at once, on every machine,
+    not only on a slow one after the measurement. `plan_epochs` times a copy
+    of it; where it is chosen, this model is the one that trains.
+    """
+    if cfg.train.time_budget_minutes is None or not cfg.train.time_budget_fallback:
+        return None
+    try:
+        return build(fallback_recipe(cfg))
+    except ConfigError as error:
+        message = str(error)
+        if message.startswith("train.time_budget_fallback"):
+            raise
+        raise ConfigError(f"train.time_budget_fallback: the network it makes cannot be built: {message}") from None
+
+
 def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, backup_root, run_started,
-                build_fallback=None):
+                fallback_model=None):
     """The recipe to train under `train.time_budget_minutes`: `cfg` with the epochs that fit.
 
     Without a budget, returns `(cfg, None, [])`. Otherwise measures an epoch
@@ -220,19 +240,19 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     spans the run that will happen; `callbacks` holds the `StopAtDeadline`
     of a new plan (a resumed run has no clock to keep: none).
 
-    With `train.time_budget_fallback` set and less than
+    With `fallback_model` given (`build_fallback_network`) and less than
     `train.time_budget_fallback_below` of the recipe's epochs fitting, the
     cheaper network is measured too and, where more of its epochs fit, is
     what trains: the planned cfg then has the fallback applied
     (`fallback_recipe`) and `plan["fallback"]` lists its overrides, so the
-    caller builds that network (a resumed run does the same from the stored plan).
+    caller trains `fallback_model` (a resumed run does the same from the stored plan).
 
     Args:
         cfg: the recipe.
         model, compile_model, train_ds, val_ds, steps_per_epoch: see `measure_epoch`.
         backup_root: the run's backup folder (deleted when the run finishes).
         run_started: `time.time()` when the `train` command started.
-        build_fallback: `build_fallback(fallback cfg) -> model` (None: no fallback).
+        fallback_model: the untrained cheaper network (None: no fallback); only a copy of it is timed.
     """
     budget = cfg.train.time_budget_minutes
     if budget is None:
@@ -250,10 +270,8 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
         elapsed = time.time() - run_started
         epochs, steps = choose_run_length(budget, elapsed, measured, recipe_epochs, steps_per_epoch)
         recipe_passes, fallback = epochs * steps / steps_per_epoch, None
-        if (build_fallback is not None and cfg.train.time_budget_fallback
-                and recipe_passes < cfg.train.time_budget_fallback_below * recipe_epochs):
-            cheaper = measure_epoch(build_fallback(fallback_recipe(cfg)), compile_model, train_ds, val_ds,
-                                    steps_per_epoch)
+        if fallback_model is not None and recipe_passes < cfg.train.time_budget_fallback_below * recipe_epochs:
+            cheaper = measure_epoch(fallback_model, compile_model, train_ds, val_ds, steps_per_epoch)
             elapsed = time.time() - run_started
             fallback_epochs, fallback_steps = choose_run_length(budget, elapsed, cheaper, recipe_epochs,
                                                                 steps_per_epoch)

@@ -142,6 +142,20 @@ def test_a_fast_machine_keeps_the_recipes_network(toy_data, tmp_path, monkeypatc
     assert trained.backbone.get_config()["stem_width"] == 8
 
 
+def test_a_fallback_network_that_cannot_be_built_stops_the_run_before_the_measurement(toy_data, tmp_path,
+                                                                                       monkeypatch, capsys):
+    def must_not_measure(*args):
+        raise AssertionError("measured before the fallback network was checked")
+
+    monkeypatch.setattr(time_budget, "measure_epoch", must_not_measure)
+    # Four widths for resnet20_cifar's three stages: the settings load, the network cannot be built.
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=30, time_budget_minutes=3,
+                          time_budget_fallback={"model.backbone_args.stackwise_num_filters": [4, 4, 8, 8]})
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "train.time_budget_fallback: the network it makes cannot be built" in err and "Traceback" not in err
+
+
 def test_a_resumed_run_builds_the_network_its_plan_chose(tmp_path):
     cfg = load_config(None, ["train.epochs=30", "train.time_budget_minutes=5", "model.backbone=resnet18",
                              f"train.time_budget_fallback={json.dumps({'model.backbone_args.stem_width': 16})}"])
