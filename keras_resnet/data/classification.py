@@ -141,10 +141,21 @@ def _fashion_to_input(images: tf.Tensor, height: int, width: int, channels: int)
 
 
 def _random_erase(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.Tensor:
-    """With ``probability``, fill one random rectangle (2-40% of the area) with uniform noise."""
-    height, width, channels = image.shape
+    """With ``probability``, fill one random rectangle (2-40% of the area) with uniform noise.
+
+    The rectangle and its noise are drawn only for the images that get one
+    (a `tf.cond`): with ``probability`` 0.1 this took 40 % of the default
+    recipe's input pipeline CPU time when every image drew them. The draws are
+    stateless in ``seed``, so an erased image is the same either way.
+    """
     seeds = tf.random.experimental.stateless_split(seed, num=5)
     apply = tf.random.stateless_uniform([], seeds[0]) < probability
+    return tf.cond(apply, lambda: _erase_rectangle(image, seeds), lambda: image)
+
+
+def _erase_rectangle(image: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
+    """``image`` with one rectangle of uniform noise, drawn from ``seeds[1:5]`` (see `_random_erase`)."""
+    height, width, channels = image.shape
     area = tf.random.stateless_uniform([], seeds[1], *ERASE_AREA_RANGE) * (height * width)
     log_aspect = tf.random.stateless_uniform([], seeds[2], *np.log(ERASE_ASPECT_RANGE))
     aspect = tf.exp(log_aspect)
@@ -157,7 +168,7 @@ def _random_erase(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.T
     cols = tf.range(width)[tf.newaxis, :, tf.newaxis]
     inside = (rows >= top) & (rows < top + erase_h) & (cols >= left) & (cols < left + erase_w)
     noise = tf.random.stateless_uniform([height, width, channels], seeds[4], 0.0, 255.0)
-    return tf.where(inside & apply, noise, image)
+    return tf.where(inside, noise, image)
 
 
 COLOR_SEED_FOLD = 7
