@@ -131,20 +131,56 @@ def _image_facts(paths: list[Path]) -> tuple[int, list[int], list[int]]:
     """(channels, short sides, long sides) of sample images, from their headers (EXIF orientation ignored)."""
     from PIL import Image
 
-    gray, shorts, longs = True, [], []
+    gray, shorts, longs, unreadable = True, [], [], []
     for path in paths:
         try:
             with Image.open(path) as image:
                 width, height = image.size
                 gray = gray and image.mode in GRAY_MODES
-        except Exception as error:  # the data scans name bad files with their fix; here say which one
-            raise ConfigError(f"--data: cannot read image {path} ({type(error).__name__}: {error}); "
-                              "delete or replace it") from None
+        except Exception as error:  # noqa: BLE001 - any unreadable file: the data scan names it with its fix
+            unreadable.append(f"{path} ({type(error).__name__}: {error})")
+            continue
         shorts.append(min(width, height))
         longs.append(max(width, height))
     if not paths:
-        raise ConfigError("--data: no images found (.png, .jpg, .jpeg, .bmp, .gif)")
+        raise ConfigError(f"--data: no images found ({', '.join(IMAGE_SUFFIXES)})")
+    if not shorts:
+        raise ConfigError(f"--data: none of the images read could be opened, e.g. {unreadable[0]}; "
+                          "delete or replace them")
+    # A few unreadable files are left to the data scan, which names every one and honours data.skip_corrupt.
     return (1 if gray else 3), shorts, longs
+
+
+# ResNetBackbone config keys that are not the architecture (the run sets them) or not recipe backbone_args.
+NOT_ARCHITECTURE = ("name", "trainable", "dtype", "input_shape", "frozen_stages")
+
+
+def keras_model_network(path) -> tuple[str, dict, int] | None:
+    """`(preset, backbone_args, input channels)` of a `.keras` model of this package, without TensorFlow.
+
+    Read from the archive's config.json: the `ResNetBackbone` (of a task
+    model, or on its own) with every architecture argument, so `--weights
+    runs/X/best_model.keras` fine-tunes that network whatever the new images
+    would otherwise choose. None for a file that is not such a model.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    backbone = config if config.get("class_name") == "ResNetBackbone" else config.get("config", {}).get("backbone")
+    if not isinstance(backbone, dict) or backbone.get("class_name") != "ResNetBackbone":
+        return None
+    arguments = backbone.get("config", {})
+    shape = arguments.get("input_shape") or [None, None, 3]
+    args = {key: value for key, value in arguments.items() if key not in NOT_ARCHITECTURE}
+    return str(arguments.get("name", "resnet18")), args, int(shape[-1] or 3)
+
+
+def _absolute(path) -> str:
+    return str(Path(path).resolve())
 
 
 def _largest_not_above(sizes: tuple[int, ...], side: float) -> int:
@@ -236,11 +272,21 @@ def recipe_for_folder(folder, task=None, model=None, weights=None, epochs=None, 
     channels, shorts, longs = _image_facts(_sample_images(layout))
     if is_weights_name(weights):
         channels = 3  # ImageNet weights take RGB: grey images are read as three equal channels
+    source = None
+    if weights is not None and str(weights).endswith(".keras") and Path(weights).is_file():
+        source = keras_model_network(weights)  # fine-tuning one's own model: its network and input channels
+    if source is not None:
+        channels = source[2]
+        if model is None:
+            model = source[0]
     short_side, long_side = statistics.median(shorts), statistics.median(longs)
-    data = {"source": layout["source"], "train": str(layout["train"])}
-    data["val"] = str(layout["val"]) if layout.get("val") is not None else None
+    # Absolute paths: the run's recipe.yaml repeats the run from any working directory.
+    data = {"source": layout["source"], "train": _absolute(layout["train"])}
+    data["val"] = _absolute(layout["val"]) if layout.get("val") is not None else None
     if data["val"] is None:
         data["val_split"] = VAL_SPLIT
+    if weights is not None and not is_weights_name(weights) and Path(weights).exists():
+        weights = _absolute(weights)  # a weight file, like the data, from any working directory
     model_section: dict = {"weights": str(weights) if weights is not None else None}
     if found == CLASSIFICATION:
         classes = [sub.name for sub in _class_folders(Path(layout["train"]))]
@@ -274,7 +320,9 @@ def recipe_for_folder(folder, task=None, model=None, weights=None, epochs=None, 
             data["sampling"] = "crop"  # large images, small objects: train on input-size windows at native resolution
         for key in ("train_images", "val_images"):
             if layout.get(key) is not None:
-                data[key] = str(layout[key])
+                data[key] = _absolute(layout[key])
+    if source is not None and model == source[0]:
+        model_section["backbone_args"] = {**source[1], **model_section.get("backbone_args", {})}
     model_section["input_shape"] = [size, size, channels]
     num_images = _num_images(layout)
     if layout.get("val") is None and num_images < 2:

@@ -11,8 +11,9 @@
 - `preprocessing_info`: the `preprocessing` entry of run.json.
 - `check_recipe_args`: a ConfigError for a `model.*_args` key that the constructor does not take.
 
-Input normalisation: a model trained from scratch (or from a `.keras` model)
-normalises with the training set's per-channel mean/std. One fine-tuned from
+Input normalisation: a model trained from scratch normalises with the
+training set's per-channel mean/std. One fine-tuned from a `.keras` model keeps
+that model's normalisation layer; one fine-tuned from
 another library's weights (keras.applications `.h5`, torchvision/timm) keeps
 the normalisation those weights were trained with (keras.applications'
 "caffe"/"tf" modes; ImageNet mean/std for torchvision, a timm
@@ -153,7 +154,10 @@ def build_backbone_from_config(cfg, info, weights=None):
         )
     except TypeError as error:
         raise ConfigError(f"model.backbone_args: {error}") from None
-    if weights is not None:
+    source_normalization = keras_model_normalization(model_cfg)
+    if source_normalization is not None:
+        preprocessing, info["preprocessing"] = source_normalization
+    elif weights is not None:
         try:
             check_fits(backbone, weights, preset=model_cfg.backbone)
         except ConversionError as error:
@@ -164,6 +168,43 @@ def build_backbone_from_config(cfg, info, weights=None):
         preprocessing = ImageNormalization(mean=info["mean"], std=info["std"], name="normalization")
         info["preprocessing"] = dataset_preprocessing_info(info)
     return backbone, preprocessing
+
+
+def keras_model_normalization(model_cfg):
+    """`(layer, run.json preprocessing)` of a `.keras` `model.weights`: the normalisation it was trained with.
+
+    A model fine-tuned from a `.keras` model of this package keeps that
+    model's `ImageNormalization` (its features expect those inputs), as
+    one fine-tuned from another library's weights keeps theirs. None when
+    `model.weights` is not a `.keras` file or the model has no
+    `normalization` layer (then the training set's statistics are used).
+
+    Raises:
+        ConfigError: the model normalises another number of channels than `model.input_shape` has.
+    """
+    path = model_cfg.weights
+    if not path or not str(path).endswith(KERAS_SUFFIX):
+        return None
+    _check_weights_path(path)
+    try:
+        layer = load_keras_model(path).get_layer("normalization")
+    except ValueError:
+        return None
+    if not isinstance(layer, ImageNormalization):
+        return None
+    config = layer.get_config()
+    means = config["mean"] if isinstance(config["mean"], list) else None
+    channels = int(tuple(model_cfg.input_shape)[-1])
+    if means is not None and len(means) != channels:
+        raise ConfigError(
+            f"model.weights {path} takes {len(means)}-channel images but model.input_shape has {channels}; "
+            f"set model.input_shape to [height, width, {len(means)}]."
+        )
+    info = {"mean": config["mean"], "std": config["std"], "scale": config["scale"],
+            "reverse_channels": config["reverse_channels"], "input_range": [0, 255],
+            **{key: config[key] for key in ("interpolation", "crop_pct") if config.get(key) is not None},
+            "source": f"the normalisation of the .keras model {path}"}
+    return ImageNormalization.from_config(config), info
 
 
 def build_model_from_config(cfg, info, model_class, name, error_message=None, **kwargs):
@@ -191,7 +232,8 @@ def build_model_from_config(cfg, info, model_class, name, error_message=None, **
     model_cfg = cfg.model
     weights = read_recipe_weights(model_cfg)
     backbone, preprocessing = build_backbone_from_config(cfg, info, weights)
-    kept = " (kept for fine-tuning, not the training set's statistics)" if weights is not None else ""
+    kept = (" (kept for fine-tuning, not the training set's statistics)"
+            if info["preprocessing"]["source"] != DATASET_SOURCE else "")
     print(f"input normalisation: {describe_preprocessing(info['preprocessing'])}{kept}", flush=True)
     try:
         model = model_class(

@@ -123,6 +123,25 @@ def test_layouts_are_recognised(tmp_path):
         recipe_for_folder(tmp_path / "empty")
 
 
+def test_recipe_paths_are_absolute_and_a_corrupt_file_is_left_to_the_data_scan(tmp_path, monkeypatch):
+    stripes_folder(tmp_path / "photos", per_class=3)
+    (tmp_path / "photos" / "vertical" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "resnet18.weights.h5").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    # The recipe.yaml of the run repeats it from any working directory.
+    recipe = recipe_for_folder("photos", weights="resnet18.weights.h5", model="resnet18")
+    assert recipe["data"]["train"] == str(tmp_path / "photos")
+    assert recipe["model"]["weights"] == str(tmp_path / "resnet18.weights.h5")
+    # The unreadable file is not a recipe error: the data scan names it (and data.skip_corrupt skips it).
+    assert recipe["model"]["input_shape"] == [32, 32, 3]
+    (tmp_path / "bad").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "bad" / name).mkdir()
+        (tmp_path / "bad" / name / "x.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="none of the images read could be opened"):
+        recipe_for_folder("bad")
+
+
 def test_tiny_data_gets_enough_steps_and_pretrained_weights_a_lower_rate(tmp_path):
     stripes_folder(tmp_path / "few", per_class=5)
     scratch = recipe_for_folder(tmp_path / "few")
@@ -152,3 +171,26 @@ def test_flags_that_need_data_and_a_recipe_with_data_are_refused(tmp_path, capsy
     assert "--epochs go with --data FOLDER" in capsys.readouterr().err
     assert main(["train"]) == 2
     assert "train needs a recipe" in capsys.readouterr().err
+
+
+def test_fine_tuning_ones_own_keras_model_keeps_its_network_and_normalisation(tmp_path, capsys, monkeypatch):
+    """`--weights runs/X/best_model.keras`: that model's network (not the preset the new images would pick) and
+    its normalisation, not the new training set's statistics."""
+    from keras_resnet import ImageNormalization, ResNetClassifier
+
+    monkeypatch.chdir(tmp_path)
+    source = ResNetClassifier.from_preset(
+        "resnet20_cifar", num_classes=2, input_shape=(32, 32, 3), stackwise_num_filters=[16, 24, 32],
+        preprocessing=ImageNormalization(mean=[10.0, 20.0, 30.0], std=[40.0, 50.0, 60.0], name="normalization"))
+    source.save(tmp_path / "mine.keras")
+    stripes_folder(tmp_path / "photos", per_class=6, size=160)  # alone, these would choose resnet18 at 160 px
+    assert main(["train", "--data", "photos", "--weights", "mine.keras", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "photos_classification"
+    recipe = load_config(run / "recipe.yaml")
+    assert recipe.model.backbone == "resnet20_cifar"
+    assert recipe.model.backbone_args["stackwise_num_filters"] == [16, 24, 32]
+    assert recipe.model.weights == str(tmp_path / "mine.keras")
+    preprocessing = json.loads((run / "run.json").read_text())["preprocessing"]
+    assert preprocessing["mean"] == [10.0, 20.0, 30.0] and preprocessing["std"] == [40.0, 50.0, 60.0]
+    assert "the normalisation of the .keras model" in out
