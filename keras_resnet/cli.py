@@ -57,7 +57,7 @@ def _cmd_evaluate(args):
 def _cmd_export(args):
     from keras_resnet.export import export_model
 
-    export_model(
+    return export_model(
         args.model,
         format=args.format,
         quantize=args.quantize,

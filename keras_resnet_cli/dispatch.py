@@ -1,12 +1,13 @@
 """One `keras-resnet` invocation: parse, run the command, turn errors into exit statuses."""
 
 import errno
+import json
 import logging
 import os
 import sys
 import traceback
 
-from keras_resnet_cli.parser import build_parser
+from keras_resnet_cli.parser import parse_args
 from keras_resnet_cli.presets_table import print_presets
 from keras_resnet_cli.weights_table import print_weights
 
@@ -43,6 +44,10 @@ def is_user_error(error: BaseException) -> bool:
 
 
 RECIPE_COMMANDS = ("train", "evaluate")
+# Commands that take a run folder for its recipe (`train` takes recipes only: its run folder is the recipe's).
+RUN_FOLDER_COMMANDS = ("evaluate", "recipe")
+RUN_RECIPE_FILE = "recipe.yaml"  # keras_resnet.runs.RUN_RECIPE_FILE (that module imports TensorFlow)
+QAT_DIR = "qat"  # keras_resnet.training.qat.QAT_DIR
 
 
 def check_recipe(config, overrides):
@@ -51,6 +56,38 @@ def check_recipe(config, overrides):
     from keras_resnet_settings import load_config
 
     return load_config(config, overrides)
+
+
+def run_folder_recipe(args):
+    """A run folder given for a recipe (`evaluate runs/X`): its recipe.yaml, with output_dir set to the folder
+    (where the run is now, should it have been moved since it trained)."""
+    folder = args.config
+    if isinstance(folder, str) and os.path.isdir(folder) and os.path.isfile(os.path.join(folder, RUN_RECIPE_FILE)):
+        args.config = os.path.join(folder, RUN_RECIPE_FILE)
+        args.set = [f"output_dir={json.dumps(os.path.normpath(folder))}", *args.set]
+
+
+def resume_hint(args, recipe) -> str:
+    """What an interrupted `train` or `qat` does next: the same command resumes from the last finished epoch."""
+    if args.command == "train":
+        folder = getattr(recipe, "output_dir", None)
+    elif args.command == "qat":
+        given = any(override.split("=", 1)[0].strip() == "output_dir" for override in args.set)
+        folder = None if given else os.path.join(args.run_dir, QAT_DIR)
+    else:
+        return ""
+    again = "the same command again" + (" without --restart" if args.restart else "")
+    run = f"the run in {folder}" if folder else "the run"
+    # fit_run resumes through keras BackupAndRestore in the run folder's backup/, saved at each epoch end.
+    return (f"; run {again} to resume {run} from its last finished epoch (kept in its backup/ folder; "
+            "it starts over if no epoch had finished)")
+
+
+def report_written(result) -> None:
+    """Print where a command wrote its artefact: `export`'s result {"path", "metadata_path", ...}."""
+    if isinstance(result, dict) and result.get("path"):
+        metadata = result.get("metadata_path")
+        print(f"wrote {result['path']}" + (f" (metadata {metadata})" if metadata else ""), flush=True)
 
 
 DATA_FLAGS = ("task", "model", "weights", "epochs", "output")
@@ -91,6 +128,7 @@ def show_recipe(args):
         except ValueError as error:
             raise ConfigError(f"--explain: {error}") from None
         return
+    run_folder_recipe(args)
     recipe = check_recipe(args.config, args.set)
     print(yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None), end="")
     if args.config:
@@ -103,7 +141,8 @@ def run(argv, load_commands) -> int:
     `models` is served from the precomputed table; `load_commands` is called
     (importing Keras) only for the other commands, after `quiet_tensorflow`.
     """
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    recipe = None
     try:
         if args.command == "models":
             print_presets(args.filter, wide=args.wide)
@@ -118,16 +157,21 @@ def run(argv, load_commands) -> int:
         else:
             if args.command == "train":
                 args.config = train_recipe(args)
+            if args.command in RUN_FOLDER_COMMANDS:
+                run_folder_recipe(args)
             if args.command in RECIPE_COMMANDS:
-                check_recipe(args.config, args.set)  # every mistake at once, before TensorFlow starts
+                recipe = check_recipe(args.config, args.set)  # every mistake at once, before TensorFlow starts
             quiet_tensorflow()
-            from keras_resnet_settings.native_output import TENSORFLOW_STARTUP_NOISE, native_stderr_filtered
+            from keras_resnet_settings.native_output import (
+                TENSORFLOW_STARTUP_NOISE,
+                native_stderr_filtered,
+            )
 
             with native_stderr_filtered(TENSORFLOW_STARTUP_NOISE):  # importing TensorFlow prints from C++
                 commands = load_commands()
-            commands[args.command](args)
+            report_written(commands[args.command](args))
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{resume_hint(args, recipe)}", file=sys.stderr)
         return 130
     except Exception as error:
         if not is_user_error(error):

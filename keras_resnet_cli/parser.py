@@ -6,6 +6,11 @@ from `keras_resnet_settings` (PyYAML only; imported inside functions).
 """
 
 import argparse
+import os
+import sys
+
+SET_FLAG = "--set"
+RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 def _positive_int_arg(text, alternative=""):
@@ -46,6 +51,48 @@ def _declared(parser, flag, key, **kwargs):
     value = default(name)
     parser.add_argument(flag, default=value, choices=allowed(name),
                         help=f"{help_of(name)} (default {value})".replace("%", "%%"), **kwargs)
+
+
+def _is_override(text):
+    """`--set` value `text` is a KEY=VALUE override, not the recipe or run folder that followed the flag."""
+    if "=" not in text:
+        return False
+    return not (os.path.isdir(text) or (os.path.isfile(text) and text.endswith(RECIPE_SUFFIXES)))
+
+
+def positionals_first(argv):
+    """`argv` with the recipe (or run folder) given after `--set k=v ...` moved in front of the flag.
+
+    `--set` takes one or more values, so `train --set train.epochs=1 RECIPE.yaml` would hand it the recipe
+    too. The values after its last KEY=VALUE (an existing .yaml/.yml file or folder counts as a path, even
+    with a '=' in its name) are the command's positional arguments: they move in front of the first --set
+    (`train RECIPE.yaml --set train.epochs=1`).
+    """
+    argv = list(argv)
+    moved, first, index = [], None, 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":
+            break
+        if token != SET_FLAG:
+            index += 1
+            continue
+        first = index if first is None else first
+        end = index + 1
+        while end < len(argv) and not argv[end].startswith("-"):
+            end += 1
+        values = argv[index + 1:end]
+        overrides = [position for position, value in enumerate(values) if _is_override(value)]
+        if overrides and overrides[-1] < len(values) - 1:
+            moved += values[overrides[-1] + 1:]
+            del argv[index + 2 + overrides[-1]:end]
+            end = index + 2 + overrides[-1]
+        index = end
+    return argv if first is None else argv[:first] + moved + argv[first:]
+
+def parse_args(argv=None):
+    """The `keras-resnet` command line parsed (`argv`, default the process's), positionals after --set too."""
+    return build_parser().parse_args(positionals_first(sys.argv[1:] if argv is None else argv))
 
 
 def build_parser():
@@ -119,18 +166,22 @@ def build_parser():
                            help="with --data: the task the folder must be laid out for (default: detected)")
             p.add_argument("--model", default=None, metavar="PRESET",
                            help="with --data: the backbone preset (default: chosen by input size)")
-            p.add_argument("--weights", default=None, metavar="PATH",
-                           help="with --data: initial weights (a .keras model, a torchvision/timm state dict, a "
-                           "keras.applications .h5)")
+            p.add_argument("--weights", default=None, metavar="NAME|PATH",
+                           help="with --data: initial weights: a name, imagenet (the preset's default ImageNet "
+                           "weights, downloaded once) or a catalogue tag such as torchvision:IMAGENET1K_V1 "
+                           "(`keras-resnet weights` lists them), or a file: a .keras model, a torchvision/timm "
+                           "state dict, a keras.applications .h5")
             p.add_argument("--epochs", type=_positive_int_arg, default=None,
                            help="with --data: training epochs (default: enough for the data size)")
             p.add_argument("--output", default=None, metavar="DIR",
                            help="with --data: the run folder (default runs/<folder name>_<task>)")
         else:
-            p.add_argument("config", help="recipe YAML, e.g. tasks/classification/fashion_mnist_resnet20.yaml")
+            p.add_argument("config", help="recipe YAML, e.g. tasks/classification/fashion_mnist_resnet20.yaml, or "
+                           "a run folder of `keras-resnet train` (its recipe.yaml)")
         p.add_argument(
-            "--set", nargs="+", default=[], metavar="KEY=VALUE",
-            help="override recipe keys; values parse as YAML (train.epochs=3 model.input_shape=[20,20,1])",
+            SET_FLAG, nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+            help="override recipe keys; values parse as YAML (train.epochs=3 model.input_shape=[20,20,1]); "
+            "before or after the recipe",
         )
         if name == "train":
             p.add_argument(
@@ -139,9 +190,11 @@ def build_parser():
             )
 
     p = command("recipe", "check a recipe and print it resolved, or list every recipe key (--explain)")
-    p.add_argument("config", nargs="?", default=None, help="recipe YAML to check (every problem is listed at once)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="recipe YAML (or a run folder: its recipe.yaml) to check (every problem is listed at once)")
     p.add_argument(
-        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="override recipe keys, as for `train`",
+        SET_FLAG, nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override recipe keys, as for `train`",
     )
     p.add_argument(
         "--explain", nargs="?", const="", default=None, metavar="SECTION",
@@ -156,7 +209,7 @@ def build_parser():
     p.add_argument("--learning-rate", type=float, default=None,
                    help="QAT learning rate (default: the recipe's x 0.1)")
     p.add_argument(
-        "--set", nargs="+", default=[], metavar="KEY=VALUE",
+        SET_FLAG, nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="override keys of the run's recipe for the QAT run (data.batch_size=32 qat.momentum=0.999)",
     )
     p.add_argument("--restart", action="store_true", help="start the QAT run over instead of resuming it")

@@ -28,6 +28,7 @@ from keras_resnet_settings.fields import (
 from keras_resnet_settings.fields import (
     plain as _plain,
 )
+from keras_resnet_settings.presets import unknown_preset_problem
 from keras_resnet_settings.recipe import (
     CROP_SOURCES,
     CROP_TASKS,
@@ -43,7 +44,14 @@ from keras_resnet_settings.registry import (
     SEGMENTATION,
     SOURCES_BY_TASK,
 )
-from keras_resnet_settings.weights import find_entry, is_weights_name, weights_names
+from keras_resnet_settings.weights import (
+    TASK_PRESETS,
+    find_entry,
+    is_weights_name,
+    weights_names,
+)
+
+RUN_RECIPE_FILE = "recipe.yaml"  # the recipe of a run folder (keras_resnet.runs.RUN_RECIPE_FILE)
 
 
 class Problems:
@@ -156,6 +164,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: str) -> dict:
     """The mapping in YAML file `path` (a ConfigError for a missing, malformed or non-mapping file)."""
+    if os.path.isdir(path):
+        run_recipe = os.path.join(path, RUN_RECIPE_FILE)
+        if os.path.isfile(run_recipe):
+            raise ConfigError(f"{path!r} is a run folder, not a recipe file; pass its recipe, {run_recipe}")
+        raise ConfigError(f"{path!r} is a folder, not a recipe file; pass a YAML recipe")
     if not os.path.isfile(path):
         raise ConfigError(f"recipe file not found: {path!r}; pass an existing YAML file")
     try:
@@ -329,11 +342,26 @@ def _check_together(values: dict, problems: Problems) -> None:
             problems.add(f"data.val ({data['val']}) and data.val_split ({data['val_split']}) both given: keep one")
         if data["train"] is None:
             problems.add(f"data.train is required with data.source={data_source!r}: set it to the training data")
+    _check_backbone("model.backbone", model["backbone"], problems)
+    fallback = train["time_budget_fallback"]
+    if isinstance(fallback, Mapping) and "model.backbone" in fallback:
+        _check_backbone("train.time_budget_fallback: model.backbone", fallback["model.backbone"], problems)
     _check_weights_name(model, problems)
     weights = train["class_weights"]
     if isinstance(weights, list) and isinstance(num_classes, int) and len(weights) != num_classes:
         problems.add(f"'train.class_weights' has {len(weights)} entries but model.num_classes is {num_classes}; "
                      "give one weight per class or null")
+
+
+def _check_backbone(key: str, name: Any, problems: Problems) -> None:
+    """A backbone preset must be in the preset table (read without TensorFlow; `keras_resnet_settings.presets`)."""
+    if name in TASK_PRESETS:
+        problems.add(f"'{key}'={name!r} is a task preset (a whole torchvision model with its head), not a backbone "
+                     "preset; set a backbone such as 'resnet50' (`keras-resnet models` lists them)")
+        return
+    problem = unknown_preset_problem(key, name)
+    if problem:
+        problems.add(problem)
 
 
 def _check_weights_name(model: dict, problems: Problems) -> None:

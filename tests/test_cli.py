@@ -188,3 +188,100 @@ def test_export_flag_defaults_are_the_library_defaults():
 
     args = build_parser().parse_args(["export", "run"])
     assert (args.calibration_samples, args.parity_samples) == (DEFAULT_CALIBRATION_SAMPLES, DEFAULT_PARITY_SAMPLES)
+
+
+RECIPE = "tasks/classification/fashion_mnist_resnet20.yaml"
+
+
+def run_fake(argv, **commands):
+    """`keras_resnet_cli.dispatch.run(argv)` with stand-in command functions (no TensorFlow work)."""
+    from keras_resnet_cli.dispatch import run
+
+    return run(argv, lambda: commands)
+
+
+def recorded(calls, result=None):
+    def command(args):
+        calls.append(args)
+        return result
+
+    return command
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--set", "train.epochs=1", RECIPE],
+    ["train", "--set", "train.epochs=1", "data.batch_size=64", RECIPE, "--restart"],
+    ["train", RECIPE, "--set", "train.epochs=1", "data.batch_size=64", "--restart"],
+    ["train", "--set", "train.epochs=1", "--set", "data.batch_size=64", RECIPE],
+    ["evaluate", "--set", "train.epochs=1", "data.batch_size=64", RECIPE],
+])
+def test_the_recipe_may_follow_set(argv):
+    calls = []
+    assert run_fake(argv, train=recorded(calls), evaluate=recorded(calls)) == 0
+    (args,) = calls
+    assert args.config == RECIPE and args.set[0] == "train.epochs=1"
+    assert args.set[1:] in ([], ["data.batch_size=64"])
+
+
+def test_set_after_the_recipe_and_for_recipe_and_qat(capsys):
+    from keras_resnet_cli.parser import parse_args
+
+    args = parse_args(["qat", "--set", "data.batch_size=32", "qat.momentum=0.999", "runs/x"])
+    assert args.run_dir == "runs/x" and args.set == ["data.batch_size=32", "qat.momentum=0.999"]
+    assert parse_args(["recipe", RECIPE, "--set", "a=1", "b=2"]).set == ["a=1", "b=2"]
+    assert main(["recipe", "--set", "train.epochs=1", RECIPE]) == 0
+    assert "epochs: 1\n" in capsys.readouterr().out
+
+
+def test_export_prints_where_it_wrote(capsys):
+    result = {"format": "tflite", "path": "saved_models/m/m_int8.tflite", "metadata_path": "saved_models/m/m.json"}
+    assert run_fake(["export", "runs/m", "--format", "tflite"], export=recorded([], result)) == 0
+    assert "wrote saved_models/m/m_int8.tflite (metadata saved_models/m/m.json)" in capsys.readouterr().out
+
+
+def test_the_run_folder_constants_are_keras_resnet_s():
+    from keras_resnet.runs import RUN_RECIPE_FILE
+    from keras_resnet.training.qat import QAT_DIR
+    from keras_resnet_cli import dispatch
+    from keras_resnet_settings import loading
+
+    assert dispatch.RUN_RECIPE_FILE == loading.RUN_RECIPE_FILE == RUN_RECIPE_FILE and dispatch.QAT_DIR == QAT_DIR
+
+
+def test_evaluate_takes_a_run_folder(tmp_path, capsys):
+    import shutil
+
+    moved = tmp_path / "moved_run"
+    moved.mkdir()
+    shutil.copy(RECIPE, moved / "recipe.yaml")  # its output_dir names where it trained, not where it is now
+    calls = []
+    assert run_fake(["evaluate", str(moved), "--set", "data.batch_size=64"], evaluate=recorded(calls)) == 0
+    (args,) = calls
+    assert args.config == str(moved / "recipe.yaml")
+    assert args.set == [f'output_dir="{moved}"', "data.batch_size=64"]
+    assert main(["recipe", str(moved)]) == 0
+    assert f"output_dir: {moved}" in capsys.readouterr().out
+    assert run_fake(["evaluate", str(tmp_path)], evaluate=recorded(calls)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder, not a recipe file" in err[0]
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_an_interrupted_train_says_how_to_resume(capsys, restart):
+    argv = ["train", RECIPE, "--set", "output_dir=runs/here"] + ["--restart"] * restart
+    assert run_fake(argv, train=_raise(KeyboardInterrupt())) == 130
+    err = capsys.readouterr().err.strip()
+    again = "the same command again without --restart" if restart else "the same command again to"
+    assert err.startswith("interrupted; run ") and again in err
+    assert "resume the run in runs/here from its last finished epoch" in err
+    assert run_fake(["qat", "runs/fp"], qat=_raise(KeyboardInterrupt())) == 130
+    assert f"resume the run in {os.path.join('runs/fp', 'qat')} from its last" in capsys.readouterr().err
+    assert run_fake(["export", "runs/fp"], export=_raise(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_train_weights_flag_takes_catalogue_names():
+    (train,) = [sub for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)
+                for name, sub in action.choices.items() if name == "train"]
+    (weights,) = [action for action in train._actions if "--weights" in action.option_strings]
+    assert "imagenet" in weights.help and "keras-resnet weights" in weights.help and "NAME" in weights.metavar

@@ -127,3 +127,12 @@ def test_missing_file(tmp_path):
 def test_override_without_equals():
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["train.epochs"])
+
+
+def test_a_folder_for_a_recipe_names_the_run_s_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a recipe file"):
+        load_config(tmp_path)
+    dump_config(Recipe(), tmp_path / "recipe.yaml")
+    with pytest.raises(ConfigError, match=f"is a run folder, not a recipe file; pass its recipe, "
+                                          f"{tmp_path / 'recipe.yaml'}"):
+        load_config(tmp_path)

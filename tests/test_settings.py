@@ -96,7 +96,7 @@ def test_rules_between_settings_are_reported_with_the_others():
 def test_cli_reports_every_mistake_before_tensorflow_and_makes_no_run_folder(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\ntrain:\n  epoch: 3\n  learning_rate: fast\n"
-                      "data:\n  tile_overlap: 0.95\n")
+                      "data:\n  tile_overlap: 0.95\nmodel:\n  backbone: resnet19\n")
     code = textwrap.dedent(f"""
         import sys, time
         started = time.perf_counter()
@@ -109,7 +109,8 @@ def test_cli_reports_every_mistake_before_tensorflow_and_makes_no_run_folder(tmp
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     wall = time.perf_counter() - started
     assert "STATUS 2" in result.stdout and "TF False KERAS False" in result.stdout, result.stdout + result.stderr
-    assert "3 problems in" in result.stderr and "did you mean 'train.epochs'?" in result.stderr
+    assert "4 problems in" in result.stderr and "did you mean 'train.epochs'?" in result.stderr
+    assert "'model.backbone': Unknown preset 'resnet19'" in result.stderr and "did you mean 'resnet18'" in result.stderr
     assert "Traceback" not in result.stderr
     assert wall < 10  # the in-process figure below is the one that counts; this bounds interpreter start-up
     seconds = float(result.stdout.split("SECONDS ")[1].split()[0])
@@ -193,3 +194,30 @@ def test_recipe_command_checks_and_explains(capsys):
     assert "`data.augment.scale_range`" in out and "`train.epochs`" not in out
     assert main(["recipe", "--explain", "trian"]) == 2
     assert "no recipe section 'trian'" in capsys.readouterr().err
+
+
+def test_preset_names_read_without_tensorflow_are_the_preset_table():
+    from keras_resnet.models.resnet.presets import PRESETS
+    from keras_resnet_settings.presets import preset_names
+
+    assert preset_names() == tuple(PRESETS)
+
+
+def test_backbone_presets_are_checked_with_every_other_mistake(monkeypatch):
+    import keras_resnet_settings.presets as presets
+
+    # As the CLI checks a recipe, before keras_resnet is imported: the names come from preset_figures.json.
+    monkeypatch.delitem(sys.modules, presets.TABLE_MODULE, raising=False)
+    recipe = str(TASK_RECIPES[0])
+    with pytest.raises(ConfigError) as error:
+        load_config(recipe, ["model.backbone=resnet19", "train.epochs=0", "data.batch_size=abc"])
+    message = str(error.value)
+    assert message.startswith("3 problems in") and "'model.backbone': Unknown preset 'resnet19'" in message
+    assert "did you mean 'resnet18'" in message
+    fallback = ['train.time_budget_fallback={"model.backbone": "resnet20_cifr"}', "train.time_budget_minutes=5"]
+    with pytest.raises(ConfigError, match="time_budget_fallback: model.backbone': Unknown .* did you mean "
+                                          "'resnet20_cifar'"):
+        load_config(recipe, fallback)
+    with pytest.raises(ConfigError, match="'retinanet_resnet50_fpn_v2' is a task preset"):
+        load_config(recipe, ["model.backbone=retinanet_resnet50_fpn_v2"])
+    assert load_config(recipe, ["model.backbone=resnet50"]).model.backbone == "resnet50"
