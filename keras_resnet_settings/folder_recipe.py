@@ -359,7 +359,7 @@ def describe(recipe: dict, folder) -> str:
         f"class{'es' if model['num_classes'] != 1 else ''}, input "
         f"{'x'.join(map(str, model['input_shape']))}, {model['backbone']}"
         f"{' from ' + model['weights'] if model.get('weights') else ' from scratch'}; validation: {validation}; "
-        f"{train['epochs']} epochs of batch {data['batch_size']}"
+        f"{train['epochs']} epoch{'s' if train['epochs'] != 1 else ''} of batch {data['batch_size']}"
         f"{' (each image ' + str(data['repeat']) + 'x per epoch)' if data['repeat'] > 1 else ''}, AdamW lr "
         f"{train['learning_rate']:g}, cosine. The run folder {recipe['output_dir']} gets the whole recipe "
         f"(recipe.yaml): edit it, or repeat with `keras-resnet train {os.path.join(recipe['output_dir'], 'recipe.yaml')}`."
