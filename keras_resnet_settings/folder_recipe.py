@@ -196,13 +196,20 @@ def _mask_classes(train: Path) -> int:
 
     masks = _images(train / "masks")
     step = max(1, len(masks) // 200)
-    highest = 0
+    highest, ignored = 0, False
     for path in masks[::step]:
         with Image.open(path) as mask:
             values = np.unique(np.asarray(mask))
+        ignored = ignored or bool((values == 255).any())
         values = values[values != 255]
         if values.size:
             highest = max(highest, int(values.max()))
+    if highest == 0 and ignored:
+        raise ConfigError(
+            f"--data: the masks in {train / 'masks'} hold only 0 and 255, and 255 means 'ignore' (VOC borders), so "
+            "the foreground would never be learned; write binary masks with the foreground as 1 (class ids 0, 1, "
+            "...), e.g. with numpy: (mask == 255).astype('uint8')"
+        )
     return max(highest + 1, 2)
 
 

@@ -142,6 +142,15 @@ def test_recipe_paths_are_absolute_and_a_corrupt_file_is_left_to_the_data_scan(t
         recipe_for_folder("bad")
 
 
+def test_binary_masks_of_0_and_255_are_an_error_not_an_ignored_foreground(tmp_path):
+    folder = mask_folder(tmp_path / "cells", count=3)
+    for path in (folder / "masks").iterdir():
+        mask = np.asarray(Image.open(path))
+        Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)).save(path)
+    with pytest.raises(ConfigError, match="hold only 0 and 255, and 255 means 'ignore'"):
+        recipe_for_folder(folder)
+
+
 def test_tiny_data_gets_enough_steps_and_pretrained_weights_a_lower_rate(tmp_path):
     stripes_folder(tmp_path / "few", per_class=5)
     scratch = recipe_for_folder(tmp_path / "few")
