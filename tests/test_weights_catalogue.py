@@ -195,6 +195,65 @@ def test_a_download_that_fails_says_where_to_put_the_file(weights_env, monkeypat
     assert entry.urls[0] in message and entry.filename in message and "KERAS_RESNET_WEIGHTS_MIRROR" in message
 
 
+@pytest.mark.parametrize("mirror", [False, True], ids=["no-mirror", "empty-mirror"])
+def test_a_hub_download_that_fails_names_every_source(weights_env, monkeypatch, caplog, capsys, mirror):
+    # timm's weights: the Hub first, then the GitHub release. Without network the error named the fallback alone,
+    # after about 23 s of huggingface_hub's retries and a dozen warning lines.
+    import logging
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    from keras_resnet import ResNetBackbone
+    from keras_resnet.weights import WeightsDownloadError
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def offline(host, *args, **kwargs):
+        if host in ("127.0.0.1", "localhost"):
+            return real_getaddrinfo(host, *args, **kwargs)
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    with socket.socket() as probe:  # a Hub endpoint nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    empty = weights_env / "empty"
+    empty.mkdir()
+    if mirror:
+        monkeypatch.setenv("KERAS_RESNET_WEIGHTS_MIRROR", str(empty))
+    else:
+        monkeypatch.delenv("KERAS_RESNET_WEIGHTS_MIRROR")
+    entry = find_entry("resnet18d", "imagenet")
+    cache = weights_env / "cache"
+    capsys.readouterr()
+    start = time.monotonic()
+    with pytest.raises(WeightsDownloadError) as caught:
+        ResNetBackbone.from_preset("resnet18d", weights="imagenet", input_shape=(64, 64, 3))
+    assert time.monotonic() - start < 10
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"could not download {entry.name}: model.safetensors from ")
+    for piece in (f"{endpoint}/{entry.hf_repo}/resolve/main/model.safetensors (", f"{entry.urls[0]} (",
+                  str(cache / "timm__resnet18d.ra2_in1k" / "model.safetensors"), str(cache / entry.filename),
+                  str(weights_env / "hf" / "models--timm--resnet18d.ra2_in1k")):
+        assert piece in message
+    if mirror:
+        assert message.endswith(f"not found in the mirror KERAS_RESNET_WEIGHTS_MIRROR={empty}: "
+                                f"{empty / 'timm__resnet18d.ra2_in1k' / 'model.safetensors'}, {empty / entry.filename}")
+    else:
+        assert message.endswith("set KERAS_RESNET_WEIGHTS_MIRROR to a folder or URL that has "
+                                f"timm__resnet18d.ra2_in1k/model.safetensors or {entry.filename}")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    printed = capsys.readouterr()  # Keras's own line for the fallback's download is all
+    assert [line for line in (printed.out + printed.err).splitlines()
+            if line.strip() and not line.startswith("Downloading data from")] == []
+
+
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
 def test_task_presets_build_their_model_from_their_weights(task, tmp_path, monkeypatch):
     from safetensors.numpy import save_file

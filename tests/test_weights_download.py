@@ -7,6 +7,7 @@ Hugging Face tests build a Hub cache folder by hand and set HF_HUB_OFFLINE.
 import functools
 import hashlib
 import http.server
+import logging
 import multiprocessing
 import os
 import signal
@@ -25,7 +26,8 @@ except ImportError:  # pragma: no cover
     huggingface_hub = None
 
 from keras_resnet.weights import MIRROR_VARIABLE, WeightsDownloadError, cache_dir, fetch, fetch_hf
-from keras_resnet.weights.download import PARTIAL_MARK, hf_cached_file
+from keras_resnet.weights.download import PARTIAL_MARK
+from keras_resnet.weights.hub import hf_cached_file
 
 PAYLOAD = bytes(range(256)) * 1024  # 256 KiB, so half of it is surely on disk before the kill
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -40,6 +42,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, *args):  # quiet
         pass
+
+    def end_headers(self):  # a file under `<repo>/resolve/<revision>/` is served as the Hub serves it
+        if "/resolve/" in self.path:
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("ETag", f'"{SHA}"')
+        super().end_headers()
 
     def do_GET(self):  # http.server's name
         self.server.requests.append(self.path)
@@ -294,8 +302,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
-def no_internet(monkeypatch):
-    """Name look-ups of any host but this machine fail, and are recorded: the test asserts there were none."""
+def dns_off(monkeypatch):
+    """Name look-ups of any host but this machine fail, and are recorded."""
     attempts = []
     real_getaddrinfo = socket.getaddrinfo
 
@@ -306,8 +314,14 @@ def no_internet(monkeypatch):
         return real_getaddrinfo(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield attempts
-    assert attempts == [], f"network look-ups despite HF_HUB_OFFLINE: {attempts}"
+    return attempts
+
+
+@pytest.fixture
+def no_internet(dns_off):
+    """As `dns_off`, and the test asserts there were no look-ups."""
+    yield dns_off
+    assert dns_off == [], f"network look-ups despite HF_HUB_OFFLINE or an unreachable Hub: {dns_off}"
 
 
 @pytest.fixture
@@ -388,3 +402,84 @@ def test_fetch_hf_mirror_url(hf_offline, cache, server, monkeypatch):
     monkeypatch.setenv(MIRROR_VARIABLE, server.url)
     assert fetch_hf(REPO, "model.safetensors", sha256=SHA, progress=False).read_bytes() == PAYLOAD
     assert server.requests == ["/timm__resnet18.a1_in1k/model.safetensors"]
+
+
+@pytest.fixture
+def hf_online(tmp_path, monkeypatch, cache):
+    """The Hub not switched off (HF_HUB_OFFLINE unset, also in huggingface_hub's constants), an empty Hugging Face
+    cache; the test points HF_ENDPOINT where it wants."""
+    hub = tmp_path / "hf-hub"
+    hub.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return hub
+
+
+def _noise(caplog, capsys) -> list:
+    """What was logged at WARNING or above, and what was printed: a failure must be the exception alone."""
+    printed = capsys.readouterr()
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] + [
+        line for line in (printed.out + printed.err).splitlines() if line.strip()]
+
+
+@needs_hf
+def test_fetch_hf_without_network_is_quick_quiet_and_one_line(hf_online, cache, no_internet, monkeypatch, caplog,
+                                                              capsys):
+    # huggingface_hub retried a dead connection 5 times (about 23 s) with a warning per try; nothing may be asked
+    # of the network beyond the one refused connection (no_internet: not even a name look-up).
+    endpoint = _closed_port_url("").rstrip("/")
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    start = time.monotonic()
+    with pytest.raises(WeightsDownloadError) as error:
+        fetch_hf("timm/resnet50.a1_in1k", "model.safetensors")
+    assert time.monotonic() - start < 5
+    text = _one_line(error)
+    assert text.startswith(f"could not download model.safetensors from {endpoint}/timm/resnet50.a1_in1k/resolve/"
+                           f"main/model.safetensors (")
+    assert "refused" in text.lower()
+    assert str(cache / "timm__resnet50.a1_in1k" / "model.safetensors") in text  # a copy put there is used
+    assert str(hf_online / "models--timm--resnet50.a1_in1k") in text
+    assert f"set {MIRROR_VARIABLE} to a folder or URL that has timm__resnet50.a1_in1k/model.safetensors" in text
+    assert _noise(caplog, capsys) == []
+
+
+@needs_hf
+def test_fetch_hf_from_a_reachable_hub(hf_online, cache, server, dns_off, monkeypatch):
+    # The quick check for a network must not stand in the way of a real download (HF_ENDPOINT: a local "Hub").
+    served = server.root / "timm" / "resnet18.a1_in1k" / "resolve" / "main" / "model.safetensors"
+    served.parent.mkdir(parents=True)
+    served.write_bytes(PAYLOAD)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    path = fetch_hf(REPO, "model.safetensors", sha256=SHA, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert hf_online in path.parents
+    assert "/timm/resnet18.a1_in1k/resolve/main/model.safetensors" in server.requests
+
+
+@needs_hf
+def test_fetch_hf_names_the_mirror_path_it_looked_in(hf_offline, cache, tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    monkeypatch.setenv(MIRROR_VARIABLE, str(mirror))
+    with pytest.raises(WeightsDownloadError) as error:
+        fetch_hf("timm/resnet50.a1_in1k", "model.safetensors")
+    text = _one_line(error)
+    wanted = mirror / "timm__resnet50.a1_in1k" / "model.safetensors"
+    assert f"not found in the mirror {MIRROR_VARIABLE}={mirror}: {wanted}" in text
+    assert f"set {MIRROR_VARIABLE}" not in text  # it is set already
+    assert "https://huggingface.co/timm/resnet50.a1_in1k/resolve/main/model.safetensors" in text
+
+
+def test_fetch_names_the_mirror_path_it_looked_in(cache, tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    monkeypatch.setenv(MIRROR_VARIABLE, str(mirror))
+    url = _closed_port_url()
+    with pytest.raises(WeightsDownloadError) as error:
+        fetch(url, NAME, sha256=SHA)
+    text = _one_line(error)
+    assert text.startswith(f"could not download {NAME} from {mirror / NAME} (no such file), {url} (")
+    assert f"put the file at {cache / NAME} by hand" in text
+    assert text.endswith(f"not found in the mirror {MIRROR_VARIABLE}={mirror}: {mirror / NAME}")

@@ -3,7 +3,7 @@
 - `resolve_weights("imagenet", "resnet50")`, `weights_file(entry)`: catalogue
   names to files (`keras_resnet.weights.catalogue`; the table is
   `keras_resnet_settings.weights.CATALOGUE`, listed by `keras-resnet weights`).
-- `fetch`, `fetch_hf`: download, verify and cache one file (`keras_resnet.weights.download`).
+- `fetch`, `fetch_hf`: download, verify and cache one file (`keras_resnet.weights.download`, `keras_resnet.weights.hub`).
 """
 
 from keras_resnet.weights.catalogue import resolve_weights, weights_file
@@ -12,8 +12,8 @@ from keras_resnet.weights.download import (
     WeightsDownloadError,
     cache_dir,
     fetch,
-    fetch_hf,
 )
+from keras_resnet.weights.hub import fetch_hf
 
 __all__ = ["MIRROR_VARIABLE", "WeightsDownloadError", "cache_dir", "fetch", "fetch_hf", "resolve_weights",
            "weights_file"]

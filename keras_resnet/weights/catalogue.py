@@ -3,7 +3,8 @@
 The table itself is `keras_resnet_settings.weights.CATALOGUE` (no
 TensorFlow, so `keras-resnet weights` lists it at once); this module fetches
 an entry's file with `keras_resnet.weights.download`: the Hugging Face repo
-first where timm hosts the weights as safetensors, then the source's URLs.
+first where timm hosts the weights as safetensors, then the source's URLs;
+when neither can be had, one error names both.
 
 Example:
 >>> path = weights_file(find_entry("resnet50", "imagenet"))   # resnet50-11ad3fa6.pth, downloaded once
@@ -12,7 +13,8 @@ Example:
 
 from pathlib import Path
 
-from keras_resnet.weights.download import WeightsDownloadError, fetch, fetch_hf
+from keras_resnet.weights.download import WeightsDownloadError, fetch
+from keras_resnet.weights.hub import fetch_hf
 from keras_resnet_settings.weights import HF_FILENAME, find_entry, is_weights_name
 
 
@@ -24,17 +26,26 @@ def weights_file(entry, progress: bool = True) -> Path:
         progress: show a progress bar while downloading.
 
     Raises:
-        WeightsDownloadError: every source failed (one line: the URL, where to put the file by hand, the mirror
-            variable) or the file does not match its hash.
+        WeightsDownloadError: every source failed (one line: every URL tried with its reason, the Hub's and the
+            fallback's for timm, where a file put by hand is used, the mirror variable or the mirror paths looked in)
+            or the file does not match its hash.
     """
+    hub_error = None
     if entry.hf_repo:
         try:
             return fetch_hf(entry.hf_repo, HF_FILENAME, progress=progress)
-        except WeightsDownloadError:
+        except WeightsDownloadError as error:
             if not entry.urls:
                 raise
-    return fetch(list(entry.urls), entry.filename, hash_prefix=entry.hash_prefix, md5=entry.md5,
-                 progress=progress)
+            hub_error = error
+    try:
+        return fetch(list(entry.urls), entry.filename, hash_prefix=entry.hash_prefix, md5=entry.md5,
+                     progress=progress)
+    except WeightsDownloadError as error:
+        joined = WeightsDownloadError.joined(entry.name, hub_error, error) if hub_error is not None else None
+        if joined is None:
+            raise
+        raise joined from None
 
 
 def resolve_weights(source, preset, progress: bool = True):

@@ -12,10 +12,16 @@ URLs are mirrors of one file, tried in order: one that cannot be reached or
 gives a file that does not match is skipped (a warning names a mismatch when
 a later source succeeds).
 
-`fetch_hf(repo_id, filename)` takes a file from the Hugging Face Hub (timm's
+`fetch_hf(repo_id, filename)` (in `keras_resnet.weights.hub`) takes a file from the Hugging Face Hub (timm's
 `model.safetensors`) with `huggingface_hub.hf_hub_download`, which keeps its
 own cache (`HF_HOME` / `HF_HUB_CACHE`) and honours `HF_HUB_OFFLINE=1`: a
-pre-populated Hugging Face cache works with no network.
+pre-populated Hugging Face cache works with no network. The endpoint
+(`HF_ENDPOINT`) is read when called. Without `HF_HUB_OFFLINE`, one quick
+request first checks that the endpoint answers at all: when it does not (no
+network, no name resolution, a refused connection) the Hugging Face cache
+alone is used, at once, instead of huggingface_hub's retries (about 23 s of
+back-off with a warning per try); its warnings are silenced during the call
+(unless its verbosity was raised), since a failure is reported as one line.
 
 The mirror variable `KERAS_RESNET_WEIGHTS_MIRROR` names a base URL
 (`http(s)://...`) or a local folder tried before the usual source:
@@ -27,8 +33,10 @@ verified and placed like a download; `fetch_hf` keeps its mirror copies in
 
 Every failure is one line (`WeightsDownloadError`): a hash or size mismatch
 names the source, the expected and the actual value; a download that cannot
-be made names the file, the URL, the reason, where to put the file by hand
-and the mirror variable.
+be made names the file, every source tried with its reason, where a file put
+by hand is picked up, and the mirror variable (or, when it is set, the
+mirror paths looked in). Such an error carries its parts (`unavailable`), so
+that the catalogue can join the Hub's failure and its fallback's in one line.
 """
 
 from __future__ import annotations
@@ -44,17 +52,57 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keras_resnet_settings.errors import ConversionError
-from keras_resnet_settings.weights import CACHE_VARIABLE, cache_dir, hf_mirror_folder
+from keras_resnet_settings.weights import CACHE_VARIABLE, cache_dir
 
 MIRROR_VARIABLE = "KERAS_RESNET_WEIGHTS_MIRROR"
 PARTIAL_MARK = ".partial-"
 STALE_PARTIAL_SECONDS = 6 * 3600  # a partial folder untouched this long is dead even if its pid is reused
-HF_ENDPOINT = "https://huggingface.co"
 _CHUNK = 1 << 20
 
 
+@dataclass(frozen=True)
+class Unavailable:
+    """One file that no source could give.
+
+    Attributes:
+        filename: the file's name.
+        failures: `(source, reason)` for every source tried, in order.
+        place: where a copy put by hand is picked up (a path, perhaps with a note).
+        mirror_path: the file's path inside a mirror (`<mirror>/<mirror_path>`).
+    """
+
+    filename: str
+    failures: tuple
+    place: str
+    mirror_path: str
+
+
 class WeightsDownloadError(ConversionError):
-    """A weight file that could not be downloaded, or did not match its expected size or hash."""
+    """A weight file that could not be downloaded, or did not match its expected size or hash.
+
+    Attributes:
+        unavailable: the files no source could give (`Unavailable`), empty for a mismatch or a bad name.
+    """
+
+    def __init__(self, message: str, unavailable: tuple = ()):
+        super().__init__(message)
+        self.unavailable = tuple(unavailable)
+
+    @classmethod
+    def joined(cls, what: str, *errors: WeightsDownloadError) -> WeightsDownloadError:
+        """One error for several files that are the same weights (the Hub's file and its fallback), or None.
+
+        Args:
+            what: what they are, e.g. `"resnet18d timm:ra2_in1k"`, the message's subject.
+            errors: errors whose `unavailable` parts are joined.
+
+        Returns:
+            The joined error, or None when one of `errors` is not an unavailable file (a hash mismatch).
+        """
+        if not all(error.unavailable for error in errors):
+            return None
+        parts = tuple(part for error in errors for part in error.unavailable)
+        return cls(_unavailable_text(parts, what), parts)
 
 
 # ---------------------------------------------------------------------------
@@ -71,7 +119,7 @@ def _is_url(location: str) -> bool:
     return location.lower().startswith(("http://", "https://", "file://", "ftp://"))
 
 
-def _mirror_source(relative: str) -> str | None:
+def mirror_source(relative: str) -> str | None:
     """The mirror's copy of `relative` (a URL or a local path), or None without a mirror."""
     mirror = _mirror()
     if mirror is None:
@@ -282,13 +330,37 @@ def _get_one(source: str, partial: Path, name: str, progress: bool) -> Path:
 # Fetching
 
 
-def _unavailable_message(filename: str, failures: list[tuple[str, str]], put: str, hint: str = "it") -> str:
-    """The one-line 'could not download' error text; `put` says where the file may be put by hand."""
-    tried = ", ".join(f"{source} ({reason})" for source, reason in failures)
-    return f"could not download {filename} from {tried}; {put}, or set {MIRROR_VARIABLE} to a folder or URL that has {hint}"
+def _mirror_advice(parts: tuple) -> str:
+    """`, or set <variable> to ... that has <paths>`, or, when the mirror is set, `; not found in the mirror ...`."""
+    mirror = _mirror()
+    paths = [part.mirror_path for part in parts]
+    if mirror is not None:
+        looked = ", ".join(mirror_source(path) for path in paths)
+        return f"; not found in the mirror {MIRROR_VARIABLE}={mirror}: {looked}"
+    wanted = "it" if len(parts) == 1 and paths[0] == parts[0].filename else " or ".join(paths)
+    return f", or set {MIRROR_VARIABLE} to a folder or URL that has {wanted}"
 
 
-def _try_sources(final: Path, sources: list[str], expected: Expected, progress: bool):
+def _unavailable_text(parts: tuple, what: str | None = None) -> str:
+    """The one-line 'could not download' text: every source with its reason, the places by hand, the mirror."""
+    tried = ", nor ".join(
+        f"{part.filename} from " + ", ".join(f"{source} ({reason})" for source, reason in part.failures)
+        for part in parts
+    )
+    if len(parts) == 1:
+        put = f"put the file at {parts[0].place} by hand"
+    else:
+        put = "put " + " or ".join(f"{part.filename} at {part.place}" for part in parts) + " by hand"
+    head = f"could not download {what}: " if what else "could not download "
+    return f"{head}{tried}; {put}{_mirror_advice(parts)}"
+
+
+def unavailable_error(filename: str, failures: list, place: str, mirror_path: str) -> WeightsDownloadError:
+    part = Unavailable(filename, tuple(failures), place, mirror_path)
+    return WeightsDownloadError(_unavailable_text((part,)), (part,))
+
+
+def try_sources(final: Path, sources: list[str], expected: Expected, progress: bool):
     """Tries `sources` in order until one gives a file that passes the checks, and places it at `final`.
 
     Each source is fetched into its own partial folder beside `final`, which
@@ -327,7 +399,7 @@ def _try_sources(final: Path, sources: list[str], expected: Expected, progress: 
     return None, failures, mismatches
 
 
-def _mismatch_error(mismatches: list[str]) -> WeightsDownloadError:
+def mismatch_error(mismatches: list[str]) -> WeightsDownloadError:
     """The one-line error for the first source whose file did not match (its download deleted)."""
     return WeightsDownloadError(f"{mismatches[0]}; the download was deleted")
 
@@ -379,219 +451,16 @@ def fetch(
                 raise WeightsDownloadError(f"{problem}; delete it to download it again")
         return final
     sources = [urls] if isinstance(urls, str) else list(urls)
-    mirrored = _mirror_source(filename)
+    mirrored = mirror_source(filename)
     if mirrored is not None:
         sources.insert(0, mirrored)
-    placed, failures, mismatches = _try_sources(final, sources, expected, progress)
+    placed, failures, mismatches = try_sources(final, sources, expected, progress)
     if placed is not None:
         return placed
     if mismatches:
-        raise _mismatch_error(mismatches)
-    raise WeightsDownloadError(_unavailable_message(filename, failures, f"put the file at {final} by hand"))
+        raise mismatch_error(mismatches)
+    raise unavailable_error(filename, failures, str(final), filename)
 
 
 # ---------------------------------------------------------------------------
 # Hugging Face Hub
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face Hub cache folder, read from the environment now (not at import).
-
-    Returns:
-        `$HF_HUB_CACHE` (or the older `$HUGGINGFACE_HUB_CACHE`), else
-        `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
-        `~/.cache/huggingface/hub`.
-    """
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(name):
-            return Path(os.environ[name]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(xdg).expanduser() / "huggingface" / "hub"
-
-
-def hf_url(repo_id: str, filename: str, revision: str = "main") -> str:
-    """The Hub's download URL of a file: `https://huggingface.co/<repo>/resolve/<revision>/<filename>`."""
-    return f"{HF_ENDPOINT}/{repo_id}/resolve/{revision}/{filename}"
-
-
-@contextmanager
-def _hf_progress(progress: bool):
-    """huggingface_hub's tqdm bars as they are or, with `progress=False`, off for the block."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    switch = not progress and not are_progress_bars_disabled()
-    if switch:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if switch:
-            enable_progress_bars()
-
-
-def _hf_reason(error: BaseException, offline: bool) -> str:
-    """A short reason for a failed Hub download."""
-    names = {cls.__name__ for cls in type(error).__mro__}
-    if "LocalEntryNotFoundError" in names:
-        if offline:
-            return "HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache"
-        return "no connection to the Hub and the file is not in the Hugging Face cache"
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first}"[:200]
-
-
-@contextmanager
-def _hf_offline_mode(offline: bool):
-    """huggingface_hub's own offline switch on for the block when `offline`.
-
-    huggingface_hub reads `HF_HUB_OFFLINE` once, when first imported; with the
-    variable set later, `local_files_only=True` alone still lets it make
-    side requests (2.x fetches an agent registry while building headers).
-    """
-    from huggingface_hub import constants
-
-    was = getattr(constants, "HF_HUB_OFFLINE", False)
-    switch = offline and not was
-    if switch:
-        constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        if switch:
-            constants.HF_HUB_OFFLINE = was
-
-
-def _from_hub(repo_id: str, filename: str, revision: str, progress: bool) -> Path:
-    """`hf_hub_download` with the cache folder and offline switch read from the environment now."""
-    from huggingface_hub import hf_hub_download
-
-    offline = _env_true("HF_HUB_OFFLINE")
-    with _hf_progress(progress), _hf_offline_mode(offline):
-        path = hf_hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=str(hf_cache_dir()),
-            local_files_only=offline,
-        )
-    return Path(path)
-
-
-def _hf_mirror_copy(repo_id: str, filename: str) -> Path:
-    """Where a Hub file taken from the mirror is kept: `cache_dir()/<owner>__<name>/<filename>`."""
-    return cache_dir() / hf_mirror_folder(repo_id) / filename
-
-
-def _from_hf_mirror(repo_id: str, filename: str, sha256: str | None, progress: bool):
-    """A Hub file's copy from an earlier mirror fetch, or from the mirror now.
-
-    Returns:
-        `(path or None, failures, mismatches)` as `_try_sources`; all empty
-        when there is no copy and no mirror. A copy already in the weights
-        cache is returned with no network access, mirror set or not.
-    """
-    final = _hf_mirror_copy(repo_id, filename)
-    if final.is_file():
-        return final, [], []
-    source = _mirror_source(f"{hf_mirror_folder(repo_id)}/{filename}")
-    if source is None:
-        return None, [], []
-    return _try_sources(final, [source], Expected(sha256=sha256), progress)
-
-
-def hf_cached_file(repo_id: str, filename: str, revision: str = "main") -> Path | None:
-    """A Hub file already on this machine, found with no network access.
-
-    Args:
-        repo_id: the repository, e.g. `timm/resnet50.a1_in1k`.
-        filename: the file in it, e.g. `model.safetensors`.
-        revision: a branch, tag or commit (for the Hugging Face cache).
-
-    Returns:
-        The mirror copy in the weights cache, else the file in the Hugging
-        Face cache, else None (also without huggingface_hub).
-    """
-    copy = _hf_mirror_copy(repo_id, filename)
-    if copy.is_file():
-        return copy
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    found = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()), revision=revision)
-    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
-
-
-def fetch_hf(
-    repo_id: str,
-    filename: str,
-    *,
-    revision: str = "main",
-    sha256: str | None = None,
-    progress: bool = True,
-) -> Path:
-    """A file of a Hugging Face Hub repository (timm's `model.safetensors`), from a cache when there.
-
-    `KERAS_RESNET_WEIGHTS_MIRROR`, when set, is tried first as
-    `<mirror>/<owner>__<name>/<filename>` (for `timm/resnet50.a1_in1k`:
-    `<mirror>/timm__resnet50.a1_in1k/model.safetensors`, whatever the
-    revision); its copy is kept in `cache_dir()/<owner>__<name>/` and used
-    from then on, mirror set or not, with no network access. Otherwise
-    `huggingface_hub.hf_hub_download` serves it from the Hugging Face cache
-    (`HF_HUB_CACHE`, `HF_HOME`) or downloads it there; with `HF_HUB_OFFLINE=1`
-    it never touches the network.
-
-    Args:
-        repo_id: the repository, e.g. `timm/resnet50.a1_in1k`.
-        filename: the file in it, e.g. `model.safetensors`.
-        revision: a branch, tag or commit.
-        sha256: the file's full sha256 (hex), checked when given.
-        progress: show huggingface_hub's progress bar (or Keras's, from a mirror URL).
-
-    Returns:
-        The file's path (inside the Hugging Face cache, or the weights cache
-        for a mirror's copy).
-
-    Raises:
-        WeightsDownloadError: one line: a sha256 mismatch (names the file, the
-            expected and the actual hash); the file could not be had (names
-            the Hub URL, the reason, the Hugging Face cache folder and the
-            mirror variable).
-    """
-    mirrored, failures, mismatches = _from_hf_mirror(repo_id, filename, sha256, progress)
-    if mirrored is not None:
-        return mirrored
-    url = hf_url(repo_id, filename, revision)
-    try:
-        path = _from_hub(repo_id, filename, revision, progress)
-    except ImportError as error:
-        hint = "; pip install 'huggingface_hub>=0.20'" if error.name == "huggingface_hub" else ""
-        failures.append((url, f"{error}{hint}"))
-        path = None
-    except Exception as error:  # noqa: BLE001 (any Hub failure is reported as one line)
-        failures.append((url, _hf_reason(error, _env_true("HF_HUB_OFFLINE"))))
-        path = None
-    if path is None:
-        if mismatches:
-            raise _mismatch_error(mismatches)
-        raise WeightsDownloadError(_hf_unavailable_message(repo_id, filename, failures))
-    problem = Expected(sha256=sha256).problem(path, f"{repo_id}/{filename} in the Hugging Face cache ({path})")
-    if problem is not None:
-        raise WeightsDownloadError(f"{problem}; delete it to download it again")
-    return path
-
-
-def _hf_unavailable_message(repo_id: str, filename: str, failures: list[tuple[str, str]]) -> str:
-    """The one-line error for a Hub file that could not be had: the URL, the Hugging Face cache, the mirror."""
-    repo_cache = hf_cache_dir() / f"models--{repo_id.replace('/', '--')}"
-    put = (
-        f"put it in the Hugging Face cache {repo_cache} (`hf download {repo_id} {filename}` where there is a network, "
-        "then copy that folder; HF_HUB_CACHE or HF_HOME choose the cache)"
-    )
-    return _unavailable_message(filename, failures, put, f"{hf_mirror_folder(repo_id)}/{filename}")
