@@ -17,9 +17,9 @@ time):
   a 512 x 512 16-bit fluorescence crop of the 2018 Data Science Bowl
   (BBBC038, CC0) with its instance mask, from the `stardist` wheel (BSD-3):
   the instance ids become one "nucleus" class; the image stays a 16-bit PNG
-  (values 0..235 of 65535: the reader keeps them, see
-  `keras_resnet.data.images.wide_integer_scale`, where /257 would make it
-  black); train = columns 0..319, val = columns 320..511.
+  (values 0..235 of 65535: read at the training set's bit depth, 8 bits
+  here, see `keras_resnet.data.images.dataset_bit_depth`, where /257 would
+  make it black); train = columns 0..319, val = columns 320..511.
 
 `prepare` writes them as a VOC flat folder and a mask folder under
 `data/field/`; `run` trains each task twice on the same data, steps and

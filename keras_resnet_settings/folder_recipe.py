@@ -36,7 +36,7 @@ from keras_resnet_settings.errors import ConfigError
 from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION, TASKS
 from keras_resnet_settings.weights import is_weights_name
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 VAL_FOLDERS = ("val", "valid", "validation")
 VAL_SPLIT = 0.2
 SAMPLE_IMAGES = 64  # image headers read to choose channels and input size

@@ -25,7 +25,9 @@ from keras_resnet.data.batching import (
 )
 from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from keras_resnet.data.images import (
+    BIT_DEPTH_KEY,
     TRAINING_IMAGE_EXTENSIONS,
+    dataset_bit_depth,
     decode_image_file,
     encoded_paths,
     image_problem,
@@ -56,7 +58,7 @@ def scan_image_folder(
 
     Args:
         root: folder with one subfolder per class (sorted names give label ids).
-            Images are .png/.jpg/.jpeg/.bmp/.gif (any case); hidden entries are ignored.
+            Images are .png/.jpg/.jpeg/.bmp/.gif/.tif/.tiff (any case); hidden entries are ignored.
         num_classes: if given, the number of class folders must equal it.
         class_names: if given (the training classes), the folder names must match them.
         skip_corrupt: drop unreadable images with a logged warning instead of failing.
@@ -251,6 +253,7 @@ def _fashion_mnist_sources(cfg: dict, seed: int):
         list(FASHION_MNIST_CLASSES),
         stats_sample,
         None,
+        None,
     )
 
 
@@ -283,15 +286,21 @@ def _image_folder_sources(cfg: dict, seed: int):
     train_labels = np.asarray(train_labels, np.int32)[train_index]
     val_paths = np.asarray(val_paths)[val_index]
     val_labels = np.asarray(val_labels, np.int32)[val_index]
+    bit_depth = dataset_bit_depth(train_paths)  # one scale of 16-bit images for training, validation and predict
 
     def decode(path, label):
-        return decode_image_file(path, height, width, channels), label
+        return decode_image_file(path, height, width, channels, bit_depth), label
 
     def decoded(paths, labels):
         dataset = tf.data.Dataset.from_tensor_slices((encoded_paths(paths), labels)).map(
             decode, num_parallel_calls=tf.data.AUTOTUNE
         )
-        return dataset.ignore_errors(log_warning=True) if data_cfg.skip_corrupt else dataset
+        if not data_cfg.skip_corrupt:
+            return dataset
+        # The scan already dropped the files that do not decode; a file that fails later (changed on disk) is
+        # skipped too, and the pass is topped up from the next one, so the dataset keeps its known length (a
+        # plain ignore_errors makes it unknown: Keras then warned "Your input ran out of data" every run).
+        return dataset.ignore_errors(log_warning=True).repeat().take(len(paths))
 
     stats_count = min(STATS_SAMPLE_SIZE, len(train_paths))
     stats_sample = decoded(train_paths[:stats_count], train_labels[:stats_count]).map(lambda image, _: image)
@@ -303,6 +312,7 @@ def _image_folder_sources(cfg: dict, seed: int):
         class_names,
         stats_sample,
         held_out,
+        bit_depth,
     )
 
 
@@ -322,7 +332,9 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
     Returns:
         ``(train_ds, val_ds, info)`` where ``info`` has ``class_names``,
         ``num_train``, ``num_val`` and per-channel ``mean`` / ``std`` (0..255) of
-        up to 5000 training images after resizing and channel conversion.
+        up to 5000 training images after resizing and channel conversion, and
+        with 16/32-bit integer images ``bit_depth``: the one depth all of them
+        are read at (``keras_resnet.data.images.dataset_bit_depth``).
 
     Raises:
         DataError: bad or missing data, or ``data.batch_size`` larger than the training set.
@@ -336,7 +348,7 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
         sources = _image_folder_sources(cfg, seed)
     else:
         raise DataError(f"data.source {data_cfg.source!r} is not one of fashion_mnist, image_folder")
-    train, val, num_train, num_val, class_names, stats_sample, held_out = sources
+    train, val, num_train, num_val, class_names, stats_sample, held_out, bit_depth = sources
     check_batch_fits(batch_size, num_train, data_cfg.repeat)
     mean, std = _channel_stats(stats_sample, input_shape[-1])
     if data_cfg.cache:
@@ -354,4 +366,6 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
     }
     if held_out is not None:
         info["val_split"] = held_out
+    if bit_depth is not None:
+        info[BIT_DEPTH_KEY] = bit_depth
     return train, val, info

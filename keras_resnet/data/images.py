@@ -5,9 +5,10 @@ images (`decode_image` / `decode_image_file` call it through
 `tf.numpy_function` inside tf.data), evaluation, calibration, parity samples
 and prediction (`load_image(s)`), so they all see the same pixels. It loads the
 whole file (a truncated file fails) and converts modes explicitly: palette ->
-RGB (or L) through the palette, 16-bit -> 8-bit by the bit depth its values use
-(`wide_integer_scale`: /257 for full-range data), 1-bit -> 0/255, CMYK
--> RGB, alpha dropped, then L or RGB for the model's channel count. A
+RGB (or L) through the palette, 16-bit -> 8-bit at one bit depth per dataset
+(`dataset_bit_depth`, recorded in run.json as `bit_depth`: /257 for
+full-range data), 1-bit -> 0/255, CMYK -> RGB, alpha dropped, then L or RGB
+for the model's channel count. A
 JPEG's EXIF orientation is applied first (`ImageOps.exif_transpose`): pixels
 come out as a photo viewer shows them, and every size check uses that
 orientation (`displayed_size`). The rule for labels: boxes (VOC, COCO) and
@@ -28,12 +29,13 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
 
+from keras_resnet.data.scanning import progress
 from keras_resnet_settings.errors import DataError
 
 # What the PIL readers (prediction, export samples) accept.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# What the training data scans list.
-TRAINING_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+# What the training data scans list (all decoded by `read_image`, PIL).
+TRAINING_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 LETTERBOX_TEXT = (
     "letterbox: scale s = min(H / h, W / w); resize to round(h * s) x round(w * s) (bilinear, antialias), "
     "round to uint8, pad bottom/right with 0 to H x W; original box = box / s, clipped to the image"
@@ -78,38 +80,84 @@ def find_image_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
     return files
 
 
-# PIL modes of 16- and 32-bit integer pixels; scaled to 8 bits by `wide_integer_scale`.
+# PIL modes of 16- and 32-bit integer pixels; scaled to 8 bits at a bit depth (`bit_depth_of`).
 WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+# The run.json (and export metadata) entry of a run's `dataset_bit_depth`.
+BIT_DEPTH_KEY = "bit_depth"
 
 
-def wide_integer_scale(maximum: float) -> float:
-    """The factor that maps a 16/32-bit image with this maximum to 8 bits.
+def bit_depth_of(maximum: float) -> int:
+    """The container of 16/32-bit integer values up to `maximum`: the one rule choosing the bit depth.
 
     Cameras write 10-, 12- and 14-bit data into 16-bit files, and many
-    microscopy images use a small part of the range, so the scale follows
-    the smallest container the image's values fit: maximum <= 255 -> 1 (the
-    values are kept; a plain /257 would turn a 0..235 fluorescence image
-    black), <= 1023 -> 255/1023, <= 4095 -> 255/4095, <= 16383 -> 255/16383,
-    else 255/65535 (= 1/257; 32-bit values above 65535 saturate).
+    microscopy images use a small part of the range, so the depth is the
+    smallest of 8, 10, 12, 14 bits that holds `maximum`, else 16 (a plain
+    /257 would turn a 0..235 fluorescence image black). Training takes it
+    over the whole training set (`dataset_bit_depth`), so every image of a
+    run is scaled alike and brightness order is kept across images.
     """
-    for bits in (8, 10, 12, 14):
-        if maximum <= 2**bits - 1:
-            return 255.0 / (2**bits - 1)
-    return 1.0 / 257.0
+    return next((bits for bits in BIT_DEPTHS[:-1] if maximum <= 2**bits - 1), BIT_DEPTHS[-1])
 
 
-def pixels_of(image: Image.Image, channels: int) -> np.ndarray:
+def wide_integer_scale(bit_depth: int) -> float:
+    """The factor mapping `bit_depth`-bit values to 8 bits: 255 / (2**bit_depth - 1) (16 bits: 1/257).
+
+    Raises:
+        DataError: `bit_depth` is not one of 8, 10, 12, 14, 16.
+    """
+    if bit_depth not in BIT_DEPTHS:
+        raise DataError(f"bit depth {bit_depth!r} is not one of {', '.join(map(str, BIT_DEPTHS))}")
+    return 255.0 / (2 ** int(bit_depth) - 1)
+
+
+def dataset_bit_depth(paths) -> int | None:
+    """The one bit depth of a training set's 16/32-bit integer images, or None when it has none.
+
+    `bit_depth_of` the largest value over all of them (8-bit files are only
+    opened for their header). Training decodes every image at it and records
+    it in run.json (`BIT_DEPTH_KEY`); prediction reads it back
+    (`recorded_bit_depth`), so a flat 4000 stays darker than a flat 40000 in
+    training and in prediction alike.
+    """
+    maximum = None
+    for path in progress(paths, f"reading the bit depth of {len(paths)} images"):
+        with Image.open(os.fsdecode(path)) as image:
+            if image.mode in WIDE_INTEGER_MODES:
+                high = int(np.asarray(image).max(initial=0))
+                maximum = high if maximum is None else max(maximum, high)
+    return None if maximum is None else bit_depth_of(maximum)
+
+
+def recorded_bit_depth(info: dict) -> int | None:
+    """The `dataset_bit_depth` a run recorded (run.json or export metadata), checked; None when it has none.
+
+    Runs from before the record (and runs without 16-bit images) have
+    none: their 16-bit images are then read at the depth of each image's
+    own values.
+    """
+    bit_depth = (info or {}).get(BIT_DEPTH_KEY)
+    if bit_depth is None:
+        return None
+    wide_integer_scale(bit_depth)  # checks it
+    return int(bit_depth)
+
+
+def pixels_of(image: Image.Image, channels: int, bit_depth: int | None = None) -> np.ndarray:
     """uint8 `(h, w, channels)` pixels of an open PIL image, its mode converted explicitly.
 
     Palette (P, PA) -> RGB through the palette (L when `channels` is 1),
-    16-bit / 32-bit integer -> 8-bit by `wide_integer_scale` (rounded), 1-bit ->
-    0/255, CMYK -> RGB, alpha dropped; then L or RGB.
+    16-bit / 32-bit integer -> 8-bit by `wide_integer_scale(bit_depth)`
+    (rounded; values above the depth saturate; `bit_depth` None: the depth
+    of this image's own values, `bit_depth_of` its maximum), 1-bit -> 0/255,
+    CMYK -> RGB, alpha dropped; then L or RGB.
     """
     if channels not in (1, 3):
         raise DataError(f"models take 1 or 3 channel images, not {channels}")
     if image.mode in WIDE_INTEGER_MODES:
         wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.round(wide * wide_integer_scale(wide.max())), 0, 255).astype(np.uint8), "L")
+        scale = wide_integer_scale(bit_depth_of(wide.max()) if bit_depth is None else bit_depth)
+        image = Image.fromarray(np.clip(np.round(wide * scale), 0, 255).astype(np.uint8), "L")
     elif image.mode in ("P", "PA"):
         image = image.convert("RGBA")
     elif image.mode in ("1", "CMYK"):
@@ -141,26 +189,27 @@ def image_size(path) -> tuple[int, int]:
         return displayed_size(image)
 
 
-def _decoded(path: str, channels: int) -> np.ndarray:
+def _decoded(path: str, channels: int, bit_depth: int | None = None) -> np.ndarray:
     with Image.open(path) as image:
         image.load()
         if orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
-        return pixels_of(image, channels)
+        return pixels_of(image, channels, bit_depth)
 
 
-def read_image(path: str | os.PathLike | bytes, channels: int) -> np.ndarray:
+def read_image(path: str | os.PathLike | bytes, channels: int, bit_depth: int | None = None) -> np.ndarray:
     """Decode an image file to uint8 `(h, w, channels)`: the one decoder of training and prediction.
 
     The whole file is loaded (a truncated file fails here, not later) and
-    converted by `pixels_of`.
+    converted by `pixels_of`; `bit_depth` is the run's depth of 16/32-bit
+    images (`dataset_bit_depth`; None: each image's own).
 
     Raises:
         DataError: the file is missing or cannot be decoded (names the file).
     """
     path = os.fsdecode(path)
     try:
-        return _decoded(path, channels)
+        return _decoded(path, channels, bit_depth)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
     except DataError:
@@ -181,26 +230,29 @@ def encoded_paths(paths) -> np.ndarray:
     return np.asarray([os.fsencode(path) for path in paths], dtype=object)
 
 
-def load_image(path: str | os.PathLike, height: int, width: int, channels: int) -> np.ndarray:
+def load_image(path: str | os.PathLike, height: int, width: int, channels: int,
+               bit_depth: int | None = None) -> np.ndarray:
     """Read one image as float32 raw pixels 0..255, shape `(height, width, channels)`.
 
     Args:
         path: image file.
         height, width: model input size; the image is resized to it (bilinear).
         channels: 1 (converted to grayscale) or 3 (converted to RGB).
+        bit_depth: the run's depth of 16/32-bit images (`recorded_bit_depth`; None: the image's own).
 
     Raises:
         DataError: the file is missing or is not a readable image (names the file).
     """
-    array = read_image(path, channels).astype(np.float32)
+    array = read_image(path, channels, bit_depth).astype(np.float32)
     if array.shape[:2] == (height, width):
         return array
     return tf.image.resize(array, [height, width], method="bilinear").numpy()
 
 
-def load_images(paths: Sequence[str], height: int, width: int, channels: int) -> np.ndarray:
+def load_images(paths: Sequence[str], height: int, width: int, channels: int,
+                bit_depth: int | None = None) -> np.ndarray:
     """Stack `load_image` over several files into a `(N, height, width, channels)` array."""
-    return np.stack([load_image(path, height, width, channels) for path in paths]).astype(np.float32)
+    return np.stack([load_image(path, height, width, channels, bit_depth) for path in paths]).astype(np.float32)
 
 
 def image_problem(path: str) -> str | None:
@@ -235,22 +287,25 @@ def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, channels])
 
 
-def decode_image(path: tf.Tensor, channels: int, as_float: bool = True) -> tf.Tensor:
+def decode_image(path: tf.Tensor, channels: int, as_float: bool = True, bit_depth: int | None = None) -> tf.Tensor:
     """Decode one image file at its own size inside tf.data, with `read_image` (`tf.numpy_function`).
 
     Args:
         path: string tensor.
         channels: 1 or 3.
         as_float: cast to float32 (0..255); False keeps uint8.
+        bit_depth: the training set's depth of 16/32-bit images (`dataset_bit_depth`; None: each image's own).
     """
-    image = tf.numpy_function(lambda name: read_image(np.asarray(name).item(), channels), [path], tf.uint8, stateful=False)
+    image = tf.numpy_function(lambda name: read_image(np.asarray(name).item(), channels, bit_depth), [path],
+                              tf.uint8, stateful=False)
     image = tf.ensure_shape(image, [None, None, channels])
     return tf.cast(image, tf.float32) if as_float else image
 
 
-def decode_image_file(path: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:
-    """Read, decode, convert channels and resize one image to float32 (H, W, C) in 0..255."""
-    image = tf.image.resize(decode_image(path, channels), [height, width], method="bilinear")
+def decode_image_file(path: tf.Tensor, height: int, width: int, channels: int,
+                      bit_depth: int | None = None) -> tf.Tensor:
+    """Read, decode, convert channels and resize one image to float32 (H, W, C) in 0..255 (`decode_image`)."""
+    image = tf.image.resize(decode_image(path, channels, bit_depth=bit_depth), [height, width], method="bilinear")
     return tf.ensure_shape(image, [height, width, channels])
 
 

@@ -22,6 +22,7 @@ from keras_resnet.data.images import (
     letterbox_images,
     load_images,
     read_image,
+    recorded_bit_depth,
 )
 from keras_resnet_settings.errors import ConfigError, DataError, ExportError
 from keras_resnet_settings.registry import DETECTION, SEGMENTATION
@@ -80,14 +81,15 @@ def recipe_images(recipe_path: str, input_shape, split: str, count: int) -> np.n
     return np.concatenate(images).astype(np.float32)
 
 
-def folder_images(folder: str, input_shape, count: int) -> np.ndarray:
+def folder_images(folder: str, input_shape, count: int, bit_depth=None) -> np.ndarray:
     """Up to `count` images from a folder (recursive), a seeded sample when there are more.
 
     A segmentation folder (`images/` beside `masks/`) gives its `images/` only.
+    16-bit images are read at `bit_depth` (the run's; None: each image's own).
     """
     if (Path(folder) / "images").is_dir() and (Path(folder) / "masks").is_dir():
         folder = str(Path(folder) / "images")
-    return load_images(sample_files(find_image_files(folder), count), *input_shape)
+    return load_images(sample_files(find_image_files(folder), count), *input_shape, bit_depth=bit_depth)
 
 
 def detection_recipe_images(recipe_path: str, input_shape, split: str, count: int):
@@ -122,11 +124,11 @@ def detection_recipe_images(recipe_path: str, input_shape, split: str, count: in
     return images, info
 
 
-def letterboxed_folder_images(folder: str, input_shape, count: int) -> np.ndarray:
+def letterboxed_folder_images(folder: str, input_shape, count: int, bit_depth=None) -> np.ndarray:
     """Up to `count` letterboxed images of a folder (recursive; a seeded sample when there are more)."""
     height, width, channels = input_shape
     return np.concatenate([
-        letterbox_images(read_image(path, channels)[None], height, width)[0].numpy()
+        letterbox_images(read_image(path, channels, bit_depth)[None], height, width)[0].numpy()
         for path in sample_files(find_image_files(folder), count)
     ])
 
@@ -145,7 +147,7 @@ class SampleReader:
 
     Attributes:
         recipe: `(recipe path, input_shape, split, count) -> (images, info or None)`.
-        folder: `(folder, input_shape, count) -> images`.
+        folder: `(folder, input_shape, count, bit_depth=None) -> images` (16-bit images at the run's depth).
         folder_text: the description of folder images ("images in").
         training_text: the description of a recipe's calibration images, a format string.
         recipe_task: the task a calibration recipe must have (None: any).
@@ -198,7 +200,8 @@ def calibration_images(reader: SampleReader, calibration, source, input_shape, c
         return images, reader.training_text.format(calibration)
     if not Path(calibration).is_dir():
         raise DataError(f"calibration {calibration} is neither a recipe YAML nor an image folder")
-    return reader.folder(str(calibration), input_shape, count), f"{reader.folder_text} {calibration}"
+    return (reader.folder(str(calibration), input_shape, count, bit_depth=recorded_bit_depth(source.run_info)),
+            f"{reader.folder_text} {calibration}")
 
 
 def parity_images(reader: SampleReader, calibration, source, input_shape, count: int):
@@ -214,7 +217,8 @@ def parity_images(reader: SampleReader, calibration, source, input_shape, count:
         images, info = reader.recipe(str(calibration), input_shape, "val", count)
         return images, f"validation images of {calibration}", info
     if calibration is not None:
-        return reader.folder(str(calibration), input_shape, count), f"{reader.folder_text} {calibration}", None
+        images = reader.folder(str(calibration), input_shape, count, bit_depth=recorded_bit_depth(source.run_info))
+        return images, f"{reader.folder_text} {calibration}", None
     random_text = f"random uniform 0..255 images (seed {SAMPLE_SEED})"
     if source.recipe_path is not None:
         try:

@@ -47,7 +47,7 @@ from keras_resnet.export.tflite import (
 from keras_resnet_settings.errors import ExportError, ExportParityError
 
 # run.json entries copied into every export's metadata: "sampling" ("resize" or "crop") and "tile_overlap".
-RUN_SAMPLING_KEYS = ("sampling", "tile_overlap")
+RUN_SAMPLING_KEYS = ("sampling", "tile_overlap", "bit_depth")
 TOOL_PACKAGES = {"saved_model": [], "tflite": ["ai-edge-litert"], "onnx": ["tf2onnx", "onnx", "onnxruntime"]}
 
 

@@ -3,7 +3,9 @@
 Every form is run the same way: images are decoded with PIL, converted to
 the model's channel count (grayscale "L" or "RGB"; alpha dropped), resized
 to the model's input size with `tf.image.resize` (bilinear, as in the
-training input pipeline) and fed as float32 raw pixels 0..255, NHWC. Class
+training input pipeline) and fed as float32 raw pixels 0..255, NHWC; 16-bit
+images are read at the run's `bit_depth` (run.json or export metadata), as
+in training. Class
 names come from the metadata JSON written beside an export
 (`<artefact>.json`) or from a run's `run.json`.
 """
@@ -14,7 +16,7 @@ import os
 
 import numpy as np
 
-from keras_resnet.data.images import find_image_files, load_images
+from keras_resnet.data.images import find_image_files, load_images, recorded_bit_depth
 from keras_resnet.export.loading import load_exported_model
 from keras_resnet_settings.errors import ConfigError, ModelError
 from keras_resnet_settings.registry import CLASSIFICATION
@@ -50,9 +52,10 @@ def predict_files(model_path: str | os.PathLike, images, top_k: int = 5) -> list
         )
     files = find_image_files(images)
     height, width, channels = model.input_shape
+    bit_depth = recorded_bit_depth(model.metadata)
     probabilities = np.concatenate(
         [
-            model.predict(load_images(files[start : start + LOAD_CHUNK], height, width, channels))
+            model.predict(load_images(files[start : start + LOAD_CHUNK], height, width, channels, bit_depth))
             for start in range(0, len(files), LOAD_CHUNK)
         ]
     )

@@ -30,7 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from keras_resnet.atomic_files import read_json
-from keras_resnet.data.images import find_image_files, letterbox_images, read_image
+from keras_resnet.data.images import (
+    find_image_files,
+    letterbox_images,
+    read_image,
+    recorded_bit_depth,
+)
 from keras_resnet.export.loading import as_exported_model
 from keras_resnet.export.signatures import RAW_NAME
 from keras_resnet.models.retinanet.decoder import decoder_from_config
@@ -176,11 +181,12 @@ def predict_boxes(model_path, image_paths, output_dir, score_threshold=None, max
     (height, width, channels), class_names, run, info = _open_detector(model_path, score_threshold, max_detections)
     plan = tile_plan(tile, overlap, (height, width), info, True, model_path)
     merged_max = max_detections or decoder_setting(info, "max_detections", 100)
+    bit_depth = recorded_bit_depth(info)  # 16-bit images at the training set's depth
     files = find_image_files(image_paths)
     os.makedirs(output_dir, exist_ok=True)
     results = []
     for image_path in files:
-        original = read_image(image_path, channels)
+        original = read_image(image_path, channels, bit_depth)
         window = plan.window(*original.shape[:2])
         if window is not None:
             found = detect_tiled(run, original, window, plan.overlap, batch_size,

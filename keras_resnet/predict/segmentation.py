@@ -30,7 +30,12 @@ import numpy as np
 from PIL import Image
 
 import keras_resnet.models.segmentation.segmenter  # noqa: F401  (registers the custom objects)
-from keras_resnet.data.images import find_image_files, load_image, read_image
+from keras_resnet.data.images import (
+    find_image_files,
+    load_image,
+    read_image,
+    recorded_bit_depth,
+)
 from keras_resnet.export.loading import as_exported_model
 from keras_resnet.export.signatures import MASK_NAME
 from keras_resnet.predict.progress import terminal_progress
@@ -134,21 +139,22 @@ def predict_masks(model_path_or_run_dir, images, output_dir, tile="off", overlap
     segmenter = _segmenter(model_path_or_run_dir)
     height, width, channels = segmenter.input_shape
     plan = tile_plan(tile, overlap, (height, width), segmenter.info, segmenter.fixed, segmenter.where)
+    bit_depth = recorded_bit_depth(segmenter.info)  # 16-bit images at the training set's depth
     files = find_image_files(images)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for path in files:
-        original = read_image(path, 3)
+        original = read_image(path, 3, bit_depth)
         original_height, original_width = original.shape[:2]
         window = plan.window(original_height, original_width)
         if window is not None:
-            pixels = read_image(path, channels).astype(np.float32)
+            pixels = read_image(path, channels, bit_depth).astype(np.float32)
             probabilities = segment_tiled(segmenter.probabilities, pixels, window, plan.overlap, batch_size,
                                           progress=terminal_progress())
             mask = probabilities.argmax(axis=-1).astype(np.int32)
         else:
-            model_input = load_image(path, height or original_height, width or original_width, channels)
+            model_input = load_image(path, height or original_height, width or original_width, channels, bit_depth)
             mask = np.asarray(segmenter.mask(model_input), np.int32)
         if mask.shape != (original_height, original_width):
             resized = Image.fromarray(mask.astype(np.int32)).resize((original_width, original_height), Image.NEAREST)

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from keras_resnet.atomic_files import read_json
-from keras_resnet.data.images import read_image
+from keras_resnet.data.images import read_image, recorded_bit_depth
 from keras_resnet.export.loading import ExportedModel, load_exported_model
 from keras_resnet.export.signatures import MASK_NAME, OUTPUT_NAME
 from keras_resnet.predict.progress import terminal_progress
@@ -139,15 +139,16 @@ def _exported_tile(model: ExportedModel, tile) -> tuple[int, int]:
     return size
 
 
-def _image_for(image, channels: int) -> np.ndarray:
+def _image_for(image, channels: int, info: dict | None = None) -> np.ndarray:
+    """The pixels of an array or image file (16-bit files at the `bit_depth` of `info`, the run.json or metadata)."""
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image, channels).astype(np.float32)
+        return read_image(image, channels, recorded_bit_depth(info)).astype(np.float32)
     return as_image(image)
 
 
 def _predict_exported(model: ExportedModel, image, tile, overlap, batch_size, progress) -> dict:
     window = _exported_tile(model, tile)
-    image = _image_for(image, model.input_shape[-1])
+    image = _image_for(image, model.input_shape[-1], model.metadata)
     if model.task == SEGMENTATION:
         probabilities = segment_tiled(
             lambda windows: model.predict_outputs(windows)[OUTPUT_NAME], image, window, overlap, batch_size,
@@ -173,7 +174,9 @@ def predict_tiled(model, image, tile=None, overlap: float = DEFAULT_OVERLAP, bat
             segmenter: a `(N, H, W, classes)` output), an `ExportedModel`, or
             a path to a `.keras` file, run dir, SavedModel dir, `.tflite` or
             `.onnx`. Models take raw pixels 0..255, NHWC.
-        image: `(h, w, C)` or `(h, w)` pixels 0..255 of any size, or an image file.
+        image: `(h, w, C)` or `(h, w)` pixels 0..255 of any size, or an image file
+            (16-bit: read at the run's `bit_depth` for a model path or
+            `ExportedModel`; a Keras model object carries none, so the image's own).
         tile: the window side (an int) or `(height, width)`; None: the model
             input. Models with a fixed input (exports, detectors) take only
             that; a dynamic-size Keras segmenter needs one.

@@ -29,6 +29,8 @@ def write_run_files(cfg, paths, run_info, data_info=None):
     """
     if data_info is not None and data_info.get("val_split") is not None:
         run_info = {**run_info, "val_split": data_info["val_split"]}
+    if data_info is not None and data_info.get("bit_depth") is not None:  # 16-bit images: the one scale
+        run_info = {**run_info, "bit_depth": data_info["bit_depth"]}
     with atomic_output(paths.recipe) as temporary:
         dump_config(cfg, temporary)
     write_json(paths.info, run_info)

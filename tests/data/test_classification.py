@@ -150,6 +150,16 @@ def test_skip_corrupt_drops_it_with_a_warning(folders, caplog):
     assert "broken.jpg" in caplog.text
 
 
+def test_skip_corrupt_pipelines_keep_their_length(folders):
+    """With data.skip_corrupt the datasets keep a known length (Keras warned "ran out of data" without it)."""
+    (folders[0] / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    config = folder_config(*folders, "model.input_shape=[8,8,3]", "data.skip_corrupt=true")
+    train, val, info = build_classification_datasets(config, seed=1)
+    assert (info["num_train"], info["num_val"]) == (12, 6)
+    assert int(train.cardinality()) == 3 and len(list(train)) == 3
+    assert int(val.cardinality()) == 2 and sum(len(labels) for _, labels in val) == 6
+
+
 def test_num_classes_mismatch(folders):
     config = folder_config(*folders, "model.num_classes=10")
     with pytest.raises(DataError, match=r"data.train has 2 class folders \(cat, dog\) but model.num_classes is 10"):

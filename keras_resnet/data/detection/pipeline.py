@@ -75,6 +75,8 @@ from keras_resnet.data.detection.mosaic_reader import MOSAIC_VAL_SEED, read_mosa
 from keras_resnet.data.detection.records import DetectionRecord, coco_ground_truth
 from keras_resnet.data.detection.voc_reader import read_voc
 from keras_resnet.data.images import (
+    BIT_DEPTH_KEY,
+    dataset_bit_depth,
     decode_image,
     encoded_paths,
     letterbox_scale,
@@ -110,20 +112,21 @@ def _padded_targets(records: Sequence[DetectionRecord], max_boxes: int, what: st
     return boxes, classes
 
 
-def _image_sources(records, channels: int):
+def _image_sources(records, channels: int, bit_depth=None):
     """``(images or encoded paths, load)``: what a dataset of the records' images slices, and its uint8 loader."""
     if isinstance(records[0].image, np.ndarray):
         images = np.stack([r.image if r.image.ndim == 3 else r.image[..., None] for r in records])
         return images, lambda image: to_channels(image, channels)
-    return encoded_paths([r.image for r in records]), lambda path: decode_image(path, channels, as_float=False)
+    return encoded_paths([r.image for r in records]), lambda path: decode_image(path, channels, as_float=False,
+                                                                                bit_depth=bit_depth)
 
 
-def _records_dataset(records, input_shape, max_boxes: int, what: str) -> tf.data.Dataset:
+def _records_dataset(records, input_shape, max_boxes: int, what: str, bit_depth=None) -> tf.data.Dataset:
     """Unbatched letterboxed ``(uint8 image, boxes, classes)`` at the input size."""
     height, width, channels = input_shape
     boxes, classes = _padded_targets(records, max_boxes, what)
     scales = np.asarray([letterbox_scale(r.height, r.width, height, width) for r in records], np.float32)
-    images, load = _image_sources(records, channels)
+    images, load = _image_sources(records, channels, bit_depth)
     sources = tf.data.Dataset.from_tensor_slices((images, boxes, classes, scales))
 
     def prepare(source, boxes, classes, scale):
@@ -134,17 +137,17 @@ def _records_dataset(records, input_shape, max_boxes: int, what: str) -> tf.data
     return sources.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _native_sources(records, channels: int, max_boxes: int, what: str):
+def _native_sources(records, channels: int, max_boxes: int, what: str, bit_depth=None):
     """``(sources, decode)``: unbatched ``(image or path, boxes, classes)`` and ``decode`` to native uint8 images."""
     boxes, classes = _padded_targets(records, max_boxes, what, warn=False)
-    images, load = _image_sources(records, channels)
+    images, load = _image_sources(records, channels, bit_depth)
     sources = tf.data.Dataset.from_tensor_slices((images, boxes, classes))
     return sources, lambda source, boxes, classes: (load(source), boxes, classes)
 
 
-def _native_images(records, channels: int, cache: bool) -> tf.data.Dataset:
+def _native_images(records, channels: int, cache: bool, bit_depth=None) -> tf.data.Dataset:
     """Unbatched native-size uint8 images of the records, in order (``info["val_full"]``)."""
-    images, load = _image_sources(records, channels)
+    images, load = _image_sources(records, channels, bit_depth)
     dataset = tf.data.Dataset.from_tensor_slices(images).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.cache() if cache else dataset
 
@@ -324,17 +327,21 @@ def build_detection_datasets(
     }
     if held_out is not None:
         info["val_split"] = held_out
+    # one scale of 16-bit images for training, validation and prediction (run.json "bit_depth")
+    bit_depth = dataset_bit_depth([r.image for r in train_records if not isinstance(r.image, np.ndarray)])
+    if bit_depth is not None:
+        info[BIT_DEPTH_KEY] = bit_depth
     if sampling == "crop":
         info["num_val_windows"] = count_tiles([(r.height, r.width) for r in val_records], height, width)
         train_ds, val_ds, val_native = _crop_datasets(
             train_records, val_records, input_shape, batch_size, max_boxes, augment_args, seed, shuffle_buffer,
-            cache, repeat, crops_per_image, empty_crop_rate, info["num_val_windows"],
+            cache, repeat, crops_per_image, empty_crop_rate, info["num_val_windows"], bit_depth,
         )
         info["val_full"] = val_native.map(lambda image, boxes, classes: image)  # shares the tiles' cache
         return train_ds, val_ds, info
-    info["val_full"] = _native_images(val_records, channels, cache)
-    train_ds = _records_dataset(train_records, input_shape, max_boxes, "training set")
-    val_ds = _records_dataset(val_records, input_shape, max_boxes, "validation set")
+    info["val_full"] = _native_images(val_records, channels, cache, bit_depth)
+    train_ds = _records_dataset(train_records, input_shape, max_boxes, "training set", bit_depth)
+    val_ds = _records_dataset(val_records, input_shape, max_boxes, "validation set", bit_depth)
     if cache:
         train_ds, val_ds = train_ds.cache(), val_ds.cache()
     augment_fn = make_detection_augment(input_shape, **augment_args)
@@ -355,7 +362,7 @@ def build_detection_datasets(
 
 
 def _crop_datasets(train_records, val_records, input_shape, batch_size, max_boxes, augment_args, seed,
-                   shuffle_buffer, cache, repeat, crops_per_image, empty_crop_rate, num_tiles):
+                   shuffle_buffer, cache, repeat, crops_per_image, empty_crop_rate, num_tiles, bit_depth=None):
     """``(train_ds, val_ds, val_native)`` of ``sampling="crop"``: random native-resolution windows, validation
     tiles, and the (cached) unbatched native ``(image, boxes, classes)`` validation examples they are cut from."""
     height, width, channels = input_shape
@@ -366,7 +373,7 @@ def _crop_datasets(train_records, val_records, input_shape, batch_size, max_boxe
         boxes, classes = pad_boxes(boxes, classes, max_boxes)
         return image, {"boxes": boxes, "classes": classes}
 
-    sources, decode = _native_sources(train_records, channels, max_boxes, "training set")
+    sources, decode = _native_sources(train_records, channels, max_boxes, "training set", bit_depth)
     train_ds = crop_training_dataset(
         sources, decode, train_window, num_images=len(train_records), crops_per_image=crops_per_image,
         repeat=repeat, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, cache=cache,
@@ -376,7 +383,7 @@ def _crop_datasets(train_records, val_records, input_shape, batch_size, max_boxe
         boxes, classes = pad_boxes(boxes, classes, max_boxes)
         return image, {"boxes": boxes, "classes": classes}
 
-    sources, decode = _native_sources(val_records, channels, max_boxes, "validation set")
+    sources, decode = _native_sources(val_records, channels, max_boxes, "validation set", bit_depth)
     val_native = sources.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     val_native = val_native.cache() if cache else val_native
 

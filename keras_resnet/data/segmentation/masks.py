@@ -1,7 +1,7 @@
 """Segmentation files: mask folders and Pascal VOC, checked up front, decoded in ``tf.data``.
 
 - ``mask_folder``: ``data.train`` and ``data.val`` are folders holding
-  ``images/`` (png/jpg/...) and ``masks/`` (PNG of class indices, same file
+  ``images/`` (png/jpg/tif...) and ``masks/`` (PNG of class indices, same file
   stem; palette "P" PNGs are read as indices). An optional ``classes.txt``
   (one name per line) beside them names the classes. Every pair is checked
   up front.
@@ -178,28 +178,33 @@ def _read_mask(path) -> np.ndarray:
         return np.asarray(mask, dtype=np.int32)
 
 
-def decode_pair(image_path, mask_path, channels):
-    """Decode an image (any size, float32 0..255) and its index mask (int32)."""
-    image = decode_image(image_path, channels)
+def decode_pair(image_path, mask_path, channels, bit_depth=None):
+    """Decode an image (any size, float32 0..255) and its index mask (int32).
+
+    ``bit_depth``: the training set's depth of 16-bit images
+    (``keras_resnet.data.images.dataset_bit_depth``; None: each image's own).
+    """
+    image = decode_image(image_path, channels, bit_depth=bit_depth)
     # Palette PNGs must be read as indices: tf.io.decode_png would expand them to colours.
     mask = tf.numpy_function(_read_mask, [mask_path], tf.int32, stateful=False)
     return image, tf.ensure_shape(mask, [None, None])
 
 
-def pair_dataset(pairs, channels) -> tf.data.Dataset:
+def pair_dataset(pairs, channels, bit_depth=None) -> tf.data.Dataset:
     """Unbatched ``(image, mask)`` examples (see :func:`decode_pair`) of ``(image_path, mask_path)`` pairs."""
     images, masks = encoded_paths([image for image, _ in pairs]), encoded_paths([mask for _, mask in pairs])
     return tf.data.Dataset.from_tensor_slices((images, masks)).map(
-        lambda image, mask: decode_pair(image, mask, channels), num_parallel_calls=tf.data.AUTOTUNE
+        lambda image, mask: decode_pair(image, mask, channels, bit_depth), num_parallel_calls=tf.data.AUTOTUNE
     )
 
 
-def native_pair_sources(pairs, channels: int, num_classes: int):
+def native_pair_sources(pairs, channels: int, num_classes: int, bit_depth=None):
     """``(sources, decode)`` of native-resolution pairs (``data.sampling: crop``), compact in memory.
 
     ``sources`` slices the encoded ``(image_path, mask_path)`` pairs;
-    ``decode`` gives a uint8 ``(h, w, C)`` image and its mask, uint8 when
-    every value fits (``num_classes`` <= 255, 255 = ignore) else int32.
+    ``decode`` gives a uint8 ``(h, w, C)`` image (16-bit images at
+    ``bit_depth``, see :func:`decode_pair`) and its mask, uint8 when every
+    value fits (``num_classes`` <= 255, 255 = ignore) else int32.
     """
     images, masks = encoded_paths([image for image, _ in pairs]), encoded_paths([mask for _, mask in pairs])
     mask_dtype = tf.uint8 if num_classes <= IGNORE_INDEX else tf.int32
@@ -207,6 +212,6 @@ def native_pair_sources(pairs, channels: int, num_classes: int):
     def decode(image_path, mask_path):
         mask = tf.numpy_function(_read_mask, [mask_path], tf.int32, stateful=False)
         mask = tf.cast(tf.ensure_shape(mask, [None, None]), mask_dtype)
-        return decode_image(image_path, channels, as_float=False), mask
+        return decode_image(image_path, channels, as_float=False, bit_depth=bit_depth), mask
 
     return tf.data.Dataset.from_tensor_slices((images, masks)), decode

@@ -35,7 +35,12 @@ from keras_resnet.data.batching import (
     split_record,
     validation_split,
 )
-from keras_resnet.data.images import decode_image_file, image_size
+from keras_resnet.data.images import (
+    BIT_DEPTH_KEY,
+    dataset_bit_depth,
+    decode_image_file,
+    image_size,
+)
 from keras_resnet.data.rescale_crop import RescaleCrop
 from keras_resnet.data.segmentation.masks import (
     IGNORE_INDEX,
@@ -108,7 +113,9 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
         ``std`` (0..255) of up to 500 training images at the input size,
         ``val_full`` (unbatched ``(float32 (h, w, C) image 0..255, int32
         (h, w) mask)`` validation pairs at their own size, in validation
-        order; mosaics: the input-size canvases), ``sampling``,
+        order; mosaics: the input-size canvases), ``sampling``, ``bit_depth``
+        (with 16/32-bit integer images: the one depth all are read at,
+        ``keras_resnet.data.images.dataset_bit_depth``),
         ``crops_per_image``, ``num_train_windows`` (training examples per
         epoch: images x crops_per_image x repeat) and ``num_val_windows``
         (validation examples: images, or tiles with crop).
@@ -149,12 +156,14 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
         train_pairs = [train_pairs[i] for i in seeded_subset(len(train_pairs), data_cfg.limit_train, seed)]
         val_pairs = [val_pairs[i] for i in seeded_subset(len(val_pairs), data_cfg.limit_val, seed + 1)]
         num_train, num_val = len(train_pairs), len(val_pairs)
+        bit_depth = dataset_bit_depth([image for image, _ in train_pairs])  # one scale of 16-bit images
         stats_images = np.stack([
-            decode_image_file(path, height, width, channels).numpy()
+            decode_image_file(path, height, width, channels, bit_depth).numpy()
             for path, _ in train_pairs[:STATS_SAMPLE_SIZE]
         ])
-        train, val = pair_dataset(train_pairs, channels), pair_dataset(val_pairs, channels)
+        train, val = pair_dataset(train_pairs, channels, bit_depth), pair_dataset(val_pairs, channels, bit_depth)
     elif source == "mosaic":
+        bit_depth = None
         if num_classes != len(MOSAIC_CLASSES):
             raise SegmentationDataError(
                 f"data.source=mosaic has {len(MOSAIC_CLASSES)} classes (background + 10 Fashion-MNIST) but "
@@ -180,10 +189,12 @@ def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
             "num_train_windows": num_train * crops_per_image * data_cfg.repeat, "num_val_windows": num_val}
     if held_out is not None:
         info["val_split"] = held_out
+    if bit_depth is not None:
+        info[BIT_DEPTH_KEY] = bit_depth
     if sampling == "crop":
         info["num_val_windows"] = crops.count_tiles(_image_sizes(val_pairs), height, width)
         train, val, info["val_full"] = _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed,
-                                                      info["num_val_windows"])
+                                                      info["num_val_windows"], bit_depth)
         return train, val, info
     if data_cfg.cache:
         val = val.cache()
@@ -208,7 +219,7 @@ def _image_sizes(pairs):
     return sizes
 
 
-def _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed, num_tiles):
+def _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed, num_tiles, bit_depth=None):
     """`(train_ds, val_ds, val_full)` of `data.sampling: crop`: random windows, validation tiles, native pairs."""
     data_cfg, augment_cfg = cfg.data, cfg.data.augment
     height, width, channels = cfg.model.input_shape
@@ -217,7 +228,7 @@ def _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed, num_tiles):
         data_cfg.empty_crop_rate, IGNORE_INDEX,
     )
 
-    sources, decode = native_pair_sources(train_pairs, channels, num_classes)
+    sources, decode = native_pair_sources(train_pairs, channels, num_classes, bit_depth)
 
     def decode_with_rows(image_path, mask_path):  # the foreground row counts, computed once per image
         image, mask = decode(image_path, mask_path)
@@ -228,7 +239,7 @@ def _crop_datasets(cfg, train_pairs, val_pairs, num_classes, seed, num_tiles):
         repeat=data_cfg.repeat, batch_size=data_cfg.batch_size, shuffle_buffer=data_cfg.shuffle_buffer,
         seed=seed, cache=data_cfg.cache,
     )
-    val_sources, val_decode = native_pair_sources(val_pairs, channels, num_classes)
+    val_sources, val_decode = native_pair_sources(val_pairs, channels, num_classes, bit_depth)
     val = val_sources.map(val_decode, num_parallel_calls=tf.data.AUTOTUNE)
     val = val.cache() if data_cfg.cache else val
 
