@@ -309,8 +309,8 @@ def recipe_for_folder(folder, task=None, model=None, weights=None, epochs=None, 
         size = _largest_not_above(DENSE_SIZES, short_side)
         if found == SEGMENTATION:
             num_classes = _mask_classes(Path(layout["train"]))
-            if size < 256:  # keep the coarsest map at 6 px or more, and rates that stay inside it
-                model_section["backbone_args"] = {"output_stride": 16}
+            if size < 256:  # keep the coarsest map at 4 px or more, and rates that stay inside it
+                model_section["backbone_args"] = {"output_stride": 16 if size >= 64 else 8}
                 model_section["head_args"] = {"aspp_rates": [1, 2, 3]}
         elif layout["source"] == "coco":
             names = _coco_class_names(Path(layout["train"]))

@@ -127,6 +127,17 @@ def test_bad_mask_folder_inputs_name_the_file(tmp_path, problem, expected):
     assert str(tmp_path / "train") in str(error.value) and "\n" not in str(error.value)
 
 
+def test_masks_of_only_0_and_255_are_one_error_not_an_ignored_foreground(tmp_path):
+    image, mask = block_pair(12, 16, 0)
+    binary = np.where(mask > 0, 255, 0)  # binary masks as many tools save them: the foreground is 255
+    for stem in ("a", "b"):
+        write_pair(tmp_path / "train", stem, image, binary, mask_mode="L")
+    write_pair(tmp_path / "val", "v", image, mask)
+    cfg = segmentation_cfg(tmp_path, "mask_folder", tmp_path / "train", tmp_path / "val", num_classes=2, batch_size=1)
+    with pytest.raises(SegmentationDataError, match="holds only 0 and 255, and 255 means 'ignore'"):
+        build_segmentation_datasets(cfg)
+
+
 def test_mosaic_is_deterministic_and_labels_item_pixels():
     rng = np.random.default_rng(0)
     items = rng.integers(0, 256, (20, 28, 28)).astype(np.uint8)

@@ -151,6 +151,14 @@ def test_binary_masks_of_0_and_255_are_an_error_not_an_ignored_foreground(tmp_pa
         recipe_for_folder(folder)
 
 
+@pytest.mark.parametrize("side", [40, 70, 150])
+def test_small_mask_images_get_aspp_rates_inside_their_coarsest_map(tmp_path, side):
+    recipe = recipe_for_folder(mask_folder(tmp_path / "cells", count=3, size=side))
+    size, stride = recipe["model"]["input_shape"][0], recipe["model"]["backbone_args"]["output_stride"]
+    # The ASPP's largest rate stays inside the coarsest map (else every build warns of wasted taps).
+    assert size // stride >= 4 > max(recipe["model"]["head_args"]["aspp_rates"]), recipe["model"]
+
+
 def test_tiny_data_gets_enough_steps_and_pretrained_weights_a_lower_rate(tmp_path):
     stripes_folder(tmp_path / "few", per_class=5)
     scratch = recipe_for_folder(tmp_path / "few")

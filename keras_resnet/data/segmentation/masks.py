@@ -39,8 +39,8 @@ IGNORE_INDEX = 255
 VOC_CLASSES = VOC_SEGMENTATION_CLASSES
 
 
-def _mask_problem(image_path: str, mask_path: str, num_classes: int) -> str | None:
-    """Why an image/mask pair is unusable, or None. Decodes the whole image and mask."""
+def _mask_problem(image_path: str, mask_path: str, num_classes: int, seen: set | None = None) -> str | None:
+    """Why an image/mask pair is unusable, or None. Decodes the whole image and mask; adds its values to `seen`."""
     problem = image_problem(image_path)
     if problem:
         return f"unreadable image {image_path} ({problem}); delete or replace it"
@@ -51,6 +51,8 @@ def _mask_problem(image_path: str, mask_path: str, num_classes: int) -> str | No
             values = np.asarray(mask) if mode in ("P", "L", "I", "I;16") else None
     except Exception as error:
         return f"unreadable mask {mask_path} ({type(error).__name__}: {error}); fix or delete it"
+    if values is not None and seen is not None:
+        seen.update(int(value) for value in np.unique(values))
     if values is None:
         return (
             f"mask {mask_path} is a {mode} image; masks must be single-channel PNGs of class indices "
@@ -71,10 +73,17 @@ def _mask_problem(image_path: str, mask_path: str, num_classes: int) -> str | No
 
 
 def _check_pairs(pairs: list[tuple[str, str]], num_classes: int, root) -> None:
+    seen: set = set()
     for image_path, mask_path in progress(pairs, f"checking {len(pairs)} masks in {root}"):
-        problem = _mask_problem(image_path, mask_path, num_classes)
+        problem = _mask_problem(image_path, mask_path, num_classes, seen)
         if problem:
             raise SegmentationDataError(problem)
+    if IGNORE_INDEX in seen and seen <= {0, IGNORE_INDEX}:  # binary masks saved as 0/255: nothing to learn
+        raise SegmentationDataError(
+            f"every mask in {root} holds only 0 and {IGNORE_INDEX}, and {IGNORE_INDEX} means 'ignore' (VOC borders), "
+            "so the foreground would never be learned; write binary masks with the foreground as 1 (class ids 0, "
+            f"1, ...), e.g. with numpy: (mask == {IGNORE_INDEX}).astype('uint8')"
+        )
 
 
 def scan_mask_folder(root: str | os.PathLike, num_classes: int, *, config_key: str = "data.train"):
