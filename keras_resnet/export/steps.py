@@ -255,9 +255,14 @@ class ExportJob:
                           sample_source), flush=True)
         if not figures["passed"]:
             kept = f"the earlier {self.path} is unchanged" if self.path.exists() else f"nothing written at {self.path}"
+            advice = ""
+            if request.quantize == "int8":  # the usual ways out of an int8 miss
+                advice = ("; for int8: calibrate on more or other images (--calibration, --calibration-samples), "
+                          "train longer or quantization-aware (keras-resnet qat RUN_DIR), or accept less with "
+                          "--int8-min-agreement")
             raise ExportParityError(
                 f"the export fails its parity check against Keras ({figures['criterion']}): {self.failure(figures)}; "
-                f"kept for inspection as {rejected} ({kept})"
+                f"kept for inspection as {rejected} ({kept}){advice}"
             )
         os.replace(new_metadata, metadata_file)
         remove_rejected(rejected)  # an earlier rejected export of this artefact is stale now

@@ -230,6 +230,16 @@ def test_input_size_override_rebuilds_the_model(run_dir, tmp_path):
     assert exported.input_shape == (40, 48, 3) and exported.batch_size == 1
 
 
+def test_an_int8_miss_says_how_to_get_past_it(run_dir, tmp_path, monkeypatch):
+    from keras_resnet.export.classification import ClassificationExport
+
+    monkeypatch.setattr(ClassificationExport, "int8_rule", lambda self, figures: ("top-1 agreement >= 2", False))
+    with pytest.raises(ExportParityError, match="for int8: calibrate on more or other images .*keras-resnet qat "
+                                                ".*--int8-min-agreement"):
+        export_model(run_dir, format="tflite", quantize="int8", output=tmp_path, parity_samples=4,
+                     calibration_samples=4)
+
+
 def test_a_failing_export_never_replaces_the_passing_one(run_dir, tmp_path, monkeypatch):
     passing = export_model(run_dir, format="onnx", output=tmp_path, parity_samples=4)
     artefact, metadata_file = Path(passing["path"]), Path(passing["metadata_path"])
