@@ -83,6 +83,7 @@ def find_image_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
 # PIL modes of 16- and 32-bit integer pixels; scaled to 8 bits at a bit depth (`bit_depth_of`).
 WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 BIT_DEPTHS = (8, 10, 12, 14, 16)
+WIDE_INTEGER_SUFFIXES = (".png", ".tif", ".tiff")  # the formats that can hold 16-bit pixels
 # The run.json (and export metadata) entry of a run's `dataset_bit_depth`.
 BIT_DEPTH_KEY = "bit_depth"
 
@@ -121,6 +122,8 @@ def dataset_bit_depth(paths) -> int | None:
     training and in prediction alike.
     """
     maximum = None
+    # JPEG, GIF, BMP and WebP hold 8-bit pixels only: only PNG and TIFF files are opened.
+    paths = [path for path in paths if os.fsdecode(path).lower().endswith(WIDE_INTEGER_SUFFIXES)]
     for path in progress(paths, f"reading the bit depth of {len(paths)} images"):
         with Image.open(os.fsdecode(path)) as image:
             if image.mode in WIDE_INTEGER_MODES:
