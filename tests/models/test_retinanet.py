@@ -477,6 +477,21 @@ def test_decoder_breaks_score_ties_the_same_way_in_tflite():
         np.testing.assert_allclose(got["scores"], expected["scores"], atol=1e-6)
 
 
+def test_boxes_outside_the_image_are_no_detections():
+    """A box clipped to nothing is dropped (NMS cannot suppress zero-area duplicates: TFLite gave one 100 times)."""
+    image_shape = (64, 64)
+    anchors = AnchorGenerator()(image_shape)
+    targets = np.array([[10.0, -40.0, 30.0, -20.0]] * 3 + [[10.0, 12.0, 30.0, 50.0]], "float32")  # 3 above
+    indices = [100, 101, 102, 500]
+    raw = np.zeros((1, len(anchors), 5), "float32")
+    raw[..., 4] = -20.0
+    raw[0, indices, :4] = encode_boxes(targets, anchors[indices])
+    raw[0, indices, 4] = [3.0, 2.9, 2.8, 1.0]
+    out = DetectionDecoder(1, image_shape)(raw)
+    assert int(out["num_detections"][0]) == 1
+    np.testing.assert_allclose(out["boxes"][0, 0], [10, 12, 30, 50], atol=1e-3)
+
+
 def test_decoder_boxes_follow_deltas_and_are_clipped():
     image_shape = (64, 64)
     anchors = AnchorGenerator()(image_shape)

@@ -12,7 +12,7 @@ Per image, on the raw output `(N, 4 + C)` (box deltas, class logits):
    takes the `pre_nms_top_k` best of each pyramid level instead, as
    torchvision's RetinaNet (`topk_candidates`) and Detectron do;
 2. the selected deltas are decoded against their anchors and clipped to
-   the image;
+   the image; boxes left with no area (outside the image) are dropped;
 3. class-wise NMS in one call: each box is shifted by `class_id *
    (max(H, W) + 1)` pixels so boxes of different classes never overlap,
    then one `NonMaxSuppressionV5` (score threshold, IoU threshold,
@@ -147,8 +147,12 @@ class DetectionDecoder(keras.layers.Layer):
         # first) instead of by score: equal scores -- common once logits are int8 -- then suppress in the
         # same order in TensorFlow, TFLite and ONNX, whose NMS kernels break score ties differently.
         count = tf.shape(scores)[0]
+        # A box clipped to nothing (it lay outside the image) is no detection: NMS cannot suppress zero-area
+        # duplicates (IoU 0/0), and TFLite returned one such box 100 times.
+        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         rank_scores = tf.where(
-            scores > self.score_threshold, 1.0 - tf.cast(tf.range(count), tf.float32) / tf.cast(count, tf.float32), 0.0
+            (scores > self.score_threshold) & nonempty,
+            1.0 - tf.cast(tf.range(count), tf.float32) / tf.cast(count, tf.float32), 0.0,
         )
         selected, _, num_detections = tf.raw_ops.NonMaxSuppressionV5(
             boxes=boxes + offsets[:, None],
