@@ -111,7 +111,12 @@ def train_recipe(args):
 
     recipe = recipe_for_folder(args.data, task=args.task, model=args.model, weights=args.weights,
                                epochs=args.epochs, output_dir=args.output)
-    print(describe(recipe, args.data), flush=True)
+    shown = recipe
+    if getattr(args, "set", None):  # describe what will train: the folder's choices with the --set overrides
+        from keras_resnet_settings.loading import load_config
+
+        shown = load_config(recipe, args.set).to_dict()
+    print(describe(shown, args.data), flush=True)
     return recipe
 
 

@@ -201,8 +201,9 @@ def test_fine_tuning_ones_own_keras_model_keeps_its_network_and_normalisation(tm
         preprocessing=ImageNormalization(mean=[10.0, 20.0, 30.0], std=[40.0, 50.0, 60.0], name="normalization"))
     source.save(tmp_path / "mine.keras")
     stripes_folder(tmp_path / "photos", per_class=6, size=160)  # alone, these would choose resnet18 at 160 px
-    assert main(["train", "--data", "photos", "--weights", "mine.keras", "--epochs", "1"]) == 0
+    assert main(["train", "--data", "photos", "--weights", "mine.keras", "--epochs", "1", "--set", "data.repeat=3"]) == 0
     out = capsys.readouterr().out
+    assert "(each image 3x per epoch)" in out  # the plan line shows the --set overrides
     run = tmp_path / "runs" / "photos_classification"
     recipe = load_config(run / "recipe.yaml")
     assert recipe.model.backbone == "resnet20_cifar"
