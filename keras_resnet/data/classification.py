@@ -26,6 +26,7 @@ from keras_resnet.data.batching import (
 from keras_resnet.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from keras_resnet.data.images import (
     BIT_DEPTH_KEY,
+    MIN_PIXEL_STD,
     TRAINING_IMAGE_EXTENSIONS,
     dataset_bit_depth,
     decode_image_file,
@@ -224,7 +225,7 @@ def _channel_stats(images: tf.data.Dataset, channels: int) -> tuple[list[float],
         total_sq += np.square(values).sum(axis=0)
         pixels += len(values)
     mean = total / pixels
-    std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
+    std = np.maximum(np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0)), MIN_PIXEL_STD)
     return mean.tolist(), std.tolist()
 
 

@@ -83,6 +83,10 @@ def find_image_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
 # PIL modes of 16- and 32-bit integer pixels; scaled to 8 bits at a bit depth (`bit_depth_of`).
 WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 BIT_DEPTHS = (8, 10, 12, 14, 16)
+# The smallest per-channel std (0..255 pixels) of a normalisation from the training set's statistics: a channel
+# that is constant in the training images (grey data in RGB files, an empty fluorescence channel) would otherwise
+# be divided by ~0 and any later image that differs there blown up ~1000x.
+MIN_PIXEL_STD = 1.0
 WIDE_INTEGER_SUFFIXES = (".png", ".tif", ".tiff")  # the formats that can hold 16-bit pixels
 # The run.json (and export metadata) entry of a run's `dataset_bit_depth`.
 BIT_DEPTH_KEY = "bit_depth"

@@ -160,6 +160,20 @@ def test_skip_corrupt_pipelines_keep_their_length(folders):
     assert int(val.cardinality()) == 2 and sum(len(labels) for _, labels in val) == 6
 
 
+def test_a_constant_channel_is_not_divided_by_almost_zero(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for index in range(3):
+                image = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+                image[..., 2] = 50  # e.g. an empty channel of a two-stain image saved as RGB
+                Image.fromarray(image).save(tmp_path / split / name / f"{index}.png")
+    config = folder_config(tmp_path / "train", tmp_path / "val", "model.input_shape=[8,8,3]")
+    _, _, info = build_classification_datasets(config, seed=1)
+    assert info["mean"][2] == pytest.approx(50.0) and info["std"][2] == 1.0 and info["std"][0] > 50
+
+
 def test_num_classes_mismatch(folders):
     config = folder_config(*folders, "model.num_classes=10")
     with pytest.raises(DataError, match=r"data.train has 2 class folders \(cat, dog\) but model.num_classes is 10"):

@@ -37,6 +37,7 @@ from keras_resnet.data.batching import (
 )
 from keras_resnet.data.images import (
     BIT_DEPTH_KEY,
+    MIN_PIXEL_STD,
     dataset_bit_depth,
     decode_image_file,
     image_size,
@@ -87,7 +88,7 @@ def _make_train_augment(augment_cfg: dict, input_shape):
 
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     values = images.reshape(-1, images.shape[-1]).astype(np.float64)
-    return values.mean(axis=0).tolist(), np.maximum(values.std(axis=0), 1e-3).tolist()
+    return values.mean(axis=0).tolist(), np.maximum(values.std(axis=0), MIN_PIXEL_STD).tolist()
 
 
 def build_segmentation_datasets(cfg: dict, seed: int = 0, start_epoch: int = 0):
