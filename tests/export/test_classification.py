@@ -399,8 +399,9 @@ def test_tflite_export_and_predict_print_no_native_runtime_noise(run_dir, tmp_pa
 @pytest.mark.slow
 def test_cli_int8_calibrates_on_the_run_recipe(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--format", "tflite", "--quantize", "int8", "--output", str(tmp_path)]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, line, written = capsys.readouterr().out.strip().splitlines()
     assert line.startswith("parity tflite int8:") and "validation images of" in line and line.endswith(": ok]")
+    assert written == f"wrote {tmp_path / 'output_int8.tflite'} (metadata {tmp_path / 'output_int8.tflite.json'})"
     metadata = json.loads((tmp_path / "output_int8.tflite.json").read_text())
     assert metadata["int8"]["calibration"] == f"training images of {run_dir / 'recipe.yaml'}"
 
