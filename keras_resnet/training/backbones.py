@@ -6,7 +6,7 @@
   `initialize_backbone`: `model.weights` (a `.keras` model, a keras.applications `.h5`, or a
   torchvision/timm state dict `.pth`/`.pt`/`.bin`/`.safetensors`) and `model.freeze_stages`
   applied to a built task model.
-- `read_recipe_weights`: another library's `model.weights` file, read once.
+- `read_recipe_weights`: `model.weights` (a `.keras` model or another library's file), read once.
 - `load_pretrained_weights`: loads those files into a model's backbone (and a classifier's head).
 - `preprocessing_info`: the `preprocessing` entry of run.json.
 - `check_recipe_args`: a ConfigError for a `model.*_args` key that the constructor does not take.
@@ -25,6 +25,8 @@ expect it. The run says which in its first lines and in run.json's
 import difflib
 import inspect
 import os
+
+import keras
 
 from keras_resnet.convert.weight_files import is_torch_file
 from keras_resnet.layers.core import ImageNormalization
@@ -65,23 +67,27 @@ def check_recipe_args(section, args, constructor, allowed=None):
 
 
 def read_recipe_weights(model_cfg):
-    """`model.weights` read once when it is another library's file (keras.applications `.h5`, torchvision/timm).
+    """`model.weights` read once: a `.keras` model, or another library's file (keras.applications, torch).
 
     Args:
         model_cfg: the recipe's `model` section.
 
     Returns:
         The reader (`keras_resnet.models.resnet.pretrained.read_pretrained`),
-        or None: no `model.weights`, or a `.keras` model (loaded by layer name).
+        the loaded `keras.Model` of a `.keras` file (its normalisation and
+        its layers, copied by name, come from this one load), or None: no
+        `model.weights`.
 
     Raises:
         ConfigError: a missing file, an unknown kind of file, one that is not
             the architecture's, or weights for other input channels.
     """
     path = model_cfg.weights
-    if not path or str(path).endswith(KERAS_SUFFIX):
+    if not path:
         return None
     _check_weights_path(path)
+    if str(path).endswith(KERAS_SUFFIX):
+        return load_keras_model(path)
     try:
         weights = read_pretrained(path, preset=model_cfg.backbone)
     except ConversionError as error:
@@ -154,10 +160,11 @@ def build_backbone_from_config(cfg, info, weights=None):
         )
     except TypeError as error:
         raise ConfigError(f"model.backbone_args: {error}") from None
-    source_normalization = keras_model_normalization(model_cfg)
+    source_model = weights if isinstance(weights, keras.Model) else None
+    source_normalization = keras_model_normalization(source_model, model_cfg) if source_model is not None else None
     if source_normalization is not None:
         preprocessing, info["preprocessing"] = source_normalization
-    elif weights is not None:
+    elif weights is not None and source_model is None:
         try:
             check_fits(backbone, weights, preset=model_cfg.backbone)
         except ConversionError as error:
@@ -170,24 +177,21 @@ def build_backbone_from_config(cfg, info, weights=None):
     return backbone, preprocessing
 
 
-def keras_model_normalization(model_cfg):
-    """`(layer, run.json preprocessing)` of a `.keras` `model.weights`: the normalisation it was trained with.
+def keras_model_normalization(source, model_cfg):
+    """`(layer, run.json preprocessing)` of `source`, the loaded `.keras` `model.weights`: its normalisation.
 
     A model fine-tuned from a `.keras` model of this package keeps that
     model's `ImageNormalization` (its features expect those inputs), as
     one fine-tuned from another library's weights keeps theirs. None when
-    `model.weights` is not a `.keras` file or the model has no
-    `normalization` layer (then the training set's statistics are used).
+    the model has no `normalization` layer (then the training set's
+    statistics are used).
 
     Raises:
         ConfigError: the model normalises another number of channels than `model.input_shape` has.
     """
     path = model_cfg.weights
-    if not path or not str(path).endswith(KERAS_SUFFIX):
-        return None
-    _check_weights_path(path)
     try:
-        layer = load_keras_model(path).get_layer("normalization")
+        layer = source.get_layer("normalization")
     except ValueError:
         return None
     if not isinstance(layer, ImageNormalization):
@@ -333,7 +337,7 @@ def load_pretrained_weights(model, path, weights=None):
     _check_weights_path(path)
     target_name = f"model.backbone={model.backbone.name!r}"
     if str(path).endswith(KERAS_SUFFIX):
-        source = load_keras_model(path)
+        source = weights if weights is not None else load_keras_model(path)
         source_backbone = getattr(source, "backbone", source)
         _copy_layer_weights(source_backbone.layers, model.backbone.layers, path, target_name)
         if isinstance(source, ResNetClassifier) and source.num_classes == model.num_classes:
