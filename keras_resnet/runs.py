@@ -25,12 +25,12 @@ from pathlib import Path
 
 from keras_resnet.atomic_files import read_json, set_aside
 from keras_resnet_settings.errors import ConfigError, ModelError
+from keras_resnet_settings.loading import RUN_RECIPE_FILE
 
 BEST_MODEL_FILE = "best_model.keras"
 LAST_MODEL_FILE = "last_model.keras"
 RUN_MODEL_FILES = (BEST_MODEL_FILE, LAST_MODEL_FILE)
 RUN_INFO_FILE = "run.json"
-RUN_RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 LOCK_FILE = "train.lock"

@@ -46,7 +46,6 @@ def is_user_error(error: BaseException) -> bool:
 RECIPE_COMMANDS = ("train", "evaluate")
 # Commands that take a run folder for its recipe (`train` takes recipes only: its run folder is the recipe's).
 RUN_FOLDER_COMMANDS = ("evaluate", "recipe")
-RUN_RECIPE_FILE = "recipe.yaml"  # keras_resnet.runs.RUN_RECIPE_FILE (that module imports TensorFlow)
 QAT_DIR = "qat"  # keras_resnet.training.qat.QAT_DIR
 
 
@@ -61,6 +60,8 @@ def check_recipe(config, overrides):
 def run_folder_recipe(args):
     """A run folder given for a recipe (`evaluate runs/X`): its recipe.yaml, with output_dir set to the folder
     (where the run is now, should it have been moved since it trained)."""
+    from keras_resnet_settings.loading import RUN_RECIPE_FILE
+
     folder = args.config
     if isinstance(folder, str) and os.path.isdir(folder) and os.path.isfile(os.path.join(folder, RUN_RECIPE_FILE)):
         args.config = os.path.join(folder, RUN_RECIPE_FILE)

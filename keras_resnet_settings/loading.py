@@ -51,7 +51,7 @@ from keras_resnet_settings.weights import (
     weights_names,
 )
 
-RUN_RECIPE_FILE = "recipe.yaml"  # the recipe of a run folder (keras_resnet.runs.RUN_RECIPE_FILE)
+RUN_RECIPE_FILE = "recipe.yaml"  # the recipe of a run folder (re-exported by keras_resnet.runs)
 
 
 class Problems:
