@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from keras_resnet.atomic_files import atomic_output, temporary_sibling, write_json
+from keras_resnet.data.images import BIT_DEPTH_KEY
 from keras_resnet.export.keras_model import (
     ModelSource,
     dtype_policies,
@@ -46,8 +47,9 @@ from keras_resnet.export.tflite import (
 )
 from keras_resnet_settings.errors import ExportError, ExportParityError
 
-# run.json entries copied into every export's metadata: "sampling" ("resize" or "crop") and "tile_overlap".
-RUN_SAMPLING_KEYS = ("sampling", "tile_overlap", "bit_depth")
+# run.json entries copied into every export's metadata: "sampling" ("resize" or "crop"), "tile_overlap" and
+# "bit_depth" (16-bit images: the depth predict reads them at).
+RUN_SAMPLING_KEYS = ("sampling", "tile_overlap", BIT_DEPTH_KEY)
 TOOL_PACKAGES = {"saved_model": [], "tflite": ["ai-edge-litert"], "onnx": ["tf2onnx", "onnx", "onnxruntime"]}
 
 

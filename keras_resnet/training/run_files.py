@@ -7,6 +7,7 @@ import shutil
 
 from keras_resnet.atomic_files import atomic_output, read_json, write_json
 from keras_resnet.config import dump_config
+from keras_resnet.data.images import BIT_DEPTH_KEY
 from keras_resnet.runs import (
     RunPaths,
     load_keras_model,
@@ -29,8 +30,8 @@ def write_run_files(cfg, paths, run_info, data_info=None):
     """
     if data_info is not None and data_info.get("val_split") is not None:
         run_info = {**run_info, "val_split": data_info["val_split"]}
-    if data_info is not None and data_info.get("bit_depth") is not None:  # 16-bit images: the one scale
-        run_info = {**run_info, "bit_depth": data_info["bit_depth"]}
+    if data_info is not None and data_info.get(BIT_DEPTH_KEY) is not None:  # 16-bit images: the one scale
+        run_info = {**run_info, BIT_DEPTH_KEY: data_info[BIT_DEPTH_KEY]}
     with atomic_output(paths.recipe) as temporary:
         dump_config(cfg, temporary)
     write_json(paths.info, run_info)
