@@ -33,7 +33,14 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from keras_resnet_settings.errors import ConfigError
-from keras_resnet_settings.registry import CLASSIFICATION, DETECTION, SEGMENTATION, TASKS
+from keras_resnet_settings.registry import (
+    CLASSIFICATION,
+    DETECTION,
+    IGNORE_INDEX,
+    SEGMENTATION,
+    TASKS,
+    binary_masks_problem,
+)
 from keras_resnet_settings.weights import is_weights_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
@@ -190,7 +197,7 @@ def _largest_not_above(sizes: tuple[int, ...], side: float) -> int:
 
 
 def _mask_classes(train: Path) -> int:
-    """Classes of a mask folder: the largest mask value (255 ignored) + 1, over up to 200 masks."""
+    """Classes of a mask folder: the largest mask value (IGNORE_INDEX ignored) + 1, over up to 200 masks."""
     import numpy as np
     from PIL import Image
 
@@ -200,16 +207,12 @@ def _mask_classes(train: Path) -> int:
     for path in masks[::step]:
         with Image.open(path) as mask:
             values = np.unique(np.asarray(mask))
-        ignored = ignored or bool((values == 255).any())
-        values = values[values != 255]
+        ignored = ignored or bool((values == IGNORE_INDEX).any())
+        values = values[values != IGNORE_INDEX]
         if values.size:
             highest = max(highest, int(values.max()))
     if highest == 0 and ignored:
-        raise ConfigError(
-            f"--data: the masks in {train / 'masks'} hold only 0 and 255, and 255 means 'ignore' (VOC borders), so "
-            "the foreground would never be learned; write binary masks with the foreground as 1 (class ids 0, 1, "
-            "...), e.g. with numpy: (mask == 255).astype('uint8')"
-        )
+        raise ConfigError(binary_masks_problem(f"--data: the masks in {train / 'masks'} hold"))
     return max(highest + 1, 2)
 
 

@@ -32,10 +32,10 @@ from keras_resnet.data.images import (
 from keras_resnet.data.pascal_voc import VOC_SEGMENTATION_CLASSES, read_split_ids
 from keras_resnet.data.scanning import progress
 from keras_resnet_settings.errors import SegmentationDataError
+from keras_resnet_settings.registry import IGNORE_INDEX, binary_masks_problem
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 VOC_CLASSES = VOC_SEGMENTATION_CLASSES
 
 
@@ -79,11 +79,7 @@ def _check_pairs(pairs: list[tuple[str, str]], num_classes: int, root) -> None:
         if problem:
             raise SegmentationDataError(problem)
     if IGNORE_INDEX in seen and seen <= {0, IGNORE_INDEX}:  # binary masks saved as 0/255: nothing to learn
-        raise SegmentationDataError(
-            f"every mask in {root} holds only 0 and {IGNORE_INDEX}, and {IGNORE_INDEX} means 'ignore' (VOC borders), "
-            "so the foreground would never be learned; write binary masks with the foreground as 1 (class ids 0, "
-            f"1, ...), e.g. with numpy: (mask == {IGNORE_INDEX}).astype('uint8')"
-        )
+        raise SegmentationDataError(binary_masks_problem(f"every mask in {root} holds"))
 
 
 def scan_mask_folder(root: str | os.PathLike, num_classes: int, *, config_key: str = "data.train"):
