@@ -147,9 +147,9 @@ def _random_erase(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.T
     """With ``probability``, fill one random rectangle (2-40% of the area) with uniform noise.
 
     The rectangle and its noise are drawn only for the images that get one
-    (a `tf.cond`; 1.3 of erasing's 7.7 ms CPU per batch of 128 saved,
-    BENCHMARKS.md). The draws are stateless in ``seed``, so an erased image
-    is the same either way.
+    (a `tf.cond`; 1.3-3.7 ms CPU per batch of 128 saved in two runs,
+    `benchmarks/erase_cost.py`). The draws are stateless in ``seed``, so an
+    erased image is the same either way.
     """
     seeds = tf.random.experimental.stateless_split(seed, num=5)
     apply = tf.random.stateless_uniform([], seeds[0]) < probability
