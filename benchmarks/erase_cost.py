@@ -4,9 +4,11 @@ Issue 31: the default recipe's pipeline takes ~20 ms CPU per batch of 128.
 This times, in one process and interleaved (4 rounds of 100 batches of 128
 random 28x28x1 images, probability 0.1): no erasing; the former
 `_random_erase` (rectangle and noise drawn for every image, `tf.where` with
-the coin), reproduced below; and the current one
-(`keras_resnet.data.classification._random_erase`, a `tf.cond`). Both give
-the same images (checked here on 3000 images at p = 0.1, 0.5, 1).
+the coin), reproduced below; and its successor (a `tf.cond`, reproduced in
+`augment_cost.erase_per_image`; both image by image, since replaced by the
+batched `keras_resnet.data.classification.random_erase`: see
+`benchmarks/augment_cost.py`). Both give the same images (checked here on
+3000 images at p = 0.1, 0.5, 1).
 
     python benchmarks/erase_cost.py
 """
@@ -21,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from augment_cost import erase_per_image  # noqa: E402
 
 from keras_resnet.data import classification  # noqa: E402
 
@@ -58,13 +62,13 @@ def main():
         sample = images[:3000]
         before = np.stack(list(pipeline(sample, lambda x, s: erase_every_image(x, s, probability)).unbatch()
                                .take(3000).as_numpy_iterator()))
-        after = np.stack(list(pipeline(sample, lambda x, s: classification._random_erase(x, s, probability))
+        after = np.stack(list(pipeline(sample, lambda x, s: erase_per_image(x, s, probability))
                               .unbatch().take(3000).as_numpy_iterator()))
         print(f"p={probability}: identical images {np.array_equal(before, after)}")
     candidates = {
         "no erasing": lambda x, s: x,
         "drawn for every image (before)": lambda x, s: erase_every_image(x, s, PROBABILITY),
-        "drawn when erased (tf.cond, now)": lambda x, s: classification._random_erase(x, s, PROBABILITY),
+        "drawn when erased (tf.cond, image by image)": lambda x, s: erase_per_image(x, s, PROBABILITY),
     }
     iterators = {name: iter(pipeline(images, erase)) for name, erase in candidates.items()}
     for iterator in iterators.values():

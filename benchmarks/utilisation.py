@@ -31,6 +31,9 @@ Models (`--models`, default: all that are installed):
   pipeline (`classification._datasets`: Fashion-MNIST from local files,
   shuffle, random crop, flip and erasing on the same cores, one-hot), so the
   difference from `recipe` is what the input pipeline costs.
+* fallback, fallback_data: the same two for the network the time budget
+  trains instead on a slow machine (the recipe's `train.time_budget_fallback`:
+  ResNet-10 at quarter width, 3.6 M MACs per image).
 * resnet50_224, resnet50_160: `ResNetClassifier.from_preset("resnet50")`,
   1000 classes, batch 16.
 * retinanet_512: `RetinaNetDetector.from_preset("resnet50", num_classes=20)`
@@ -56,7 +59,8 @@ Models (`--models`, default: all that are installed):
 step time over theirs for the same task and input (the convention of issue
 31: below 1 is ours faster), from the medians of the same run.
 
-`--profile` instead profiles the recipe's train step with TensorFlow's
+`--profile` instead profiles the recipe's (or, with `--profile-model
+fallback`, the fallback's) train step with TensorFlow's
 profiler for `--profile-steps` steps and prints op time by type from the
 `.xplane.pb` (read with the `xplane_pb2` protobuf that TensorFlow ships):
 summed op time per category on the executor threads, the wall time during
@@ -229,17 +233,35 @@ def build_recipe(batch, rng, overrides=()):
     return model, _pipeline(_images(rng, batch * 2, size, channels), labels, batch)
 
 
-def build_recipe_data(batch, rng):
+def fallback_overrides():
+    """The recipe's `train.time_budget_fallback` as `--set` strings: the cheaper network the budget trains."""
+    from keras_resnet.training.time_budget import fallback_overrides as overrides
+    from keras_resnet_settings.loading import load_config
+
+    return overrides(load_config(RECIPE).train)
+
+
+def build_fallback(batch, rng):
+    """`build_recipe` of the budget's fallback network (ResNet-10 at quarter width)."""
+    return build_recipe(batch, rng, fallback_overrides())
+
+
+def build_recipe_data(batch, rng, overrides=()):
     """The recipe's network fed by the recipe's own training pipeline (Fashion-MNIST, augmentation on the same cores)."""
     from keras_resnet.training import classification, optimizers
     from keras_resnet_settings.loading import load_config
 
-    cfg = load_config(RECIPE)
+    cfg = load_config(RECIPE, overrides)
     train_ds, _, info = classification._datasets(cfg)
     model = classification.build_classifier(cfg, info)
     steps_per_epoch = info["num_train"] // cfg.data.batch_size
     classification._compile(model, cfg.train, optimizers.make_optimizer(cfg.train, steps_per_epoch, cfg.train.epochs))
     return model, classification._one_hot(train_ds, cfg.model.num_classes).repeat()
+
+
+def build_fallback_data(batch, rng):
+    """`build_recipe_data` of the budget's fallback network."""
+    return build_recipe_data(batch, rng, fallback_overrides())
 
 
 def _classifier_data(model, batch, rng, size):
@@ -338,6 +360,8 @@ def build_hub_deeplab(batch, rng, size=512):
 MODELS = {
     "recipe": (build_recipe, "28x28x1", 128, 12, "ours", None),
     "recipe_data": (build_recipe_data, "28x28x1", 128, 12, "ours", None),
+    "fallback": (build_fallback, "28x28x1", 128, 24, "ours", None),
+    "fallback_data": (build_fallback_data, "28x28x1", 128, 24, "ours", None),
     "resnet50_224": (build_resnet50(224), "224x224x3", 16, 4, "ours", None),
     "resnet50_160": (build_resnet50(160), "160x160x3", 16, 4, "ours", None),
     "retinanet_512": (build_retinanet, "512x512x3", 2, 4, "ours", None),
@@ -531,7 +555,7 @@ def summarise_xplane(path):
 
 def run_profile(args):
     rng = np.random.default_rng(0)
-    model, dataset = build_recipe(128, rng)
+    model, dataset = build_recipe(128, rng, fallback_overrides() if args.profile_model == "fallback" else ())
     model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0)
     log_dir = tempfile.mkdtemp(prefix="utilisation_profile_")
     tf.profiler.experimental.start(log_dir)
@@ -546,7 +570,7 @@ def run_profile(args):
     steps = summary["steps"]
     total_ops = sum(summary["by_category"].values())
     per_step = lambda ps: ps / 1e9 / steps
-    print(f"\nprofile of the recipe's train step ({args.dtype}, batch 128): {args.profile_steps} steps in "
+    print(f"\nprofile of the {args.profile_model}'s train step ({args.dtype}, batch 128): {args.profile_steps} steps in "
           f"{seconds:.2f} s with the profiler on; trace {paths[-1]}")
     print("| op category | ms per step (summed over executor threads) | share of op time |")
     print("|---|---:|---:|")
@@ -586,6 +610,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
     parser.add_argument("--profile", action="store_true", help="profile the recipe's train step instead")
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--profile-model", choices=["recipe", "fallback"], default="recipe",
+                        help="the network --profile profiles: the recipe's or the time budget's fallback")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 1

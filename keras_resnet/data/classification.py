@@ -141,72 +141,114 @@ def _fashion_to_input(images: tf.Tensor, height: int, width: int, channels: int)
 
 
 # --------------------------------------------------------------------------- augmentation
+# Every augmentation works on a whole batch `[B, H, W, C]` (0..255 floats) with one seed per batch, drawing each
+# image's parameters as a vector: one op per batch instead of a dozen per image, so the input pipeline costs
+# ~4x less CPU than image-by-image (benchmarks/augment_cost.py), which on 2 cores is CPU the train step gets.
 
 
-def _random_erase(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.Tensor:
-    """With ``probability``, fill one random rectangle (2-40% of the area) with uniform noise.
+def _per_image(images: tf.Tensor, seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
+    """One uniform draw in [low, high) per image of the batch, shaped `[B, 1, 1, 1]` to broadcast."""
+    return tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 1], seed, low, high)
 
-    The rectangle and its noise are drawn only for the images that get one
-    (a `tf.cond`; 1.3-3.7 ms CPU per batch of 128 saved in two runs,
-    `benchmarks/erase_cost.py`). The draws are stateless in ``seed``, so an
-    erased image is the same either way.
+
+def random_erase(images: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.Tensor:
+    """Fill one random rectangle (2-40% of the area) of each image with uniform noise, with ``probability``.
+
+    Only the images that get a rectangle are drawn for and touched (gathered,
+    erased, scattered back), so the cost follows the erased count, not the batch.
     """
+    _, height, width, channels = images.shape
     seeds = tf.random.experimental.stateless_split(seed, num=5)
-    apply = tf.random.stateless_uniform([], seeds[0]) < probability
-    return tf.cond(apply, lambda: _erase_rectangle(image, seeds), lambda: image)
-
-
-def _erase_rectangle(image: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
-    """``image`` with one rectangle of uniform noise, drawn from ``seeds[1:5]`` (see `_random_erase`)."""
-    height, width, channels = image.shape
-    area = tf.random.stateless_uniform([], seeds[1], *ERASE_AREA_RANGE) * (height * width)
-    log_aspect = tf.random.stateless_uniform([], seeds[2], *np.log(ERASE_ASPECT_RANGE))
-    aspect = tf.exp(log_aspect)
+    erased = tf.where(tf.random.stateless_uniform([tf.shape(images)[0]], seeds[0]) < probability)  # [n, 1]
+    count = tf.shape(erased)[:1]
+    area = tf.random.stateless_uniform(count, seeds[1], *ERASE_AREA_RANGE) * (height * width)
+    aspect = tf.exp(tf.random.stateless_uniform(count, seeds[2], *np.log(ERASE_ASPECT_RANGE)))
     erase_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32), 1, height)
     erase_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32), 1, width)
-    corner = tf.random.stateless_uniform([2], seeds[3])
-    top = tf.cast(corner[0] * tf.cast(height - erase_h + 1, tf.float32), tf.int32)
-    left = tf.cast(corner[1] * tf.cast(width - erase_w + 1, tf.float32), tf.int32)
-    rows = tf.range(height)[:, tf.newaxis, tf.newaxis]
-    cols = tf.range(width)[tf.newaxis, :, tf.newaxis]
-    inside = (rows >= top) & (rows < top + erase_h) & (cols >= left) & (cols < left + erase_w)
-    noise = tf.random.stateless_uniform([height, width, channels], seeds[4], 0.0, 255.0)
-    return tf.where(inside, noise, image)
+    corner = tf.random.stateless_uniform(tf.concat([count, [2]], 0), seeds[3])
+    top = tf.cast(corner[:, 0] * tf.cast(height - erase_h + 1, tf.float32), tf.int32)
+    left = tf.cast(corner[:, 1] * tf.cast(width - erase_w + 1, tf.float32), tf.int32)
+    def column(values):  # [n] -> [n, 1, 1, 1]
+        return values[:, tf.newaxis, tf.newaxis, tf.newaxis]
+
+    rows = tf.range(height)[tf.newaxis, :, tf.newaxis, tf.newaxis]
+    cols = tf.range(width)[tf.newaxis, tf.newaxis, :, tf.newaxis]
+    inside = ((rows >= column(top)) & (rows < column(top + erase_h))
+              & (cols >= column(left)) & (cols < column(left + erase_w)))
+    noise = tf.random.stateless_uniform(tf.concat([count, [height, width, channels]], 0), seeds[4], 0.0, 255.0)
+    return tf.tensor_scatter_nd_update(images, erased, tf.where(inside, noise, tf.gather_nd(images, erased)))
+
+
+def random_crop(images: tf.Tensor, seed: tf.Tensor, padding: int) -> tf.Tensor:
+    """Zero-pad each image by ``padding`` pixels and crop it back at a random offset (its own per image)."""
+    _, height, width, _ = images.shape
+    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+    offsets = tf.random.stateless_uniform([tf.shape(images)[0], 2], seed, 0, 2 * padding + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(height)[tf.newaxis]
+    cols = offsets[:, 1:] + tf.range(width)[tf.newaxis]
+    return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+
+
+def random_flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Flip each image left-right with probability 1/2."""
+    return tf.where(_per_image(images, seed, 0.0, 1.0) < 0.5, tf.reverse(images, axis=[2]), images)
 
 
 COLOR_SEED_FOLD = 7
 
 
-def jitter_colors(image, seed, jitter: float, channels: int):
-    """Random brightness (+-jitter x 255), contrast and (RGB) saturation (x [1-jitter, 1+jitter]) of 0..255 pixels."""
+def jitter_colors(images: tf.Tensor, seed: tf.Tensor, jitter: float, channels: int) -> tf.Tensor:
+    """Random brightness (+-jitter x 255), contrast and (RGB) saturation (x [1-jitter, 1+jitter]) per image.
+
+    Args:
+        images: a batch `[B, H, W, C]` of 0..255 pixels.
+        seed: a `[2]` integer seed for the batch.
+        jitter: the strength, in [0, 1).
+        channels: C; saturation only for 3.
+    """
     brightness_seed, contrast_seed, saturation_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
-    image = tf.image.stateless_random_brightness(image, jitter * 255.0, brightness_seed)
-    image = tf.image.stateless_random_contrast(image, 1.0 - jitter, 1.0 + jitter, contrast_seed)
+    images = images + _per_image(images, brightness_seed, -jitter * 255.0, jitter * 255.0)
+    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)  # per image and channel, as tf.image's contrast
+    images = tf.clip_by_value((images - mean) * _per_image(images, contrast_seed, 1.0 - jitter, 1.0 + jitter) + mean,
+                              0.0, 255.0)
     if channels == 3:
-        image = tf.image.stateless_random_saturation(image, 1.0 - jitter, 1.0 + jitter, saturation_seed)
-    return tf.clip_by_value(image, 0.0, 255.0)
+        hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)  # scale-free hue and saturation
+        factor = _per_image(images, saturation_seed, 1.0 - jitter, 1.0 + jitter)[..., 0]
+        saturation = tf.clip_by_value(saturation * factor, 0.0, 1.0)
+        images = tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1))
+    return tf.clip_by_value(images, 0.0, 255.0)
 
 
-def make_augment(augment_cfg: dict, input_shape: Sequence[int]):
-    """Build ``(image, label, seed) -> (image, label)`` applying the enabled augmentations."""
+def make_augment(augment_cfg, input_shape: Sequence[int]):
+    """Build ``(images, labels, seed) -> (images, labels)``: the enabled augmentations of one batch.
+
+    Args:
+        augment_cfg: `data.augment` (`AugmentSettings`).
+        input_shape: `model.input_shape` `(H, W, C)`.
+
+    Returns:
+        A function of a batch `[B, H, W, C]` of 0..255 floats, its labels and
+        a `[2]` integer seed (`shuffle_augment_batch` gives each batch its own,
+        new every epoch): colour jitter, random crop, flip, random erasing in
+        that order, each image drawing its own parameters.
+    """
     padding = augment_cfg.random_crop_padding
     flip = augment_cfg.horizontal_flip
     erase_probability = augment_cfg.random_erasing
     jitter = augment_cfg.color_jitter
 
-    def augment(image, label, seed):
+    def augment(images, labels, seed):
         crop_seed, flip_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=3))
         if jitter > 0:  # its own seeds, folded from `seed`: the other augmentations draw as without it
-            image = jitter_colors(image, tf.random.experimental.stateless_fold_in(seed, COLOR_SEED_FOLD), jitter,
-                                  int(input_shape[-1]))
+            images = jitter_colors(images, tf.random.experimental.stateless_fold_in(seed, COLOR_SEED_FOLD), jitter,
+                                   int(input_shape[-1]))
         if padding > 0:
-            padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
-            image = tf.image.stateless_random_crop(padded, list(input_shape), seed=crop_seed)
+            images = random_crop(images, crop_seed, padding)
         if flip:
-            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+            images = random_flip(images, flip_seed)
         if erase_probability > 0:
-            image = _random_erase(image, erase_seed, erase_probability)
-        return image, label
+            images = random_erase(images, erase_seed, erase_probability)
+        return images, labels
 
     return augment
 
@@ -357,6 +399,7 @@ def build_classification_datasets(cfg: dict, seed: int = 0) -> tuple[tf.data.Dat
     train, val = shuffle_augment_batch(
         train, val, make_augment(data_cfg.augment, input_shape), num_train, seed,
         batch_size=data_cfg.batch_size, shuffle_buffer=data_cfg.shuffle_buffer, repeat=data_cfg.repeat,
+        augment_batches=True,
     )
     info = {
         "class_names": list(class_names),

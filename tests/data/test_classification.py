@@ -314,18 +314,57 @@ def test_color_jitter_changes_colours_within_its_bounds_and_nothing_else():
     from keras_resnet.data.classification import jitter_colors, make_augment
     from keras_resnet_settings.recipe import AugmentSettings
 
-    gray = tf.fill([8, 8, 3], 128.0)
-    shifts = [float(tf.reduce_mean(jitter_colors(gray, tf.constant([s, 1]), 0.2, 3)) - 128.0) for s in range(40)]
-    assert max(abs(v) for v in shifts) <= 0.2 * 255 + 1e-3 and len({round(v, 3) for v in shifts}) > 30
-    image = np.zeros((16, 16, 3), np.float32)
-    image[3, 11] = (250.0, 20.0, 20.0)  # one red pixel: where crops and flips put it must not depend on jitter
+    gray = tf.fill([40, 8, 8, 3], 128.0)
+    shifts = tf.reduce_mean(jitter_colors(gray, tf.constant([3, 1]), 0.2, 3), axis=[1, 2, 3]).numpy() - 128.0
+    # Each image of the batch gets its own brightness.
+    assert max(abs(v) for v in shifts) <= 0.2 * 255 + 1e-3 and len({round(float(v), 3) for v in shifts}) > 30
+    image = np.zeros((16, 16, 16, 3), np.float32)
+    image[:, 3, 11] = (250.0, 20.0, 20.0)  # one red pixel: where crops and flips put it must not depend on jitter
     seed = tf.constant([5, 9])
     plain = make_augment(AugmentSettings(random_crop_padding=2), (16, 16, 3))(tf.constant(image), 0, seed)[0]
     jittered = make_augment(AugmentSettings(random_crop_padding=2, color_jitter=0.3),
-                             (16, 16, 3))(tf.constant(image), 0, seed)[0]
-    assert np.unravel_index(np.argmax(plain[..., 0]), (16, 16)) == np.unravel_index(
-        np.argmax(np.asarray(jittered)[..., 0] - np.asarray(jittered)[..., 1]), (16, 16))
+                            (16, 16, 3))(tf.constant(image), 0, seed)[0]
+    for one_plain, one_jittered in zip(np.asarray(plain), np.asarray(jittered)):
+        assert np.unravel_index(np.argmax(one_plain[..., 0]), (16, 16)) == np.unravel_index(
+            np.argmax(one_jittered[..., 0] - one_jittered[..., 1]), (16, 16))
     assert not np.allclose(plain, jittered) and 0.0 <= float(tf.reduce_min(jittered)) <= float(
         tf.reduce_max(jittered)) <= 255.0
+    # Saturation: a colour keeps its hue; with jitter some images are more and some less saturated.
+    red = tf.constant(np.tile(np.array([200.0, 100.0, 100.0], np.float32), (64, 4, 4, 1)))
+    out = jitter_colors(red, tf.constant([2, 2]), 0.3, 3).numpy()
+    assert (out[..., 0] >= out[..., 1] - 1e-3).all() and np.allclose(out[..., 1], out[..., 2], atol=1e-3)
+
+
+def test_batch_augmentations_draw_per_image_and_keep_their_bounds():
+    from keras_resnet.data.classification import random_crop, random_erase, random_flip
+
+    count = 256
+    marked = np.full((count, 12, 12, 1), 100.0, np.float32)
+    marked[:, 5, 3] = 200.0
+    crops = random_crop(tf.constant(marked), tf.constant([1, 2]), 2).numpy()
+    positions = [tuple(np.argwhere(image[..., 0] == 200.0)[0]) for image in crops]
+    rows, cols = np.array(positions).T
+    assert set(rows.tolist()) == {3, 4, 5, 6, 7} and set(cols.tolist()) == {1, 2, 3, 4, 5}  # offsets -2..2
+    for image, (row, col) in zip(crops, positions):  # the rest is the image shifted, or the zero padding
+        shifted = np.pad(marked[0, ..., 0], 2)[7 - row:7 - row + 12, 5 - col:5 - col + 12]
+        np.testing.assert_array_equal(image[..., 0], shifted)
+    ramp = np.tile(np.arange(12, dtype=np.float32)[None, None, :, None], (count, 12, 1, 1))
+    flips = random_flip(tf.constant(ramp), tf.constant([3, 4])).numpy()
+    flipped = np.array([np.array_equal(image, ramp[0, :, ::-1]) for image in flips])
+    assert all(flipped | np.array([np.array_equal(image, ramp[0]) for image in flips]))
+    assert 0.4 < flipped.mean() < 0.6
+    erased = random_erase(tf.constant(marked), tf.constant([5, 6]), 0.5).numpy()
+    changed = erased != marked
+    touched = changed.reshape(count, -1).any(1)
+    assert 0.4 < touched.mean() < 0.6  # a coin per image, not one per batch
+    areas = []
+    for image_changed in changed[touched][..., 0]:
+        rows_hit, cols_hit = np.nonzero(image_changed)
+        box = (rows_hit.max() - rows_hit.min() + 1) * (cols_hit.max() - cols_hit.min() + 1)
+        assert len(rows_hit) >= 0.8 * box  # one rectangle (noise may equal a pixel now and then)
+        areas.append(box / 144)
+    assert min(areas) >= 0.01 and max(areas) <= 0.5 and np.std(areas) > 0.05
+
+
     with pytest.raises(ConfigError, match="color_jitter"):
         load_config("tasks/classification/fashion_mnist_resnet20.yaml", ["data.augment.color_jitter=1.5"])
