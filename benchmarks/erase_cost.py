@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
 from augment_cost import erase_per_image  # noqa: E402
 
 from keras_resnet.data import classification  # noqa: E402
