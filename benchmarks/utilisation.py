@@ -59,8 +59,8 @@ Models (`--models`, default: all that are installed):
 step time over theirs for the same task and input (the convention of issue
 31: below 1 is ours faster), from the medians of the same run.
 
-`--profile` instead profiles the recipe's (or, with `--profile-model
-fallback`, the fallback's) train step with TensorFlow's
+`--profile` instead profiles the train step of the recipe (or of
+`--profile-model`, any model above) with TensorFlow's
 profiler for `--profile-steps` steps and prints op time by type from the
 `.xplane.pb` (read with the `xplane_pb2` protobuf that TensorFlow ships):
 summed op time per category on the executor threads, the wall time during
@@ -555,7 +555,9 @@ def summarise_xplane(path):
 
 def run_profile(args):
     rng = np.random.default_rng(0)
-    model, dataset = build_recipe(128, rng, fallback_overrides() if args.profile_model == "fallback" else ())
+    builder, _, batch, _, _, _ = MODELS[args.profile_model]
+    batch = args.batch or batch
+    model, dataset = builder(batch, rng)
     model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0)
     log_dir = tempfile.mkdtemp(prefix="utilisation_profile_")
     tf.profiler.experimental.start(log_dir)
@@ -570,7 +572,7 @@ def run_profile(args):
     steps = summary["steps"]
     total_ops = sum(summary["by_category"].values())
     per_step = lambda ps: ps / 1e9 / steps
-    print(f"\nprofile of the {args.profile_model}'s train step ({args.dtype}, batch 128): {args.profile_steps} steps in "
+    print(f"\nprofile of {args.profile_model}'s train step ({args.dtype}, batch {batch}): {args.profile_steps} steps in "
           f"{seconds:.2f} s with the profiler on; trace {paths[-1]}")
     print("| op category | ms per step (summed over executor threads) | share of op time |")
     print("|---|---:|---:|")
@@ -583,7 +585,7 @@ def run_profile(args):
           f"({idle_ms / function_ms:.1%}); ops overlap on the executor threads {per_step(total_ops) / function_ms:.2f}x "
           f"on average; host time between train-function calls {per_step(summary['gaps_ps']):.1f} ms per step "
           f"(over {steps - 1} gaps, counted per step of {steps})")
-    conv_gflop = graph_macs(model) * 2 * 128 / 1e9  # per direction per step (backprop input skips the stem)
+    conv_gflop = graph_macs(model) * 2 * batch / 1e9  # per direction per step (backprop input skips the stem)
     rates = ", ".join(f"{category} {conv_gflop / (per_step(summary['by_category'][category]) / 1000):.0f}"
                       for category in ("conv2d forward", "conv backprop input", "conv backprop filter")
                       if summary["by_category"][category])
@@ -610,8 +612,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model)")
     parser.add_argument("--profile", action="store_true", help="profile the recipe's train step instead")
     parser.add_argument("--profile-steps", type=int, default=5)
-    parser.add_argument("--profile-model", choices=["recipe", "fallback"], default="recipe",
-                        help="the network --profile profiles: the recipe's or the time budget's fallback")
+    parser.add_argument("--profile-model", choices=list(MODELS), default="recipe",
+                        help="the model --profile profiles (fallback: the time budget's cheaper network)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = 1

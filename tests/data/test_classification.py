@@ -109,8 +109,15 @@ def test_image_folder_batches(folders, channels):
 def test_image_folder_training_is_seeded(folders):
     config = folder_config(*folders, "model.input_shape=[8,8,3]", "data.augment.random_erasing=1.0")
     first = [x.numpy() for x, _ in build_classification_datasets(config, seed=3)[0]]
-    second = [x.numpy() for x, _ in build_classification_datasets(config, seed=3)[0]]
+    train = build_classification_datasets(config, seed=3)[0]
+    second = [x.numpy() for x, _ in train]
     np.testing.assert_array_equal(np.concatenate(first), np.concatenate(second))
+    # Each epoch augments anew (seen without shuffling: same images in the same order, other crops and erasing).
+    ordered = build_classification_datasets(folder_config(*folders, "model.input_shape=[8,8,3]",
+                                                          "data.augment.random_erasing=1.0", "data.shuffle_buffer=1"),
+                                            seed=3)[0]
+    epochs = [np.concatenate([x.numpy() for x, _ in ordered]) for _ in range(2)]
+    assert not np.array_equal(*epochs)
     images = np.concatenate(first)
     assert (images == 0).any()  # zero padding shows after the random crop
     flat_or_padding = np.isclose(images[..., None], [0, 40, 41, 42, 210, 211, 212], atol=3).any(-1)
