@@ -40,24 +40,30 @@ AUGMENT = AugmentSettings(random_crop_padding=2, horizontal_flip=True, random_er
 BATCH = 128
 
 
+def erase_rectangle(image, seeds):
+    """`(inside, noise)` of the former image-by-image erasing: the rectangle's mask and its noise, from
+    `seeds[1:5]` of a 5-way split."""
+    height, width, channels = image.shape
+    area = tf.random.stateless_uniform([], seeds[1], *classification.ERASE_AREA_RANGE) * (height * width)
+    aspect = tf.exp(tf.random.stateless_uniform([], seeds[2], *np.log(classification.ERASE_ASPECT_RANGE)))
+    erase_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32), 1, height)
+    erase_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32), 1, width)
+    corner = tf.random.stateless_uniform([2], seeds[3])
+    top = tf.cast(corner[0] * tf.cast(height - erase_h + 1, tf.float32), tf.int32)
+    left = tf.cast(corner[1] * tf.cast(width - erase_w + 1, tf.float32), tf.int32)
+    rows = tf.range(height)[:, tf.newaxis, tf.newaxis]
+    cols = tf.range(width)[tf.newaxis, :, tf.newaxis]
+    inside = (rows >= top) & (rows < top + erase_h) & (cols >= left) & (cols < left + erase_w)
+    return inside, tf.random.stateless_uniform([height, width, channels], seeds[4], 0.0, 255.0)
+
+
 def erase_per_image(image, seed, probability):
     """The former per-image `_random_erase` (b8bc651 until the batched one): rectangle and noise drawn only
     for an erased image, under a `tf.cond`."""
-    height, width, channels = image.shape
     seeds = tf.random.experimental.stateless_split(seed, num=5)
 
     def erase():
-        area = tf.random.stateless_uniform([], seeds[1], *classification.ERASE_AREA_RANGE) * (height * width)
-        aspect = tf.exp(tf.random.stateless_uniform([], seeds[2], *np.log(classification.ERASE_ASPECT_RANGE)))
-        erase_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32), 1, height)
-        erase_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32), 1, width)
-        corner = tf.random.stateless_uniform([2], seeds[3])
-        top = tf.cast(corner[0] * tf.cast(height - erase_h + 1, tf.float32), tf.int32)
-        left = tf.cast(corner[1] * tf.cast(width - erase_w + 1, tf.float32), tf.int32)
-        rows = tf.range(height)[:, tf.newaxis, tf.newaxis]
-        cols = tf.range(width)[tf.newaxis, :, tf.newaxis]
-        inside = (rows >= top) & (rows < top + erase_h) & (cols >= left) & (cols < left + erase_w)
-        noise = tf.random.stateless_uniform([height, width, channels], seeds[4], 0.0, 255.0)
+        inside, noise = erase_rectangle(image, seeds)
         return tf.where(inside, noise, image)
 
     return tf.cond(tf.random.stateless_uniform([], seeds[0]) < probability, erase, lambda: image)
@@ -103,6 +109,24 @@ def statistics(dataset, batches):
     }
 
 
+def cpu_per_batch(iterators, warmup, rounds=4, batches=100):
+    """Median CPU ms per batch of each iterator, timed in interleaved rounds after `warmup` batches; printed."""
+    for iterator in iterators.values():
+        for _ in range(warmup):
+            next(iterator)
+    times = {name: [] for name in iterators}
+    for _ in range(rounds):
+        for name, iterator in iterators.items():
+            start = time.process_time()
+            for _ in range(batches):
+                next(iterator)
+            times[name].append((time.process_time() - start) / batches * 1e3)
+    medians = {name: float(np.median(values)) for name, values in times.items()}
+    for name, values in times.items():
+        print(f"{name}: {medians[name]:.2f} ms CPU per batch of {BATCH} (rounds {', '.join(f'{v:.1f}' for v in values)})")
+    return medians
+
+
 def main():
     (x_train, y_train), _ = load_fashion_mnist()
     x_train = x_train.astype("float32")[..., np.newaxis]
@@ -117,19 +141,7 @@ def main():
                                       for key, value in stats.items()), flush=True)
     iterators = {"image by image (before)": iter(pipeline(x_train, y_train, False)),
                  "whole batches (now)": iter(pipeline(x_train, y_train, True))}
-    for iterator in iterators.values():
-        for _ in range(20):
-            next(iterator)
-    times = {name: [] for name in iterators}
-    for _ in range(4):
-        for name, iterator in iterators.items():
-            start = time.process_time()
-            for _ in range(100):
-                next(iterator)
-            times[name].append((time.process_time() - start) / 100 * 1e3)
-    medians = {name: float(np.median(values)) for name, values in times.items()}
-    for name, values in times.items():
-        print(f"{name}: {medians[name]:.2f} ms CPU per batch of {BATCH} (rounds {', '.join(f'{v:.1f}' for v in values)})")
+    medians = cpu_per_batch(iterators, warmup=20)
     before, now = medians.values()
     print(f"before / now: {before / now:.2f}x")
 

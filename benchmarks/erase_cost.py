@@ -15,7 +15,6 @@ batched `keras_resnet.data.classification.random_erase`: see
 
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -23,29 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from augment_cost import erase_per_image  # noqa: E402
-
-from keras_resnet.data import classification  # noqa: E402
+from augment_cost import cpu_per_batch, erase_per_image, erase_rectangle  # noqa: E402
 
 PROBABILITY = 0.1
 
 
 def erase_every_image(image, seed, probability):
     """The former `_random_erase`: every draw made for every image, the coin applied in the final `tf.where`."""
-    height, width, channels = image.shape
     seeds = tf.random.experimental.stateless_split(seed, num=5)
     apply = tf.random.stateless_uniform([], seeds[0]) < probability
-    area = tf.random.stateless_uniform([], seeds[1], *classification.ERASE_AREA_RANGE) * (height * width)
-    aspect = tf.exp(tf.random.stateless_uniform([], seeds[2], *np.log(classification.ERASE_ASPECT_RANGE)))
-    erase_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32), 1, height)
-    erase_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32), 1, width)
-    corner = tf.random.stateless_uniform([2], seeds[3])
-    top = tf.cast(corner[0] * tf.cast(height - erase_h + 1, tf.float32), tf.int32)
-    left = tf.cast(corner[1] * tf.cast(width - erase_w + 1, tf.float32), tf.int32)
-    rows = tf.range(height)[:, tf.newaxis, tf.newaxis]
-    cols = tf.range(width)[tf.newaxis, :, tf.newaxis]
-    inside = (rows >= top) & (rows < top + erase_h) & (cols >= left) & (cols < left + erase_w)
-    noise = tf.random.stateless_uniform([height, width, channels], seeds[4], 0.0, 255.0)
+    inside, noise = erase_rectangle(image, seeds)
     return tf.where(inside & apply, noise, image)
 
 
@@ -70,19 +56,7 @@ def main():
         "drawn when erased (tf.cond, image by image)": lambda x, s: erase_per_image(x, s, PROBABILITY),
     }
     iterators = {name: iter(pipeline(images, erase)) for name, erase in candidates.items()}
-    for iterator in iterators.values():
-        for _ in range(10):
-            next(iterator)
-    times = {name: [] for name in candidates}
-    for _ in range(4):
-        for name, iterator in iterators.items():
-            start = time.process_time()
-            for _ in range(100):
-                next(iterator)
-            times[name].append((time.process_time() - start) / 100 * 1e3)
-    for name, values in times.items():
-        print(f"{name}: {np.median(values):.2f} ms CPU per batch of 128 (rounds {', '.join(f'{v:.1f}' for v in values)})")
-
+    cpu_per_batch(iterators, warmup=10)
 
 if __name__ == "__main__":
     main()
