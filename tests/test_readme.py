@@ -113,10 +113,13 @@ CHECKED_ONLY = {"runs/mosaic_deeplabv3plus_resnet18", "runs/mosaic_retinanet_res
 OWN_DATA = {"my_photos": stripes_folder, "my_cells": mask_folder, "my_fields": voc_folder}
 OWN_DATA_TINY = ["--epochs", "1"]
 
-# With KERAS_RESNET_README_FULL=1, int8 exports of these runs get `--int8-min-agreement 0` appended: the
-# segmenter's gate (98 % of the pixels) is what a trained model reaches; the tiny one-epoch run reaches ~91 %.
-# tests/export/test_segmentation.py tests the gate. The classification and detection runs pass theirs as written.
-INT8_GATE_OFF = {"mosaic_deeplabv3plus_resnet18", "qat"}
+# Int8 exports of these runs get `--int8-min-agreement 0` appended: the gates (the same top-1 class on 99 % of the
+# images, 98 % of the pixels) are what trained models reach. The tiny stand-ins are not trained: the classifier
+# takes 2 steps, so its 10 scores are near ties and whether int8 keeps the top class of all 12 images is chance
+# (it did with one augmentation stream, 11 of 12 with another); the one-epoch segmenter reaches ~91 %.
+# tests/export/test_classification.py and test_segmentation.py test the gates on trained models; the export
+# still has to run, write the model and measure its parity here. The detection run passes its gate as written.
+INT8_GATE_OFF = {"fashion_mnist_resnet18_narrow", "mosaic_deeplabv3plus_resnet18", "qat"}
 # The QAT block (`keras-resnet qat` + its int8 export) is checked, not run, unless KERAS_RESNET_README_FULL=1: it
 # costs ~2.5 minutes here, and the tiny stand-in's QAT int8 agrees with Keras on ~83 % of 12 images (the gate is
 # for trained models; tests/quantization/test_qat.py tests the QAT command and export).
