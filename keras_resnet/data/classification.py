@@ -143,7 +143,7 @@ def _fashion_to_input(images: tf.Tensor, height: int, width: int, channels: int)
 # --------------------------------------------------------------------------- augmentation
 # Every augmentation works on a whole batch `[B, H, W, C]` (0..255 floats) with one seed per batch, drawing each
 # image's parameters as a vector: one op per batch instead of a dozen per image, so the input pipeline costs
-# ~4x less CPU than image-by-image (benchmarks/augment_cost.py), which on 2 cores is CPU the train step gets.
+# 4.6-5x less CPU than image by image (benchmarks/augment_cost.py), which on 2 cores is CPU the train step gets.
 
 
 def _per_image(images: tf.Tensor, seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
