@@ -39,11 +39,11 @@ from keras_resnet_settings.registry import (
     IGNORE_INDEX,
     SEGMENTATION,
     TASKS,
+    TRAINING_IMAGE_EXTENSIONS,
     binary_masks_problem,
 )
 from keras_resnet_settings.weights import is_weights_name
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 VAL_FOLDERS = ("val", "valid", "validation")
 VAL_SPLIT = 0.2
 SAMPLE_IMAGES = 64  # image headers read to choose channels and input size
@@ -58,7 +58,7 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TRAINING_IMAGE_EXTENSIONS
                   and not p.name.startswith("."))
 
 
@@ -150,7 +150,7 @@ def _image_facts(paths: list[Path]) -> tuple[int, list[int], list[int]]:
         shorts.append(min(width, height))
         longs.append(max(width, height))
     if not paths:
-        raise ConfigError(f"--data: no images found ({', '.join(IMAGE_SUFFIXES)})")
+        raise ConfigError(f"--data: no images found ({', '.join(TRAINING_IMAGE_EXTENSIONS)})")
     if not shorts:
         raise ConfigError(f"--data: none of the images read could be opened, e.g. {unreadable[0]}; "
                           "delete or replace them")

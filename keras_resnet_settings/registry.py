@@ -20,6 +20,10 @@ SEGMENTATION_HEADS = ("deeplabv3plus", "fpn", "deeplabv3", "fcn")
 DETECTION_HEADS = ("retinanet",)
 HEADS_BY_TASK = {SEGMENTATION: SEGMENTATION_HEADS, DETECTION: DETECTION_HEADS}
 
+# What the training data scans list (all decoded by PIL: keras_resnet.data.images.read_image), and what
+# `train --data` samples to choose a recipe.
+TRAINING_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
 # The mask value meaning "ignore" (VOC object borders, augmentation padding): no loss, no metric.
 IGNORE_INDEX = 255
 
@@ -47,4 +51,5 @@ __all__ = [
     "SEGMENTATION_HEADS",
     "SOURCES_BY_TASK",
     "TASKS",
+    "TRAINING_IMAGE_EXTENSIONS",
 ]

@@ -31,11 +31,10 @@ from PIL import Image, ImageOps
 
 from keras_resnet.data.scanning import progress
 from keras_resnet_settings.errors import DataError
+from keras_resnet_settings.registry import TRAINING_IMAGE_EXTENSIONS  # noqa: F401  (re-exported for the data scans)
 
 # What the PIL readers (prediction, export samples) accept.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# What the training data scans list (all decoded by `read_image`, PIL).
-TRAINING_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 LETTERBOX_TEXT = (
     "letterbox: scale s = min(H / h, W / w); resize to round(h * s) x round(w * s) (bilinear, antialias), "
     "round to uint8, pad bottom/right with 0 to H x W; original box = box / s, clipped to the image"
