@@ -46,7 +46,6 @@ def is_user_error(error: BaseException) -> bool:
 RECIPE_COMMANDS = ("train", "evaluate")
 # Commands that take a run folder for its recipe (`train` takes recipes only: its run folder is the recipe's).
 RUN_FOLDER_COMMANDS = ("evaluate", "recipe")
-QAT_DIR = "qat"  # keras_resnet.training.qat.QAT_DIR
 
 
 def check_recipe(config, overrides):
@@ -70,6 +69,8 @@ def run_folder_recipe(args):
 
 def resume_hint(args, recipe) -> str:
     """What an interrupted `train` or `qat` does next: the same command resumes from the last finished epoch."""
+    from keras_resnet_settings.loading import QAT_DIR
+
     if args.command == "train":
         folder = getattr(recipe, "output_dir", None)
     elif args.command == "qat":

@@ -52,6 +52,7 @@ from keras_resnet_settings.weights import (
 )
 
 RUN_RECIPE_FILE = "recipe.yaml"  # the recipe of a run folder (re-exported by keras_resnet.runs)
+QAT_DIR = "qat"  # `keras-resnet qat RUN_DIR` writes its run into RUN_DIR/qat (keras_resnet.training.qat)
 
 
 class Problems:

@@ -245,10 +245,10 @@ def test_the_run_folder_constants_are_keras_resnet_s():
     from keras_resnet_cli import dispatch
     from keras_resnet_settings import loading
 
-    # One definition of the recipe file name (keras_resnet.runs re-exports the settings'); QAT_DIR has a copy in
-    # the CLI because keras_resnet.training.qat imports TensorFlow.
+    # One definition of each (keras_resnet.runs and keras_resnet.training.qat import the settings'; the CLI
+    # imports them when it needs them, TensorFlow-free).
     assert RUN_RECIPE_FILE is loading.RUN_RECIPE_FILE and RUN_RECIPE_FILE == "recipe.yaml"
-    assert dispatch.QAT_DIR == QAT_DIR
+    assert QAT_DIR is loading.QAT_DIR and QAT_DIR == "qat" and not hasattr(dispatch, "QAT_DIR")
 
 
 def test_evaluate_takes_a_run_folder(tmp_path, capsys):

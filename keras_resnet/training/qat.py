@@ -23,8 +23,8 @@ from keras_resnet.runs import (
     read_run_info,
 )
 from keras_resnet_settings.errors import ConfigError
+from keras_resnet_settings.loading import QAT_DIR
 
-QAT_DIR = "qat"
 LEARNING_RATE_FACTOR = 0.1  # default QAT learning rate: the recipe's times this
 EPOCHS_FRACTION = 0.1  # default QAT epochs: the recipe's times this, at least 1
 
