@@ -211,8 +211,7 @@ def train_classification(cfg):
     )
     print(
         f"done: {model_cfg.backbone} top1={metrics['top1']:.4f} top5={metrics['top5']:.4f} "
-        f"on {metrics['num_examples']} val images, {metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''}, {train_seconds / 60:.1f} min "
-        f"-> {output_dir}"
+        + run_files.finished_text(metrics, train_seconds, output_dir)
     )
     return metrics
 

@@ -359,8 +359,7 @@ def train_detection(cfg):
     )
     print(
         f"done: {model_cfg.backbone} RetinaNet mAP={metrics['mAP']:.4f} AP50={metrics['AP50']:.4f} "
-        f"AP75={metrics['AP75']:.4f} on {metrics['num_examples']} val images, {metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''}, "
-        f"{train_seconds / 60:.1f} min -> {output_dir}"
+        f"AP75={metrics['AP75']:.4f} " + run_files.finished_text(metrics, train_seconds, output_dir)
     )
     return metrics
 

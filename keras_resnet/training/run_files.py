@@ -69,6 +69,13 @@ def finish_run(paths, evaluate, steps_per_epoch, batch_size, train_seconds, extr
     return metrics
 
 
+def finished_text(metrics, train_seconds, output_dir) -> str:
+    """The end of `train`'s closing "done: ..." line, after the task's metrics: what was validated, how long, where."""
+    epochs = metrics["epochs"]
+    return (f"on {metrics['num_examples']} val images, {epochs} epoch{'s' if epochs != 1 else ''}, "
+            f"{train_seconds / 60:.1f} min -> {output_dir}")
+
+
 # metrics.json entries about the training run, not the evaluation: `evaluate` keeps them.
 RUN_SUMMARY_KEYS = ("epochs", "train_seconds_this_session", "train_images_per_second", "time_budget")
 

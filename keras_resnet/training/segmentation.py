@@ -293,8 +293,7 @@ def train_segmentation(cfg):
     )
     print(
         f"done: {cfg.model.backbone} {cfg.model.head} mIoU={metrics['mIoU']:.4f} "
-        f"pixel_accuracy={metrics['pixel_accuracy']:.4f} on {metrics['num_examples']} val images, "
-        f"{metrics['epochs']} epoch{'s' if metrics['epochs'] != 1 else ''}, {train_seconds / 60:.1f} min -> {output_dir}"
+        f"pixel_accuracy={metrics['pixel_accuracy']:.4f} " + run_files.finished_text(metrics, train_seconds, output_dir)
     )
     return metrics
 
