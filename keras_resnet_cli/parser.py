@@ -90,6 +90,7 @@ def positionals_first(argv):
         index = end
     return argv if first is None else argv[:first] + moved + argv[first:]
 
+
 def parse_args(argv=None):
     """The `keras-resnet` command line parsed (`argv`, default the process's), positionals after --set too."""
     return build_parser().parse_args(positionals_first(sys.argv[1:] if argv is None else argv))

@@ -46,4 +46,5 @@ def unknown_preset_problem(key: str, name: object) -> str | None:
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
     return f"'{key}': Unknown preset {name!r}; valid presets (`keras-resnet models`): {', '.join(names)}{hint}"
 
+
 __all__ = ["preset_names", "unknown_preset_problem"]

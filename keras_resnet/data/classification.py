@@ -168,6 +168,7 @@ def random_erase(images: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.T
     corner = tf.random.stateless_uniform(tf.concat([count, [2]], 0), seeds[3])
     top = tf.cast(corner[:, 0] * tf.cast(height - erase_h + 1, tf.float32), tf.int32)
     left = tf.cast(corner[:, 1] * tf.cast(width - erase_w + 1, tf.float32), tf.int32)
+
     def column(values):  # [n] -> [n, 1, 1, 1]
         return values[:, tf.newaxis, tf.newaxis, tf.newaxis]
 
