@@ -89,11 +89,12 @@ def _compile(model, train_cfg, optimizer):
     )
 
 
-def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths, extra_callbacks=()):
+def _fit(model, cfg, train_ds, val_ds, steps_per_epoch, paths, extra_callbacks=(), up_to_epochs=None):
     """`fit.fit_in_phases` with the classifier's loss and metrics (`extra_callbacks`: the last phase's)."""
     fit.fit_in_phases(model, cfg, train_ds, val_ds, paths,
                       compile_model=lambda target, optimizer: _compile(target, cfg.train, optimizer),
-                      steps_per_epoch=steps_per_epoch, main_callbacks=extra_callbacks, monitor="val_top1",
+                      steps_per_epoch=steps_per_epoch, main_callbacks=extra_callbacks, up_to_epochs=up_to_epochs,
+                      monitor="val_top1",
                       title=cfg.model.backbone, panels=CLASSIFICATION_PANELS, best_key="top1")
 
 
@@ -199,7 +200,9 @@ def train_classification(cfg):
         if plan and plan.get("fallback"):  # the budget's cheaper network trains instead of the recipe's
             model = fallback_model
         fit_steps = fit_cfg.train.steps_per_epoch or steps_per_epoch
-        _fit(model, fit_cfg, train_onehot, val_onehot, fit_steps, paths, extra_callbacks=budget_callbacks)
+        # A budget's plan may lengthen the run up to the recipe's epochs as it goes (KeepToBudget).
+        _fit(model, fit_cfg, train_onehot, val_onehot, fit_steps, paths, extra_callbacks=budget_callbacks,
+             up_to_epochs=train_cfg.epochs if budget_callbacks else None)
     train_seconds = time.time() - start
     if devices.leave_run(paths, is_chief):
         return None

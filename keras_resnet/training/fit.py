@@ -88,7 +88,7 @@ def previous_best(history_path, monitor):
 
 
 def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best_key, backup_dir, epochs,
-            initial_epoch=0, extra_callbacks=()):
+            initial_epoch=0, extra_callbacks=(), planned_epochs=None):
     """`model.fit` with the run directory's callbacks: resumable, best/last checkpoints, logs, curves.
 
     Args:
@@ -103,6 +103,8 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
         epochs, initial_epoch: as in `fit`.
         extra_callbacks: run first, so the logs they add (e.g. val_mAP) reach
             the CSV, the checkpoints and the plots.
+        planned_epochs: the epochs the run is expected to end at when a
+            callback ends it before `epochs` (the time budget's); None: `epochs`.
 
     Every worker of a multi-worker run runs the same callbacks (saving a
     model under MultiWorkerMirroredStrategy is a collective operation: all
@@ -136,7 +138,8 @@ def fit_run(model, cfg, train_ds, val_ds, paths, *, monitor, title, panels, best
     train_ds, steps_per_epoch = one_iterator_per_run(train_ds, cfg.train.steps_per_epoch)
     train_ds = spare_batch_for_the_build(train_ds)
     if fit_verbosity() == 2 and steps_per_epoch and steps_per_epoch > 20:  # no progress bar to show it
-        callbacks.insert(0, EpochEstimate(steps_per_epoch, epochs - (resume_epoch or initial_epoch)))
+        remaining = (planned_epochs or epochs) - (resume_epoch or initial_epoch)
+        callbacks.insert(0, EpochEstimate(steps_per_epoch, remaining))
     model.fit(
         train_ds,
         validation_data=val_ds,
@@ -166,7 +169,7 @@ def synchronize_batch_norm(model, synchronized):
 
 
 def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_per_epoch, extra_callbacks=(),
-                  main_callbacks=(), **run_args):
+                  main_callbacks=(), up_to_epochs=None, **run_args):
     """Training in one phase, or two with `train.head_epochs`: the head alone (backbone frozen), then all of it.
 
     The first `train.head_epochs` epochs train with the whole backbone
@@ -187,6 +190,10 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
         steps_per_epoch: optimizer steps per epoch (for the schedules).
         extra_callbacks: `fit_run`'s, in both phases (e.g. an mAP evaluation the monitor needs).
         main_callbacks: callbacks of the last phase only (e.g. the time budget's).
+        up_to_epochs: the last phase's `fit` runs for up to this many epochs
+            (its schedule still spans `train.epochs`): for a callback of
+            `main_callbacks` that lengthens the run as it goes and ends it
+            (the time budget's `KeepToBudget`). None: `train.epochs`.
         **run_args: the rest of `fit_run`'s keyword arguments (monitor, title, panels, best_key).
     """
     train_cfg = cfg.train
@@ -204,13 +211,14 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
               f"train.learning_rate_batch_size {train_cfg.learning_rate_batch_size}): train.learning_rate "
               f"{train_cfg.learning_rate:g} -> {train_cfg.learning_rate * scale:g}", flush=True)
 
-    def phase(first, last, learning_rate, warmup, name, callbacks):
+    def phase(first, last, learning_rate, warmup, name, callbacks, up_to=None):
         compile_model(model, optimizers.make_optimizer(train_cfg, steps_per_epoch, last - first, learning_rate,
                                                        warmup, batch_size=cfg.data.batch_size))
         if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
             print("float16 policy: gradients through Keras' LossScaleOptimizer (dynamic loss scaling)", flush=True)
         fit_run(model, cfg, train_ds, val_ds, paths, backup_dir=os.path.join(paths.backup_root, name),
-                epochs=last, initial_epoch=first, extra_callbacks=callbacks, **run_args)
+                epochs=max(last, up_to or 0), planned_epochs=last, initial_epoch=first, extra_callbacks=callbacks,
+                **run_args)
 
     if head_epochs and done:
         model.backbone.freeze_stages(cfg.model.freeze_stages)  # past the head phase: the fine-tuning set-up
@@ -233,7 +241,8 @@ def fit_in_phases(model, cfg, train_ds, val_ds, paths, *, compile_model, steps_p
     first = max(head_epochs, done)
     if first < epochs:
         learning_rate = (train_cfg.fine_tune_learning_rate or train_cfg.learning_rate / 10) if head_epochs else None
-        phase(first, epochs, learning_rate, not (head_epochs or done), "main", [*extra_callbacks, *main_callbacks])
+        phase(first, epochs, learning_rate, not (head_epochs or done), "main", [*extra_callbacks, *main_callbacks],
+              up_to=up_to_epochs)
 
 
 def fit_verbosity():

@@ -27,6 +27,22 @@ def learning_rate_scale(train_cfg, batch_size):
     return batch_size / train_cfg.learning_rate_batch_size
 
 
+def make_schedule(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmup=True, batch_size=None):
+    """The `WarmupSchedule` of a run of `epochs` epochs (`make_optimizer`'s; arguments as there).
+
+    The warm-up lasts `train.warmup_epochs` (none with `warmup=False`); the
+    peak is `learning_rate` (else `train.learning_rate`) scaled by
+    `learning_rate_scale(train_cfg, batch_size)`.
+    """
+    learning_rate = (learning_rate or train_cfg.learning_rate) * learning_rate_scale(train_cfg, batch_size)
+    return WarmupSchedule(
+        learning_rate,
+        total_steps=steps_per_epoch * epochs,
+        warmup_steps=int(train_cfg.warmup_epochs * steps_per_epoch) if warmup else 0,
+        schedule=train_cfg.schedule,
+    )
+
+
 def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmup=True, batch_size=None):
     """SGD (momentum, Nesterov) or AdamW with a warm-up schedule.
 
@@ -36,13 +52,7 @@ def make_optimizer(train_cfg, steps_per_epoch, epochs, learning_rate=None, warmu
     checkpoints the averaged weights. The learning rate (`learning_rate`, else
     `train.learning_rate`) is scaled by `learning_rate_scale(train_cfg, batch_size)`.
     """
-    learning_rate = (learning_rate or train_cfg.learning_rate) * learning_rate_scale(train_cfg, batch_size)
-    schedule = WarmupSchedule(
-        learning_rate,
-        total_steps=steps_per_epoch * epochs,
-        warmup_steps=int(train_cfg.warmup_epochs * steps_per_epoch) if warmup else 0,
-        schedule=train_cfg.schedule,
-    )
+    schedule = make_schedule(train_cfg, steps_per_epoch, epochs, learning_rate, warmup, batch_size)
     weight_decay = train_cfg.weight_decay or None
     ema = {"use_ema": True, "ema_momentum": train_cfg.ema_momentum} if train_cfg.ema_momentum else {}
     if train_cfg.optimizer == "sgd":

@@ -22,6 +22,7 @@ import time
 import keras
 
 from keras_resnet.atomic_files import read_json, write_json
+from keras_resnet.training import optimizers
 from keras_resnet_settings.errors import ConfigError
 
 PLAN_FILE = "time_budget.json"
@@ -119,23 +120,63 @@ def choose_run_length(budget_minutes, elapsed_seconds, measured, max_epochs, ste
     return epochs, max(1, min(steps_per_epoch, steps))
 
 
-class StopAtDeadline(keras.callbacks.Callback):
-    """Ends `fit` before it would run past `deadline` (a `time.time()`).
+class KeepToBudget(keras.callbacks.Callback):
+    """Keeps a budgeted run to its deadline, re-planning it from the epochs' real time.
 
-    The plan's safety net for a machine that gets slower after the
-    measurement (other work starts): after an epoch, training stops when one
-    more epoch like it would end past the deadline; within an epoch, it stops
-    at the step that leaves just `reserve_seconds` (validation, checkpoints)
-    before it. Either way the epoch is validated and saved, and the run says so.
+    The plan (`plan_epochs`) rests on a few steps timed before training; the
+    machine can turn out faster (the measurement ran beside other work, the
+    plan keeps a `SAFETY_FACTOR` margin) or slower (other work starts). After
+    each epoch this callback estimates the next epochs from the ones trained
+    (the slower of the last epoch and the mean after the first, which also
+    traced the model; with the saves after it) and:
+
+    - **lengthens** the run where more epochs fit the rest of the budget with
+      the safety margin (up to the recipe's `max_epochs`);
+    - **shortens** it where the planned epochs no longer fit (from the
+      second epoch on: the first one's time includes tracing);
+    - ends it at the planned epoch.
+
+    A longer or shorter run gets its learning-rate schedule laid out again
+    over the new length (`schedule_for`; the optimizer's step count and
+    momentum carry on), so it still ends annealed instead of being cut off at
+    a high learning rate; the updated plan is written to `plan_path` (a
+    resumed run follows it) and lands in metrics.json with a `replanned`
+    entry per change. `fit` must be called with `epochs=max_epochs`.
+
+    Within an epoch it stops at the step that leaves just `reserve_seconds`
+    (validation, checkpoints) before `deadline`: the epoch is still validated
+    and saved.
+
+    Args:
+        deadline: `time.time()` by which training must end.
+        reserve_seconds: what an epoch needs after its last step.
+        plan: the plan dict (`epochs`, `recipe_epochs`, `warmup_epochs`); updated in place.
+        plan_path: where the plan is stored (None: not stored).
+        schedule_for: `schedule_for(epochs, warmup_epochs)` -> the learning-rate
+            schedule of a run of that length; None: the plan's length stays
+            (the run only stops early where it must).
+        recipe_warmup_epochs: the recipe's warm-up; a re-planned run's warm-up
+            is the same fraction of it.
     """
 
-    def __init__(self, deadline, reserve_seconds=0.0):
+    def __init__(self, deadline, reserve_seconds=0.0, plan=None, plan_path=None, schedule_for=None,
+                 recipe_warmup_epochs=0.0):
         super().__init__()
         self.deadline, self.reserve_seconds = deadline, reserve_seconds
-        self.epoch_started = None
+        self.plan, self.plan_path, self.schedule_for = plan, plan_path, schedule_for
+        self.recipe_warmup_epochs = recipe_warmup_epochs
+        self.epoch_started = self.epoch_ended = None
+        self.durations, self.after_epoch = [], []
+
+    @property
+    def planned_epochs(self):
+        return self.plan["epochs"] if self.plan else self.params["epochs"]
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_started = time.time()
+        now = time.time()
+        if self.epoch_ended is not None:  # the saves and logs of the previous epoch, after this callback
+            self.after_epoch.append(now - self.epoch_ended)
+        self.epoch_started = now
 
     def on_train_batch_end(self, batch, logs=None):
         if not self.model.stop_training and time.time() + self.reserve_seconds > self.deadline:
@@ -143,13 +184,55 @@ class StopAtDeadline(keras.callbacks.Callback):
             print(f"\ntime budget: the machine is slower than measured before training (busier now?); stopping "
                   f"at step {batch + 1} of this epoch to validate and save within the budget")
 
+    def epoch_estimate(self):
+        """Seconds of the next epoch with its saves: the slower of the last epoch and the mean after the first."""
+        later = self.durations[1:]
+        steps = max(self.durations[-1], sum(later) / len(later)) if later else self.durations[-1]
+        saves = sum(self.after_epoch) / len(self.after_epoch) if self.after_epoch else EPOCH_OVERHEAD_SECONDS
+        return steps + saves
+
+    def seconds_left(self):
+        """Seconds from the end of the epoch that just ended (its saves still to come) to the deadline."""
+        saves = self.after_epoch[-1] if self.after_epoch else EPOCH_OVERHEAD_SECONDS
+        return self.deadline - self.epoch_ended - saves
+
     def on_epoch_end(self, epoch, logs=None):
-        took = time.time() - self.epoch_started
-        if not self.model.stop_training and epoch + 1 < self.params["epochs"] and time.time() + took > self.deadline:
+        self.epoch_ended = time.time()
+        self.durations.append(self.epoch_ended - self.epoch_started)
+        if self.model.stop_training:  # stopped inside the epoch (the deadline, a NaN): nothing to plan
+            return
+        done, planned = epoch + 1, self.planned_epochs
+        estimate, left = self.epoch_estimate(), self.seconds_left()
+        fits, target = max(0, math.floor(left / estimate)), planned
+        if done + fits < planned and (fits == 0 or len(self.durations) > 1):
+            target = done + fits
+        elif self.schedule_for is not None and done < self.params["epochs"]:
+            safely = done + math.floor(left / (estimate * SAFETY_FACTOR))
+            target = max(planned, min(self.params["epochs"], safely))
+        if target != planned and target > done and self.schedule_for is not None:
+            self.replan(done, target, estimate)
+        if done >= target:
             self.model.stop_training = True
-            print(f"time budget: epoch {epoch + 1} took {took / 60:.1f} min, more than measured before training "
-                  f"(the machine is busier now); another would end past the budget, so training stops after "
-                  f"epoch {epoch + 1} of {self.params['epochs']}")
+            if done < planned:
+                print(f"time budget: epoch {done} took {self.durations[-1] / 60:.1f} min, more than measured before "
+                      f"training (the machine is busier now); another would end past the budget, so training stops "
+                      f"after epoch {done} of {planned}")
+
+    def replan(self, done, epochs, estimate):
+        """Lays the run out again over `epochs` epochs: plan file, learning-rate schedule, train function."""
+        before = self.plan["epochs"]
+        warmup = round(self.recipe_warmup_epochs * epochs / self.plan["recipe_epochs"], 4)
+        self.plan.update(epochs=epochs, warmup_epochs=warmup)
+        self.plan.setdefault("replanned", []).append(
+            {"after_epoch": done, "epoch_seconds": round(estimate, 1), "epochs": epochs,
+             "minutes_left": round((self.deadline - time.time()) / 60.0, 2)})
+        if self.plan_path:
+            write_json(self.plan_path, self.plan)
+        self.model.optimizer.learning_rate = self.schedule_for(epochs, warmup)
+        self.model.make_train_function(force=True)  # the schedule is read when the train step is traced
+        print(f"time budget: epochs take ~{estimate / 60:.1f} min here with {(self.deadline - time.time()) / 60:.1f} "
+              f"min left after epoch {done}: {'lengthening' if epochs > before else 'shortening'} the run from "
+              f"{before} to {epochs} epochs (the learning-rate schedule laid out again over {epochs})", flush=True)
 
 
 def check_budget_settings(cfg):
@@ -237,8 +320,10 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     stores it in `backup_root` (a resumed run reuses it) and returns
     `(planned cfg, plan, callbacks)`: `train.epochs` is the chosen count and
     `train.warmup_epochs` shrinks in the same proportion, so the schedule
-    spans the run that will happen; `callbacks` holds the `StopAtDeadline`
-    of a new plan (a resumed run has no clock to keep: none).
+    spans the run that will happen; `callbacks` holds the `KeepToBudget` of
+    a new plan, which lengthens or shortens the run as its epochs show the
+    machine's real speed, up to the recipe's `train.epochs` (so `fit` runs
+    with `epochs=cfg.train.epochs`); a resumed run has no clock to keep: none.
 
     With `fallback_model` given (`build_fallback_network`) and less than
     `train.time_budget_fallback_below` of the recipe's epochs fitting, the
@@ -261,7 +346,7 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
     recipe_epochs = cfg.train.epochs
     if os.path.exists(path):
         plan = read_json(path)
-        callbacks = []
+        resumed = True  # it follows its stored plan: no clock to keep
         network = f", the fallback network ({', '.join(plan['fallback'])})" if plan.get("fallback") else ""
         print(f"time budget: resuming the plan made when this run started ({path}): "
               f"{plan['epochs']} of {recipe_epochs} epochs{network}")
@@ -298,13 +383,23 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
         print(describe_plan(plan))
         os.makedirs(backup_root, exist_ok=True)
         write_json(path, plan)
-        callbacks = [StopAtDeadline(run_started + budget * 60.0 - validation,
-                                    reserve_seconds=validation + EPOCH_OVERHEAD_SECONDS)]
+        resumed = False
     changes = {"epochs": plan["epochs"], "warmup_epochs": float(plan["warmup_epochs"])}
     if plan.get("steps_per_epoch", steps_per_epoch) < steps_per_epoch:
         changes["steps_per_epoch"] = plan["steps_per_epoch"]
     planned = fallback_recipe(cfg) if plan.get("fallback") else cfg
-    return planned.replace(train=planned.train.replace(**changes)), plan, callbacks
+    planned = planned.replace(train=planned.train.replace(**changes))
+    if resumed:
+        return planned, plan, []
+
+    def schedule_for(epochs, warmup_epochs):  # a new plan is kept to its deadline, re-planned as epochs end
+        return optimizers.make_schedule(planned.train.replace(warmup_epochs=warmup_epochs),
+                                        plan["steps_per_epoch"], epochs, batch_size=cfg.data.batch_size)
+
+    keeper = KeepToBudget(run_started + budget * 60.0 - validation, reserve_seconds=validation + EPOCH_OVERHEAD_SECONDS,
+                          plan=plan, plan_path=path, schedule_for=schedule_for,
+                          recipe_warmup_epochs=cfg.train.warmup_epochs)
+    return planned, plan, [keeper]
 
 
 def describe_plan(plan):
@@ -340,7 +435,9 @@ def describe_plan(plan):
         what = f"training {epochs} of the recipe's {recipe_epochs} epochs"
     return head + (
         f"{what}, with the learning-rate schedule laid out over that (warm-up {plan['warmup_epochs']:g} epochs): "
-        f"{expect}. Accuracy will be lower than a full run; set train.time_budget_minutes=null (or raise it) "
+        f"{expect}. After each epoch the plan is checked against the epochs' real time: more epochs (up to "
+        f"{recipe_epochs}; Keras counts out of {recipe_epochs}) where the machine proves faster, fewer where "
+        f"slower. Accuracy will be lower than a full run; set train.time_budget_minutes=null (or raise it) "
         f"for all {recipe_epochs} epochs."
     )
 

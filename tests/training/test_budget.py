@@ -27,6 +27,14 @@ def toy_data(tmp_path_factory):
     return make_toy_folders(tmp_path_factory.mktemp("toy"))
 
 
+def machine_as_measured(monkeypatch):
+    """The run's `KeepToBudget` finds the planned epochs exactly filling the budget (as the faked measurement
+    said, whatever this machine's real speed), so the plan stands: for tests of the plan itself."""
+    monkeypatch.setattr(time_budget.KeepToBudget, "epoch_estimate", lambda self: 60.0)
+    monkeypatch.setattr(time_budget.KeepToBudget, "seconds_left",
+                        lambda self: 60.0 * (self.planned_epochs - len(self.durations)))
+
+
 def test_run_length_fills_the_rest_of_the_budget():
     # (10 min - 60 s used - 2 s final evaluation) / 1.1 = 489 s = 8.15 epochs of 60 s: not 8 whole epochs (800
     # steps) but 9 shortened ones, (489 / 9 - 2 s validation - 4 s overhead) / 0.5 s = 96 steps each: 864 steps.
@@ -69,6 +77,7 @@ def test_budget_run_trains_the_epochs_that_fit_with_the_schedule_over_them(toy_d
         return {**MEASURED, "train_step_seconds": 54.0 / steps_per_epoch}
 
     monkeypatch.setattr(time_budget, "measure_epoch", measured)
+    machine_as_measured(monkeypatch)
     recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=30, optimizer="sgd",
                           learning_rate=0.05, warmup_epochs=3, schedule="cosine", time_budget_minutes=3)
     with warnings.catch_warnings(record=True) as caught:
@@ -112,6 +121,7 @@ def test_a_slow_machine_trains_the_cheaper_fallback_network(toy_data, tmp_path, 
     # The recipe's network: 100-s epochs, ~1.6 of 30 fit in 3 minutes (< half); the fallback's: 20-s epochs, ~8.
     measured, widths = _measured_by_width(100.0, 20.0)
     monkeypatch.setattr(time_budget, "measure_epoch", measured)
+    machine_as_measured(monkeypatch)
     recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=30, time_budget_minutes=3,
                           time_budget_fallback=FALLBACK)
     assert main(["train", str(recipe)]) == 0
@@ -134,6 +144,7 @@ def test_a_fast_machine_keeps_the_recipes_network(toy_data, tmp_path, monkeypatc
     # 20-s epochs: 7 of 30 epochs fit, above time_budget_fallback_below=0.2 of them: the fallback is not measured.
     measured, widths = _measured_by_width(20.0, 1.0)
     monkeypatch.setattr(time_budget, "measure_epoch", measured)
+    machine_as_measured(monkeypatch)
     recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=30, time_budget_minutes=3,
                           time_budget_fallback=FALLBACK, time_budget_fallback_below=0.2)
     assert main(["train", str(recipe)]) == 0
@@ -228,34 +239,114 @@ def test_evaluate_names_the_loss_training_reports(tmp_path):
     assert abs(smoothed - plain) > 1e-3  # the two definitions differ, so the check can fail
 
 
-def test_stop_at_deadline_stops_within_the_budget(capsys, monkeypatch):
+def test_keep_to_budget_stops_within_the_budget(capsys, monkeypatch):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse")
     x, y = np.zeros((8, 4), "float32"), np.zeros((8, 2), "float32")
     history = model.fit(x, y, batch_size=2, epochs=5, verbose=0,
-                        callbacks=[time_budget.StopAtDeadline(time.time() + 3600, reserve_seconds=60)])
+                        callbacks=[time_budget.KeepToBudget(time.time() + 3600, reserve_seconds=60)])
     assert len(history.history["loss"]) == 5  # far from the deadline: every epoch
     # Past the deadline minus the reserve: the first step ends the epoch, which is still validated and logged.
     history = model.fit(x, y, batch_size=2, epochs=5, verbose=0, validation_data=(x, y),
-                        callbacks=[time_budget.StopAtDeadline(time.time() + 30, reserve_seconds=60)])
+                        callbacks=[time_budget.KeepToBudget(time.time() + 30, reserve_seconds=60)])
     assert len(history.history["val_loss"]) == 1
     assert "stopping at step 1 of this epoch" in capsys.readouterr().out
     # At an epoch end: another epoch as long as this one (100 s) would end past the deadline (at 150 s).
     clock = {"now": 0.0}
     monkeypatch.setattr(time_budget.time, "time", lambda: clock["now"])
-    callback = time_budget.StopAtDeadline(150.0)
+    callback = time_budget.KeepToBudget(150.0)
     callback.set_model(model)
     callback.set_params({"epochs": 5})
     model.stop_training = False
     callback.on_epoch_begin(0)
     clock["now"] = 40.0
     callback.on_epoch_end(0)
-    assert not model.stop_training  # 40 s + 40 s < 150 s
+    assert not model.stop_training  # 40 s + 44 s < 150 s
     callback.on_epoch_begin(1)
     clock["now"] = 140.0
     callback.on_epoch_end(1)
     assert model.stop_training
     assert "training stops after epoch 2 of 5" in capsys.readouterr().out
+
+
+class _Clock(keras.callbacks.Callback):
+    """A fake `time.time` whose epochs last `seconds[epoch]`; keeps each epoch's kernel and learning rate."""
+
+    def __init__(self, monkeypatch, seconds):
+        super().__init__()
+        self.now, self.seconds, self.kernels, self.rates = 0.0, seconds, [], []
+        monkeypatch.setattr(time_budget.time, "time", lambda: self.now)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.now += self.seconds[min(epoch, len(self.seconds) - 1)]
+        self.kernels.append(self.model.layers[0].kernel.numpy().copy())
+        self.rates.append(float(self.model.optimizer.learning_rate))
+
+
+def _fit_with_keeper(monkeypatch, tmp_path, planned, seconds, deadline=1000.0, max_epochs=10):
+    """A Dense model trained under a `KeepToBudget` planned for `planned` epochs of 4 steps (SGD without
+    momentum on the WarmupSchedule a plan of that length gets), on a fake clock; returns (clock, plan)."""
+    from keras_resnet.training.schedules import WarmupSchedule
+
+    def schedule_for(epochs, warmup_epochs):
+        return WarmupSchedule(0.05, total_steps=4 * epochs)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = x @ rng.normal(size=(4, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(schedule_for(planned, 0)), loss="mse")
+    plan = {"epochs": planned, "recipe_epochs": max_epochs, "warmup_epochs": 0.0}
+    clock = _Clock(monkeypatch, seconds)
+    keeper = time_budget.KeepToBudget(deadline, plan=plan, plan_path=str(tmp_path / "plan.json"),
+                                      schedule_for=schedule_for)
+    model.fit(x, y, batch_size=2, epochs=max_epochs, verbose=0, callbacks=[clock, keeper])
+    return clock, plan
+
+
+def test_a_faster_machine_lengthens_the_run_and_its_schedule(monkeypatch, tmp_path, capsys):
+    # Planned: 3 of 10 epochs. They take 100 s, and 1000 s are left: after epoch 1, (896 s left) / (104 s x 1.1)
+    # = 7 more fit (8 epochs); after epoch 2 (saves measured at 0 s), 800 / 110 = 7 more (9); then it holds.
+    clock, plan = _fit_with_keeper(monkeypatch, tmp_path, planned=3, seconds=[100.0])
+    assert len(clock.kernels) == 9 and plan["epochs"] == 9
+    assert [change["epochs"] for change in plan["replanned"]] == [8, 9]
+    assert json.loads((tmp_path / "plan.json").read_text())["epochs"] == 9  # a resumed run follows it
+    # The train step follows the new schedule: the weights still move after the 3 planned epochs (with the
+    # 3-epoch schedule the learning rate would be 0 from there), and the rate reaches 0 at epoch 9, not 3.
+    assert all(np.abs(after - before).max() > 1e-4 for before, after in zip(clock.kernels[2:], clock.kernels[3:]))
+    assert clock.rates[2] > 0.01 and clock.rates[-1] < 1e-6
+    assert "lengthening the run from 3 to 8 epochs" in capsys.readouterr().out
+
+
+def test_a_slower_machine_shortens_the_run_and_still_anneals(monkeypatch, tmp_path, capsys):
+    # Planned: 8 of 10. Epoch 1 takes 100 s, then 200 s each: after epoch 2, 700 s are left for 3 more (5).
+    clock, plan = _fit_with_keeper(monkeypatch, tmp_path, planned=8, seconds=[100.0, 200.0])
+    assert len(clock.kernels) == 5 and [change["epochs"] for change in plan["replanned"]] == [5]
+    assert clock.rates[-1] < 1e-6  # annealed at the new end (the 8-epoch schedule would be at ~0.02 here)
+    assert "shortening the run from 8 to 5 epochs" in capsys.readouterr().out
+    # The first epoch alone (tracing in it) does not shorten a run while another epoch fits: after 400 s,
+    # 596 s are left, 1 more 404-s epoch (not 2) would fit, and the later 300-s epochs keep the 3 planned.
+    clock, plan = _fit_with_keeper(monkeypatch, tmp_path, planned=3, seconds=[400.0, 300.0])
+    assert len(clock.kernels) == 3 and "replanned" not in plan
+
+
+def test_a_budget_run_lengthens_where_the_machine_beats_its_measurement(toy_data, tmp_path, monkeypatch, capsys):
+    # Measured (falsely) at 60-s epochs: 3 of 6 epochs planned for 3 minutes; this machine's real epochs take
+    # about a second, so after the first epoch the run grows to the recipe's 6, its schedule laid out over 6.
+    def measured(model, compile_model, train_ds, val_ds, steps_per_epoch):
+        return {**MEASURED, "train_step_seconds": 54.0 / steps_per_epoch}
+
+    monkeypatch.setattr(time_budget, "measure_epoch", measured)
+    recipe = write_recipe(tmp_path / "r.yaml", *toy_data, tmp_path / "run", epochs=6, optimizer="sgd",
+                          learning_rate=0.05, warmup_epochs=1, schedule="cosine", time_budget_minutes=3)
+    assert main(["train", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "training 3 of the recipe's 6 epochs" in out and "lengthening the run from 3 to 6 epochs" in out
+    history = read_history_csv(tmp_path / "run" / "history.csv")
+    assert history["epoch"] == [0, 1, 2, 3, 4, 5]
+    assert history["learning_rate"][2] > 0.01 and history["learning_rate"][-1] < 1e-6
+    plan = json.loads((tmp_path / "run" / "metrics.json").read_text())["time_budget"]
+    assert plan["epochs"] == 6 and plan["replanned"][0]["after_epoch"] == 1 and plan["warmup_epochs"] == 1.0
 
 
 @pytest.mark.parametrize("cap, native", [("AVX2", False), ("avx512_core", False), ("", None)])
