@@ -30,6 +30,9 @@ PLAN_FILE = "time_budget.json"
 EPOCH_OVERHEAD_SECONDS = 4.0
 # Epoch estimates are multiplied by this before fitting them into the budget (noisy machines).
 SAFETY_FACTOR = 1.1
+# The final evaluation beyond its validation pass: loading best_model.keras, tracing its predict function, the
+# confusion matrix and its plot (9-19 s measured after the main job's training, BENCHMARKS.md, issue 31).
+FINAL_EVALUATION_OVERHEAD_SECONDS = 15.0
 WARMUP_STEPS = 3
 TIMED_STEPS = 10
 
@@ -97,12 +100,17 @@ def measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch):
     }
 
 
+def final_evaluation_seconds(measured):
+    """What `train` needs after training: a validation pass plus `FINAL_EVALUATION_OVERHEAD_SECONDS`."""
+    return measured["val_batches"] * measured["val_step_seconds"] + FINAL_EVALUATION_OVERHEAD_SECONDS
+
+
 def choose_run_length(budget_minutes, elapsed_seconds, measured, max_epochs, steps_per_epoch):
     """`(epochs, steps per epoch)` whose estimated time fills the rest of the budget.
 
     The rest is the budget minus `elapsed_seconds` (data loading and the
-    measurement) minus one validation pass for the final evaluation of the
-    best model; everything counts `SAFETY_FACTOR` times its estimate. All
+    measurement) minus the final evaluation of the best model
+    (`final_evaluation_seconds`); everything counts `SAFETY_FACTOR` times its estimate. All
     `max_epochs` where they fit. Otherwise the budget is filled to the step,
     not to the last whole epoch: the run has one epoch more than whole epochs
     fit, each shortened evenly to the steps that fit (every epoch is still
@@ -111,7 +119,7 @@ def choose_run_length(budget_minutes, elapsed_seconds, measured, max_epochs, ste
     epoch's time, one shortened epoch (at least 1 step).
     """
     validation = measured["val_batches"] * measured["val_step_seconds"]
-    available = (budget_minutes * 60.0 - elapsed_seconds - validation) / SAFETY_FACTOR
+    available = (budget_minutes * 60.0 - elapsed_seconds - final_evaluation_seconds(measured)) / SAFETY_FACTOR
     if available >= max_epochs * measured["epoch_seconds"]:
         return max_epochs, steps_per_epoch
     epochs = min(max_epochs, max(1, math.ceil(available / measured["epoch_seconds"])))
@@ -376,7 +384,7 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
             "warmup_epochs": round(cfg.train.warmup_epochs * epochs / recipe_epochs, 4),
             "policy": keras.mixed_precision.dtype_policy().name,
             "elapsed_seconds_before_training": round(elapsed, 1),
-            "estimated_minutes": round((elapsed + run_seconds + validation) / 60.0, 1),
+            "estimated_minutes": round((elapsed + run_seconds + final_evaluation_seconds(measured)) / 60.0, 1),
             **measured,
             **(fallback or {}),
         }
@@ -396,7 +404,8 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
         return optimizers.make_schedule(planned.train.replace(warmup_epochs=warmup_epochs),
                                         plan["steps_per_epoch"], epochs, batch_size=cfg.data.batch_size)
 
-    keeper = KeepToBudget(run_started + budget * 60.0 - validation, reserve_seconds=validation + EPOCH_OVERHEAD_SECONDS,
+    keeper = KeepToBudget(run_started + budget * 60.0 - final_evaluation_seconds(measured),
+                          reserve_seconds=validation + EPOCH_OVERHEAD_SECONDS,
                           plan=plan, plan_path=path, schedule_for=schedule_for,
                           recipe_warmup_epochs=cfg.train.warmup_epochs)
     return planned, plan, [keeper]

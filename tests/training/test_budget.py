@@ -36,15 +36,16 @@ def machine_as_measured(monkeypatch):
 
 
 def test_run_length_fills_the_rest_of_the_budget():
-    # (10 min - 60 s used - 2 s final evaluation) / 1.1 = 489 s = 8.15 epochs of 60 s: not 8 whole epochs (800
-    # steps) but 9 shortened ones, (489 / 9 - 2 s validation - 4 s overhead) / 0.5 s = 96 steps each: 864 steps.
-    assert time_budget.choose_run_length(10, 60.0, MEASURED, max_epochs=16, steps_per_epoch=108) == (9, 96)
+    # (10 min - 60 s used - 2 s validation - 15 s for the final evaluation) / 1.1 = 475 s = 7.9 epochs of 60 s:
+    # not 7 whole epochs (756 steps) but 8 shortened ones, (475 / 8 - 2 s validation - 4 s overhead) / 0.5 s = 106
+    # steps each: 848 steps.
+    assert time_budget.choose_run_length(10, 60.0, MEASURED, max_epochs=16, steps_per_epoch=108) == (8, 106)
     assert time_budget.choose_run_length(10, 60.0, MEASURED, max_epochs=5, steps_per_epoch=108) == (5, 108)
-    # Exactly whole epochs' time: whole epochs. 4 epochs x 60 s x 1.1 + 2 s final evaluation = 266 s.
-    assert time_budget.choose_run_length(266 / 60, 0.0, MEASURED, max_epochs=16, steps_per_epoch=108) == (4, 108)
-    # Not even one 600-s epoch fits in 5 min: one shortened epoch, (270.9 - 2 - 4) / 5 s a step = 52 steps.
+    # Exactly whole epochs' time: whole epochs. 4 epochs x 60 s x 1.1 + 17 s final evaluation = 281 s.
+    assert time_budget.choose_run_length(281 / 60, 0.0, MEASURED, max_epochs=16, steps_per_epoch=108) == (4, 108)
+    # Not even one 600-s epoch fits in 5 min: one shortened epoch, (257.3 - 2 - 4) / 5 s a step = 50 steps.
     slow = {**MEASURED, "epoch_seconds": 600.0, "train_step_seconds": 5.0}
-    assert time_budget.choose_run_length(5, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 52)
+    assert time_budget.choose_run_length(5, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 50)
     assert time_budget.choose_run_length(0.1, 0.0, slow, max_epochs=16, steps_per_epoch=100) == (1, 1)  # at least a step
 
 
