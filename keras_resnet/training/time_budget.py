@@ -100,9 +100,19 @@ def measure_epoch(model, compile_model, train_ds, val_ds, steps_per_epoch):
     }
 
 
+def validation_seconds(measured):
+    """One pass over the validation set, from `measure_epoch`'s figures."""
+    return measured["val_batches"] * measured["val_step_seconds"]
+
+
 def final_evaluation_seconds(measured):
     """What `train` needs after training: a validation pass plus `FINAL_EVALUATION_OVERHEAD_SECONDS`."""
-    return measured["val_batches"] * measured["val_step_seconds"] + FINAL_EVALUATION_OVERHEAD_SECONDS
+    return validation_seconds(measured) + FINAL_EVALUATION_OVERHEAD_SECONDS
+
+
+def scaled_warmup(recipe_warmup_epochs, epochs, recipe_epochs):
+    """The warm-up of a run of `epochs` epochs: the same fraction of the run as the recipe's warm-up of its own."""
+    return round(recipe_warmup_epochs * epochs / recipe_epochs, 4)
 
 
 def choose_run_length(budget_minutes, elapsed_seconds, measured, max_epochs, steps_per_epoch):
@@ -118,7 +128,7 @@ def choose_run_length(budget_minutes, elapsed_seconds, measured, max_epochs, ste
     epochs of 97 % of the steps, not 2 whole epochs; with less than one
     epoch's time, one shortened epoch (at least 1 step).
     """
-    validation = measured["val_batches"] * measured["val_step_seconds"]
+    validation = validation_seconds(measured)
     available = (budget_minutes * 60.0 - elapsed_seconds - final_evaluation_seconds(measured)) / SAFETY_FACTOR
     if available >= max_epochs * measured["epoch_seconds"]:
         return max_epochs, steps_per_epoch
@@ -139,7 +149,7 @@ class KeepToBudget(keras.callbacks.Callback):
     traced the model; with the saves after it) and:
 
     - **lengthens** the run where more epochs fit the rest of the budget with
-      the safety margin (up to the recipe's `max_epochs`);
+      the safety margin (up to `fit`'s `epochs`: the recipe's `train.epochs`);
     - **shortens** it where the planned epochs no longer fit (from the
       second epoch on: the first one's time includes tracing);
     - ends it at the planned epoch.
@@ -149,7 +159,8 @@ class KeepToBudget(keras.callbacks.Callback):
     momentum carry on), so it still ends annealed instead of being cut off at
     a high learning rate; the updated plan is written to `plan_path` (a
     resumed run follows it) and lands in metrics.json with a `replanned`
-    entry per change. `fit` must be called with `epochs=max_epochs`.
+    entry per change. `fit` must be called with `epochs=` the most the run
+    may grow to; this callback ends it at the planned epoch.
 
     Within an epoch it stops at the step that leaves just `reserve_seconds`
     (validation, checkpoints) before `deadline`: the epoch is still validated
@@ -229,7 +240,7 @@ class KeepToBudget(keras.callbacks.Callback):
     def replan(self, done, epochs, estimate):
         """Lays the run out again over `epochs` epochs: plan file, learning-rate schedule, train function."""
         before = self.plan["epochs"]
-        warmup = round(self.recipe_warmup_epochs * epochs / self.plan["recipe_epochs"], 4)
+        warmup = scaled_warmup(self.recipe_warmup_epochs, epochs, self.plan["recipe_epochs"])
         self.plan.update(epochs=epochs, warmup_epochs=warmup)
         self.plan.setdefault("replanned", []).append(
             {"after_epoch": done, "epoch_seconds": round(estimate, 1), "epochs": epochs,
@@ -372,7 +383,7 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
                 fallback = {"fallback": fallback_overrides(cfg.train),
                             "recipe_network": {"passes": round(recipe_passes, 2), **measured}}
                 measured, epochs, steps = cheaper, fallback_epochs, fallback_steps
-        validation = measured["val_batches"] * measured["val_step_seconds"]
+        validation = validation_seconds(measured)
         run_seconds = epochs * (steps * measured["train_step_seconds"] + validation + EPOCH_OVERHEAD_SECONDS)
         plan = {
             "budget_minutes": budget,
@@ -380,8 +391,7 @@ def plan_epochs(cfg, model, compile_model, train_ds, val_ds, steps_per_epoch, ba
             "epochs": epochs,
             "steps_per_epoch": steps,
             "full_steps_per_epoch": steps_per_epoch,
-            # The same fraction of the run as the recipe's warm-up (in epochs of `steps`).
-            "warmup_epochs": round(cfg.train.warmup_epochs * epochs / recipe_epochs, 4),
+            "warmup_epochs": scaled_warmup(cfg.train.warmup_epochs, epochs, recipe_epochs),  # in epochs of `steps`
             "policy": keras.mixed_precision.dtype_policy().name,
             "elapsed_seconds_before_training": round(elapsed, 1),
             "estimated_minutes": round((elapsed + run_seconds + final_evaluation_seconds(measured)) / 60.0, 1),
